@@ -1,0 +1,1 @@
+"""CuPy backend for the sparsecore engine (imported as ``sparsecore.cupy``)."""

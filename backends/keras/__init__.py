@@ -1,0 +1,1 @@
+"""Keras 3 adapter and backend for sparsecore (imported as ``sparsecore.keras``)."""

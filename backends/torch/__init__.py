@@ -1,0 +1,1 @@
+"""PyTorch adapter and backend for sparsecore (imported as ``sparsecore.torch``)."""

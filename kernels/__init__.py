@@ -1,0 +1,1 @@
+"""CUDA C kernels of sparsecore and their CuPy loader (imported as ``sparsecore.kernels``)."""

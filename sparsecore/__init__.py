@@ -1,0 +1,3 @@
+"""sparsecore: train neural networks that stay sparse from the first step to the last."""
+
+__version__ = "0.1.0"
