@@ -1,0 +1,438 @@
+"""One sparse-momentum mask update, written once against the array-backend interface.
+
+:func:`update` is a pure function: it reads layers (weights, masks, momentum, gradients) and returns
+new masks plus a report, changing nothing it was given. :class:`SparseEngine` adds the little state a
+training run needs (the target count N, the update counter, the history) and the schedule.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from .backend import ArrayBackend, backend_for, get_backend
+from .config import SparseConfig
+from .errors import NonFiniteError, SparseCoreError
+from .hashing import HashKey
+from .init import layer_counts
+from .layers import Layer
+from .modes import GROWTH, IMPORTANCE, NEEDS_GRAD, NEEDS_MOMENTUM, PRUNE, lookup
+from .redistribute import capacities, importance_shares, split_budget
+from .report import LayerReport, UpdateReport
+
+
+@dataclass(frozen=True)
+class UpdateResult:
+    """New masks (arrays of the layers' backend, in layer order) and what the update did."""
+
+    masks: list[Any]
+    report: UpdateReport
+
+
+def update(
+    layers: Sequence[Layer],
+    *,
+    prune_rate: float,
+    update_index: int = 1,
+    seed: int = 0,
+    prune: str = "magnitude",
+    growth: str = "momentum",
+    redistribution: str = "momentum",
+    max_density: float = 1.0,
+    min_density: float = 0.0,
+    step: int | None = None,
+    backend: ArrayBackend | str | None = None,
+) -> UpdateResult:
+    """One mask update (ALGORITHM.md): importance, prune, redistribute, regrow.
+
+    Returns the new masks; weights are not touched (see :func:`apply_masks`). Every input is
+    checked before any work: a bad layer raises :class:`~sparsecore.SparseCoreError` naming it.
+    ``update_index`` (u >= 1) and ``seed`` feed the tie-breaking hash, so equal inputs give equal
+    masks on every backend and process.
+    """
+    be = _resolve_backend(layers, backend)
+    _check_update_args(prune_rate, update_index, max_density, min_density)
+    prune_fn = lookup(PRUNE, "prune", prune)
+    growth_fn = lookup(GROWTH, "growth", growth)
+    importance_fn = (
+        None if redistribution == "none" else lookup(IMPORTANCE, "importance", redistribution)
+    )
+    check_layers(
+        be,
+        layers,
+        momentum=redistribution in NEEDS_MOMENTUM["importance"]
+        or growth in NEEDS_MOMENTUM["growth"],
+        grad=growth in NEEDS_GRAD["growth"],
+    )
+
+    sizes = [math.prod(be.shape(layer.mask)) for layer in layers]
+    nnz = [be.count(layer.mask) for layer in layers]
+    keys = [HashKey(seed, update_index, i) for i in range(len(layers))]
+
+    # 1. importance, before pruning
+    scores = [0.0] * len(layers)
+    if importance_fn is not None:
+        scores = [float(importance_fn(be, layer, n)) for layer, n in zip(layers, nnz)]
+        for layer, s in zip(layers, scores):
+            if not (math.isfinite(s) and s >= 0):
+                raise SparseCoreError(
+                    f"layer {layer.name!r}: importance mode {redistribution!r} returned {s!r}; "
+                    f"it must be finite and >= 0"
+                )
+    shares = importance_shares(scores, sizes)
+
+    # 2. prune
+    floors = [min(math.ceil(min_density * n), math.floor(max_density * n)) for n in sizes]
+    kept_masks, pruned_counts = [], []
+    for layer, n, floor_l, key in zip(layers, nnz, floors, keys):
+        pruned = prune_fn(be, layer, prune_rate, max(0, n - floor_l), key)
+        r = be.count(pruned)
+        if be.count(be.and_not(pruned, layer.mask)):
+            raise SparseCoreError(
+                f"layer {layer.name!r}: prune mode {prune!r} selected inactive positions"
+            )
+        if r > max(0, n - floor_l):
+            raise SparseCoreError(
+                f"layer {layer.name!r}: prune mode {prune!r} removed {r} weights, more than the "
+                f"{max(0, n - floor_l)} allowed by min_density={min_density}"
+            )
+        kept_masks.append(be.and_not(layer.mask, pruned))
+        pruned_counts.append(r)
+    kept = [n - r for n, r in zip(nnz, pruned_counts)]
+
+    # 3. redistribute
+    caps = capacities(sizes, kept, max_density)
+    total_pruned = sum(pruned_counts)
+    if importance_fn is None:
+        budgets = np.asarray(pruned_counts, dtype=np.int64)
+        over = np.flatnonzero(budgets > caps)
+        if over.size:
+            i = int(over[0])
+            raise SparseCoreError(
+                f"layer {layers[i].name!r}: redistribution 'none' must regrow {budgets[i]} but "
+                f"max_density leaves room for {caps[i]}"
+            )
+        shares = budgets / total_pruned if total_pruned else np.zeros(len(layers))
+    else:
+        budgets = split_budget(total_pruned, shares, caps)
+
+    # 4. regrow, 5. new masks
+    masks, reports = [], []
+    for i, layer in enumerate(layers):
+        g = int(budgets[i])
+        grown = growth_fn(be, layer, kept_masks[i], g, keys[i])
+        new_mask = be.logical_or(kept_masks[i], grown)
+        if be.count(grown) != g or be.count(new_mask) != kept[i] + g:
+            raise SparseCoreError(
+                f"layer {layer.name!r}: growth mode {growth!r} must activate exactly {g} "
+                f"inactive positions, got {be.count(grown)} (of which "
+                f"{kept[i] + be.count(grown) - be.count(new_mask)} were already active)"
+            )
+        masks.append(new_mask)
+        reports.append(
+            LayerReport(
+                name=layer.name,
+                size=sizes[i],
+                nnz_before=nnz[i],
+                nnz_after=kept[i] + g,
+                pruned=pruned_counts[i],
+                grown=g,
+                net_pruned=be.count(be.and_not(layer.mask, new_mask)),
+                net_grown=be.count(be.and_not(new_mask, layer.mask)),
+                importance=scores[i],
+                share=float(shares[i]),
+                capacity=int(caps[i]),
+            )
+        )
+    if sum(r.nnz_after for r in reports) != sum(nnz):  # pragma: no cover - guarded above
+        raise RuntimeError("mask update changed the total number of active weights")
+    return UpdateResult(
+        masks=masks,
+        report=UpdateReport(
+            update=update_index, prune_rate=prune_rate, layers=tuple(reports), step=step
+        ),
+    )
+
+
+def apply_masks(
+    layers: Sequence[Layer], masks: Sequence[Any], backend: ArrayBackend | str | None = None
+) -> list[Any]:
+    """Weights under the new masks (new arrays): unchanged where active before and after, else +0."""
+    be = _resolve_backend(layers, backend)
+    return [be.apply(layer.weight, layer.mask, mask) for layer, mask in zip(layers, masks)]
+
+
+def check_layers(
+    backend: ArrayBackend, layers: Sequence[Layer], *, momentum: bool, grad: bool
+) -> None:
+    """Raise :class:`SparseCoreError` for the first bad layer; change nothing."""
+    if len(layers) == 0:
+        raise SparseCoreError("no layers given: a mask update needs at least one sparse layer")
+    seen: set[str] = set()
+    for layer in layers:
+        if not isinstance(layer, Layer):
+            raise SparseCoreError(f"expected sparsecore.Layer objects, got {type(layer).__name__}")
+        name = layer.name
+        if name in seen:
+            raise SparseCoreError(f"two layers are named {name!r}; layer names must be unique")
+        seen.add(name)
+        for label, array, kind in (("weight", layer.weight, "f"), ("mask", layer.mask, "b")):
+            if array is None or not backend.owns(array):
+                raise SparseCoreError(
+                    f"layer {name!r}: {label} must be a {backend.name} array, got {type(array).__name__}"
+                )
+            if backend.dtype_kind(array) != kind:
+                want = "a floating-point" if kind == "f" else "a boolean"
+                raise SparseCoreError(
+                    f"layer {name!r}: {label} must be {want} array, got dtype {array.dtype}"
+                )
+        shape = backend.shape(layer.weight)
+        if backend.shape(layer.mask) != shape:
+            raise SparseCoreError(
+                f"layer {name!r}: mask shape {backend.shape(layer.mask)} differs from weight shape {shape}"
+            )
+        if len(shape) == 0 or math.prod(shape) == 0:
+            raise SparseCoreError(f"layer {name!r}: weight of shape {shape} has no elements")
+        if not -len(shape) <= layer.axis < len(shape):
+            raise SparseCoreError(
+                f"layer {name!r}: output axis {layer.axis} is out of range for shape {shape}"
+            )
+        needed = [
+            ("weight", layer.weight, True),
+            ("momentum", layer.momentum, momentum),
+            ("grad", layer.grad, grad),
+        ]
+        for label, array, required in needed:
+            if array is None:
+                if required:
+                    raise SparseCoreError(
+                        f"layer {name!r}: this update needs its {label} (the chosen modes read it)"
+                    )
+                continue
+            if label != "weight":
+                if not backend.owns(array) or backend.dtype_kind(array) != "f":
+                    raise SparseCoreError(
+                        f"layer {name!r}: {label} must be a floating-point {backend.name} array"
+                    )
+                if backend.shape(array) != shape:
+                    raise SparseCoreError(
+                        f"layer {name!r}: {label} shape {backend.shape(array)} differs from weight shape {shape}"
+                    )
+            if required and not backend.all_finite(array):
+                raise NonFiniteError(
+                    f"layer {name!r}: {label} contains NaN or Inf; the mask update was not made "
+                    f"(nothing changed)"
+                )
+
+
+def _check_update_args(
+    prune_rate: float, update_index: int, max_density: float, min_density: float
+) -> None:
+    if not (isinstance(prune_rate, (int, float)) and 0.0 <= prune_rate <= 1.0):
+        raise SparseCoreError(f"prune rate must lie in [0, 1], got {prune_rate!r}")
+    if not isinstance(update_index, int) or update_index < 1:
+        raise SparseCoreError(
+            f"update_index must be an integer >= 1 (0 is the initial mask), got {update_index!r}"
+        )
+    if not 0.0 < max_density <= 1.0:
+        raise SparseCoreError(f"max_density must lie in (0, 1], got {max_density!r}")
+    if not 0.0 <= min_density <= max_density:
+        raise SparseCoreError(f"min_density must lie in [0, max_density], got {min_density!r}")
+
+
+def _resolve_backend(layers: Sequence[Layer], backend: ArrayBackend | str | None) -> ArrayBackend:
+    if isinstance(backend, ArrayBackend):
+        return backend
+    if isinstance(backend, str):
+        return get_backend(backend)
+    if not layers:
+        raise SparseCoreError("no layers given: a mask update needs at least one sparse layer")
+    first = layers[0]
+    return backend_for(first.weight if isinstance(first, Layer) else first)
+
+
+class SparseEngine:
+    """The state of one sparse training run: target count, update counter, schedule, history.
+
+    It owns no arrays but the "ever active" masks; weights, masks and momentum stay with the caller
+    (a NumPy user, or an adapter holding framework tensors). Typical use::
+
+        engine = SparseEngine(config, names, shapes)
+        masks = engine.initial_masks()
+        ...
+        if engine.due(step):
+            result = engine.update(layers, step)
+    """
+
+    def __init__(
+        self,
+        config: SparseConfig,
+        names: Sequence[str],
+        shapes: Sequence[Sequence[int]],
+        axes: Sequence[int] | None = None,
+    ) -> None:
+        if not names:
+            raise SparseCoreError("no layers given: at least one sparse layer is needed")
+        if len(names) != len(shapes) or (axes is not None and len(axes) != len(names)):
+            raise SparseCoreError(
+                f"got {len(names)} names, {len(shapes)} shapes and "
+                f"{'no' if axes is None else len(axes)} axes; they must match"
+            )
+        if len(set(names)) != len(names):
+            raise SparseCoreError(f"layer names must be unique, got {list(names)}")
+        self.config = config
+        self.names = list(names)
+        self.shapes = [tuple(int(d) for d in s) for s in shapes]
+        self.axes = [0] * len(names) if axes is None else [int(a) for a in axes]
+        self.counts = layer_counts(
+            self.shapes,
+            config.density,
+            config.init,
+            axes=self.axes,
+            max_density=config.max_density,
+            min_density=config.min_density,
+        )
+        self.target = sum(self.counts)
+        self.updates = 0
+        self.history: list[UpdateReport] = []
+        self.ever_active: list[Any] | None = None
+
+    # -- masks and schedule ---------------------------------------------------------------
+    def initial_masks(self) -> list[np.ndarray]:
+        """NumPy initial masks (exact counts, largest position hashes of update 0)."""
+        from .init import initial_mask
+
+        return [
+            initial_mask(shape, count, seed=self.config.seed, layer=i)
+            for i, (shape, count) in enumerate(zip(self.shapes, self.counts))
+        ]
+
+    def due(self, step: int, *, epoch_end: bool = False) -> bool:
+        """Is a mask update due after optimizer step ``step``?"""
+        return self.config.schedule().due(step, epoch_end=epoch_end)
+
+    def prune_rate(self, step: int) -> float:
+        return self.config.prune_rate_at(step)
+
+    # -- updates -----------------------------------------------------------------------------
+    def update(
+        self,
+        layers: Sequence[Layer],
+        step: int,
+        *,
+        backend: ArrayBackend | str | None = None,
+        prune_rate: float | None = None,
+    ) -> UpdateResult:
+        """Run mask update ``u = updates + 1`` on ``layers`` (in the engine's layer order).
+
+        With ``on_nonfinite='skip'`` a NaN/Inf input records a skipped update and returns the
+        masks unchanged instead of raising.
+        """
+        be = _resolve_backend(layers, backend)
+        self._check_match(be, layers)
+        rate = self.prune_rate(step) if prune_rate is None else prune_rate
+        cfg = self.config
+        try:
+            result = update(
+                layers,
+                prune_rate=rate,
+                update_index=self.updates + 1,
+                seed=cfg.seed,
+                prune=cfg.prune,
+                growth=cfg.growth,
+                redistribution=cfg.redistribution,
+                max_density=cfg.max_density,
+                min_density=cfg.min_density,
+                step=step,
+                backend=be,
+            )
+        except NonFiniteError as err:
+            if cfg.on_nonfinite != "skip":
+                raise
+            return UpdateResult([layer.mask for layer in layers], self.record_skip(step, str(err)))
+        self.updates += 1
+        ever = self.ever_active or [layer.mask for layer in layers]
+        self.ever_active = [be.logical_or(e, m) for e, m in zip(ever, result.masks)]
+        ever_counts = [be.count(e) for e in self.ever_active]
+        report = UpdateReport(
+            update=result.report.update,
+            prune_rate=rate,
+            layers=result.report.layers,
+            step=step,
+            extra={
+                "ever_active": ever_counts,
+                "ever_active_fraction": sum(ever_counts) / sum(math.prod(s) for s in self.shapes),
+            },
+        )
+        self.history.append(report)
+        return UpdateResult(result.masks, report)
+
+    def record_skip(self, step: int, reason: str) -> UpdateReport:
+        """Record that the update due after ``step`` was skipped, and why (e.g. inf gradients)."""
+        report = UpdateReport(
+            update=self.updates, prune_rate=0.0, layers=(), step=step, skipped=True, reason=reason
+        )
+        self.history.append(report)
+        return report
+
+    def _check_match(self, be: ArrayBackend, layers: Sequence[Layer]) -> None:
+        if [layer.name for layer in layers] != self.names:
+            raise SparseCoreError(
+                f"layers {[getattr(layer, 'name', layer) for layer in layers]} do not match the "
+                f"engine's layers {self.names} (same names, same order)"
+            )
+        for layer, shape in zip(layers, self.shapes):
+            if be.shape(layer.mask) != shape:
+                raise SparseCoreError(
+                    f"layer {layer.name!r}: mask shape {be.shape(layer.mask)} differs from the "
+                    f"engine's {shape}"
+                )
+        total = sum(be.count(layer.mask) for layer in layers)
+        if total != self.target:
+            raise SparseCoreError(
+                f"the masks hold {total} active weights but this run keeps exactly "
+                f"{self.target}; were masks changed outside the engine?"
+            )
+
+    # -- persistence -------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue the run exactly (masks are the caller's to save)."""
+        return {
+            "config": self.config.to_dict(),
+            "names": list(self.names),
+            "shapes": [list(s) for s in self.shapes],
+            "axes": list(self.axes),
+            "target": self.target,
+            "updates": self.updates,
+            "history": [r.to_dict() for r in self.history],
+            "ever_active": None if self.ever_active is None else list(self.ever_active),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` output; checks it belongs to the same layers first."""
+        try:
+            names = list(state["names"])
+            shapes = [tuple(int(d) for d in s) for s in state["shapes"]]
+            target = int(state["target"])
+            updates = int(state["updates"])
+            history = [UpdateReport.from_dict(r) for r in state["history"]]
+            config = SparseConfig.from_dict(state["config"])
+        except (KeyError, TypeError, ValueError) as err:
+            raise SparseCoreError(f"not a sparsecore engine state: {err}") from err
+        if names != self.names or shapes != self.shapes:
+            raise SparseCoreError(
+                f"engine state is for layers {list(zip(names, shapes))}, not "
+                f"{list(zip(self.names, self.shapes))}"
+            )
+        if target != self.target and config.density == self.config.density:
+            raise SparseCoreError(f"engine state keeps {target} weights, this engine {self.target}")
+        self.config = config
+        self.target = target
+        self.updates = updates
+        self.history = history
+        ever = state.get("ever_active")
+        self.ever_active = None if ever is None else list(ever)

@@ -1,0 +1,140 @@
+"""Initial masks: how many weights each layer starts with, and which ones.
+
+Counts are exact integers summing to ``N = round(density * sum n_l)``. Densities follow ``uniform``,
+``ER`` or ``ERK``; a layer whose density would exceed the ceiling (1, or ``max_density``) is filled
+to the ceiling and the others re-solved (RigL's rule), which is precisely the water-filling split of
+:func:`sparsecore.redistribute.split_budget` with layer sizes as capacities. Positions are the
+largest position hashes of update 0, so masks are reproducible from the seed alone.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+
+from .errors import SparseCoreError
+from .hashing import HashKey, layer_hash
+from .redistribute import split_budget
+
+INIT_METHODS = ("uniform", "ER", "ERK")
+
+
+def _fan_in_out(shape: tuple[int, ...], axis: int) -> tuple[int, int]:
+    n_out = shape[axis]
+    if len(shape) == 1:
+        return 1, n_out
+    if len(shape) == 2:
+        return shape[1 - (axis % 2)], n_out
+    # Convolutions: PyTorch OIHW (axis 0) has the input channels at 1, Keras HWIO (axis -1) at -2.
+    n_in = shape[1] if axis % len(shape) == 0 else shape[-2]
+    return n_in, n_out
+
+
+def _raw_density(shape: tuple[int, ...], method: str, axis: int) -> float:
+    size = math.prod(shape)
+    if method == "uniform":
+        return 1.0
+    if method == "ER":
+        n_in, n_out = _fan_in_out(shape, axis)
+        return (n_in + n_out) / (n_in * n_out)
+    if method == "ERK":
+        return sum(shape) / size
+    raise SparseCoreError(f"unknown init method {method!r}; choose one of {list(INIT_METHODS)}")
+
+
+def target_count(shapes: Sequence[tuple[int, ...]], density: float) -> int:
+    """``N = round(density * sum n_l)``: the total number of active weights, fixed for good."""
+    _check_density(density)
+    return int(round(density * sum(math.prod(s) for s in shapes)))
+
+
+def layer_counts(
+    shapes: Sequence[tuple[int, ...]],
+    density: float,
+    method: str = "uniform",
+    *,
+    axes: Sequence[int] | None = None,
+    max_density: float = 1.0,
+    min_density: float = 0.0,
+) -> list[int]:
+    """Exact initial active count per layer (summing to :func:`target_count`)."""
+    shapes = [tuple(int(d) for d in s) for s in shapes]
+    if not shapes:
+        raise SparseCoreError("no layers given: at least one sparse layer is needed")
+    axes = [0] * len(shapes) if axes is None else list(axes)
+    _check_density(density)
+    if not 0.0 < max_density <= 1.0:
+        raise SparseCoreError(f"max_density must lie in (0, 1], got {max_density!r}")
+    if not 0.0 <= min_density <= max_density:
+        raise SparseCoreError(
+            f"min_density must lie in [0, max_density={max_density}], got {min_density!r}"
+        )
+    sizes = np.array([math.prod(s) for s in shapes], dtype=np.int64)
+    if (sizes == 0).any():
+        bad = int(np.flatnonzero(sizes == 0)[0])
+        raise SparseCoreError(f"layer {bad} has shape {shapes[bad]} with no elements")
+    total = target_count(shapes, density)
+    ceiling = np.floor(max_density * sizes).astype(np.int64)
+    floor = np.minimum(np.ceil(min_density * sizes).astype(np.int64), ceiling)
+    if int(ceiling.sum()) < total:
+        raise SparseCoreError(
+            f"density {density} needs {total} active weights but max_density {max_density} "
+            f"allows only {int(ceiling.sum())}"
+        )
+    if int(floor.sum()) > total:
+        raise SparseCoreError(
+            f"min_density {min_density} needs {int(floor.sum())} active weights but density "
+            f"{density} gives only {total}"
+        )
+    raw = np.array([_raw_density(s, method, a) for s, a in zip(shapes, axes)])
+    extra = split_budget(total - int(floor.sum()), raw * sizes, ceiling - floor)
+    return [int(c) for c in floor + extra]
+
+
+def layer_densities(
+    shapes: Sequence[tuple[int, ...]], density: float, method: str = "uniform", **kwargs: object
+) -> list[float]:
+    """Initial density per layer (exact counts divided by sizes); see :func:`layer_counts`."""
+    counts = layer_counts(shapes, density, method, **kwargs)  # type: ignore[arg-type]
+    return [c / math.prod(s) for c, s in zip(counts, shapes)]
+
+
+def initial_mask(shape: tuple[int, ...], count: int, *, seed: int, layer: int) -> np.ndarray:
+    """Boolean mask with ``count`` active positions: the largest hashes of update 0."""
+    size = math.prod(shape)
+    if not 0 <= count <= size:
+        raise SparseCoreError(f"layer {layer}: cannot activate {count} of {size} positions")
+    hashes = layer_hash(HashKey(seed, 0, layer), shape).reshape(-1)
+    mask = np.zeros(size, dtype=bool)
+    if count:
+        # Hashes of one layer are distinct, so the count-th largest is a clean threshold.
+        threshold = np.partition(hashes, size - count)[size - count]
+        mask[hashes >= threshold] = True
+    return mask.reshape(shape)
+
+
+def initial_masks(
+    shapes: Sequence[tuple[int, ...]],
+    density: float,
+    method: str = "uniform",
+    *,
+    seed: int = 0,
+    axes: Sequence[int] | None = None,
+    max_density: float = 1.0,
+    min_density: float = 0.0,
+) -> list[np.ndarray]:
+    """Initial boolean masks for layers of ``shapes`` (NumPy), exact counts, seeded."""
+    counts = layer_counts(
+        shapes, density, method, axes=axes, max_density=max_density, min_density=min_density
+    )
+    return [
+        initial_mask(tuple(s), c, seed=seed, layer=i)
+        for i, (s, c) in enumerate(zip(shapes, counts))
+    ]
+
+
+def _check_density(density: float) -> None:
+    if not (isinstance(density, (int, float)) and 0.0 < float(density) <= 1.0):
+        raise SparseCoreError(f"density must lie in (0, 1], got {density!r}")
