@@ -1,0 +1,240 @@
+"""Sparse CPU kernels (Numba, parallel over cores) for linear and 2-D convolution layers.
+
+They consume the host-built structures of :mod:`sparsecore.structures`. Training needs three
+products per layer: the forward pass, the input gradient and the weight gradient at the active
+positions only (SDDMM on the mask). Every kernel takes the weight *values* in CSR order
+(``W.reshape(-1)[csr.flat]``) and writes into caller-allocated, C-contiguous outputs.
+
+Layouts and why:
+
+- Linear kernels work *feature-major*: activations are ``(features, batch)`` arrays (the
+  transpose of the usual ``(batch, features)``). Each stored weight then touches one contiguous
+  batch row, so the inner loops are unit-stride and vectorise; the framework layer passes
+  transposed views, which are free when activations already arrive feature-major.
+- Convolution kernels work on NCHW inputs that the caller has zero-padded. With stride 1 the
+  output of a channel is computed in a "wide" row layout of ``Wp`` columns (the padded width), so
+  each stored tap is a single contiguous loop over ``(Ho - 1) * Wp + Wo`` elements; the columns
+  past ``Wo`` are scratch and are never copied out. Other strides use plain (p, q) loops.
+
+Parallel work is handed out by thread: thread ``t`` of ``T`` takes items ``t, t + T, ...`` of a
+list sorted by work descending (``row_order``), which balances the load without atomics.
+
+Compilation is lazy with ``cache=True``: one specialisation per dtype (float32 in training,
+float64 for gradient checks) as long as callers pass C-contiguous arrays.
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+from numba import prange
+
+__all__ = [
+    "conv2d_forward",
+    "conv2d_input_grad",
+    "conv2d_weight_grad",
+    "sddmm_feature_major",
+    "spmm_feature_major",
+]
+
+_FASTMATH: set[str] = {"contract", "reassoc", "nsz"}
+# Reassociation lets LLVM vectorise the dot products; contraction allows FMA.
+_parallel_jit = numba.njit(parallel=True, nogil=True, cache=True, fastmath=_FASTMATH)
+
+
+@_parallel_jit
+def spmm_feature_major(
+    indptr, indices, values, row_order, xt, yt, n_threads
+):  # pragma: no cover - jitted
+    """``yt[r, :] = sum_k values[k] * xt[indices[k], :]`` over the entries ``k`` of row ``r``.
+
+    With a layer's CSR this is the forward pass ``Y^T = W X^T``; with its transposed structure
+    (and ``values[t_perm]``) it is the input gradient ``dX^T = W^T dY^T``. ``yt`` is overwritten.
+    """
+    n_rows = yt.shape[0]
+    batch = yt.shape[1]
+    n_threads = max(1, min(n_threads, n_rows))
+    for t in prange(n_threads):
+        for i in range(t, n_rows, n_threads):
+            r = row_order[i]
+            out = yt[r]
+            for b in range(batch):
+                out[b] = 0.0
+            for k in range(indptr[r], indptr[r + 1]):
+                v = values[k]
+                src = xt[indices[k]]
+                for b in range(batch):
+                    out[b] += v * src[b]
+
+
+@_parallel_jit
+def sddmm_feature_major(
+    indptr, indices, row_order, at, bt, out, n_threads
+):  # pragma: no cover - jitted
+    """``out[k] = dot(at[r, :], bt[indices[k], :])`` for every entry ``k`` of every row ``r``.
+
+    With ``at = dY^T`` and ``bt = X^T`` this is the weight gradient of a linear layer on its
+    mask, in CSR order (scatter it with ``dW.reshape(-1)[flat] = out``).
+    """
+    n_rows = at.shape[0]
+    batch = at.shape[1]
+    n_threads = max(1, min(n_threads, n_rows))
+    for t in prange(n_threads):
+        for i in range(t, n_rows, n_threads):
+            r = row_order[i]
+            a = at[r]
+            for k in range(indptr[r], indptr[r + 1]):
+                b_row = bt[indices[k]]
+                acc = 0.0
+                for b in range(batch):
+                    acc += a[b] * b_row[b]
+                out[k] = acc
+
+
+@_parallel_jit
+def conv2d_forward(
+    indptr, offsets, values, xpad, y, stride_h, stride_w, groups, n_threads
+):  # pragma: no cover - jitted
+    """Direct sparse convolution: ``y[n, o] = sum_k values[k] * xpad_group[offsets[k] + ...]``.
+
+    ``xpad``: (N, C, Hp, Wp) zero-padded input, ``y``: (N, O, Ho, Wo) output, overwritten.
+    """
+    n_batch, n_out, ho, wo = y.shape
+    n_in, hp, wp = xpad.shape[1], xpad.shape[2], xpad.shape[3]
+    cg = n_in // groups
+    opg = n_out // groups
+    group_size = cg * hp * wp
+    wide = (ho - 1) * wp + wo
+    n_items = n_batch * n_out
+    n_threads = max(1, min(n_threads, n_items))
+    unit = stride_h == 1 and stride_w == 1
+    for t in prange(n_threads):
+        acc = np.empty(ho * wp, dtype=y.dtype)
+        for item in range(t, n_items, n_threads):
+            n = item // n_out
+            o = item - n * n_out
+            xg = xpad[n].reshape(-1)[(o // opg) * group_size : (o // opg + 1) * group_size]
+            if unit:
+                for i in range(wide):
+                    acc[i] = 0.0
+                for k in range(indptr[o], indptr[o + 1]):
+                    v = values[k]
+                    src = xg[offsets[k] : offsets[k] + wide]
+                    for i in range(wide):
+                        acc[i] += v * src[i]
+                for p in range(ho):
+                    for q in range(wo):
+                        y[n, o, p, q] = acc[p * wp + q]
+            else:
+                out = y[n, o]
+                for p in range(ho):
+                    for q in range(wo):
+                        out[p, q] = 0.0
+                for k in range(indptr[o], indptr[o + 1]):
+                    v = values[k]
+                    off = offsets[k]
+                    for p in range(ho):
+                        base = off + p * stride_h * wp
+                        for q in range(wo):
+                            out[p, q] += v * xg[base + q * stride_w]
+
+
+@_parallel_jit
+def conv2d_input_grad(
+    indptr, offsets, values, dy, dxpad, stride_h, stride_w, groups, n_threads
+):  # pragma: no cover - jitted
+    """Input gradient of the direct sparse convolution, scattered into a padded buffer.
+
+    ``dy``: (N, O, Ho, Wo); ``dxpad``: (N, C, Hp, Wp), overwritten; the caller crops the padding.
+    Work is split by (sample, group) so that no two threads write the same element.
+    """
+    n_batch, n_out, ho, wo = dy.shape
+    n_in, hp, wp = dxpad.shape[1], dxpad.shape[2], dxpad.shape[3]
+    cg = n_in // groups
+    opg = n_out // groups
+    group_size = cg * hp * wp
+    wide = (ho - 1) * wp + wo
+    n_items = n_batch * groups
+    n_threads = max(1, min(n_threads, n_items))
+    unit = stride_h == 1 and stride_w == 1
+    for t in prange(n_threads):
+        gw = np.zeros(ho * wp, dtype=dy.dtype)
+        for item in range(t, n_items, n_threads):
+            n = item // groups
+            g = item - n * groups
+            dxg = dxpad[n].reshape(-1)[g * group_size : (g + 1) * group_size]
+            for i in range(group_size):
+                dxg[i] = 0.0
+            for o in range(g * opg, (g + 1) * opg):
+                if indptr[o] == indptr[o + 1]:
+                    continue
+                if unit:
+                    # Wide copy of dy[n, o] whose scratch columns stay zero.
+                    for p in range(ho):
+                        for q in range(wo):
+                            gw[p * wp + q] = dy[n, o, p, q]
+                    for k in range(indptr[o], indptr[o + 1]):
+                        v = values[k]
+                        dst = dxg[offsets[k] : offsets[k] + wide]
+                        for i in range(wide):
+                            dst[i] += v * gw[i]
+                else:
+                    g_o = dy[n, o]
+                    for k in range(indptr[o], indptr[o + 1]):
+                        v = values[k]
+                        off = offsets[k]
+                        for p in range(ho):
+                            base = off + p * stride_h * wp
+                            for q in range(wo):
+                                dxg[base + q * stride_w] += v * g_o[p, q]
+
+
+@_parallel_jit
+def conv2d_weight_grad(
+    indptr, offsets, row_order, dy, xpad, out, stride_h, stride_w, groups, n_threads
+):  # pragma: no cover - jitted
+    """Weight gradient of the direct sparse convolution on the mask (CSR order), overwritten.
+
+    ``out[k] = sum_{n, p, q} dy[n, o, p, q] * xpad_group[offsets[k] + p*sh*Wp + q*sw]``.
+    Output channels are handed out by ``row_order`` so each thread owns whole channels.
+    """
+    n_batch, n_out, ho, wo = dy.shape
+    n_in, hp, wp = xpad.shape[1], xpad.shape[2], xpad.shape[3]
+    cg = n_in // groups
+    opg = n_out // groups
+    group_size = cg * hp * wp
+    wide = (ho - 1) * wp + wo
+    n_threads = max(1, min(n_threads, n_out))
+    unit = stride_h == 1 and stride_w == 1
+    for t in prange(n_threads):
+        gw = np.zeros(ho * wp, dtype=dy.dtype)
+        for i in range(t, n_out, n_threads):
+            o = row_order[i]
+            start, stop = indptr[o], indptr[o + 1]
+            for k in range(start, stop):
+                out[k] = 0.0
+            if start == stop:
+                continue
+            g = o // opg
+            for n in range(n_batch):
+                xg = xpad[n].reshape(-1)[g * group_size : (g + 1) * group_size]
+                if unit:
+                    for p in range(ho):
+                        for q in range(wo):
+                            gw[p * wp + q] = dy[n, o, p, q]
+                    for k in range(start, stop):
+                        src = xg[offsets[k] : offsets[k] + wide]
+                        acc = 0.0
+                        for j in range(wide):
+                            acc += gw[j] * src[j]
+                        out[k] += acc
+                else:
+                    g_o = dy[n, o]
+                    for k in range(start, stop):
+                        off = offsets[k]
+                        acc = 0.0
+                        for p in range(ho):
+                            base = off + p * stride_h * wp
+                            for q in range(wo):
+                                acc += g_o[p, q] * xg[base + q * stride_w]
+                        out[k] += acc
