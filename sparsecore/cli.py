@@ -1,0 +1,202 @@
+"""The ``sparsecore`` command: ``sparsecore train ...`` and ``sparsecore report ...``.
+
+Torch is imported only when a subcommand needs it, so ``sparsecore --help`` and
+``import sparsecore.cli`` stay light and framework-free.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+__all__ = ["build_parser", "main"]
+
+_MODELS = ("lenet300", "lenet5", "vgg", "wrn")
+_METHODS = ("sparse", "dense", "static", "set")
+
+# Options that define the run (saved in its checkpoint), as (flag, config field, argparse kwargs).
+_CONFIG_OPTIONS: list[tuple[str, str, dict[str, Any]]] = [
+    ("--model", "model", {"choices": _MODELS, "help": "network (default lenet300)"}),
+    (
+        "--method",
+        "method",
+        {
+            "choices": _METHODS,
+            "help": "sparse = sparse momentum; static = fixed random mask; set = SET "
+            "(magnitude prune by sign, random regrowth); dense = no sparsity (default sparse)",
+        },
+    ),
+    ("--density", "density", {"type": float, "help": "fraction of weights kept (default 0.05)"}),
+    ("--epochs", "epochs", {"type": int, "help": "default 20"}),
+    ("--batch-size", "batch_size", {"type": int, "help": "default 100"}),
+    ("--lr", "lr", {"type": float, "help": "initial learning rate, /10 at 50%% and 75%% (0.1)"}),
+    ("--momentum", "momentum", {"type": float, "help": "SGD Nesterov momentum (default 0.9)"}),
+    ("--weight-decay", "weight_decay", {"type": float, "help": "default 5e-4"}),
+    ("--seed", "seed", {"type": int, "help": "seeds weights, shuffling and masks (default 0)"}),
+    ("--prune-rate", "prune_rate", {"type": float, "help": "initial prune rate (default 0.5)"}),
+    (
+        "--prune-schedule",
+        "prune_schedule",
+        {"choices": ("cosine", "linear", "constant"), "help": "default cosine"},
+    ),
+    (
+        "--update-every",
+        "update_every",
+        {"type": int, "help": "mask update every N optimizer steps (default: each epoch end)"},
+    ),
+    ("--init", "init", {"choices": ("uniform", "ER", "ERK"), "help": "initial layer densities"}),
+    (
+        "--limit-train",
+        "limit_train",
+        {"type": int, "help": "use only the first N training images (quick runs)"},
+    ),
+    ("--limit-test", "limit_test", {"type": int, "help": "use only the first N test images"}),
+]
+_CONFIG_FLAGS: list[tuple[str, str, str]] = [
+    ("--dense-first", "dense_first", "keep the first layer dense"),
+    ("--dense-last", "dense_last", "keep the last layer dense"),
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sparsecore",
+        description="Train neural networks that stay sparse from the first step to the last.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    train = sub.add_parser(
+        "train",
+        help="train a model on Fashion-MNIST (dense or sparse)",
+        description="Train a model on Fashion-MNIST (the installed copy, or the embedded subset). "
+        "Writes checkpoint.pt, summary.json and mask_updates.json to --out after every epoch.",
+        argument_default=argparse.SUPPRESS,
+    )
+    for flag, dest, kwargs in _CONFIG_OPTIONS:
+        train.add_argument(flag, dest=dest, **kwargs)
+    for flag, dest, text in _CONFIG_FLAGS:
+        train.add_argument(flag, dest=dest, action="store_true", help=text)
+    train.add_argument(
+        "--no-nesterov", dest="nesterov", action="store_false", help="plain momentum SGD"
+    )
+    train.add_argument(
+        "--data",
+        help="folder with the Fashion-MNIST IDX files, or 'embedded' for the shipped subset "
+        "(default: /usr/share/datasets/fashion-mnist if present, else the embedded subset)",
+    )
+    train.add_argument("--out", help="run folder (default runs/MODEL-METHOD[-dDENSITY]-seedSEED)")
+    train.add_argument("--resume", help="checkpoint file or run folder to continue from")
+    train.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
+    train.add_argument("--threads", type=int, help="torch CPU threads")
+    train.add_argument(
+        "--stop-after",
+        type=int,
+        metavar="EPOCH",
+        help="stop after this epoch (checkpoint kept; continue later with --resume)",
+    )
+    train.add_argument(
+        "--progress",
+        dest="progress",
+        action=argparse.BooleanOptionalAction,
+        help="live progress line (default: only when stdout is a terminal)",
+    )
+    sub.add_parser(
+        "report",
+        help="summarise and plot finished runs (sparsecore report --help)",
+        add_help=False,
+    )
+    return parser
+
+
+def _default_out(cfg: Any) -> Path:
+    name = f"{cfg.model}-{cfg.method}"
+    if cfg.method != "dense":
+        name += f"-d{cfg.density:g}"
+    return Path("runs") / f"{name}-seed{cfg.seed}"
+
+
+def _train(args: argparse.Namespace) -> int:
+    from sparsecore.datasets import DatasetError, load_embedded_fashion_mnist
+    from sparsecore.torch.train import (
+        CHECKPOINT_NAME,
+        TrainConfig,
+        load_checkpoint_config,
+        run_training,
+    )
+
+    given = vars(args)
+    config_keys = {dest for _, dest, _ in _CONFIG_OPTIONS} | {d for _, d, _ in _CONFIG_FLAGS}
+    config_keys.add("nesterov")
+    overrides = {k: v for k, v in given.items() if k in config_keys}
+    resume = given.get("resume")
+    try:
+        if resume is not None:
+            cfg, ckpt_path = load_checkpoint_config(resume)
+            for key, value in overrides.items():
+                setattr(cfg, key, value)  # a differing value is reported by run_training
+            out = Path(given["out"]) if "out" in given else ckpt_path.parent
+        else:
+            cfg = TrainConfig(**overrides)
+            out = Path(given["out"]) if "out" in given else _default_out(cfg)
+            if (out / CHECKPOINT_NAME).exists() and not given.get("overwrite", False):
+                print(
+                    f"sparsecore train: {out} already holds a run; pass --resume {out} to "
+                    "continue it, --overwrite to replace it, or another --out",
+                    file=sys.stderr,
+                )
+                return 2
+        data = given.get("data")
+        dataset = load_embedded_fashion_mnist() if data == "embedded" else None
+        run_training(
+            cfg,
+            data=None if data == "embedded" else data,
+            dataset=dataset,
+            out_dir=out,
+            resume=resume,
+            threads=given.get("threads"),
+            progress=given.get("progress"),
+            stop_after=given.get("stop_after"),
+        )
+    except (ValueError, FileNotFoundError, DatasetError) as exc:
+        print(f"sparsecore train: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _report(argv: Sequence[str]) -> int:
+    if importlib.util.find_spec("sparsecore.report") is None:
+        print(
+            "sparsecore report: not available in this installation (module sparsecore.report "
+            "is missing)",
+            file=sys.stderr,
+        )
+        return 2
+    module = importlib.import_module("sparsecore.report")
+    entry = getattr(module, "main", None)
+    if not callable(entry):
+        print("sparsecore report: sparsecore.report has no main() function", file=sys.stderr)
+        return 2
+    result = entry(list(argv))
+    return int(result or 0)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``sparsecore`` console script; returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "report":
+        return _report(argv[1:])
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    del args.command
+    return _train(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
