@@ -1,0 +1,83 @@
+"""A brute-force model of the specification, for checking every backend against.
+
+It sorts everything (O(n log n)) with the full key of ALGORITHM.md and recomputes a whole mask update
+step by step, so it is slow and obviously right; the library's O(n) selections must agree exactly.
+Importable from any test (``pythonpath`` in pyproject.toml adds this folder).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from sparsecore import HashKey, position_hash
+
+
+def brute_select(
+    scores: np.ndarray, candidates: np.ndarray, k: int, *, largest: bool, key: HashKey
+) -> np.ndarray:
+    """Boolean mask of the k first candidates by (score, hash descending, index ascending)."""
+    flat = scores.reshape(-1)
+    idx = np.flatnonzero(candidates.reshape(-1))
+    hashes = position_hash(key, idx).astype(np.int64)
+    kind = flat.dtype.kind
+    values = flat[idx].astype(np.float64) if kind == "f" else flat[idx].astype(np.int64)
+    primary = -values if largest else values
+    order = sorted(range(idx.size), key=lambda j: (primary[j], -hashes[j], idx[j]))
+    out = np.zeros(flat.size, dtype=bool)
+    out[idx[order[:k]]] = True
+    return out.reshape(scores.shape)
+
+
+def brute_prune(
+    weight: np.ndarray, mask: np.ndarray, rate: float, mode: str, key: HashKey
+) -> np.ndarray:
+    """The gross pruned set of one layer, from the specification's words."""
+    if mode == "magnitude":
+        r = round(rate * int(mask.sum()))
+        return brute_select(np.abs(weight), mask, r, largest=False, key=key)
+    positive = mask & (weight > 0)
+    nonpositive = mask & ~(weight > 0)
+    pos = brute_select(weight, positive, round(rate * int(positive.sum())), largest=False, key=key)
+    neg = brute_select(
+        weight, nonpositive, round(rate * int(nonpositive.sum())), largest=True, key=key
+    )
+    return pos | neg
+
+
+def brute_importance(layer_signal: np.ndarray, mask: np.ndarray) -> float:
+    """Mean |signal| over the active positions in float64 (over all positions if none)."""
+    values = np.abs(layer_signal.astype(np.float64))
+    return float(values[mask].mean()) if mask.any() else float(values.mean())
+
+
+def brute_split(total: int, weights: list[float], capacity: list[int]) -> list[int]:
+    """Water-filling written as a plain loop over Python floats, largest remainder at the end."""
+    cap = list(capacity)
+    g = [0] * len(cap)
+    open_ = [c > 0 for c in cap]
+    remaining = total
+    while remaining > 0 and any(open_):
+        w = [weights[i] if open_[i] else 0.0 for i in range(len(cap))]
+        if sum(w) <= 0:
+            w = [float(cap[i]) if open_[i] else 0.0 for i in range(len(cap))]
+        ideal = [remaining * w[i] / sum(w) for i in range(len(cap))]
+        full = [i for i in range(len(cap)) if open_[i] and ideal[i] >= cap[i]]
+        if not full:
+            floors = [math.floor(ideal[i]) if open_[i] else 0 for i in range(len(cap))]
+            left = remaining - sum(floors)
+            ranked = sorted(
+                (i for i in range(len(cap)) if open_[i]), key=lambda i: (-(ideal[i] - floors[i]), i)
+            )
+            for i in range(len(cap)):
+                if open_[i]:
+                    g[i] = floors[i]
+            for i in ranked[:left]:
+                g[i] += 1
+            return g
+        for i in full:
+            g[i] = cap[i]
+            remaining -= cap[i]
+            open_[i] = False
+    return g
