@@ -1,1 +1,148 @@
-"""CUDA C kernels of sparsecore and their CuPy loader (imported as ``sparsecore.kernels``)."""
+"""CUDA C kernels of sparsecore and their CuPy loader (imported as ``sparsecore.kernels``).
+
+The sources (``*.cu``, ``*.cuh``) ship inside the package and are compiled at first use with
+CuPy's ``RawModule`` (NVRTC), once per device; compiled modules are cached. Kernels launch on a
+caller-given stream (PyTorch's current stream in :mod:`sparsecore.torch.cuda_kernels`) and take
+arrays exchanged by DLPack, so no data is copied.
+
+Importing this package never imports CuPy: it is imported on the first compile or launch, and
+:func:`cuda_available` answers False when CuPy or a GPU is missing.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.resources
+import threading
+from pathlib import Path
+from typing import Any
+
+from .launch import Launch
+
+__all__ = [
+    "KERNEL_SOURCES",
+    "as_cupy",
+    "cuda_available",
+    "external_stream",
+    "get_function",
+    "kernel_names",
+    "launch",
+    "read_source",
+    "source_dir",
+    "source_files",
+]
+
+#: The translation units, each compiled into one module; headers are included from them.
+KERNEL_SOURCES: tuple[str, ...] = ("gather.cu", "sddmm.cu")
+HEADERS: tuple[str, ...] = ("common.cuh",)
+
+_COMPILE_OPTIONS: tuple[str, ...] = ("--std=c++17",)
+_lock = threading.Lock()
+_modules: dict[tuple[int, str], Any] = {}
+
+
+def source_dir() -> Path:
+    """Directory holding the installed kernel sources."""
+    root = importlib.resources.files(__name__)
+    return Path(str(root))
+
+
+def source_files() -> list[Path]:
+    """Every shipped ``.cu`` and ``.cuh`` file (raises if one is missing from the install)."""
+    files = []
+    for name in (*KERNEL_SOURCES, *HEADERS):
+        path = source_dir() / name
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"CUDA source {name!r} is missing from the installed package at {source_dir()}"
+            )
+        files.append(path)
+    return files
+
+
+def read_source(name: str) -> str:
+    """Text of one shipped source file."""
+    return importlib.resources.files(__name__).joinpath(name).read_text(encoding="utf-8")
+
+
+@functools.cache
+def kernel_names(source: str) -> tuple[str, ...]:
+    """Names of the ``extern "C" __global__`` kernels a source defines."""
+    import re
+
+    text = read_source(source)
+    pattern = r'extern\s+"C"\s+__global__\s+void\s+(?:__launch_bounds__\([^)]*\)\s+)?(\w+)'
+    return tuple(re.findall(pattern, text))
+
+
+def _source_of(kernel: str) -> str:
+    for source in KERNEL_SOURCES:
+        if kernel in kernel_names(source):
+            return source
+    raise KeyError(f"no CUDA kernel named {kernel!r} in {KERNEL_SOURCES}")
+
+
+@functools.cache
+def cuda_available() -> bool:
+    """True if CuPy imports and sees at least one CUDA device (asked once per process)."""
+    try:
+        import cupy
+    except Exception:  # ImportError, or a CuPy build that cannot load its CUDA libraries
+        return False
+    try:
+        return bool(cupy.cuda.is_available())
+    except Exception:
+        return False
+
+
+def _module(source: str) -> Any:
+    import cupy
+
+    device = int(cupy.cuda.runtime.getDevice())
+    key = (device, source)
+    with _lock:
+        module = _modules.get(key)
+        if module is None:
+            options = (*_COMPILE_OPTIONS, f"-I{source_dir()}")
+            module = cupy.RawModule(code=read_source(source), options=options)
+            module.compile()
+            _modules[key] = module
+    return module
+
+
+def get_function(kernel: str) -> Any:
+    """The compiled kernel ``kernel`` (a ``cupy.RawKernel``) on the current device."""
+    return _module(_source_of(kernel)).get_function(kernel)
+
+
+def as_cupy(array: Any) -> Any:
+    """A CuPy view of a DLPack-capable GPU array (a CUDA ``torch.Tensor``, say); no copy."""
+    import cupy
+
+    if isinstance(array, cupy.ndarray):
+        return array
+    return cupy.from_dlpack(array)
+
+
+@functools.cache
+def _stream(ptr: int, device: int) -> Any:
+    import cupy
+
+    return cupy.cuda.ExternalStream(ptr, device)
+
+
+def external_stream(ptr: int) -> Any:
+    """A cached CuPy stream object wrapping the raw CUDA stream handle ``ptr``."""
+    import cupy
+
+    return _stream(int(ptr), int(cupy.cuda.runtime.getDevice()))
+
+
+def launch(plan: Launch, args: tuple[Any, ...], stream: Any = None) -> None:
+    """Launch ``plan.kernel`` with ``args`` on ``stream`` (a CuPy stream; None: current)."""
+    function = get_function(plan.kernel)
+    if stream is None:
+        function(plan.grid, plan.block, args)
+    else:
+        with stream:
+            function(plan.grid, plan.block, args)
