@@ -178,7 +178,11 @@ def _report(argv: Sequence[str]) -> int:
     module = importlib.import_module("sparsecore.report")
     entry = getattr(module, "main", None)
     if not callable(entry):
-        print("sparsecore report: sparsecore.report has no main() function", file=sys.stderr)
+        print(
+            "sparsecore report: not available in this installation "
+            "(sparsecore.report has no main())",
+            file=sys.stderr,
+        )
         return 2
     result = entry(list(argv))
     return int(result or 0)

@@ -44,10 +44,11 @@ __all__ = [
     "weight_densities",
 ]
 
-#: attach() options per method; "dense" attaches nothing.
+#: attach() options per method; "dense" attaches nothing. "static" keeps its initial random
+#: mask: with no update schedule (neither every-k-steps nor epoch ends) masks never change.
 METHOD_OPTIONS: dict[str, dict[str, Any]] = {
     "sparse": {"prune": "magnitude", "growth": "momentum", "redistribution": "momentum"},
-    "static": {"growth": "none"},
+    "static": {"update_every": None, "update_at_epoch_end": False},
     "set": {"prune": "SET", "growth": "random", "redistribution": "none"},
 }
 METHODS = ("sparse", "dense", "static", "set")
@@ -264,7 +265,9 @@ def _attach(model: nn.Module, optimizer: torch.optim.Optimizer, cfg: TrainConfig
         dense_first=cfg.dense_first,
         dense_last=cfg.dense_last,
     )
-    if cfg.update_every is None:
+    if cfg.method == "static":
+        pass
+    elif cfg.update_every is None:
         options.update(update_every=None, update_at_epoch_end=True)
     else:
         options.update(update_every=cfg.update_every, update_at_epoch_end=False)
