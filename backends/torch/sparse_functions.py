@@ -1,0 +1,358 @@
+"""PyTorch autograd functions that run sparse linear and conv2d layers on the Numba CPU kernels.
+
+Each function reads a *layer state* that holds the layer's sparse structure (rebuilt when its
+mask changes) and a switch for the weight gradient:
+
+- sparse weight gradient (the default outside the window before a mask update): only the active
+  positions get a gradient, computed on the mask (SDDMM); the rest of ``weight.grad`` is zero;
+- dense weight gradient (inside that window): the full dense gradient, computed by PyTorch,
+  because sparse momentum reads momentum at *inactive* positions to choose what to regrow.
+
+Gradients land in ``weight.grad`` / ``bias.grad`` as dense tensors of the usual shapes, so any
+PyTorch optimizer works unchanged. The forward pass reads only the active weights; weights
+outside the mask are zero anyway (the adapter keeps them so).
+
+Threads: the Numba kernels run with as many threads as PyTorch's intra-op pool
+(``torch.get_num_threads()``, capped by Numba's pool size). Both are called from the same Python
+thread one after the other, so the two pools are never busy at the same time and the number of
+running compute threads stays at that count.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import numba
+import numpy as np
+
+import torch
+from sparsecore import cpu_kernels as K
+from sparsecore.structures import ConvCSR, LinearCSR, build_conv_csr, build_linear_csr
+from torch.nn import functional as F
+
+__all__ = [
+    "ConvLayerState",
+    "LinearLayerState",
+    "SparseConv2dFunction",
+    "SparseLinearFunction",
+    "kernel_threads",
+]
+
+SUPPORTED_DTYPES = (torch.float32, torch.float64)
+
+
+def kernel_threads() -> int:
+    """Thread count for the Numba kernels: PyTorch's intra-op count, within Numba's pool."""
+    n = max(1, min(torch.get_num_threads(), int(getattr(numba.config, "NUMBA_NUM_THREADS", 1))))
+    if numba.get_num_threads() != n:
+        numba.set_num_threads(n)
+    return n
+
+
+@dataclass(eq=False)
+class _LayerStateBase:
+    """What the autograd functions of one layer share: mask, switch and call counts."""
+
+    name: str
+    mask: torch.Tensor
+    dense_weight_grad: bool = True
+    calls: Counter[str] = field(default_factory=Counter)
+    rebuilds: int = 0
+    _mask_version: int = -1
+    _mask_copy: torch.Tensor | None = None
+
+    def mask_numpy(self) -> np.ndarray:
+        return self.mask.detach().to("cpu", torch.bool).contiguous().numpy()
+
+    def mask_changed(self, full_compare: bool) -> bool:
+        """True if the mask differs from the one the structures were built from.
+
+        The tensor's version counter catches in-place edits at no cost on every forward; a full
+        comparison (on ``refresh``) also catches edits made through ``.data``.
+        """
+        if self._mask_copy is None or self.mask._version != self._mask_version:
+            return True
+        if full_compare:
+            return not torch.equal(self._mask_copy, self.mask.detach().cpu())
+        return False
+
+    def _remember_mask(self) -> None:
+        self._mask_version = self.mask._version
+        self._mask_copy = self.mask.detach().to("cpu", copy=True)
+        self.rebuilds += 1
+
+    def density(self) -> float:
+        n = self.mask.numel()
+        return float(self.mask.sum()) / n if n else 0.0
+
+
+@dataclass(eq=False)
+class LinearLayerState(_LayerStateBase):
+    """Sparse structure of an ``nn.Linear`` weight mask (rebuilt when the mask changes)."""
+
+    csr: LinearCSR | None = None
+    t_values_perm: np.ndarray | None = None
+
+    def ensure(self, full_compare: bool = False) -> LinearCSR:
+        if self.csr is None or self.mask_changed(full_compare):
+            self.csr = build_linear_csr(self.mask_numpy(), name=self.name)
+            self._remember_mask()
+        return self.csr
+
+    def refresh(self) -> None:
+        """Rebuild now if the mask changed (full comparison)."""
+        self.ensure(full_compare=True)
+
+
+@dataclass(eq=False)
+class ConvLayerState(_LayerStateBase):
+    """Direct-convolution structures of an ``nn.Conv2d`` mask, one per input size."""
+
+    stride: tuple[int, int] = (1, 1)
+    padding: tuple[int, int] = (0, 0)
+    dilation: tuple[int, int] = (1, 1)
+    groups: int = 1
+    by_size: dict[tuple[int, int], ConvCSR] = field(default_factory=dict)
+
+    def ensure(self, input_hw: tuple[int, int], full_compare: bool = False) -> ConvCSR:
+        if self.mask_changed(full_compare):
+            self.by_size.clear()
+            self._remember_mask()
+        csr = self.by_size.get(input_hw)
+        if csr is None:
+            csr = build_conv_csr(
+                self.mask_numpy(),
+                input_hw,
+                self.stride,
+                self.padding,
+                self.dilation,
+                self.groups,
+                name=self.name,
+            )
+            self.by_size[input_hw] = csr
+        return csr
+
+    def refresh(self) -> None:
+        """Drop the structures if the mask changed; they depend on the input size, so the
+        next forward pass rebuilds the one it needs."""
+        if self.mask_changed(full_compare=True):
+            self.by_size.clear()
+            self._remember_mask()
+
+
+def _gather_values(weight: torch.Tensor, flat: np.ndarray) -> np.ndarray:
+    w = weight.detach()
+    if not w.is_contiguous():
+        w = w.contiguous()
+    return np.take(w.numpy().reshape(-1), flat)
+
+
+def _scatter_grad(weight: torch.Tensor, flat: np.ndarray, dvalues: np.ndarray) -> torch.Tensor:
+    grad = torch.zeros(weight.shape, dtype=weight.dtype)
+    grad.numpy().reshape(-1)[flat] = dvalues
+    return grad
+
+
+class SparseLinearFunction(torch.autograd.Function):
+    """``y = x W^T + b`` with ``W`` sparse (CSR of the layer state); x of shape (..., in)."""
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        state: LinearLayerState,
+    ) -> torch.Tensor:
+        csr = state.ensure()
+        n_threads = kernel_threads()
+        lead = x.shape[:-1]
+        x2 = x.detach().reshape(-1, x.shape[-1])
+        xt = x2.t().contiguous()  # free when x arrives feature-major (output of a sparse layer)
+        values = _gather_values(weight, csr.flat)
+        yt = torch.empty((csr.shape[0], xt.shape[1]), dtype=x.dtype)
+        K.spmm_feature_major(
+            csr.indptr, csr.indices, values, csr.row_order, xt.numpy(), yt.numpy(), n_threads
+        )
+        state.calls["forward"] += 1
+        y = yt.t()
+        if bias is not None:
+            y.add_(bias.detach())
+        ctx.state = state
+        ctx.csr = csr
+        ctx.values = values
+        ctx.dense = state.dense_weight_grad
+        ctx.lead = lead
+        ctx.has_bias = bias is not None
+        ctx.xt = xt
+        ctx.save_for_backward(weight)
+        return y.reshape(*lead, csr.shape[0]) if len(lead) != 1 else y
+
+    @staticmethod
+    def backward(ctx: Any, dy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        (weight,) = ctx.saved_tensors
+        xt = ctx.xt
+        state: LinearLayerState = ctx.state
+        csr: LinearCSR = ctx.csr
+        n_threads = kernel_threads()
+        dy2 = dy.reshape(-1, csr.shape[0])
+        dyt = dy2.t().contiguous()
+        dx = dw = db = None
+        if ctx.needs_input_grad[0]:
+            dxt = torch.empty((csr.shape[1], dyt.shape[1]), dtype=dy.dtype)
+            t_values = np.take(ctx.values, csr.t_perm)
+            K.spmm_feature_major(
+                csr.t_indptr,
+                csr.t_indices,
+                t_values,
+                csr.t_row_order,
+                dyt.numpy(),
+                dxt.numpy(),
+                n_threads,
+            )
+            state.calls["input_grad"] += 1
+            dx = dxt.t()
+            if len(ctx.lead) != 1:
+                dx = dx.reshape(*ctx.lead, csr.shape[1])
+        if ctx.needs_input_grad[1]:
+            if ctx.dense:
+                dw = dyt @ xt.t()
+                state.calls["weight_grad_dense"] += 1
+            else:
+                dvalues = np.empty(csr.nnz, dtype=xt.numpy().dtype)
+                K.sddmm_feature_major(
+                    csr.indptr,
+                    csr.indices,
+                    csr.row_order,
+                    dyt.numpy(),
+                    xt.numpy(),
+                    dvalues,
+                    n_threads,
+                )
+                dw = _scatter_grad(weight, csr.flat, dvalues)
+                state.calls["weight_grad_sparse"] += 1
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            db = dyt.sum(dim=1)
+        return dx, dw, db, None
+
+
+class SparseConv2dFunction(torch.autograd.Function):
+    """Direct sparse 2-D convolution (zero padding) of NCHW input with the layer state's mask."""
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        state: ConvLayerState,
+    ) -> torch.Tensor:
+        unbatched = x.dim() == 3
+        xd = x.detach()
+        if unbatched:
+            xd = xd.unsqueeze(0)
+        in_hw = (int(xd.shape[2]), int(xd.shape[3]))
+        csr = state.ensure(in_hw)
+        if xd.shape[1] != csr.in_channels:
+            raise ValueError(
+                f"layer {state.name!r} expects {csr.in_channels} input channels, "
+                f"got input of shape {tuple(x.shape)}"
+            )
+        n_threads = kernel_threads()
+        ph, pw = csr.padding
+        xpad = F.pad(xd, (pw, pw, ph, ph)).contiguous() if ph or pw else xd.contiguous()
+        values = _gather_values(weight, csr.flat)
+        n = xpad.shape[0]
+        y = torch.empty((n, csr.out_channels, *csr.output_hw), dtype=x.dtype)
+        K.conv2d_forward(
+            csr.indptr,
+            csr.offsets,
+            values,
+            xpad.numpy(),
+            y.numpy(),
+            csr.stride[0],
+            csr.stride[1],
+            csr.groups,
+            n_threads,
+        )
+        state.calls["forward"] += 1
+        if bias is not None:
+            y.add_(bias.detach().view(1, -1, 1, 1))
+        ctx.state = state
+        ctx.csr = csr
+        ctx.values = values
+        ctx.dense = state.dense_weight_grad
+        ctx.unbatched = unbatched
+        ctx.has_bias = bias is not None
+        ctx.xpad = xpad
+        ctx.save_for_backward(weight)
+        return y.squeeze(0) if unbatched else y
+
+    @staticmethod
+    def backward(ctx: Any, dy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        (weight,) = ctx.saved_tensors
+        xpad = ctx.xpad
+        state: ConvLayerState = ctx.state
+        csr: ConvCSR = ctx.csr
+        n_threads = kernel_threads()
+        if ctx.unbatched:
+            dy = dy.unsqueeze(0)
+        dy = dy.contiguous()
+        ph, pw = csr.padding
+        h, w = csr.input_hw
+        dx = dw = db = None
+        if ctx.needs_input_grad[0]:
+            dxpad = torch.empty_like(xpad)
+            K.conv2d_input_grad(
+                csr.indptr,
+                csr.offsets,
+                ctx.values,
+                dy.numpy(),
+                dxpad.numpy(),
+                csr.stride[0],
+                csr.stride[1],
+                csr.groups,
+                n_threads,
+            )
+            state.calls["input_grad"] += 1
+            dx = dxpad[:, :, ph : ph + h, pw : pw + w]
+            if ctx.unbatched:
+                dx = dx.squeeze(0)
+        if ctx.needs_input_grad[1]:
+            if ctx.dense:
+                # The padded input with no further padding gives the same weight gradient.
+                dw = torch.ops.aten.convolution_backward(
+                    dy,
+                    xpad,
+                    weight.detach(),
+                    None,
+                    list(csr.stride),
+                    [0, 0],
+                    list(csr.dilation),
+                    False,
+                    [0, 0],
+                    csr.groups,
+                    [False, True, False],
+                )[1]
+                state.calls["weight_grad_dense"] += 1
+            else:
+                dvalues = np.empty(csr.nnz, dtype=xpad.numpy().dtype)
+                K.conv2d_weight_grad(
+                    csr.indptr,
+                    csr.offsets,
+                    csr.row_order,
+                    dy.numpy(),
+                    xpad.numpy(),
+                    dvalues,
+                    csr.stride[0],
+                    csr.stride[1],
+                    csr.groups,
+                    n_threads,
+                )
+                dw = _scatter_grad(weight, csr.flat, dvalues)
+                state.calls["weight_grad_sparse"] += 1
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            db = dy.sum(dim=(0, 2, 3))
+        return dx, dw, db, None
