@@ -6,14 +6,13 @@ job, split the freed weights identically given the same importance values.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import numpy as np
+import numpy.typing as npt
 
 from .errors import SparseCoreError
 
 
-def importance_shares(scores: Sequence[float], sizes: Sequence[int]) -> np.ndarray:
+def importance_shares(scores: npt.ArrayLike, sizes: npt.ArrayLike) -> np.ndarray:
     """``pi_l = s_l / sum(s)``; proportional to layer size when every score is 0. Never NaN."""
     s = np.asarray(scores, dtype=np.float64)
     if s.size == 0:
@@ -27,7 +26,7 @@ def importance_shares(scores: Sequence[float], sizes: Sequence[int]) -> np.ndarr
     return n / n.sum()
 
 
-def split_budget(total: int, weights: Sequence[float], capacity: Sequence[int]) -> np.ndarray:
+def split_budget(total: int, weights: npt.ArrayLike, capacity: npt.ArrayLike) -> np.ndarray:
     """Split ``total`` units into integers ``g_l <= capacity_l`` in proportion to ``weights``.
 
     Water-filling: a layer whose proportional share reaches its capacity is filled and closed, and
@@ -90,7 +89,7 @@ def _proportional(remaining: int, w: np.ndarray, cap: np.ndarray, open_: np.ndar
     return ideal
 
 
-def capacities(sizes: Sequence[int], kept: Sequence[int], max_density: float) -> np.ndarray:
+def capacities(sizes: npt.ArrayLike, kept: npt.ArrayLike, max_density: float) -> np.ndarray:
     """Free slots per layer under the density ceiling: ``max(0, floor(max_density*n) - kept)``."""
     ceiling = np.floor(max_density * np.asarray(sizes, dtype=np.float64)).astype(np.int64)
     return np.maximum(0, ceiling - np.asarray(kept, dtype=np.int64))
