@@ -1,0 +1,220 @@
+"""The sparsecore array backend on ``keras.ops``: one implementation for every Keras 3 backend.
+
+Everything is written with ``keras.ops``, so the same code runs on TensorFlow and PyTorch tensors
+(and JAX) and stays on their device; only counts and float64 sums come back to the host.
+
+Selection follows the order fixed by ALGORITHM.md (score, then position hash larger first) without
+a stable sort: for each row the k-th best score is found by sorting, everything strictly better is
+taken, and among the positions tied with it the ones with the largest hashes are taken. Hashes of
+one layer are distinct (the hash is a bijection of the flat index), so that second cut is exact.
+Scores are compared in float64, which holds every float16/32 value and every 32-bit hash exactly.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+import keras
+from keras import ops
+from sparsecore.backend import ArrayBackend, Sign
+from sparsecore.hashing import MASK32, MUL1, MUL2, HashKey
+
+__all__ = ["KerasBackend"]
+
+
+def _to_host(x: Any) -> np.ndarray:
+    return np.asarray(ops.convert_to_numpy(x))
+
+
+def _mix32(x: Any) -> Any:
+    """The 32-bit mixing function on an int64 tensor holding values in [0, 2**32).
+
+    int64 multiplication wraps modulo 2**64, so masking the product to 32 bits after each
+    multiply gives the exact uint32 result.
+    """
+    mask = ops.convert_to_tensor(MASK32, dtype="int64")
+    x = ops.bitwise_xor(x, ops.right_shift(x, 16))
+    x = ops.bitwise_and(ops.multiply(x, ops.convert_to_tensor(MUL1, dtype="int64")), mask)
+    x = ops.bitwise_xor(x, ops.right_shift(x, 15))
+    x = ops.bitwise_and(ops.multiply(x, ops.convert_to_tensor(MUL2, dtype="int64")), mask)
+    return ops.bitwise_xor(x, ops.right_shift(x, 16))
+
+
+def _select_rows(keys: Any, hashes: Any, candidates: Any, ks: np.ndarray) -> Any:
+    """In each row, the ``ks[row]`` candidates with the largest key (ties: largest hash).
+
+    ``keys`` is float64 (rows, cols), ``hashes`` int64 in [0, 2**32), ``candidates`` boolean;
+    ``0 <= ks[row] <= #candidates in row`` is the caller's duty. Returns a boolean (rows, cols).
+    """
+    rows = int(ops.shape(keys)[0])
+    neg_inf = ops.full_like(keys, -np.inf)
+    keys = ops.where(candidates, keys, neg_inf)
+    ks_arr = np.asarray(ks, dtype=np.int64).reshape(rows)
+    take = ks_arr > 0
+    # k-th largest key per row (rows taking nothing use column 0, then are masked out).
+    sorted_desc = ops.flip(ops.sort(keys, axis=1), axis=1)
+    kth_index = ops.convert_to_tensor(np.maximum(ks_arr - 1, 0).reshape(rows, 1), dtype="int32")
+    threshold = ops.take_along_axis(sorted_desc, kth_index, axis=1)
+    better = ops.logical_and(ops.greater(keys, threshold), candidates)
+    tied = ops.logical_and(ops.equal(keys, threshold), candidates)
+    n_better = _to_host(ops.sum(ops.cast(better, "int64"), axis=1)).astype(np.int64)
+    need = np.where(take, ks_arr - n_better, 0)
+    # Among tied positions, the ``need`` largest hashes (hashes are distinct within a layer).
+    tied_hashes = ops.where(tied, hashes, ops.full_like(hashes, -1))
+    hashes_desc = ops.flip(ops.sort(tied_hashes, axis=1), axis=1)
+    need_index = ops.convert_to_tensor(np.maximum(need - 1, 0).reshape(rows, 1), dtype="int32")
+    hash_threshold = ops.take_along_axis(hashes_desc, need_index, axis=1)
+    tied_taken = ops.logical_and(tied, ops.greater_equal(tied_hashes, hash_threshold))
+    tied_taken = ops.logical_and(
+        tied_taken, ops.convert_to_tensor((need > 0).reshape(rows, 1), dtype="bool")
+    )
+    selected = ops.logical_or(better, tied_taken)
+    return ops.logical_and(selected, ops.convert_to_tensor(take.reshape(rows, 1), dtype="bool"))
+
+
+class KerasBackend(ArrayBackend):
+    """:class:`~sparsecore.ArrayBackend` on the tensors of the active Keras 3 backend."""
+
+    name = "keras"
+
+    # -- inspection -------------------------------------------------------------------------
+    def owns(self, x: Any) -> bool:
+        if isinstance(x, np.ndarray) or isinstance(x, keras.Variable):
+            return False
+        return bool(ops.is_tensor(x))
+
+    def shape(self, x: Any) -> tuple[int, ...]:
+        return tuple(int(d) for d in ops.shape(x))
+
+    def dtype_kind(self, x: Any) -> str:
+        dtype = keras.backend.standardize_dtype(x.dtype)
+        if dtype == "bool":
+            return "b"
+        if dtype.startswith(("int", "uint")):
+            return "i"
+        if dtype.startswith("complex"):
+            return "c"
+        return "f"
+
+    def all_finite(self, x: Any) -> bool:
+        return bool(_to_host(ops.all(ops.isfinite(x))))
+
+    # -- reductions -------------------------------------------------------------------------
+    def count(self, mask: Any) -> int:
+        return int(_to_host(ops.sum(ops.cast(mask, "int64"))))
+
+    def count_positive(self, x: Any, mask: Any) -> int:
+        positive = ops.logical_and(mask, ops.greater(x, ops.zeros_like(x)))
+        return self.count(positive)
+
+    def abs_sum(self, x: Any, mask: Any | None) -> float:
+        values = ops.abs(ops.cast(x, "float64"))
+        if mask is not None:
+            values = ops.where(mask, values, ops.zeros_like(values))
+        return float(_to_host(ops.sum(values)))
+
+    def _units(self, x: Any, axis: int) -> Any:
+        shape = self.shape(x)
+        moved = ops.moveaxis(x, axis, 0)
+        return ops.reshape(moved, (shape[axis], -1))
+
+    def unit_abs_sum(self, x: Any, axis: int) -> np.ndarray:
+        units = self._units(ops.abs(ops.cast(x, "float64")), axis)
+        return _to_host(ops.sum(units, axis=1)).astype(np.float64)
+
+    def unit_count(self, mask: Any, axis: int, active: bool) -> np.ndarray:
+        units = self._units(mask if active else ops.logical_not(mask), axis)
+        return _to_host(ops.sum(ops.cast(units, "int64"), axis=1)).astype(np.int64)
+
+    # -- selection --------------------------------------------------------------------------
+    def _keys_and_candidates(
+        self, x: Any, mask: Any, *, among_active: bool, largest: bool, magnitude: bool, sign: Sign
+    ) -> tuple[Any, Any]:
+        values = ops.cast(x, "float64")
+        candidates = mask if among_active else ops.logical_not(mask)
+        if sign != "any":
+            positive = ops.greater(values, ops.zeros_like(values))
+            candidates = ops.logical_and(
+                candidates, positive if sign == "positive" else ops.logical_not(positive)
+            )
+        scores = ops.abs(values) if magnitude else values
+        return (scores if largest else ops.negative(scores)), candidates
+
+    def select(
+        self,
+        x: Any,
+        mask: Any,
+        k: int,
+        *,
+        among_active: bool,
+        largest: bool,
+        magnitude: bool,
+        key: HashKey,
+        sign: Sign = "any",
+    ) -> Any:
+        shape = self.shape(x)
+        if k <= 0:
+            return self.zeros_mask(x)
+        keys, candidates = self._keys_and_candidates(
+            x, mask, among_active=among_active, largest=largest, magnitude=magnitude, sign=sign
+        )
+        hashes = self.position_hash(key, x)
+        chosen = _select_rows(
+            ops.reshape(keys, (1, -1)),
+            ops.reshape(hashes, (1, -1)),
+            ops.reshape(candidates, (1, -1)),
+            np.array([k]),
+        )
+        return ops.reshape(chosen, shape)
+
+    def select_per_unit(
+        self,
+        x: Any,
+        mask: Any,
+        ks: np.ndarray,
+        *,
+        axis: int,
+        among_active: bool,
+        largest: bool,
+        magnitude: bool,
+        key: HashKey,
+    ) -> Any:
+        shape = self.shape(x)
+        keys, candidates = self._keys_and_candidates(
+            x, mask, among_active=among_active, largest=largest, magnitude=magnitude, sign="any"
+        )
+        hashes = self.position_hash(key, x)
+        chosen = _select_rows(
+            self._units(keys, axis),
+            self._units(hashes, axis),
+            self._units(candidates, axis),
+            np.asarray(ks, dtype=np.int64),
+        )
+        # Undo the (move axis to front, flatten) of _units.
+        moved_shape = (shape[axis], *(d for i, d in enumerate(shape) if i != axis % len(shape)))
+        return ops.moveaxis(ops.reshape(chosen, moved_shape), 0, axis)
+
+    # -- element-wise -----------------------------------------------------------------------
+    def position_hash(self, key: HashKey, like: Any) -> Any:
+        shape = self.shape(like)
+        n = int(np.prod(shape, dtype=np.int64))
+        ids = ops.bitwise_and(
+            ops.arange(n, dtype="int64"), ops.convert_to_tensor(MASK32, dtype="int64")
+        )
+        prefix = ops.convert_to_tensor(key.prefix(), dtype="int64")
+        return ops.reshape(_mix32(ops.bitwise_xor(ids, prefix)), shape)
+
+    def and_not(self, a: Any, b: Any) -> Any:
+        return ops.logical_and(a, ops.logical_not(b))
+
+    def logical_or(self, a: Any, b: Any) -> Any:
+        return ops.logical_or(a, b)
+
+    def zeros_mask(self, like: Any) -> Any:
+        return ops.zeros(self.shape(like), dtype="bool")
+
+    def apply(self, weight: Any, old_mask: Any, new_mask: Any) -> Any:
+        keep = ops.logical_and(old_mask, new_mask)
+        return ops.where(keep, weight, ops.zeros_like(weight))

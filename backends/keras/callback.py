@@ -1,0 +1,421 @@
+"""``SparseCallback``: sparse momentum training for any Keras 3 model, as a ``fit`` callback.
+
+How it works:
+
+- At the start of ``fit`` it finds the sparse weights (:mod:`.discovery`), creates the engine with
+  exact initial counts, zeroes the weights outside the initial masks and installs a
+  :class:`~.constraint.SparseMask` on each sparse variable. Keras applies that constraint inside the
+  compiled train step after every optimizer update, so weights outside the mask are exactly 0
+  after every batch without any per-batch Python work.
+- Mask updates run on the schedule of :class:`sparsecore.SparseConfig` (every ``update_every``
+  optimizer steps, counted by ``optimizer.iterations``, and/or at epoch ends). An update reads the
+  kernels, the masks and the optimizer's momentum slots, runs the engine on the Keras backend
+  (``keras.ops``, on the tensors' device) and assigns the new masks and weights. Under a
+  ``tf.distribute`` strategy this runs once, in cross-replica context, and the assignments go to
+  every replica, so all replicas hold the same masks.
+- The masks and the engine state live in the constraints' configs, so ``model.save()``,
+  ``ModelCheckpoint`` and ``keras.models.load_model`` carry them; a new ``SparseCallback`` given a
+  loaded model continues the run (same masks, same update counter, same schedule).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+import keras
+from keras import ops
+from sparsecore.config import SparseConfig, option_names
+from sparsecore.engine import SparseEngine
+from sparsecore.errors import SparseCoreError
+from sparsecore.layers import Layer
+from sparsecore.modes import NEEDS_GRAD, NEEDS_MOMENTUM
+from sparsecore.report import UpdateReport
+
+from .backend import KerasBackend
+from .constraint import SparseMask
+from .discovery import SparseWeight, find_sparse_weights
+from .momentum import MomentumReader, optimizer_slots
+
+__all__ = ["SparseCallback"]
+
+_BACKEND = KerasBackend()
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    raise TypeError(f"cannot store {type(value).__name__} in the engine state")
+
+
+def _host_mask(x: Any) -> np.ndarray:
+    return np.asarray(ops.convert_to_numpy(x), dtype=bool)
+
+
+class SparseCallback(keras.callbacks.Callback):
+    """Train the model's Dense/Conv kernels sparse with sparse momentum (Dettmers & Zettlemoyer).
+
+    ``SparseCallback(**options)`` takes exactly the options of :class:`sparsecore.SparseConfig`
+    (``density``, ``init``, ``prune``, ``growth``, ``redistribution``, ``prune_rate``,
+    ``update_every``, ...) with the paper's defaults, plus which layers are sparse:
+    ``include``/``exclude`` (layer names, name patterns, class names or classes),
+    ``dense_first``/``dense_last`` and ``embeddings`` (make Embedding tables sparse too).
+    ``total_steps`` defaults to ``epochs * steps_per_epoch`` of the first ``fit``.
+
+    After each epoch ``logs`` (hence the History and TensorBoard) get ``sparse_density``,
+    ``sparse_measured_density`` (nonzero fraction of the kernels), ``sparse_updates`` and the
+    last update's ``sparse_prune_rate``, ``sparse_pruned``, ``sparse_net_pruned`` and
+    ``sparse_ever_active``, plus ``sparse_density/<weight>`` per sparse weight. Put the callback
+    before ``TensorBoard`` in the list so that it sees them.
+    """
+
+    # Mask updates assign model variables: never run concurrently with a train step.
+    async_safe = False
+
+    def __init__(
+        self,
+        *,
+        include: Any = None,
+        exclude: Any = None,
+        dense_first: bool = False,
+        dense_last: bool = False,
+        embeddings: bool = False,
+        **options: Any,
+    ) -> None:
+        super().__init__()
+        unknown = sorted(set(options) - set(option_names()))
+        if unknown:
+            raise SparseCoreError(
+                f"SparseCallback got unknown option(s) {unknown}; the options are "
+                f"{option_names()} and include, exclude, dense_first, dense_last, embeddings"
+            )
+        self.config = SparseConfig(**options)
+        if self.config.growth in NEEDS_GRAD["growth"]:
+            raise SparseCoreError(
+                f"growth={self.config.growth!r} needs the dense gradient at every position, "
+                f"which Keras does not hand to callbacks; use growth='momentum' (the optimizer's "
+                f"momentum, the paper's choice) or 'random', or the PyTorch adapter "
+                f"(sparsecore.torch.attach) for gradient growth"
+            )
+        self._given = dict(options)
+        self._selection = {
+            "include": include,
+            "exclude": exclude,
+            "dense_first": dense_first,
+            "dense_last": dense_last,
+            "embeddings": embeddings,
+        }
+        self.engine: SparseEngine | None = None
+        self.weights: list[SparseWeight] = []
+        self.constraints: list[SparseMask] = []
+        self._reader: MomentumReader | None = None
+        self._attached_to: Any = None
+        if self.config.update_every is None:
+            # Epoch-end updates only: keep Keras' default (no-op) batch hook so that async
+            # dispatch stays on.
+            self.on_train_batch_end = super().on_train_batch_end  # type: ignore[method-assign]
+
+    # -- public views -------------------------------------------------------------------------
+    @property
+    def history(self) -> list[UpdateReport]:
+        """Every mask update (and skipped update) of the run so far."""
+        return [] if self.engine is None else list(self.engine.history)
+
+    def masks(self) -> dict[str, np.ndarray]:
+        """The current masks as NumPy arrays, by sparse weight name."""
+        return {w.name: c.mask_numpy() for w, c in zip(self.weights, self.constraints)}
+
+    def layer_densities(self) -> dict[str, float]:
+        """Fraction of active positions per sparse weight."""
+        return {name: float(m.mean()) for name, m in self.masks().items()}
+
+    def density(self) -> float:
+        """Active fraction over all sparse weights (exactly ``N / sum n_l``)."""
+        masks = list(self.masks().values())
+        return sum(int(m.sum()) for m in masks) / sum(m.size for m in masks)
+
+    # -- attaching ----------------------------------------------------------------------------
+    def attach(self, model: Any | None = None) -> None:
+        """Install masks on ``model`` (default: the model being fitted) now rather than at fit.
+
+        Useful to evaluate or save the sparse model before training. Everything is checked before
+        anything is changed; calling it again on the same model does nothing.
+        """
+        model = self.model if model is None else model
+        if model is None:
+            raise SparseCoreError("no model to attach to: pass one, or use the callback in fit()")
+        if self._attached_to is model:
+            return
+        self._attach(model, steps_known=False)
+
+    def on_train_begin(self, logs: dict[str, Any] | None = None) -> None:
+        if self._attached_to is not self.model:
+            self._attach(self.model, steps_known=True)
+        elif self.engine is not None and self.engine.config.total_steps is None:
+            total = self._total_steps()
+            if total is not None:
+                self.engine.config = self.engine.config.replace(total_steps=total)
+                self._store_state()
+        self._check_steps_per_execution()
+
+    def _total_steps(self) -> int | None:
+        params = self.params or {}
+        epochs, steps = params.get("epochs"), params.get("steps")
+        if epochs and steps:
+            return int(epochs) * int(steps)
+        return None
+
+    def _needs_momentum(self, config: SparseConfig) -> bool:
+        return (
+            config.redistribution in NEEDS_MOMENTUM["importance"]
+            or config.growth in NEEDS_MOMENTUM["growth"]
+        )
+
+    def _attach(self, model: Any, *, steps_known: bool) -> None:
+        # 1. Check everything; change nothing.
+        weights = find_sparse_weights(model, **self._selection)
+        if not weights:
+            raise SparseCoreError(
+                f"model {model.name!r} has no layer sparsecore can make sparse (Dense, Conv*, "
+                f"DepthwiseConv*, SeparableConv*, Conv*Transpose; Embedding with "
+                f"embeddings=True); check include/exclude"
+            )
+        existing = [w.variable.constraint for w in weights]
+        ours = [isinstance(c, SparseMask) for c in existing]
+        if any(ours) and not all(ours):
+            missing = [w.name for w, o in zip(weights, ours) if not o]
+            raise SparseCoreError(
+                f"the model carries sparsecore masks on some weights but not on {missing}; "
+                f"use the same layer selection (include/exclude/dense_first/dense_last) as the "
+                f"run that created them"
+            )
+        for w, c in zip(weights, existing):
+            if c is not None and not isinstance(c, SparseMask):
+                raise SparseCoreError(
+                    f"layer {w.name!r} already has the constraint {c!r}; sparsecore needs the "
+                    f"variable's constraint slot to apply the mask; remove it or exclude the layer"
+                )
+        resume = all(ours)
+        config = self.config
+        state: dict[str, Any] | None = None
+        if resume:
+            constraints = [c for c in existing if isinstance(c, SparseMask)]
+            state = self._saved_state(weights, constraints)
+            config = self._resumed_config(state)
+        if config.total_steps is None and steps_known:
+            total = self._total_steps()
+            if total is not None:
+                config = config.replace(total_steps=total)
+        if steps_known and config.prune_schedule != "constant" and config.total_steps is None:
+            if not config.schedule().static:
+                raise SparseCoreError(
+                    f"prune_schedule={config.prune_schedule!r} needs the length of training but "
+                    f"fit() does not know its steps per epoch; pass total_steps=... or "
+                    f"steps_per_epoch to fit, or use prune_schedule='constant'"
+                )
+        optimizer = getattr(model, "optimizer", None)
+        reader = MomentumReader(optimizer, config.adam_momentum)
+        if self._needs_momentum(config) and not config.schedule().static:
+            reader.check()
+        names = [w.name for w in weights] if state is None else list(state["names"])
+        engine = SparseEngine(config, names, [w.shape for w in weights], [w.axis for w in weights])
+        if state is not None:
+            engine.load_state_dict(state)
+            engine.config = config
+            if any(c.ever_active is not None for c in constraints):
+                engine.ever_active = [
+                    ops.convert_to_tensor(
+                        c.ever_active if c.ever_active is not None else c.mask_numpy()
+                    )
+                    for c in constraints
+                ]
+            counts = [int(c.mask_numpy().sum()) for c in constraints]
+            if sum(counts) != engine.target:
+                raise SparseCoreError(
+                    f"the saved masks hold {sum(counts)} active weights, the saved run keeps "
+                    f"{engine.target}; the saved model is inconsistent"
+                )
+
+        # 2. Change the model.
+        if not resume:
+            masks = engine.initial_masks()
+            with self._scope(model):
+                constraints = [
+                    SparseMask(w.shape, name=n, index=i, axis=w.axis, mask=m)
+                    for i, (w, n, m) in enumerate(zip(weights, names, masks))
+                ]
+            for w, c in zip(weights, constraints):
+                w.variable.assign(c(ops.copy(w.variable)))
+                w.variable.constraint = c
+                setattr(w.layer, w.constraint_attr, c)  # so that get_config() saves it
+            self._rebuild_train_function(model)
+        self.weights, self.constraints, self.engine = weights, constraints, engine
+        self._reader = reader
+        self._attached_to = model
+        self._store_state()
+
+    @staticmethod
+    def _scope(model: Any) -> Any:
+        strategy = getattr(model, "distribute_strategy", None)
+        if strategy is not None and hasattr(strategy, "scope"):
+            return strategy.scope()
+        return contextlib.nullcontext()
+
+    @staticmethod
+    def _rebuild_train_function(model: Any) -> None:
+        # A train function traced before the constraints existed would not apply them.
+        make = getattr(model, "make_train_function", None)
+        if getattr(model, "train_function", None) is not None and make is not None:
+            make(force=True)
+
+    def _saved_state(
+        self, weights: Sequence[SparseWeight], constraints: Sequence[SparseMask]
+    ) -> dict[str, Any]:
+        for i, (w, c) in enumerate(zip(weights, constraints)):
+            if c.index != i or c.shape != w.shape:
+                raise SparseCoreError(
+                    f"layer {w.name!r}: its saved mask is #{c.index} of shape {c.shape}, but the "
+                    f"layer is #{i} of shape {w.shape}; use the same layer selection as the run "
+                    f"that saved it"
+                )
+        state = constraints[0].state
+        if state is None:
+            raise SparseCoreError(
+                f"layer {weights[0].name!r} carries a sparsecore mask but no engine state; the "
+                f"model was saved before SparseCallback attached to it"
+            )
+        return state
+
+    def _resumed_config(self, state: dict[str, Any]) -> SparseConfig:
+        saved = SparseConfig.from_dict(state["config"])
+        diff = {
+            k: (getattr(saved, k), v)
+            for k, v in self._given.items()
+            if k != "total_steps" and getattr(saved, k) != v
+        }
+        if diff:
+            raise SparseCoreError(
+                f"the model continues a saved sparse run whose options differ from the ones "
+                f"given: {{option: (saved, given)}} = {diff}; pass the same options or none"
+            )
+        if "total_steps" in self._given and self._given["total_steps"] != saved.total_steps:
+            saved = saved.replace(total_steps=self._given["total_steps"])
+        return saved
+
+    def _check_steps_per_execution(self) -> None:
+        spe = int(getattr(self.model, "steps_per_execution", 1) or 1)
+        every = self.engine.config.update_every if self.engine is not None else None
+        if spe > 1 and every is not None and every % spe != 0:
+            raise SparseCoreError(
+                f"update_every={every} is not a multiple of the model's steps_per_execution={spe}"
+                f"; callbacks only see every {spe}-th step, so choose update_every as a multiple"
+            )
+
+    # -- the engine state kept in the constraints ---------------------------------------------
+    def _store_state(self) -> None:
+        assert self.engine is not None
+        state = self.engine.state_dict()
+        ever = state.pop("ever_active")
+        self.constraints[0].state = json.loads(json.dumps(state, default=_json_default))
+        if ever is not None:
+            for c, e in zip(self.constraints, ever):
+                c.ever_active = _host_mask(e)
+
+    # -- updates ------------------------------------------------------------------------------
+    def _step(self) -> int:
+        return int(ops.convert_to_numpy(self.model.optimizer.iterations))
+
+    def on_train_batch_end(self, batch: int, logs: dict[str, Any] | None = None) -> None:
+        engine = self.engine
+        if engine is None or engine.config.update_every is None:
+            return
+        step = self._step()
+        if engine.due(step):
+            self.update_masks(step)
+
+    def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+        engine = self.engine
+        if engine is None:
+            return
+        if engine.config.update_at_epoch_end:
+            step = self._step()
+            if engine.due(step, epoch_end=True):
+                self.update_masks(step)
+        if logs is not None:
+            logs.update(self.epoch_logs())
+
+    def on_train_end(self, logs: dict[str, Any] | None = None) -> None:
+        if self.engine is not None:
+            self._store_state()
+
+    def update_masks(self, step: int | None = None) -> UpdateReport:
+        """Run one mask update now (the schedule calls this; tests and users may too)."""
+        if self.engine is None or self._reader is None:
+            raise SparseCoreError("SparseCallback is not attached to a model yet")
+        step = self._step() if step is None else step
+        engine, config = self.engine, self.engine.config
+        needs_momentum = self._needs_momentum(config)
+        layers = []
+        for w, c in zip(self.weights, self.constraints, strict=True):
+            momentum = self._reader.read(w.variable, w.name) if needs_momentum else None
+            layers.append(
+                Layer(
+                    w.name,
+                    ops.copy(w.variable),
+                    ops.copy(c.mask),
+                    momentum=momentum,
+                    axis=w.axis,
+                )
+            )
+        # Engine names come from the run that created the masks (they survive renames).
+        layers = [
+            Layer(n, x.weight, x.mask, x.momentum, x.grad, x.axis)
+            for n, x in zip(engine.names, layers)
+        ]
+        result = engine.update(layers, step, backend=_BACKEND)
+        if not result.report.skipped:
+            optimizer = self.model.optimizer if self.model is not None else None
+            for w, c, layer, new in zip(self.weights, self.constraints, layers, result.masks):
+                changed = ops.logical_xor(layer.mask, new)
+                if not bool(ops.convert_to_numpy(ops.any(changed))):
+                    continue
+                w.variable.assign(_BACKEND.apply(layer.weight, layer.mask, new))
+                c.mask.assign(new)
+                if config.reset_optimizer_state and optimizer is not None:
+                    for slot in optimizer_slots(optimizer, w.variable):
+                        slot.assign(ops.where(changed, ops.zeros_like(slot), slot))
+        self._store_state()
+        return result.report
+
+    def epoch_logs(self) -> dict[str, float]:
+        """The values added to ``logs`` at each epoch end."""
+        if self.engine is None:
+            return {}
+        total = sum(math.prod(s) for s in self.engine.shapes)
+        nonzero = sum(
+            int(ops.convert_to_numpy(ops.count_nonzero(ops.copy(w.variable)))) for w in self.weights
+        )
+        out: dict[str, float] = {
+            "sparse_density": self.engine.target / total,
+            "sparse_measured_density": nonzero / total,
+            "sparse_updates": float(self.engine.updates),
+        }
+        done = [r for r in self.engine.history if not r.skipped]
+        last = done[-1] if done else None
+        totals = last.totals() if last is not None else {"pruned": 0, "net_pruned": 0}
+        out["sparse_prune_rate"] = float(last.prune_rate) if last is not None else 0.0
+        out["sparse_pruned"] = float(totals["pruned"])
+        out["sparse_net_pruned"] = float(totals["net_pruned"])
+        out["sparse_ever_active"] = float(
+            last.extra.get("ever_active_fraction", 0.0) if last is not None else 0.0
+        )
+        for name, density in self.layer_densities().items():
+            out[f"sparse_density/{name}"] = density
+        return out

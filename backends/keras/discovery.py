@@ -1,0 +1,177 @@
+"""Which weights of a Keras model are sparse, and along which axis their output units lie.
+
+Keras kernels put the output units last (Dense ``(in, out)``, Conv ``(*k, in, out)``), except the
+transposed convolutions ``(*k, out, in)`` and the depthwise kernels ``(*k, in, multiplier)`` whose
+output units are the input channels (one group of ``multiplier`` per channel). Layers are found
+anywhere in the model: nested models, functional graphs and subclassed models alike.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import keras
+from sparsecore.errors import SparseCoreError
+
+__all__ = ["SparseWeight", "find_sparse_weights", "model_layers"]
+
+# (layer class, attribute holding the variable, attribute holding its constraint, output axis);
+# the first matching class wins, so subclasses come before their bases.
+_L = keras.layers
+_RULES: list[tuple[type, str, str, int]] = [
+    (_L.SeparableConv1D, "depthwise_kernel", "depthwise_constraint", -2),
+    (_L.SeparableConv1D, "pointwise_kernel", "pointwise_constraint", -1),
+    (_L.SeparableConv2D, "depthwise_kernel", "depthwise_constraint", -2),
+    (_L.SeparableConv2D, "pointwise_kernel", "pointwise_constraint", -1),
+    (_L.DepthwiseConv1D, "kernel", "depthwise_constraint", -2),
+    (_L.DepthwiseConv2D, "kernel", "depthwise_constraint", -2),
+    (_L.Conv1DTranspose, "kernel", "kernel_constraint", -2),
+    (_L.Conv2DTranspose, "kernel", "kernel_constraint", -2),
+    (_L.Conv3DTranspose, "kernel", "kernel_constraint", -2),
+    (_L.Conv1D, "kernel", "kernel_constraint", -1),
+    (_L.Conv2D, "kernel", "kernel_constraint", -1),
+    (_L.Conv3D, "kernel", "kernel_constraint", -1),
+    (_L.Dense, "kernel", "kernel_constraint", -1),
+]
+_EMBEDDING_RULE: tuple[type, str, str, int] = (
+    _L.Embedding,
+    "embeddings",
+    "embeddings_constraint",
+    -1,
+)
+
+
+@dataclass(frozen=True)
+class SparseWeight:
+    """One sparse weight: its layer, the variable, where its constraint lives, its output axis."""
+
+    name: str
+    layer: Any
+    variable: Any
+    attr: str
+    constraint_attr: str
+    axis: int
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(int(d) for d in self.variable.shape)
+
+
+def model_layers(model: Any) -> list[Any]:
+    """Every layer inside ``model`` (depth first, each once), nested models included."""
+    if not isinstance(model, keras.layers.Layer):
+        raise SparseCoreError(f"expected a Keras model or layer, got {type(model).__name__}")
+    return list(model._flatten_layers(include_self=False, recursive=True))
+
+
+def _matches(layer: Any, patterns: Sequence[Any]) -> bool:
+    for pattern in patterns:
+        if isinstance(pattern, type):
+            if isinstance(layer, pattern):
+                return True
+        elif isinstance(pattern, str):
+            if fnmatch.fnmatchcase(layer.name, pattern) or type(layer).__name__ == pattern:
+                return True
+        else:
+            raise SparseCoreError(
+                f"include/exclude entries must be layer names, name patterns, class names or "
+                f"layer classes, got {pattern!r}"
+            )
+    return False
+
+
+def _as_list(value: Any) -> list[Any]:
+    if value is None:
+        return []
+    if isinstance(value, (str, type)):
+        return [value]
+    if isinstance(value, Iterable):
+        return list(value)
+    return [value]
+
+
+def _rule_for(layer: Any, embeddings: bool) -> list[tuple[type, str, str, int]]:
+    rules = [r for r in _RULES if type(layer) is r[0]] or [
+        r for r in _RULES if isinstance(layer, r[0])
+    ]
+    if rules:
+        first = rules[0][0]
+        rules = [r for r in rules if r[0] is first]
+    if not rules and embeddings and isinstance(layer, _EMBEDDING_RULE[0]):
+        rules = [_EMBEDDING_RULE]
+    return rules
+
+
+def find_sparse_weights(
+    model: Any,
+    *,
+    include: Any = None,
+    exclude: Any = None,
+    dense_first: bool = False,
+    dense_last: bool = False,
+    embeddings: bool = False,
+) -> list[SparseWeight]:
+    """The model's sparse weights, in layer order.
+
+    By default: the kernels of Dense, Conv1D/2D/3D (transposed, depthwise and separable too).
+    ``include``/``exclude``: layer names, ``fnmatch`` patterns of names, class names or classes;
+    with ``include`` only matching layers are sparse. ``embeddings=True`` adds Embedding tables.
+    ``dense_first``/``dense_last`` keep the first/last such layer dense.
+    """
+    if not getattr(model, "built", False):
+        raise SparseCoreError(
+            f"model {getattr(model, 'name', model)!r} is not built yet: call it on data, "
+            f"build(input_shape) it, or give it an Input before attaching sparsity"
+        )
+    includes, excludes = _as_list(include), _as_list(exclude)
+    found: list[SparseWeight] = []
+    seen_vars: set[int] = set()
+    candidates = []
+    for layer in model_layers(model):
+        rules = _rule_for(layer, embeddings or bool(includes and _matches(layer, includes)))
+        if not rules:
+            if includes and _matches(layer, includes) and not isinstance(layer, keras.Model):
+                has_weights = any(len(v.shape) >= 2 for v in layer.trainable_weights)
+                if has_weights:
+                    raise SparseCoreError(
+                        f"layer {layer.name!r} ({type(layer).__name__}) was included but "
+                        f"sparsecore does not know which of its weights to make sparse; "
+                        f"supported: Dense, Conv*, DepthwiseConv*, SeparableConv*, "
+                        f"Conv*Transpose, Embedding"
+                    )
+            continue
+        if not layer.built:
+            raise SparseCoreError(f"layer {layer.name!r} is not built yet; build the model first")
+        candidates.append((layer, rules))
+    if dense_first and candidates:
+        candidates = candidates[1:]
+    if dense_last and candidates:
+        candidates = candidates[:-1]
+    names: set[str] = set()
+    for layer, rules in candidates:
+        if includes and not _matches(layer, includes):
+            continue
+        if excludes and _matches(layer, excludes):
+            continue
+        if getattr(layer, "lora_enabled", False):
+            raise SparseCoreError(
+                f"layer {layer.name!r} has LoRA enabled; sparsecore masks plain kernels only"
+            )
+        for _, attr, constraint_attr, axis in rules:
+            variable = getattr(layer, attr)
+            if not isinstance(variable, keras.Variable) or not variable.trainable:
+                continue
+            if id(variable) in seen_vars:  # a layer shared between models
+                continue
+            seen_vars.add(id(variable))
+            name = variable.path or f"{layer.name}/{attr}"
+            base, n = name, 1
+            while name in names:
+                n += 1
+                name = f"{base}_{n}"
+            names.add(name)
+            found.append(SparseWeight(name, layer, variable, attr, constraint_attr, axis))
+    return found
