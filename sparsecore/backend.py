@@ -143,7 +143,7 @@ _FACTORIES: list[tuple[str, str, str]] = [
     # (backend name, module that defines the framework type, module:attribute of the factory)
     ("torch", "torch", "sparsecore.torch.backend:TorchBackend"),
     ("cupy", "cupy", "sparsecore.cupy.backend:CupyBackend"),
-    ("tensorflow", "tensorflow", "sparsecore.keras.backend:TensorFlowBackend"),
+    ("keras", "keras", "sparsecore.keras.backend:KerasBackend"),
 ]
 
 
