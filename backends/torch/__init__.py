@@ -1,1 +1,20 @@
-"""PyTorch adapter and backend for sparsecore (imported as ``sparsecore.torch``)."""
+"""PyTorch adapter and backend for sparsecore (imported as ``sparsecore.torch``).
+
+``sparse = sparsecore.torch.attach(model, optimizer)`` makes a model train sparse with sparse
+momentum; see :mod:`sparsecore.torch.adapter` and docs/torch.md.
+"""
+
+from .adapter import SparseTraining, attach
+from .backend import TorchBackend
+from .export import export_sparse, load_sparse
+from .selection import Target, select_targets
+
+__all__ = [
+    "SparseTraining",
+    "Target",
+    "TorchBackend",
+    "attach",
+    "export_sparse",
+    "load_sparse",
+    "select_targets",
+]

@@ -1,0 +1,520 @@
+"""``sparsecore.torch.attach(model, optimizer)``: sparse-momentum training for a PyTorch model.
+
+How it hooks into training:
+
+- With an optimizer, ``attach`` registers a step post-hook on it. After every optimizer step the
+  hook re-applies the masks in place (weights outside the mask become exactly 0) and, when the
+  schedule says so, runs a mask update. Steps are optimizer steps actually taken: gradient
+  accumulation counts one step per ``optimizer.step()``; a step that ``torch.amp.GradScaler``
+  skips (non-finite gradients) never reaches the optimizer, so it is no step and changes nothing.
+- Without an optimizer, the library keeps its own gradient EMA as the momentum and listens to
+  every ``torch.optim`` optimizer (a global step post-hook): the first optimizer that steps the
+  model's sparse parameters drives the same per-step routine. Loops that update weights without a
+  ``torch.optim`` optimizer call :meth:`SparseTraining.step` after each update instead.
+- Masks are boolean tensors on the parameters' devices, updated in place, so a model compiled
+  with ``torch.compile`` never sees a new tensor and never recompiles because of a mask update.
+- Distributed (``torch.distributed`` initialised, world size > 1): every rank computes the
+  update, then rank 0's masks are broadcast, so all ranks hold identical masks by construction.
+"""
+
+from __future__ import annotations
+
+import warnings
+import weakref
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from sparsecore.config import SparseConfig, option_names
+from sparsecore.engine import SparseEngine
+from sparsecore.errors import SparseCoreError
+from sparsecore.layers import Layer
+from sparsecore.report import UpdateReport
+from torch import nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
+
+from . import momentum as mom
+from .backend import TorchBackend
+from .selection import Selectors, Target, select_targets
+
+KERNEL_CHOICES = (None, "cpu", "cuda", "auto")
+STATE_FORMAT = "sparsecore.torch/1"
+
+# Models and parameters currently under an attached SparseTraining (weak: never keep a model alive).
+_ATTACHED_MODELS: weakref.WeakKeyDictionary[nn.Module, Any] = weakref.WeakKeyDictionary()
+# Parameters by id (tensors compare elementwise, so they cannot be weak dictionary keys); an entry
+# counts only while its handle is alive, attached, and still holds that very parameter.
+_ATTACHED_PARAMS: dict[int, Any] = {}
+
+_BACKEND = TorchBackend()
+
+
+def attach(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None = None,
+    *,
+    include: Selectors = None,
+    exclude: Selectors = None,
+    dense_first: bool = False,
+    dense_last: bool = False,
+    kernels: str | None = None,
+    **options: Any,
+) -> SparseTraining:
+    """Make ``model`` train sparse from now on; returns the :class:`SparseTraining` handle.
+
+    ``options`` are exactly the names of :class:`sparsecore.SparseConfig` (``density=0.05``,
+    ``prune_rate=0.5``, ``prune_rate_min=0.005``, ``prune_schedule='cosine'``,
+    ``prune='magnitude'``, ``growth='momentum'``, ``redistribution='momentum'``,
+    ``init='uniform'``, ``update_every=100`` optimizer steps, ``update_at_epoch_end=False``,
+    ``total_steps=None``, ``stop_at=None``, ``seed=0``, ...). ``growth='none'`` is accepted as the
+    static sparse baseline: masks never change (it sets ``update_every=None`` and
+    ``update_at_epoch_end=False``). ``include``/``exclude``/``dense_first``/``dense_last``: which
+    parameters are sparse (:mod:`sparsecore.torch.selection`). ``kernels``: ``None`` (dense
+    computation on masked weights) or ``'cpu'``/``'cuda'``/``'auto'`` (sparse kernels).
+
+    Everything is checked before the model is touched: a bad option, a model without sparse
+    parameters, an optimizer that does not hold them, or a model already attached raises
+    :class:`sparsecore.SparseCoreError` and changes nothing.
+    """
+    config = _make_config(options)
+    targets = select_targets(
+        model, include=include, exclude=exclude, dense_first=dense_first, dense_last=dense_last
+    )
+    _check_not_attached(model, targets)
+    if optimizer is not None:
+        _check_optimizer(optimizer, targets)
+    if kernels not in KERNEL_CHOICES:
+        raise SparseCoreError(f"kernels must be one of {list(KERNEL_CHOICES)}, got {kernels!r}")
+    return SparseTraining(model, optimizer, config, targets, kernels=kernels)
+
+
+def _make_config(options: dict[str, Any]) -> SparseConfig:
+    unknown = sorted(set(options) - set(option_names()))
+    if unknown:
+        raise SparseCoreError(
+            f"unknown attach option(s) {unknown}; options are {option_names()} and include, "
+            f"exclude, dense_first, dense_last, kernels"
+        )
+    if options.get("growth") == "none":
+        options = dict(options, growth="momentum", update_every=None, update_at_epoch_end=False)
+    return SparseConfig(**options)
+
+
+def _check_not_attached(model: nn.Module, targets: list[Target]) -> None:
+    live = _ATTACHED_MODELS.get(model)
+    if live is not None and live() is not None:
+        raise SparseCoreError(
+            f"model {type(model).__name__} is already attached to sparsecore; call detach() on "
+            f"the existing handle before attaching again"
+        )
+    for t in targets:
+        ref = _ATTACHED_PARAMS.get(id(t.param))
+        owner = None if ref is None else ref()
+        if owner is not None and any(o.param is t.param for o in owner.targets):
+            raise SparseCoreError(
+                f"parameter {t.name!r} is already sparse under another attach(); detach it first"
+            )
+
+
+def _check_optimizer(optimizer: Any, targets: list[Target]) -> None:
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise SparseCoreError(
+            f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}"
+        )
+    held = {id(p) for g in optimizer.param_groups for p in g["params"]}
+    missing = [t.name for t in targets if id(t.param) not in held]
+    if missing:
+        raise SparseCoreError(
+            f"the optimizer ({type(optimizer).__name__}) does not hold the sparse parameter(s) "
+            f"{missing} of this model; pass the optimizer built from model.parameters()"
+        )
+
+
+class SparseTraining:
+    """The handle ``attach`` returns: masks, schedule, momentum and reports of one sparse run."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer | None,
+        config: SparseConfig,
+        targets: list[Target],
+        *,
+        kernels: str | None = None,
+    ) -> None:
+        self.model = model
+        self.optimizer = optimizer
+        self.config = config
+        self.targets = targets
+        self.names = [t.name for t in targets]
+        self.engine = SparseEngine(
+            config, self.names, [tuple(t.param.shape) for t in targets], [t.axis for t in targets]
+        )
+        self.steps = 0
+        self.epochs = 0
+        self._steps_per_epoch: int | None = None
+        self._detached = False
+        self._driver: int | None = None  # id of the optimizer that drives steps (no-optimizer mode)
+        self._groups = [
+            None if optimizer is None else mom.group_of(optimizer, t.param) for t in targets
+        ]
+        self._kinds = [mom.momentum_kind(g, config.adam_momentum) for g in self._groups]
+        self._own: list[torch.Tensor | None] = [
+            mom.own_buffer(t.param) if k == mom.OWN else None for t, k in zip(targets, self._kinds)
+        ]
+        if config.schedule().total_steps is None and config.prune_schedule != "constant":
+            warnings.warn(
+                f"prune_schedule={config.prune_schedule!r} decays the prune rate over the training "
+                f"length, but total_steps is not set: the prune rate stays at prune_rate="
+                f"{config.prune_rate} until it is. Pass total_steps=<optimizer steps in the run> "
+                f"(epochs * batches per epoch) to attach().",
+                UserWarning,
+                stacklevel=3,
+            )
+        self._router: Any = None
+        if kernels is not None:
+            self._router_factory = _kernel_router_factory(kernels)  # raises before any change
+        masks_np = self.engine.initial_masks()
+
+        # --- from here on the model and optimizer change ---
+        self.masks = [
+            torch.as_tensor(m).to(device=t.param.device) for m, t in zip(masks_np, targets)
+        ]
+        self._inverse = [~m for m in self.masks]
+        self._apply_masks()
+        handle_ref = weakref.ref(self)
+        _ATTACHED_MODELS[model] = handle_ref
+        for t in targets:
+            _ATTACHED_PARAMS[id(t.param)] = handle_ref
+        self._hooks: list[Any] = []
+        if optimizer is not None:
+            self._hooks.append(optimizer.register_step_post_hook(self._on_optimizer_step))
+        else:
+            self._hooks.append(register_optimizer_step_post_hook(self._on_any_optimizer_step))
+        if kernels is not None:
+            self._router = self._router_factory(
+                [(t.name, t.module, m) for t, m in zip(targets, self.masks)], kernels
+            )
+            beta = max(
+                mom.momentum_beta(g, k, config.momentum_beta)
+                for g, k in zip(self._groups, self._kinds)
+            )
+            self._window = max(1, round(1.0 / (1.0 - beta)))
+            self._set_gradient_window()
+
+    # -- hooks and steps ----------------------------------------------------------------------
+    def _on_optimizer_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        self._after_step()
+
+    def _on_any_optimizer_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        if self._driver is None:
+            first = self.targets[0].param
+            if not any(p is first for g in optimizer.param_groups for p in g["params"]):
+                return
+            self._driver = id(optimizer)
+        if id(optimizer) == self._driver:
+            self._after_step()
+
+    def step(self) -> None:
+        """One training step done, for loops that update weights without ``torch.optim``.
+
+        Folds the gradients into the own momentum, re-applies the masks and runs a mask update
+        when due. A step whose gradients are not finite (for instance one ``GradScaler`` would
+        skip) is not counted and leaves momentum and masks alone; with ``on_nonfinite='raise'``
+        it raises instead.
+        """
+        self._check_live()
+        if self.optimizer is not None or self._driver is not None:
+            raise SparseCoreError(
+                "step() is for training loops without a torch.optim optimizer; here the "
+                "optimizer's steps already drive the masks (calling step() would count twice)"
+            )
+        bad = self._nonfinite_grad()
+        if bad is not None:
+            reason = f"layer {bad!r}: gradient contains NaN or Inf at step {self.steps + 1}"
+            if self.config.on_nonfinite == "raise":
+                from sparsecore.errors import NonFiniteError
+
+                raise NonFiniteError(reason + "; the step was not counted (nothing changed)")
+            if self.engine.due(self.steps + 1):
+                report = self.engine.record_skip(self.steps + 1, reason)
+                self._warn_skip(report)
+            return
+        self._after_step()
+
+    def _nonfinite_grad(self) -> str | None:
+        flags = [
+            torch.isfinite(t.param.grad).all() for t in self.targets if t.param.grad is not None
+        ]
+        if not flags or bool(torch.stack(flags).all()):
+            return None
+        for t in self.targets:
+            if t.param.grad is not None and not bool(torch.isfinite(t.param.grad).all()):
+                return t.name
+        return None  # pragma: no cover
+
+    @torch.no_grad()
+    def _after_step(self) -> None:
+        if self._detached:
+            return
+        self.steps += 1
+        beta = self.config.momentum_beta
+        for t, own in zip(self.targets, self._own):
+            if own is not None:
+                grad = t.param.grad
+                if grad is None:
+                    own.mul_(beta)
+                else:
+                    own.lerp_(grad.to(own.dtype), 1.0 - beta)
+        self._apply_masks()
+        if self.engine.due(self.steps):
+            self._update(self.steps)
+        self._set_gradient_window()
+
+    def end_epoch(self) -> UpdateReport | None:
+        """Call at the end of each epoch: runs the epoch-end update if configured and due.
+
+        Harmless otherwise. Returns the report of an update made now, else None.
+        """
+        self._check_live()
+        self.epochs += 1
+        if self._steps_per_epoch is None and self.epochs == 1 and self.steps > 0:
+            self._steps_per_epoch = self.steps
+        report = None
+        if self.engine.due(self.steps, epoch_end=True):
+            report = self._update(self.steps)
+        self._set_gradient_window()
+        return report
+
+    # -- the mask update ------------------------------------------------------------------------
+    def _layers(self) -> list[Layer]:
+        growth_needs_grad = self.config.growth == "gradient"
+        layers = []
+        for t, mask, kind, own in zip(self.targets, self.masks, self._kinds, self._own):
+            p = t.param.detach()
+            grad = None
+            if growth_needs_grad:
+                grad = t.param.grad if t.param.grad is not None else torch.zeros_like(p)
+            momentum = mom.read_momentum(t.name, t.param, kind, self.optimizer, own)
+            layers.append(Layer(t.name, p, mask, momentum=momentum, grad=grad, axis=t.axis))
+        return layers
+
+    @torch.no_grad()
+    def _update(self, step: int) -> UpdateReport:
+        cfg = self.config
+        rate = None
+        if cfg.total_steps is None and cfg.prune_schedule != "constant":
+            rate = cfg.prune_rate
+        result = self.engine.update(self._layers(), step, backend=_BACKEND, prune_rate=rate)
+        report = result.report
+        if report.skipped:
+            self._warn_skip(report)
+            return report
+        new_masks = _broadcast_masks(result.masks)
+        for t, old, inv, new in zip(self.targets, self.masks, self._inverse, new_masks):
+            changed = old ^ new
+            t.param.masked_fill_(~new, 0)
+            if cfg.reset_optimizer_state:
+                self._reset_state(t.param, changed)
+            old.copy_(new)
+            inv.copy_(~new)
+        if self._router is not None:
+            self._router.refresh()
+        return report
+
+    def _reset_state(self, param: torch.Tensor, changed: torch.Tensor) -> None:
+        i = next(i for i, t in enumerate(self.targets) if t.param is param)
+        own = self._own[i]
+        if own is not None:
+            own.masked_fill_(changed, 0)
+        if self.optimizer is not None:
+            for value in self.optimizer.state.get(param, {}).values():
+                if isinstance(value, torch.Tensor) and value.shape == param.shape:
+                    value.masked_fill_(changed, 0)
+
+    def _warn_skip(self, report: UpdateReport) -> None:
+        warnings.warn(
+            f"sparsecore: mask update after step {report.step} skipped: {report.reason}",
+            RuntimeWarning,
+            stacklevel=4,
+        )
+
+    @torch.no_grad()
+    def _apply_masks(self) -> None:
+        for t, inv in zip(self.targets, self._inverse):
+            t.param.masked_fill_(inv, 0)
+
+    def _set_gradient_window(self) -> None:
+        """Sparse kernels: dense weight gradients only in the window before the next update."""
+        if self._router is None:
+            return
+        schedule = self.config.schedule()
+        until = schedule.steps_until_next(self.steps)
+        if schedule.at_epoch_end and self.steps < schedule.stop_step():
+            if self._steps_per_epoch is None:
+                until = 0  # epoch length unknown until the first epoch ends: stay dense
+            else:
+                into = self.steps - self.epochs * self._steps_per_epoch
+                until = min(until, max(0, self._steps_per_epoch - into))
+        self._router.set_dense_weight_grad(until <= self._window)
+
+    # -- reading the state ----------------------------------------------------------------------
+    @property
+    def history(self) -> list[UpdateReport]:
+        """One report per mask update (skipped ones included, with ``skipped=True``)."""
+        return self.engine.history
+
+    @property
+    def last_report(self) -> UpdateReport | None:
+        return self.engine.history[-1] if self.engine.history else None
+
+    def density(self) -> float:
+        """Active fraction of all sparse parameters together."""
+        total = sum(m.numel() for m in self.masks)
+        return sum(int(m.sum()) for m in self.masks) / total
+
+    def layer_densities(self) -> dict[str, float]:
+        """Active fraction per sparse parameter, by qualified parameter name."""
+        return {name: int(m.sum()) / m.numel() for name, m in zip(self.names, self.masks)}
+
+    def mask(self, name: str) -> torch.Tensor:
+        """The live boolean mask of parameter ``name`` (do not modify it)."""
+        if name not in self.names:
+            raise SparseCoreError(f"no sparse parameter {name!r}; sparse parameters: {self.names}")
+        return self.masks[self.names.index(name)]
+
+    @property
+    def kernel_router(self) -> Any:
+        """The sparse-kernel router (None without ``kernels=``)."""
+        return self._router
+
+    # -- persistence --------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Masks, engine state, step/epoch counts and own momentum: save it with model/optimizer."""
+        engine = self.engine.state_dict()
+        if engine["ever_active"] is not None:
+            engine["ever_active"] = [e.cpu() for e in engine["ever_active"]]
+        return {
+            "format": STATE_FORMAT,
+            "names": list(self.names),
+            "masks": [m.cpu().clone() for m in self.masks],
+            "own_momentum": [None if o is None else o.cpu().clone() for o in self._own],
+            "steps": self.steps,
+            "epochs": self.epochs,
+            "steps_per_epoch": self._steps_per_epoch,
+            "engine": engine,
+        }
+
+    @torch.no_grad()
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` output; checks everything before changing anything."""
+        self._check_live()
+        if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+            raise SparseCoreError(
+                f"not a sparsecore.torch state (format {state.get('format') if isinstance(state, dict) else type(state).__name__!r})"
+            )
+        if list(state["names"]) != self.names:
+            raise SparseCoreError(
+                f"state is for sparse parameters {list(state['names'])}, this model has {self.names}"
+            )
+        masks, own = state["masks"], state["own_momentum"]
+        for name, m, cur, o, cur_own in zip(self.names, masks, self.masks, own, self._own):
+            if tuple(m.shape) != tuple(cur.shape) or m.dtype != torch.bool:
+                raise SparseCoreError(
+                    f"layer {name!r}: saved mask {tuple(m.shape)} {m.dtype} does not fit "
+                    f"{tuple(cur.shape)} torch.bool"
+                )
+            if (o is None) != (cur_own is None) or (o is not None and o.shape != cur_own.shape):
+                raise SparseCoreError(
+                    f"layer {name!r}: saved own momentum does not match this attach (was the "
+                    f"optimizer kind changed?)"
+                )
+        total = sum(int(m.sum()) for m in masks)
+        if total != self.engine.target:
+            raise SparseCoreError(
+                f"saved masks hold {total} active weights, this run keeps {self.engine.target}"
+            )
+        self.engine.load_state_dict(state["engine"])
+        if self.engine.ever_active is not None:
+            self.engine.ever_active = [
+                e.to(m.device) for e, m in zip(self.engine.ever_active, self.masks)
+            ]
+        self.config = self.engine.config
+        for cur, inv, m in zip(self.masks, self._inverse, masks):
+            cur.copy_(m.to(cur.device))
+            inv.copy_(~cur)
+        for cur_own, o in zip(self._own, own):
+            if cur_own is not None:
+                cur_own.copy_(o.to(cur_own.device))
+        self.steps = int(state["steps"])
+        self.epochs = int(state["epochs"])
+        self._steps_per_epoch = state.get("steps_per_epoch")
+        self._apply_masks()
+        if self._router is not None:
+            self._router.refresh()
+        self._set_gradient_window()
+
+    def export(self) -> dict[str, Any]:
+        """The model's weights with every sparse weight as a ``torch.sparse_csr`` tensor.
+
+        See :func:`sparsecore.torch.export.export_sparse`; load with
+        :func:`sparsecore.torch.load_sparse`.
+        """
+        from .export import export_sparse
+
+        return export_sparse(self.model, dict(zip(self.names, self.masks)))
+
+    # -- detaching ------------------------------------------------------------------------------
+    def detach(self) -> nn.Module:
+        """Remove every hook (and sparse kernels); the model is a plain model again, weights kept."""
+        self._check_live()
+        for h in self._hooks:
+            h.remove()
+        self._hooks.clear()
+        if self._router is not None:
+            self._router.remove()
+            self._router = None
+        _ATTACHED_MODELS.pop(self.model, None)
+        for t in self.targets:
+            _ATTACHED_PARAMS.pop(id(t.param), None)
+        self._detached = True
+        return self.model
+
+    def _check_live(self) -> None:
+        if self._detached:
+            raise SparseCoreError("this SparseTraining was detached; attach the model again")
+
+    def __repr__(self) -> str:
+        return (
+            f"SparseTraining({len(self.names)} sparse layers, density {self.density():.4f}, "
+            f"step {self.steps}, {len(self.history)} updates)"
+        )
+
+
+def _broadcast_masks(masks: list[torch.Tensor]) -> list[torch.Tensor]:
+    """In a distributed job, every rank takes rank 0's masks (identical by construction)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return masks
+    out = []
+    for m in masks:
+        buf = m.to(torch.uint8)
+        dist.broadcast(buf, src=0)
+        out.append(buf.to(torch.bool))
+    return out
+
+
+def _kernel_router_factory(kernels: str) -> Callable[[list[Any], str], Any]:
+    try:
+        from .sparse_functions import KernelRouter  # type: ignore[import-not-found,unused-ignore]
+    except ImportError as err:
+        raise SparseCoreError(
+            f"kernels={kernels!r} needs sparsecore.torch.sparse_functions.KernelRouter, which is "
+            f"not available ({err}); use kernels=None"
+        ) from err
+
+    def build(targets: list[Any], mode: str) -> Any:
+        return KernelRouter(targets, mode)
+
+    return build

@@ -1,0 +1,204 @@
+"""The PyTorch array backend: every mask-update operation with torch ops on the tensors' device.
+
+Only host scalars (counts, float64 sums, per-unit sums) leave the device. Selection is O(n):
+``torch.kthvalue`` finds the boundary score among the candidates, everything strictly better is
+taken, and only the candidates tied with the boundary are ordered by the position hash, exactly as
+the NumPy reference (:mod:`sparsecore.backend_numpy`) does, so masks agree bit for bit.
+
+Half-precision scores (float16, bfloat16) are widened to float32 before selection: the conversion
+is exact, so order and ties are those of the original values.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+import torch
+from sparsecore.backend import ArrayBackend, Sign
+from sparsecore.hashing import MASK32, MUL1, MUL2, HashKey
+
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """The 32-bit mixing function on an int64 tensor holding values in [0, 2**32).
+
+    Each product is masked back to 32 bits; int64 multiplication wraps, which keeps the low
+    32 bits right even when the product exceeds 2**63.
+    """
+    x = x ^ (x >> 16)
+    x = (x * MUL1) & MASK32
+    x = x ^ (x >> 15)
+    x = (x * MUL2) & MASK32
+    return x ^ (x >> 16)
+
+
+def torch_position_hash(key: HashKey, ids: torch.Tensor) -> torch.Tensor:
+    """Hash (int64 in [0, 2**32)) of the flat positions ``ids`` of one layer."""
+    return _mix32((ids.to(torch.int64) & MASK32) ^ key.prefix())
+
+
+def _widen(scores: torch.Tensor) -> torch.Tensor:
+    return scores.float() if scores.dtype in _HALF else scores
+
+
+def pick(
+    scores: torch.Tensor, positions: torch.Tensor, k: int, *, largest: bool, key: HashKey
+) -> torch.Tensor:
+    """Of the candidates at flat ``positions`` with ``scores``, the ``k`` first in selection order.
+
+    Order: score (descending if ``largest``), then position hash (larger first). Returns the
+    chosen entries of ``positions``.
+    """
+    n = positions.numel()
+    if k <= 0:
+        return positions[:0]
+    if k >= n:
+        return positions
+    scores = _widen(scores)
+    # kthvalue is 1-based and counts from the smallest.
+    rank = n - k + 1 if largest else k
+    threshold = torch.kthvalue(scores, rank).values
+    better = scores > threshold if largest else scores < threshold
+    tied = torch.nonzero(scores == threshold).reshape(-1)
+    need = k - int(better.sum())
+    if need < tied.numel():
+        # Hashes of one layer's positions are distinct (mix is a bijection on 32-bit words), so
+        # the largest ``need`` hashes decide; the lower-index rule never comes into play.
+        hashes = torch_position_hash(key, positions[tied])
+        tied = tied[torch.topk(hashes, need, sorted=False).indices]
+    return torch.cat([positions[better], positions[tied]])
+
+
+class TorchBackend(ArrayBackend):
+    """:class:`~sparsecore.backend.ArrayBackend` on ``torch.Tensor`` (any device, any float dtype)."""
+
+    name = "torch"
+
+    def owns(self, x: Any) -> bool:
+        return isinstance(x, torch.Tensor)
+
+    def shape(self, x: Any) -> tuple[int, ...]:
+        return tuple(int(s) for s in x.shape)
+
+    def dtype_kind(self, x: Any) -> str:
+        if x.dtype == torch.bool:
+            return "b"
+        if x.dtype.is_floating_point:
+            return "f"
+        if x.dtype.is_complex:
+            return "c"
+        return "i"
+
+    def all_finite(self, x: Any) -> bool:
+        return bool(torch.isfinite(x).all())
+
+    def count(self, mask: Any) -> int:
+        return int(torch.count_nonzero(mask))
+
+    def count_positive(self, x: Any, mask: Any) -> int:
+        return int(torch.count_nonzero(mask & (x > 0)))
+
+    def abs_sum(self, x: Any, mask: Any | None) -> float:
+        values = x.abs()
+        if mask is not None:
+            values = torch.where(mask, values, torch.zeros((), dtype=values.dtype, device=x.device))
+        return float(values.sum(dtype=torch.float64))
+
+    def unit_abs_sum(self, x: Any, axis: int) -> np.ndarray:
+        units = torch.movedim(x.abs(), axis, 0).reshape(x.shape[axis], -1)
+        return units.sum(dim=1, dtype=torch.float64).cpu().numpy()
+
+    def unit_count(self, mask: Any, axis: int, active: bool) -> np.ndarray:
+        units = torch.movedim(mask, axis, 0).reshape(mask.shape[axis], -1)
+        counts = torch.count_nonzero(units, dim=1).to(torch.int64)
+        if not active:
+            counts = units.shape[1] - counts
+        return counts.cpu().numpy()
+
+    def select(
+        self,
+        x: Any,
+        mask: Any,
+        k: int,
+        *,
+        among_active: bool,
+        largest: bool,
+        magnitude: bool,
+        key: HashKey,
+        sign: Sign = "any",
+    ) -> Any:
+        flat = x.reshape(-1)
+        candidates = mask.reshape(-1) if among_active else ~mask.reshape(-1)
+        if sign == "positive":
+            candidates = candidates & (flat > 0)
+        elif sign == "nonpositive":
+            candidates = candidates & ~(flat > 0)
+        positions = torch.nonzero(candidates).reshape(-1)
+        values = flat[positions]
+        scores = values.abs() if magnitude else values
+        chosen = pick(scores, positions, k, largest=largest, key=key)
+        out = torch.zeros(flat.shape, dtype=torch.bool, device=x.device)
+        out[chosen] = True
+        return out.reshape(x.shape)
+
+    def select_per_unit(
+        self,
+        x: Any,
+        mask: Any,
+        ks: np.ndarray,
+        *,
+        axis: int,
+        among_active: bool,
+        largest: bool,
+        magnitude: bool,
+        key: HashKey,
+    ) -> Any:
+        """Vectorised over units: three stable sorts give each row's selection order at once.
+
+        Sort keys, applied least significant first: hash (descending), score, then candidacy
+        (candidates first); the first ``ks[j]`` entries of row ``j`` are chosen.
+        """
+        units = x.shape[axis]
+        ids = torch.arange(x.numel(), device=x.device).reshape(x.shape)
+        ids = torch.movedim(ids, axis, 0).reshape(units, -1)
+        flat = x.reshape(-1)
+        rows = _widen(flat[ids])
+        scores = rows.abs() if magnitude else rows
+        candidate = mask.reshape(-1)[ids] == among_active
+        order = torch.sort(torch_position_hash(key, ids), dim=1, descending=True, stable=True)[1]
+        order = order.gather(
+            1,
+            torch.sort(scores.gather(1, order), dim=1, descending=largest, stable=True)[1],
+        )
+        order = order.gather(
+            1,
+            torch.sort(
+                candidate.gather(1, order).to(torch.uint8), dim=1, descending=True, stable=True
+            )[1],
+        )
+        k = torch.as_tensor(np.asarray(ks, dtype=np.int64), device=x.device).reshape(units, 1)
+        take = torch.arange(ids.shape[1], device=x.device).reshape(1, -1) < k
+        out = torch.zeros(flat.shape, dtype=torch.bool, device=x.device)
+        out[ids.gather(1, order)[take]] = True
+        return out.reshape(x.shape)
+
+    def position_hash(self, key: HashKey, like: Any) -> Any:
+        ids = torch.arange(like.numel(), device=like.device, dtype=torch.int64)
+        return torch_position_hash(key, ids).reshape(like.shape)
+
+    def and_not(self, a: Any, b: Any) -> Any:
+        return a & ~b
+
+    def logical_or(self, a: Any, b: Any) -> Any:
+        return a | b
+
+    def zeros_mask(self, like: Any) -> Any:
+        return torch.zeros(like.shape, dtype=torch.bool, device=like.device)
+
+    def apply(self, weight: Any, old_mask: Any, new_mask: Any) -> Any:
+        return torch.where(
+            old_mask & new_mask, weight, torch.zeros((), dtype=weight.dtype, device=weight.device)
+        )

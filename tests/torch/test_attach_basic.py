@@ -1,0 +1,67 @@
+"""attach(): masks after every optimizer step, updates on schedule, exact density, reports."""
+
+from __future__ import annotations
+
+import pytest
+import sparsecore.torch as st
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def _mlp() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Linear(20, 40), nn.ReLU(), nn.Linear(40, 30), nn.ReLU(), nn.Linear(30, 5)
+    )
+
+
+def _data(n: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(n, 20, generator=g), torch.randint(0, 5, (n,), generator=g)
+
+
+def _train(model, opt, steps, x, y):
+    for _ in range(steps):
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+
+
+def _outside_mask_zero(sparse) -> bool:
+    return all(bool((t.param.detach()[~sparse.mask(t.name)] == 0).all()) for t in sparse.targets)
+
+
+def test_masks_after_every_step_and_updates_on_schedule():
+    model = _mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    sparse = st.attach(model, opt, density=0.1, update_every=5, total_steps=40)
+    assert sparse.names == ["0.weight", "2.weight", "4.weight"]
+    target = sparse.engine.target
+    x, y = _data()
+    for step in range(1, 41):
+        _train(model, opt, 1, x, y)
+        assert _outside_mask_zero(sparse)
+        assert sum(int(m.sum()) for m in sparse.masks) == target
+        # updates after steps 5, 10, ..., 35: none at 40 (= total_steps, the end of training)
+        assert len(sparse.history) == min(step // 5, 7)
+    assert [r.step for r in sparse.history] == [5, 10, 15, 20, 25, 30, 35]
+    rates = [r.prune_rate for r in sparse.history]
+    assert rates == sorted(rates, reverse=True) and rates[0] < 0.5
+    assert sparse.last_report is sparse.history[-1]
+    assert sparse.density() == pytest.approx(target / sum(m.numel() for m in sparse.masks))
+    assert any(r.totals()["net_grown"] > 0 for r in sparse.history)
+    # the momentum was read: every layer's importance is positive
+    assert all(layer.importance > 0 for layer in sparse.history[0].layers)
+
+
+def test_default_attach_uses_paper_defaults():
+    model = _mlp()
+    with pytest.warns(UserWarning, match="total_steps"):
+        sparse = st.attach(model)
+    cfg = sparse.config
+    assert (cfg.density, cfg.prune_rate, cfg.prune_schedule) == (0.05, 0.5, "cosine")
+    assert (cfg.prune, cfg.growth, cfg.redistribution) == ("magnitude", "momentum", "momentum")
+    assert sparse.density() == pytest.approx(0.05, abs=1e-3)
+    assert _outside_mask_zero(sparse)
+    sparse.detach()
