@@ -1,0 +1,277 @@
+"""``sparsecore report RUN``: a per-layer table of a finished run, and PNG plots of its training.
+
+RUN is a run folder of ``sparsecore train`` or a JSON run record (see :mod:`sparsecore.telemetry`).
+The table lists, per sparse layer, its final active count and density, the weights pruned and
+regrown over the run (gross and net), its mean share of the regrowth budget and the fraction of
+its positions that were ever active; FLOP and kernel-time accounting is added when the run
+recorded it. Plots go to ``--plots DIR`` (default: ``RUN/report``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, TextIO
+
+from .errors import SparseCoreError
+from .telemetry import RunRecord, load_run, write_tensorboard
+
+__all__ = ["build_parser", "flops_rows", "format_table", "main", "write_plots"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sparsecore report",
+        description="Summarise a training run: a per-layer table and PNG plots of where the "
+        "weights went, how the regrowth budget was shared, what was pruned and grown, and the "
+        "test accuracy per epoch.",
+    )
+    parser.add_argument("run", help="run folder of 'sparsecore train', or a run record JSON")
+    parser.add_argument(
+        "--baseline", help="another run (folder or JSON), e.g. the dense one, to compare accuracy"
+    )
+    parser.add_argument("--plots", help="folder for the PNG plots (default RUN/report)")
+    parser.add_argument("--no-plots", action="store_true", help="print the table only")
+    parser.add_argument(
+        "--tensorboard", metavar="DIR", help="also write the run's scalars as TensorBoard events"
+    )
+    parser.add_argument(
+        "--save-record",
+        metavar="FILE",
+        help="write the run record (telemetry JSON) built from the run folder to FILE",
+    )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None, stream: TextIO | None = None) -> int:
+    """Entry point of ``sparsecore report``; returns the exit status (2 for bad input)."""
+    out = sys.stdout if stream is None else stream
+    args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
+    try:
+        record = load_run(args.run)
+        baseline = load_run(args.baseline) if args.baseline else None
+        out.write(format_table(record, baseline))
+        if args.save_record:
+            out.write(f"run record written to {record.save(args.save_record)}\n")
+        if args.tensorboard:
+            out.write(
+                f"TensorBoard events written to {write_tensorboard(record, args.tensorboard)}\n"
+            )
+        if not args.no_plots:
+            run_path = Path(args.run)
+            default = (run_path if run_path.is_dir() else run_path.parent) / "report"
+            written = write_plots(record, Path(args.plots) if args.plots else default, baseline)
+            for path in written:
+                out.write(f"plot: {path}\n")
+    except SparseCoreError as err:
+        print(f"sparsecore report: error: {err}", file=sys.stderr)
+        return 2
+    out.flush()
+    return 0
+
+
+def write_plots(record: RunRecord, folder: Path, baseline: RunRecord | None = None) -> list[Path]:
+    """Every plot the record has data for, as PNGs in ``folder``."""
+    from . import plots
+
+    jobs: list[tuple[str, Callable[[Path], Path]]] = []
+    if record.applied:
+        jobs += [
+            ("density.png", lambda p: plots.plot_density(record, p)),
+            ("importance_share.png", lambda p: plots.plot_share(record, p)),
+            ("pruned_grown.png", lambda p: plots.plot_pruned_grown(record, p)),
+        ]
+        if record.applied[-1].ever_active_fraction is not None:
+            jobs.append(("ever_active.png", lambda p: plots.plot_ever_active(record, p)))
+    if any(isinstance(e.get("test_acc"), (int, float)) for e in record.epochs):
+        jobs.append(("accuracy.png", lambda p: plots.plot_accuracy(record, p, baseline)))
+    rows = flops_rows(record)
+    if rows:
+        jobs.append(("flops.png", lambda p: plots.plot_flops(rows, p)))
+    folder.mkdir(parents=True, exist_ok=True)
+    return [make(folder / name) for name, make in jobs]
+
+
+# -- the table -----------------------------------------------------------------------------------
+def format_table(record: RunRecord, baseline: RunRecord | None = None) -> str:
+    """The text report: run header, per-layer table, totals, accuracy and FLOP accounting."""
+    lines: list[str] = []
+    meta = record.meta
+    cfg = meta.get("config") if isinstance(meta.get("config"), Mapping) else {}
+    head = [f"{k} {meta[k]}" for k in ("model", "method") if meta.get(k)]
+    if cfg and cfg.get("density") is not None and meta.get("method") != "dense":
+        head.append(f"target density {cfg['density']:g}")
+    if cfg and cfg.get("epochs") is not None:
+        head.append(f"{cfg['epochs']} epochs")
+    lines.append("run: " + (", ".join(head) if head else "(no metadata)"))
+    totals = record.totals()
+    skipped = totals["skipped_updates"]
+    lines.append(
+        f"mask updates: {totals['updates']}"
+        + (f" ({skipped} skipped for non-finite inputs)" if skipped else "")
+    )
+    if record.applied:
+        lines.append("")
+        lines.extend(_layer_table(record, totals))
+    accs = _accuracy_lines(record, baseline)
+    if accs:
+        lines.append("")
+        lines.extend(accs)
+    rows = flops_rows(record)
+    if rows:
+        lines.append("")
+        lines.extend(_flops_table(rows))
+    return "\n".join(lines) + "\n"
+
+
+def _layer_table(record: RunRecord, totals: dict[str, Any]) -> list[str]:
+    first = record.applied[0]
+    header = (
+        "layer", "size", "nnz", "density", "start", "pruned", "grown", "net pruned",
+        "net grown", "mean share", "ever active",
+    )  # fmt: skip
+    rows: list[tuple[str, ...]] = []
+    for name, info in totals["layers"].items():
+        start = first.layer(name)
+        start_density = (start.nnz - start.grown + start.pruned) / start.size
+        ever = info["ever_active_fraction"]
+        rows.append(
+            (
+                name,
+                str(info["size"]),
+                str(info["nnz"]),
+                f"{100 * info['density']:.2f}%",
+                f"{100 * start_density:.2f}%",
+                str(info["pruned"]),
+                str(info["grown"]),
+                str(info["net_pruned"]),
+                str(info["net_grown"]),
+                f"{100 * info['mean_share']:.1f}%",
+                "-" if ever is None else f"{100 * ever:.2f}%",
+            )
+        )
+    ever = totals["ever_active_fraction"]
+    start_total = sum(
+        first.layer(n).nnz - first.layer(n).grown + first.layer(n).pruned for n in record.layers
+    )
+    rows.append(
+        (
+            "all",
+            str(totals["size"]),
+            str(totals["nnz"]),
+            f"{100 * totals['density']:.2f}%",
+            f"{100 * start_total / totals['size']:.2f}%",
+            str(totals["pruned"]),
+            str(totals["grown"]),
+            str(totals["net_pruned"]),
+            str(totals["net_grown"]),
+            "100.0%",
+            "-" if ever is None else f"{100 * ever:.2f}%",
+        )
+    )
+    table = _format_rows(header, rows)
+    note = (
+        "density: final fraction of the layer active; start: before the first update; "
+        "pruned/grown: summed over all updates (net: positions whose state changed); "
+        "mean share: of the regrowth budget; ever active: positions active at any time"
+    )
+    return [*table, note]
+
+
+def _accuracy_lines(record: RunRecord, baseline: RunRecord | None) -> list[str]:
+    lines = []
+    for label, rec in (("this run", record), ("baseline", baseline)):
+        if rec is None:
+            continue
+        accs = [
+            (e["epoch"], e["test_acc"])
+            for e in rec.epochs
+            if isinstance(e.get("test_acc"), (int, float))
+        ]
+        if accs:
+            best = max(a for _, a in accs)
+            lines.append(
+                f"test accuracy ({label}): final {accs[-1][1]:.2f}% after epoch {accs[-1][0]}, "
+                f"best {best:.2f}%"
+            )
+    return lines
+
+
+def flops_rows(record: RunRecord) -> list[dict[str, Any]]:
+    """Per-layer FLOP (and kernel time) rows from the record's ``flops`` section, if any.
+
+    Reads ``flops["layers"]`` as a list of objects (or a ``{name: object}`` map) with
+    ``dense_flops`` and ``sparse_flops`` (``dense``/``sparse`` also accepted) and, when measured,
+    ``dense_ms``/``sparse_ms``. Entries without FLOP counts are skipped.
+    """
+    section = record.flops
+    if not isinstance(section, Mapping):
+        return []
+    layers = section.get("layers")
+    if isinstance(layers, Mapping):
+        layers = [{"name": k, **v} for k, v in layers.items() if isinstance(v, Mapping)]
+    if not isinstance(layers, list):
+        return []
+    rows = []
+    for entry in layers:
+        if not isinstance(entry, Mapping):
+            continue
+        dense = _first(entry, "dense_flops", "dense")
+        sparse = _first(entry, "sparse_flops", "sparse")
+        if dense is None or sparse is None:
+            continue
+        rows.append(
+            {
+                "name": str(entry.get("name", "?")),
+                "dense_flops": float(dense),
+                "sparse_flops": float(sparse),
+                "dense_ms": _first(entry, "dense_ms", "dense_time_ms"),
+                "sparse_ms": _first(entry, "sparse_ms", "sparse_time_ms"),
+            }
+        )
+    return rows
+
+
+def _first(entry: Mapping[str, Any], *keys: str) -> float | None:
+    for key in keys:
+        value = entry.get(key)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    return None
+
+
+def _flops_table(rows: list[dict[str, Any]]) -> list[str]:
+    header = ("layer", "dense FLOPs", "sparse FLOPs", "ratio", "dense ms", "sparse ms", "speedup")
+    out = []
+    for r in rows:
+        ratio = r["dense_flops"] / r["sparse_flops"] if r["sparse_flops"] else float("inf")
+        timed = r["dense_ms"] is not None and r["sparse_ms"] is not None
+        out.append(
+            (
+                r["name"],
+                f"{r['dense_flops']:.3g}",
+                f"{r['sparse_flops']:.3g}",
+                f"{ratio:.1f}x",
+                "-" if r["dense_ms"] is None else f"{r['dense_ms']:.3g}",
+                "-" if r["sparse_ms"] is None else f"{r['sparse_ms']:.3g}",
+                f"{r['dense_ms'] / r['sparse_ms']:.2f}x" if timed and r["sparse_ms"] else "-",
+            )
+        )
+    return _format_rows(header, out)
+
+
+def _format_rows(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    widths = [max(len(str(c)) for c in col) for col in zip(header, *rows)]
+
+    def fmt(row: Sequence[str]) -> str:
+        cells = [str(row[0]).ljust(widths[0])]
+        cells += [str(c).rjust(w) for c, w in zip(row[1:], widths[1:])]
+        return "  ".join(cells).rstrip()
+
+    return [fmt(header), "  ".join("-" * w for w in widths), *(fmt(r) for r in rows)]
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
