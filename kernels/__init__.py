@@ -23,6 +23,7 @@ __all__ = [
     "KERNEL_SOURCES",
     "as_cupy",
     "cuda_available",
+    "expanded_source",
     "external_stream",
     "get_function",
     "kernel_names",
@@ -36,7 +37,7 @@ __all__ = [
 KERNEL_SOURCES: tuple[str, ...] = ("gather.cu", "sddmm.cu")
 HEADERS: tuple[str, ...] = ("common.cuh",)
 
-_COMPILE_OPTIONS: tuple[str, ...] = ("--std=c++17",)
+_COMPILE_OPTIONS: tuple[str, ...] = ()
 _lock = threading.Lock()
 _modules: dict[tuple[int, str], Any] = {}
 
@@ -95,6 +96,25 @@ def cuda_available() -> bool:
         return False
 
 
+def expanded_source(source: str) -> str:
+    """Source text with the package's own ``#include "x.cuh"`` lines replaced by the headers.
+
+    CuPy's on-disk compile cache is keyed by the code string, so a header edit must change it.
+    """
+    lines = []
+    for line in read_source(source).splitlines():
+        stripped = line.strip()
+        if stripped.startswith("#include"):
+            name = stripped.split(None, 1)[1].strip().strip('"<>')
+            if name in HEADERS:
+                header = read_source(name).replace("#pragma once", "")
+                lines.append(f"// ---- {name} ----")
+                lines.extend(header.splitlines())
+                continue
+        lines.append(line)
+    return "\n".join(lines) + "\n"
+
+
 def _module(source: str) -> Any:
     import cupy
 
@@ -103,8 +123,7 @@ def _module(source: str) -> Any:
     with _lock:
         module = _modules.get(key)
         if module is None:
-            options = (*_COMPILE_OPTIONS, f"-I{source_dir()}")
-            module = cupy.RawModule(code=read_source(source), options=options)
+            module = cupy.RawModule(code=expanded_source(source), options=_COMPILE_OPTIONS)
             module.compile()
             _modules[key] = module
     return module

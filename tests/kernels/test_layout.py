@@ -156,3 +156,20 @@ def test_vector_loads_only_for_aligned_linear_geometry() -> None:
     assert not layout.forward_geometry(6).vector_ok()
     conv = conv_layout(build_conv_csr(np.ones((2, 2, 3, 3), dtype=bool), (8, 8), 1, 1))
     assert not conv.forward_geometry(4).vector_ok()
+
+
+@given(conv_params.filter(_valid))
+def test_torch_gradient_placement_matches_the_layout(p) -> None:
+    from sparsecore.torch.cuda_kernels import _placed_grad
+
+    mask, _, _ = _conv_case(**p)
+    layout = conv_layout(
+        build_conv_csr(mask, (p["h"], p["w"]), p["stride"], p["pad"], p["dil"], p["groups"])
+    )
+    n, o = p["n"], mask.shape[0]
+    dy = np.random.default_rng(p["seed"]).standard_normal((n, o, *layout.csr.output_hw))
+    expected = np.zeros((n, o, layout.grad_h.size, layout.grad_w.size))
+    place_output_grad(dy, expected, layout)
+    got = _placed_grad(torch.from_numpy(dy), layout)
+    assert got.is_contiguous()
+    np.testing.assert_array_equal(got.numpy(), expected)

@@ -48,3 +48,12 @@ def test_cuda_available_is_a_bool_and_false_without_a_gpu() -> None:
     except Exception:
         expected = False
     assert available == expected
+
+
+def test_expanded_source_inlines_the_headers() -> None:
+    for source in K.KERNEL_SOURCES:
+        text = K.expanded_source(source)
+        assert '#include "common.cuh"' not in text
+        assert "struct ScEntry" in text  # defined in the header
+        for kernel in K.kernel_names(source):
+            assert kernel in text

@@ -1,0 +1,196 @@
+"""The CuPy backend: a mask update on GPU arrays, equal to the NumPy reference.
+
+The operations are written once against an *array module* ``xp`` with the NumPy API that CuPy
+mirrors (``flatnonzero``, ``partition``, ``lexsort``, ``count_nonzero``, ``moveaxis``, ``where``,
+wrapping ``uint32`` arithmetic). :class:`CupyBackend` runs them with ``xp = cupy`` on the
+arrays' device; the same class with ``xp = numpy`` is how the logic is tested on machines without
+a GPU. Selection is O(n) like the reference: a partition finds the k-th score, everything strictly
+better is taken, and only the positions tied with it are ordered by (hash descending, position).
+Only counts and float64 sums come back to the host.
+"""
+
+from __future__ import annotations
+
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+
+from sparsecore.backend import ArrayBackend, Sign
+from sparsecore.hashing import MASK32, MUL1, MUL2, HashKey
+
+__all__ = ["ArrayModuleBackend", "CupyBackend"]
+
+
+class ArrayModuleBackend(ArrayBackend):
+    """The backend interface on any array module with NumPy's API (``numpy`` or ``cupy``)."""
+
+    name = "array-module"
+
+    def __init__(self, xp: ModuleType) -> None:
+        self.xp = xp
+        self._host = getattr(xp, "asnumpy", np.asarray)
+
+    # -- inspection ---------------------------------------------------------------------
+    def owns(self, x: Any) -> bool:
+        return isinstance(x, self.xp.ndarray)
+
+    def shape(self, x: Any) -> tuple[int, ...]:
+        return tuple(int(s) for s in x.shape)
+
+    def dtype_kind(self, x: Any) -> str:
+        kind = x.dtype.kind
+        return "i" if kind == "u" else kind
+
+    def all_finite(self, x: Any) -> bool:
+        return bool(self.xp.isfinite(x).all())
+
+    # -- reductions ---------------------------------------------------------------------
+    def count(self, mask: Any) -> int:
+        return int(self.xp.count_nonzero(mask))
+
+    def count_positive(self, x: Any, mask: Any) -> int:
+        return int(self.xp.count_nonzero(mask & (x > 0)))
+
+    def abs_sum(self, x: Any, mask: Any | None) -> float:
+        values = x if mask is None else x[mask]
+        return float(self.xp.abs(values).sum(dtype=self.xp.float64))
+
+    def unit_abs_sum(self, x: Any, axis: int) -> np.ndarray:
+        xp = self.xp
+        units = xp.moveaxis(xp.abs(x), axis, 0).reshape(x.shape[axis], -1)
+        return np.asarray(self._host(units.sum(axis=1, dtype=xp.float64)), dtype=np.float64)
+
+    def unit_count(self, mask: Any, axis: int, active: bool) -> np.ndarray:
+        xp = self.xp
+        units = xp.moveaxis(mask, axis, 0).reshape(mask.shape[axis], -1)
+        counts = np.asarray(self._host(xp.count_nonzero(units, axis=1)), dtype=np.int64)
+        return counts if active else units.shape[1] - counts
+
+    # -- selection ----------------------------------------------------------------------
+    def _hash(self, key: HashKey, positions: Any) -> Any:
+        """ALGORITHM.md's position hash of flat ``positions`` (uint32), on the device."""
+        xp = self.xp
+        x = (positions.astype(xp.int64) & MASK32).astype(xp.uint32)
+        x ^= xp.uint32(key.prefix())
+        x ^= x >> xp.uint32(16)
+        x *= xp.uint32(MUL1)
+        x ^= x >> xp.uint32(15)
+        x *= xp.uint32(MUL2)
+        x ^= x >> xp.uint32(16)
+        return x
+
+    def _pick(self, scores: Any, positions: Any, k: int, *, largest: bool, key: HashKey) -> Any:
+        """The ``k`` first candidates in selection order (entries of ``positions``)."""
+        xp = self.xp
+        n = int(positions.size)
+        if k <= 0:
+            return positions[:0]
+        if k >= n:
+            return positions
+        kth = n - k if largest else k - 1
+        threshold = xp.partition(scores, kth)[kth]
+        better = scores > threshold if largest else scores < threshold
+        tied = xp.flatnonzero(scores == threshold)
+        need = k - int(xp.count_nonzero(better))
+        if need < int(tied.size):
+            tied_pos = positions[tied]
+            hashes = self._hash(key, tied_pos).astype(xp.int64)
+            # lexsort: the last key is the primary one: hash descending, then position ascending.
+            order = xp.lexsort(xp.stack([tied_pos, -hashes]))
+            tied = tied[order[:need]]
+        return xp.concatenate([positions[xp.flatnonzero(better)], positions[tied]])
+
+    def _scores(self, flat: Any, positions: Any, magnitude: bool) -> Any:
+        values = flat[positions]
+        return self.xp.abs(values) if magnitude else values
+
+    def select(
+        self,
+        x: Any,
+        mask: Any,
+        k: int,
+        *,
+        among_active: bool,
+        largest: bool,
+        magnitude: bool,
+        key: HashKey,
+        sign: Sign = "any",
+    ) -> Any:
+        xp = self.xp
+        flat = x.reshape(-1)
+        candidates = mask.reshape(-1) if among_active else ~mask.reshape(-1)
+        if sign == "positive":
+            candidates = candidates & (flat > 0)
+        elif sign == "nonpositive":
+            candidates = candidates & ~(flat > 0)
+        positions = xp.flatnonzero(candidates)
+        chosen = self._pick(
+            self._scores(flat, positions, magnitude), positions, k, largest=largest, key=key
+        )
+        out = xp.zeros(flat.shape, dtype=bool)
+        out[chosen] = True
+        return out.reshape(x.shape)
+
+    def select_per_unit(
+        self,
+        x: Any,
+        mask: Any,
+        ks: np.ndarray,
+        *,
+        axis: int,
+        among_active: bool,
+        largest: bool,
+        magnitude: bool,
+        key: HashKey,
+    ) -> Any:
+        xp = self.xp
+        units = x.shape[axis]
+        ids = xp.moveaxis(xp.arange(x.size, dtype=xp.int64).reshape(x.shape), axis, 0)
+        ids = ids.reshape(units, -1)
+        flat = x.reshape(-1)
+        flat_mask = mask.reshape(-1)
+        out = xp.zeros(flat.shape, dtype=bool)
+        for j in range(units):
+            if int(ks[j]) == 0:
+                continue
+            row = ids[j]
+            row_candidates = row[flat_mask[row] == among_active]
+            chosen = self._pick(
+                self._scores(flat, row_candidates, magnitude),
+                row_candidates,
+                int(ks[j]),
+                largest=largest,
+                key=key,
+            )
+            out[chosen] = True
+        return out.reshape(x.shape)
+
+    # -- element-wise -------------------------------------------------------------------
+    def position_hash(self, key: HashKey, like: Any) -> Any:
+        xp = self.xp
+        return self._hash(key, xp.arange(like.size, dtype=xp.int64)).reshape(like.shape)
+
+    def and_not(self, a: Any, b: Any) -> Any:
+        return a & ~b
+
+    def logical_or(self, a: Any, b: Any) -> Any:
+        return a | b
+
+    def zeros_mask(self, like: Any) -> Any:
+        return self.xp.zeros(like.shape, dtype=bool)
+
+    def apply(self, weight: Any, old_mask: Any, new_mask: Any) -> Any:
+        xp = self.xp
+        return xp.where(old_mask & new_mask, weight, xp.zeros((), dtype=weight.dtype))
+
+
+class CupyBackend(ArrayModuleBackend):
+    """The backend interface on ``cupy.ndarray`` (arrays on the current CuPy device)."""
+
+    name = "cupy"
+
+    def __init__(self) -> None:
+        import cupy
+
+        super().__init__(cupy)

@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# The one prepared GPU session: install the package, run the GPU tests, try compute-sanitizer on
+# a short kernel test, run the kernel benchmark. Everything it prints also lands under $OUT.
+#
+#   OUT=/tmp/gpu-out bash benchmarks/gpu_check.sh
+#
+# Budget: about 7 minutes in all (each stage has its own timeout); a failing stage does not stop
+# the later ones, and the exit status is that of the GPU tests.
+set -u
+OUT=${OUT:-/tmp/sparsecore-gpu-check}
+PY=${PYTHON:-python3}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+
+{
+  date -u
+  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv || true
+  "$PY" -c "import sys, torch, numpy; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda, 'numpy', numpy.__version__)"
+  "$PY" -c "import cupy; print('cupy', cupy.__version__)" || echo "cupy missing"
+  cat .gpu_commit 2>/dev/null || git rev-parse HEAD 2>/dev/null || echo "commit unknown"
+} 2>&1 | tee "$OUT/env.txt"
+
+echo "== install"
+if ! "$PY" -m pip install -q --no-build-isolation --no-deps . > "$OUT/install.log" 2>&1; then
+  echo "pip install . failed (see install.log); trying the prebuilt wheel"
+  "$PY" -m pip install -q --no-deps --force-reinstall .gpuwheel/sparsecore-*.whl >> "$OUT/install.log" 2>&1 \
+    || { echo "install failed"; tail -20 "$OUT/install.log"; }
+fi
+# Run the tests from a directory where the source tree cannot shadow the installed package.
+"$PY" -c "import sparsecore.kernels as k; print('installed kernels at', k.source_dir())"
+
+echo "== GPU tests"
+timeout 180 "$PY" -m pytest -m gpu tests/kernels tests/torch -q -p no:cacheprovider -x \
+  2>&1 | tee "$OUT/pytest.log" | tail -40
+status=${PIPESTATUS[0]}
+
+echo "== compute-sanitizer memcheck (works only on some machines)"
+( timeout 45 compute-sanitizer --tool memcheck --error-exitcode 3 "$PY" -m pytest -q \
+    -p no:cacheprovider tests/kernels/test_gpu_kernels.py \
+    -k "deterministic or current_torch_stream or rebuilds" ) > "$OUT/sanitizer.log" 2>&1
+echo "compute-sanitizer exit status $?"
+tail -15 "$OUT/sanitizer.log"
+
+echo "== benchmark"
+timeout 150 "$PY" benchmarks/kernels_gpu.py --reps 25 --json "$OUT/bench.json" 2>&1 | tee "$OUT/bench.txt"
+exit "$status"
