@@ -11,6 +11,8 @@ OUT=${OUT:-/tmp/sparsecore-gpu-check}
 PY=${PYTHON:-python3}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
+# Never let the source tree shadow the installed package (sparsecore.kernels lives in kernels/).
+export PYTHONSAFEPATH=1
 
 {
   date -u
