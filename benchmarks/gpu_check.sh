@@ -32,7 +32,7 @@ fi
 "$PY" -c "import sparsecore.kernels as k; print('installed kernels at', k.source_dir())"
 
 echo "== GPU tests"
-timeout 180 "$PY" -m pytest -m gpu tests/kernels tests/torch -q -p no:cacheprovider -x \
+timeout 180 "$PY" -m pytest -m gpu tests/kernels tests/torch -q -p no:cacheprovider \
   2>&1 | tee "$OUT/pytest.log" | tail -40
 status=${PIPESTATUS[0]}
 
