@@ -1,0 +1,326 @@
+"""The training job behind ``sparsecore train --framework keras``: the paper's Fashion-MNIST recipe
+in Keras 3, with sparsity from :class:`~sparsecore.keras.SparseCallback`.
+
+Same recipe as the PyTorch job (``sparsecore.torch.train``): SGD with Nesterov momentum 0.9,
+learning rate 0.1 divided by 10 at 50% and 75% of training, weight decay 5e-4 (as an L2 penalty
+on every weight and bias, which is what PyTorch's coupled ``weight_decay`` does), batch 100,
+masks updated at the end of every epoch except the last. The test set is evaluated after each
+epoch, before that epoch's mask update. Writes ``summary.json`` (same keys as the PyTorch job, so
+``benchmarks/accuracy_fmnist.py --report-only`` can tabulate it) and the final ``model.keras``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import sys
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any, TextIO
+
+import numpy as np
+
+import keras
+from sparsecore.datasets import ImageDataset, load_fashion_mnist
+
+__all__ = ["KERAS_MODELS", "KerasTrainConfig", "build_model", "run_training"]
+
+KERAS_MODELS = ("lenet300", "lenet5")
+METHOD_OPTIONS: dict[str, dict[str, Any] | None] = {
+    "sparse": {"prune": "magnitude", "growth": "momentum", "redistribution": "momentum"},
+    "static": {"update_every": None, "update_at_epoch_end": False},
+    "set": {"prune": "SET", "growth": "random", "redistribution": "none"},
+    "dense": None,
+}
+_FMNIST_MEAN, _FMNIST_STD = 0.2860, 0.3530
+SUMMARY_NAME = "summary.json"
+MODEL_NAME = "model.keras"
+
+
+@dataclass
+class KerasTrainConfig:
+    """The options of a Keras run (the same names and defaults as the PyTorch job's)."""
+
+    model: str = "lenet300"
+    method: str = "sparse"
+    density: float = 0.05
+    epochs: int = 20
+    batch_size: int = 100
+    lr: float = 0.1
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 5e-4
+    lr_decay_at: tuple[float, ...] = (0.5, 0.75)
+    lr_decay_factor: float = 0.1
+    seed: int = 0
+    prune_rate: float = 0.5
+    prune_schedule: str = "cosine"
+    update_every: int | None = None
+    init: str = "uniform"
+    dense_first: bool = False
+    dense_last: bool = False
+    limit_train: int | None = None
+    limit_test: int | None = None
+    eval_batch_size: int = 1000
+
+    def validate(self) -> None:
+        if self.model not in KERAS_MODELS:
+            raise ValueError(
+                f"model {self.model!r} has no Keras version; with --framework keras choose one "
+                f"of {', '.join(KERAS_MODELS)}"
+            )
+        if self.method not in METHOD_OPTIONS:
+            raise ValueError(
+                f"unknown method {self.method!r}; choose one of {list(METHOD_OPTIONS)}"
+            )
+        checks = [
+            ("density", self.density, 0.0 < self.density <= 1.0),
+            ("epochs", self.epochs, self.epochs >= 1),
+            ("batch_size", self.batch_size, self.batch_size >= 1),
+            ("lr", self.lr, self.lr > 0 and math.isfinite(self.lr)),
+            ("momentum", self.momentum, 0.0 <= self.momentum < 1.0),
+            ("weight_decay", self.weight_decay, self.weight_decay >= 0),
+            (
+                "update_every",
+                self.update_every,
+                self.update_every is None or self.update_every >= 1,
+            ),
+            ("limit_train", self.limit_train, self.limit_train is None or self.limit_train >= 1),
+            ("limit_test", self.limit_test, self.limit_test is None or self.limit_test >= 1),
+        ]
+        for name, value, ok in checks:
+            if not ok:
+                raise ValueError(f"invalid {name}: {value!r}")
+
+    @classmethod
+    def from_options(cls, options: dict[str, Any]) -> KerasTrainConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise ValueError(f"unknown training options {unknown}")
+        return cls(**options)
+
+
+def build_model(name: str, num_classes: int = 10, weight_decay: float = 0.0) -> keras.Model:
+    """LeNet-300-100 or LeNet-5 (Caffe variant) for 28x28x1 inputs, with an L2 penalty of
+    ``weight_decay / 2`` per weight (the gradient of which is PyTorch's coupled weight decay)."""
+    reg = keras.regularizers.L2(weight_decay / 2) if weight_decay > 0 else None
+    dense_kw: dict[str, Any] = {"kernel_regularizer": reg, "bias_regularizer": reg}
+    L = keras.layers
+    if name == "lenet300":
+        layers = [
+            L.Flatten(),
+            L.Dense(300, activation="relu", name="fc1", **dense_kw),
+            L.Dense(100, activation="relu", name="fc2", **dense_kw),
+            L.Dense(num_classes, name="fc3", **dense_kw),
+        ]
+    elif name == "lenet5":
+        layers = [
+            L.Conv2D(20, 5, activation="relu", name="conv1", **dense_kw),
+            L.MaxPooling2D(2),
+            L.Conv2D(50, 5, activation="relu", name="conv2", **dense_kw),
+            L.MaxPooling2D(2),
+            L.Flatten(),
+            L.Dense(500, activation="relu", name="fc3", **dense_kw),
+            L.Dense(num_classes, name="fc4", **dense_kw),
+        ]
+    else:
+        raise ValueError(f"model {name!r} has no Keras version; choose one of {KERAS_MODELS}")
+    return keras.Sequential([keras.Input((28, 28, 1)), *layers], name=name)
+
+
+def _arrays(images: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    x = (images.astype(np.float32) / 255.0 - _FMNIST_MEAN) / _FMNIST_STD
+    return x[..., None], labels.astype(np.int32)
+
+
+class _EpochRecorder(keras.callbacks.Callback):
+    """Prints one line per epoch and keeps the records (runs after SparseCallback)."""
+
+    def __init__(self, cfg: KerasTrainConfig, stream: TextIO) -> None:
+        super().__init__()
+        self.cfg, self.stream = cfg, stream
+        self.records: list[dict[str, Any]] = []
+        self._t = 0.0
+        self._t0 = time.perf_counter()
+
+    def on_epoch_begin(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+        self._t = time.perf_counter()
+
+    def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+        logs = dict(logs or {})
+        milestones = {max(1, round(f * self.cfg.epochs)) for f in self.cfg.lr_decay_at}
+        passed = sum(1 for m in milestones if m <= epoch)
+        lr = self.cfg.lr * self.cfg.lr_decay_factor**passed
+        record = {
+            "epoch": epoch + 1,
+            "lr": lr,
+            "train_loss": float(logs.get("loss", float("nan"))),
+            "train_acc": 100.0 * float(logs.get("accuracy", float("nan"))),
+            "test_loss": float(logs.get("val_loss", float("nan"))),
+            "test_acc": 100.0 * float(logs.get("val_accuracy", float("nan"))),
+            "density": float(logs.get("sparse_density", 1.0)),
+            "measured_density": float(logs.get("sparse_measured_density", 1.0)),
+            "layer_densities": {
+                k.removeprefix("sparse_density/"): float(v)
+                for k, v in logs.items()
+                if k.startswith("sparse_density/")
+            },
+            "epoch_time_s": time.perf_counter() - self._t,
+            "wall_time_s": time.perf_counter() - self._t0,
+        }
+        self.records.append(record)
+        self.stream.write(
+            f"epoch {record['epoch']:>{len(str(self.cfg.epochs))}}/{self.cfg.epochs}  "
+            f"lr {record['lr']:.4g}  train loss {record['train_loss']:.4f} "
+            f"acc {record['train_acc']:.2f}%  test loss {record['test_loss']:.4f} "
+            f"acc {record['test_acc']:.2f}%  density {record['density']:.4f}  "
+            f"{record['epoch_time_s']:.1f}s\n"
+        )
+        self.stream.flush()
+
+
+def _machine() -> dict[str, Any]:
+    return {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "python": platform.python_version(),
+        "keras": keras.__version__,
+        "keras_backend": keras.backend.backend(),
+        "cpu_count": os.cpu_count(),
+    }
+
+
+def run_training(
+    cfg: KerasTrainConfig,
+    *,
+    data: str | None = None,
+    dataset: ImageDataset | None = None,
+    out_dir: str | os.PathLike[str] | None = None,
+    threads: int | None = None,
+    stream: TextIO | None = None,
+) -> dict[str, Any]:
+    """Train ``cfg.model`` with ``cfg.method`` in Keras; return (and write) the run summary."""
+    from .callback import SparseCallback
+
+    cfg.validate()
+    stream = stream if stream is not None else sys.stdout
+    if threads is not None and keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+
+        tf.config.threading.set_intra_op_parallelism_threads(threads)
+        tf.config.threading.set_inter_op_parallelism_threads(threads)
+    if dataset is None:
+        dataset = load_fashion_mnist(data)
+    if cfg.limit_train is not None or cfg.limit_test is not None:
+        dataset = dataset.subset(cfg.limit_train, cfg.limit_test)
+    x_train, y_train = _arrays(dataset.train_images, dataset.train_labels)
+    x_test, y_test = _arrays(dataset.test_images, dataset.test_labels)
+
+    keras.utils.set_random_seed(cfg.seed)
+    model = build_model(cfg.model, dataset.num_classes, cfg.weight_decay)
+    steps_per_epoch = math.ceil(x_train.shape[0] / cfg.batch_size)
+    total_steps = steps_per_epoch * cfg.epochs
+    milestones = sorted({max(1, round(f * cfg.epochs)) for f in cfg.lr_decay_at})
+    # The schedule sees the 0-based step count: step m * steps_per_epoch starts epoch m + 1.
+    boundaries = [m * steps_per_epoch - 1 for m in milestones]
+    values = [cfg.lr * cfg.lr_decay_factor**i for i in range(len(boundaries) + 1)]
+    schedule = keras.optimizers.schedules.PiecewiseConstantDecay(boundaries, values)
+    optimizer = keras.optimizers.SGD(
+        learning_rate=schedule,
+        momentum=cfg.momentum,
+        nesterov=cfg.nesterov and cfg.momentum > 0,
+    )
+    model.compile(
+        optimizer=optimizer,
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        metrics=["accuracy"],
+    )
+    callbacks: list[keras.callbacks.Callback] = []
+    options = METHOD_OPTIONS[cfg.method]
+    if options is not None:
+        sparse_options: dict[str, Any] = {
+            "update_every": None,
+            "update_at_epoch_end": True,
+            **options,
+            "density": cfg.density,
+            "prune_rate": cfg.prune_rate,
+            "prune_schedule": cfg.prune_schedule,
+            "init": cfg.init,
+            "seed": cfg.seed,
+            "total_steps": total_steps,
+        }
+        if cfg.update_every is not None and cfg.method != "static":
+            # no mask update in the last epoch, as with epoch-end updates
+            sparse_options.update(
+                update_every=cfg.update_every,
+                update_at_epoch_end=False,
+                stop_at=total_steps - steps_per_epoch,
+            )
+        callbacks.append(
+            SparseCallback(dense_first=cfg.dense_first, dense_last=cfg.dense_last, **sparse_options)
+        )
+    recorder = _EpochRecorder(cfg, stream)
+    callbacks.append(recorder)
+
+    info = dataset.describe()
+    stream.write(
+        f"sparsecore train (keras, {keras.backend.backend()} backend): {cfg.model}, method "
+        f"{cfg.method}"
+        + (f", density {cfg.density:g}" if cfg.method != "dense" else "")
+        + f", {cfg.epochs} epochs, seed {cfg.seed}\n"
+        f"dataset: {info['name']} from {info['source']} ({info['train_size']} train / "
+        f"{info['test_size']} test images)\n"
+    )
+    stream.flush()
+    t0 = time.perf_counter()
+    model.fit(
+        x_train,
+        y_train,
+        batch_size=cfg.batch_size,
+        epochs=cfg.epochs,
+        validation_data=(x_test, y_test),
+        validation_batch_size=cfg.eval_batch_size,
+        shuffle=True,
+        callbacks=callbacks,
+        verbose=0,
+    )
+    wall = time.perf_counter() - t0
+    final = recorder.records[-1]
+    sparse = callbacks[0] if options is not None else None
+    summary = {
+        "framework": "keras",
+        "dataset": info,
+        "model": cfg.model,
+        "method": cfg.method,
+        "config": {**asdict(cfg), "lr_decay_at": list(cfg.lr_decay_at)},
+        "completed": True,
+        "epochs_completed": final["epoch"],
+        "final_test_acc": final["test_acc"],
+        "final_test_loss": final["test_loss"],
+        "final_density": final["density"],
+        "final_measured_density": final["measured_density"],
+        "layer_densities": final["layer_densities"],
+        "num_parameters": int(model.count_params()),
+        "num_mask_updates": len(sparse.history) if isinstance(sparse, SparseCallback) else 0,
+        "wall_time_s": wall,
+        "machine": _machine(),
+        "epochs": recorder.records,
+    }
+    stream.write(
+        f"final test accuracy {final['test_acc']:.2f}% (loss {final['test_loss']:.4f}), density "
+        f"{final['density']:.4f}, wall time {wall:.1f}s\n"
+    )
+    if out_dir is not None:
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        model.save(out / MODEL_NAME)
+        tmp = out / (SUMMARY_NAME + ".tmp")
+        tmp.write_text(json.dumps(summary, indent=2) + "\n")
+        tmp.replace(out / SUMMARY_NAME)
+        stream.write(f"results in {out}\n")
+    stream.flush()
+    return summary
