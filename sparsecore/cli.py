@@ -93,6 +93,12 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
     train.add_argument("--threads", type=int, help="torch CPU threads")
     train.add_argument(
+        "--framework",
+        choices=("torch", "keras"),
+        help="torch (default) or keras: the Keras 3 job of sparsecore.keras.train "
+        "(lenet300/lenet5; KERAS_BACKEND picks Keras' backend)",
+    )
+    train.add_argument(
         "--stop-after",
         type=int,
         metavar="EPOCH",
@@ -119,7 +125,55 @@ def _default_out(cfg: Any) -> Path:
     return Path("runs") / f"{name}-seed{cfg.seed}"
 
 
+def _train_keras(given: dict[str, Any]) -> int:
+    """``--framework keras``: the Keras job (sparsecore.keras.train), same options and outputs."""
+    from sparsecore.datasets import DatasetError, load_embedded_fashion_mnist
+
+    unsupported = sorted({"resume", "stop_after", "progress"} & set(given))
+    if unsupported:
+        flags = ", ".join("--" + k.replace("_", "-") for k in unsupported)
+        print(
+            f"sparsecore train: error: {flags} not supported with --framework keras",
+            file=sys.stderr,
+        )
+        return 2
+    try:
+        from sparsecore.keras.train import KerasTrainConfig, run_training
+
+        config_keys = {dest for _, dest, _ in _CONFIG_OPTIONS} | {d for _, d, _ in _CONFIG_FLAGS}
+        config_keys.add("nesterov")
+        cfg = KerasTrainConfig.from_options({k: v for k, v in given.items() if k in config_keys})
+        cfg.validate()
+        out = (
+            Path(given["out"])
+            if "out" in given
+            else _default_out(cfg).with_name(_default_out(cfg).name + "-keras")
+        )
+        if (out / "summary.json").exists() and not given.get("overwrite", False):
+            print(
+                f"sparsecore train: {out} already holds a run; pass --overwrite to replace it, "
+                "or another --out",
+                file=sys.stderr,
+            )
+            return 2
+        data = given.get("data")
+        dataset = load_embedded_fashion_mnist() if data == "embedded" else None
+        run_training(
+            cfg,
+            data=None if data == "embedded" else data,
+            dataset=dataset,
+            out_dir=out,
+            threads=given.get("threads"),
+        )
+    except (ValueError, FileNotFoundError, DatasetError) as exc:
+        print(f"sparsecore train: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def _train(args: argparse.Namespace) -> int:
+    if vars(args).pop("framework", "torch") == "keras":
+        return _train_keras(vars(args))
     from sparsecore.datasets import DatasetError, load_embedded_fashion_mnist
     from sparsecore.torch.train import (
         CHECKPOINT_NAME,
