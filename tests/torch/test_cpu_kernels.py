@@ -4,6 +4,7 @@ gradients (gradcheck), structure rebuilds, the router contract, and training equ
 from __future__ import annotations
 
 import numba
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
@@ -415,3 +416,28 @@ def test_cuda_mode_leaves_cpu_layers_dense() -> None:
     layer = router.telemetry()["layers"]["fc"]
     assert not layer["installed"] and "kernels='cuda'" in layer["reason"]
     assert "forward" not in fc.__dict__
+
+
+def test_count_flops_from_a_model() -> None:
+    from sparsecore.torch.flops import count_flops
+
+    from sparsecore.flops import layer_flops
+
+    net = _Net()
+    gen = torch.Generator().manual_seed(3)
+    fc1_mask = _mask(gen, tuple(net.fc1.weight.shape), 0.1)
+    with torch.no_grad():
+        net.conv2.weight[:4] = 0  # four empty output channels, found from weight != 0
+    x = torch.randn(5, 1, 16, 16)
+    report = count_flops(net, x, {"fc1.weight": fc1_mask})
+    by_name = {layer.name: layer for layer in report.layers}
+    assert list(by_name) == ["conv1", "conv2", "fc1", "fc2"]
+    # conv1 reads the input: no input gradient. 16x16 output, 8x1x3x3 weights.
+    assert by_name["conv1"] == layer_flops(
+        "conv1", np.ones((8, 1, 3, 3), dtype=bool), 5, output_hw=(16, 16), input_grad=False
+    )
+    conv2 = by_name["conv2"]
+    assert conv2.dense_forward == 2 * 5 * (8 * 8) * (8 * 8 * 9)  # 8x8 output pixels
+    assert conv2.compact_forward == 2 * 5 * (8 * 8) * (4 * 8 * 9)
+    assert by_name["fc1"].sparse_forward == 2 * 5 * int(fc1_mask.sum())
+    assert by_name["fc2"].sparse_forward == by_name["fc2"].dense_forward

@@ -1,0 +1,170 @@
+"""Speedup accounting: how many floating-point operations a sparse layer needs, three ways.
+
+For each linear or conv2d layer, from its shape, mask and (for convolutions) output size:
+
+- ``dense``: the layer computed densely, as frameworks do with masked weights;
+- ``sparse``: only the active weights (what the sparse kernels compute);
+- ``compact``: the dense layer after removing the output channels and the input channels that
+  have no active weight (the speedup a dense library could get by shrinking the layer, which
+  is what structured sparsity buys).
+
+A multiply-add counts as 2 FLOPs; bias additions and activations are ignored. Forward is one
+product; backward is the input gradient plus the weight gradient (the input gradient is skipped
+for a layer fed by the data, ``input_grad=False``). The sparse backward computes the weight
+gradient on the mask only; ``sparse_backward_dense_wgrad`` is the step inside the window before
+a mask update, where the weight gradient is dense.
+
+The paper this library follows estimated its speedups from dense time scaled by weight and
+activation density; these counts are the weight part of that estimate and say nothing about
+time. ``benchmarks/kernels_cpu.py`` measures time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+
+__all__ = ["LayerFlops", "ModelFlops", "layer_flops", "model_flops"]
+
+
+@dataclass(frozen=True)
+class LayerFlops:
+    """FLOPs of one layer for one batch (see the module docstring for the definitions)."""
+
+    name: str
+    kind: str
+    dense_forward: int
+    dense_backward: int
+    sparse_forward: int
+    sparse_backward: int
+    sparse_backward_dense_wgrad: int
+    compact_forward: int
+    compact_backward: int
+
+    @property
+    def dense(self) -> int:
+        return self.dense_forward + self.dense_backward
+
+    @property
+    def sparse(self) -> int:
+        return self.sparse_forward + self.sparse_backward
+
+    @property
+    def compact(self) -> int:
+        return self.compact_forward + self.compact_backward
+
+
+@dataclass(frozen=True)
+class ModelFlops:
+    """Per-layer counts and their sums; ratios are dense / other (inf when other is 0)."""
+
+    layers: tuple[LayerFlops, ...]
+
+    def total(self, field: str) -> int:
+        return int(sum(getattr(layer, field) for layer in self.layers))
+
+    def speedup(self, versus: str = "sparse", part: str = "") -> float:
+        """Dense FLOPs over ``versus`` FLOPs (``part`` '' for both passes, or '_forward' /
+        '_backward')."""
+        dense = self.total(f"dense{part}")
+        other = self.total(f"{versus}{part}")
+        return dense / other if other else float("inf")
+
+    def table(self) -> str:
+        """Readable per-layer table (MFLOPs) with the model totals."""
+        head = (
+            f"{'layer':<20}{'dense fwd':>12}{'dense bwd':>12}{'sparse fwd':>12}"
+            f"{'sparse bwd':>12}{'compact fwd':>13}{'compact bwd':>13}"
+        )
+        rows = [head]
+        fields = (
+            "dense_forward",
+            "dense_backward",
+            "sparse_forward",
+            "sparse_backward",
+            "compact_forward",
+            "compact_backward",
+        )
+        for layer in self.layers:
+            vals = [getattr(layer, f) / 1e6 for f in fields]
+            rows.append(f"{layer.name:<20}" + "".join(f"{v:>12.2f} " for v in vals))
+        totals = [self.total(f) / 1e6 for f in fields]
+        rows.append(f"{'total':<20}" + "".join(f"{v:>12.2f} " for v in totals))
+        return "\n".join(rows)
+
+
+def _active_channels(mask: npt.NDArray[np.bool_], groups: int) -> int:
+    """Sum over groups of (output channels with a weight) x (input channels with a weight)."""
+    n_out = mask.shape[0]
+    per_group = n_out // groups
+    total = 0
+    for g in range(groups):
+        block = mask[g * per_group : (g + 1) * per_group]
+        axes_out = tuple(range(1, block.ndim))
+        rows = int(np.count_nonzero(block.any(axis=axes_out)))
+        cols = int(np.count_nonzero(block.any(axis=(0, *range(2, block.ndim)))))
+        total += rows * cols
+    return total
+
+
+def layer_flops(
+    name: str,
+    mask: npt.NDArray[np.bool_],
+    batch: int,
+    output_hw: Sequence[int] | None = None,
+    groups: int = 1,
+    input_grad: bool = True,
+) -> LayerFlops:
+    """Count the FLOPs of one linear layer (2-D mask ``(out, in)``) or conv2d layer (4-D mask
+    ``(O, C // groups, kh, kw)`` with ``output_hw``) for a batch of ``batch`` samples."""
+    mask = np.asarray(mask)
+    if mask.dtype != np.bool_:
+        raise TypeError(f"mask of layer {name!r} must have dtype bool, got {mask.dtype}")
+    if isinstance(batch, bool) or not isinstance(batch, (int, np.integer)) or batch < 0:
+        raise ValueError(f"batch of layer {name!r} must be a non-negative int, got {batch!r}")
+    if mask.ndim == 2:
+        kind = "linear"
+        positions = 1
+        if groups != 1:
+            raise ValueError(f"layer {name!r}: a linear layer has groups=1, got {groups!r}")
+    elif mask.ndim == 4:
+        kind = "conv2d"
+        if output_hw is None or len(output_hw) != 2 or min(output_hw) < 1:
+            raise ValueError(
+                f"layer {name!r}: a conv2d layer needs output_hw (Ho, Wo), got {output_hw!r}"
+            )
+        positions = int(output_hw[0]) * int(output_hw[1])
+        if groups < 1 or mask.shape[0] % groups:
+            raise ValueError(
+                f"layer {name!r}: groups {groups!r} does not divide {mask.shape[0]} out channels"
+            )
+    else:
+        raise ValueError(
+            f"mask of layer {name!r} must be 2-D (linear) or 4-D (conv2d), got shape {mask.shape}"
+        )
+    taps = int(np.prod(mask.shape[2:])) if kind == "conv2d" else 1
+    per_mac = 2 * int(batch) * positions
+    dense_macs = int(mask.size)
+    sparse_macs = int(np.count_nonzero(mask))
+    compact_macs = _active_channels(mask, groups) * taps
+    n_back = 2 if input_grad else 1
+
+    return LayerFlops(
+        name=name,
+        kind=kind,
+        dense_forward=per_mac * dense_macs,
+        dense_backward=n_back * per_mac * dense_macs,
+        sparse_forward=per_mac * sparse_macs,
+        sparse_backward=n_back * per_mac * sparse_macs,
+        sparse_backward_dense_wgrad=(n_back - 1) * per_mac * sparse_macs + per_mac * dense_macs,
+        compact_forward=per_mac * compact_macs,
+        compact_backward=n_back * per_mac * compact_macs,
+    )
+
+
+def model_flops(layers: Iterable[LayerFlops]) -> ModelFlops:
+    """Collect per-layer counts into a model report."""
+    return ModelFlops(layers=tuple(layers))
