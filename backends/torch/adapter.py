@@ -110,9 +110,11 @@ def _check_not_attached(model: nn.Module, targets: list[Target]) -> None:
     for t in targets:
         ref = _ATTACHED_PARAMS.get(id(t.param))
         owner = None if ref is None else ref()
-        if owner is not None and any(o.param is t.param for o in owner.targets):
+        held = [] if owner is None else [o.name for o in owner.targets if o.param is t.param]
+        if held:
             raise SparseCoreError(
-                f"parameter {t.name!r} is already sparse under another attach(); detach it first"
+                f"parameter {t.name!r} is already sparse (as {held[0]!r} of "
+                f"{type(owner.model).__name__}) under another attach(); detach that one first"
             )
 
 

@@ -9,6 +9,7 @@ kept as it is.
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any
 
 import torch
@@ -27,7 +28,11 @@ def to_csr(weight: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     crow = torch.zeros(rows + 1, dtype=torch.int64, device=weight.device)
     crow[1:] = torch.cumsum(counts, 0)
     cols = torch.nonzero(m2)[:, 1]
-    return torch.sparse_csr_tensor(crow, cols, w2[m2], size=tuple(w2.shape))
+    with warnings.catch_warnings():  # torch announces its sparse layouts as beta on every build
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.sparse_csr_tensor(
+            crow, cols, w2[m2], size=tuple(w2.shape), check_invariants=False
+        )
 
 
 def export_sparse(model: nn.Module, masks: dict[str, torch.Tensor]) -> dict[str, Any]:

@@ -1,0 +1,205 @@
+"""TorchBackend equals the NumPy reference: importance to 1e-12 relative, masks bit for bit.
+
+Inputs are tie-heavy on purpose (small integer weights, all-zero or integer momentum, float16),
+because ties at the selection boundary are where a backend most easily differs.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from sparsecore.torch.backend import TorchBackend
+
+from sparsecore import HashKey, Layer, get_backend, update
+from sparsecore.modes import IMPORTANCE
+
+PRUNES = ["magnitude", "SET"]
+GROWTHS = ["momentum", "random", "gradient", "momentum_neuron"]
+REDISTRIBUTIONS = ["momentum", "magnitude", "nonzero", "none"]
+DTYPES = {"float16": np.float16, "float32": np.float32, "float64": np.float64}
+
+SHAPES = [(6, 5), (4, 2, 3, 3), (9, 4), (3, 7, 2), (1, 12)]
+
+
+def _values(rng: np.random.Generator, shape, kind: str, dtype) -> np.ndarray:
+    if kind == "ints":
+        return rng.integers(-3, 4, size=shape).astype(dtype)
+    if kind == "zeros":
+        return np.zeros(shape, dtype=dtype)
+    if kind == "few":  # two distinct magnitudes: ties everywhere
+        return (rng.choice([-1.0, 0.5, 1.0, -0.0], size=shape)).astype(dtype)
+    return rng.standard_normal(shape).astype(dtype)
+
+
+@st.composite
+def layer_sets(draw):
+    seed = draw(st.integers(0, 2**31 - 1))
+    rng = np.random.default_rng(seed)
+    n_layers = draw(st.integers(1, 3))
+    dtype = DTYPES[draw(st.sampled_from(sorted(DTYPES)))]
+    w_kind = draw(st.sampled_from(["ints", "few", "normal"]))
+    p_kind = draw(st.sampled_from(["ints", "zeros", "few", "normal"]))
+    density = draw(st.sampled_from([0.0, 0.1, 0.4, 0.9, 1.0]))
+    layers = []
+    for i in range(n_layers):
+        shape = SHAPES[int(rng.integers(len(SHAPES)))]
+        mask = rng.random(shape) < density
+        weight = (_values(rng, shape, w_kind, dtype) * mask).astype(dtype)
+        momentum = _values(rng, shape, p_kind, dtype)
+        grad = _values(rng, shape, w_kind, dtype)
+        layers.append(Layer(f"layer{i}", weight, mask, momentum, grad, axis=0))
+    return layers
+
+
+def _to_torch(layers):
+    return [
+        Layer(
+            layer.name,
+            torch.from_numpy(layer.weight),
+            torch.from_numpy(layer.mask),
+            torch.from_numpy(layer.momentum),
+            torch.from_numpy(layer.grad),
+            axis=layer.axis,
+        )
+        for layer in layers
+    ]
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    layers=layer_sets(),
+    prune=st.sampled_from(PRUNES),
+    growth=st.sampled_from(GROWTHS),
+    redistribution=st.sampled_from(REDISTRIBUTIONS),
+    rate=st.sampled_from([0.0, 0.2, 0.5, 1.0]),
+    u=st.integers(1, 50),
+)
+def test_update_equals_numpy_reference(layers, prune, growth, redistribution, rate, u):
+    kwargs = dict(
+        prune_rate=rate,
+        update_index=u,
+        seed=7,
+        prune=prune,
+        growth=growth,
+        redistribution=redistribution,
+    )
+    ref = update(layers, backend="numpy", **kwargs)
+    out = update(_to_torch(layers), backend=TorchBackend(), **kwargs)
+    for a, b, layer in zip(ref.masks, out.masks, layers):
+        assert isinstance(b, torch.Tensor) and b.dtype == torch.bool
+        np.testing.assert_array_equal(a, b.numpy(), err_msg=layer.name)
+    for ra, rb in zip(ref.report.layers, out.report.layers):
+        assert (ra.pruned, ra.grown, ra.net_pruned, ra.net_grown) == (
+            rb.pruned,
+            rb.grown,
+            rb.net_pruned,
+            rb.net_grown,
+        )
+        assert math.isclose(ra.importance, rb.importance, rel_tol=1e-12, abs_tol=0.0)
+
+
+@settings(max_examples=30, deadline=None)
+@given(layers=layer_sets(), mode=st.sampled_from(["momentum", "magnitude", "nonzero"]))
+def test_importance_to_1e12(layers, mode):
+    np_be, t_be = get_backend("numpy"), TorchBackend()
+    for layer, tl in zip(layers, _to_torch(layers)):
+        nnz = int(layer.mask.sum())
+        a = IMPORTANCE[mode](np_be, layer, nnz)
+        b = IMPORTANCE[mode](t_be, tl, nnz)
+        assert math.isclose(a, b, rel_tol=1e-12, abs_tol=0.0)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    layers=layer_sets(),
+    k_frac=st.floats(0, 1),
+    among_active=st.booleans(),
+    largest=st.booleans(),
+    magnitude=st.booleans(),
+    sign=st.sampled_from(["any", "positive", "nonpositive"]),
+)
+def test_select_equals_reference(layers, k_frac, among_active, largest, magnitude, sign):
+    np_be, t_be = get_backend("numpy"), TorchBackend()
+    layer = layers[0]
+    flat = layer.weight.reshape(-1)
+    cand = layer.mask.reshape(-1) if among_active else ~layer.mask.reshape(-1)
+    if sign == "positive":
+        cand = cand & (flat > 0)
+    elif sign == "nonpositive":
+        cand = cand & ~(flat > 0)
+    k = int(k_frac * int(cand.sum()))
+    key = HashKey(3, 2, 1)
+    kw = dict(among_active=among_active, largest=largest, magnitude=magnitude, key=key, sign=sign)
+    a = np_be.select(layer.weight, layer.mask, k, **kw)
+    b = t_be.select(torch.from_numpy(layer.weight), torch.from_numpy(layer.mask), k, **kw)
+    np.testing.assert_array_equal(a, b.numpy())
+    assert int(b.sum()) == k
+
+
+@settings(max_examples=30, deadline=None)
+@given(layers=layer_sets(), largest=st.booleans(), axis=st.sampled_from([0, -1]))
+def test_select_per_unit_equals_reference(layers, largest, axis):
+    np_be, t_be = get_backend("numpy"), TorchBackend()
+    layer = layers[0]
+    free = np_be.unit_count(layer.mask, axis, active=False)
+    rng = np.random.default_rng(int(free.sum()))
+    ks = np.array([rng.integers(0, f + 1) for f in free], dtype=np.int64)
+    kw = dict(axis=axis, among_active=False, largest=largest, magnitude=True, key=HashKey(1, 1, 0))
+    a = np_be.select_per_unit(layer.momentum, layer.mask, ks, **kw)
+    b = t_be.select_per_unit(
+        torch.from_numpy(layer.momentum), torch.from_numpy(layer.mask), ks, **kw
+    )
+    np.testing.assert_array_equal(a, b.numpy())
+    np.testing.assert_array_equal(
+        t_be.unit_count(torch.from_numpy(layer.mask), axis, active=True),
+        np_be.unit_count(layer.mask, axis, active=True),
+    )
+    np.testing.assert_allclose(
+        t_be.unit_abs_sum(torch.from_numpy(layer.momentum), axis),
+        np_be.unit_abs_sum(layer.momentum, axis),
+        rtol=1e-12,
+    )
+
+
+@pytest.mark.parametrize("shape", [(7,), (5, 11), (3, 4, 5)])
+def test_position_hash_bits_equal(shape):
+    key = HashKey(123456789, 17, 4)
+    a = get_backend("numpy").position_hash(key, np.zeros(shape))
+    b = TorchBackend().position_hash(key, torch.zeros(shape))
+    np.testing.assert_array_equal(a.astype(np.int64), b.numpy())
+
+
+def test_bfloat16_matches_float32_reference():
+    # NumPy has no bfloat16: its values are exactly representable in float32, so the float32
+    # reference on the same values must give the same masks.
+    rng = np.random.default_rng(0)
+    w32 = torch.from_numpy(rng.integers(-4, 5, size=(12, 10)).astype(np.float32))
+    p32 = torch.from_numpy(rng.integers(0, 3, size=(12, 10)).astype(np.float32))
+    mask = torch.from_numpy(rng.random((12, 10)) < 0.3)
+    w32 = w32 * mask
+    layers_bf = [Layer("a", w32.bfloat16(), mask, p32.bfloat16())]
+    layers_np = [Layer("a", w32.numpy(), mask.numpy(), p32.numpy())]
+    ref = update(layers_np, prune_rate=0.5, update_index=2, backend="numpy")
+    out = update(layers_bf, prune_rate=0.5, update_index=2, backend=TorchBackend())
+    np.testing.assert_array_equal(ref.masks[0], out.masks[0].numpy())
+
+
+def test_backend_is_found_for_tensors():
+    from sparsecore import backend_for
+
+    assert backend_for(torch.zeros(2)).name == "torch"
+
+
+def test_apply_keeps_weights_bit_for_bit_and_zeroes_the_rest():
+    be = TorchBackend()
+    w = torch.tensor([[-0.0, 1.5], [-2.0, 3.0]])
+    old = torch.tensor([[True, True], [False, True]])
+    new = torch.tensor([[True, False], [True, True]])
+    out = be.apply(w, old, new)
+    assert out.tolist() == [[0.0, 0.0], [0.0, 3.0]]
+    assert not torch.signbit(out[1, 0]) and torch.signbit(out[0, 0])  # kept -0.0 bit for bit
