@@ -10,10 +10,15 @@ and computes the class selectivity index of every unit (sparsecore.selectivity).
 
 Writes to ``--out``: ``selectivity.png`` (histograms per layer, sparse against dense),
 ``feature_specialization.json`` (accuracy per epoch, selectivity statistics, setup), and the two
-runs as run records (``sparse_run.json``, ``dense_run.json``) for ``sparsecore report``.
+runs as run records (``sparse_run.json``, ``dense_run.json``) for ``sparsecore report``, and the
+trained weights (``sparse_model.pt``, ``dense_model.pt``).
 
     python benchmarks/feature_specialization.py --epochs 20 --out results/selectivity
     python benchmarks/feature_specialization.py --epochs 1 --limit-train 2000   # a quick look
+    # on a small machine, train the two models in parallel, then compare:
+    python benchmarks/feature_specialization.py --methods sparse --threads 1 &
+    python benchmarks/feature_specialization.py --methods dense --threads 1; wait
+    python benchmarks/feature_specialization.py --reuse
 """
 
 from __future__ import annotations
@@ -155,6 +160,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, help="torch CPU threads")
     parser.add_argument("--out", default="runs/feature_specialization")
+    parser.add_argument(
+        "--methods",
+        default="sparse,dense",
+        help="which models to train now (to train them in two processes, run once with "
+        "--methods sparse and once with --methods dense, then with --reuse to compare)",
+    )
+    parser.add_argument(
+        "--reuse", action="store_true", help="load models saved in --out instead of training"
+    )
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -177,10 +191,26 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, dict[str, SelectivityResult]] = {}
     runs: dict[str, Any] = {}
     for method in ("sparse", "dense"):
-        model, log, record = train(
-            method, data, epochs=args.epochs, density=args.density, seed=args.seed, device=device
-        )
-        record.save(out / f"{method}_run.json")
+        model_path = out / f"{method}_model.pt"
+        if args.reuse and model_path.is_file():
+            model = build_model("lenet5").to(device)
+            model.load_state_dict(torch.load(model_path, map_location=device))
+            record = RunRecord.load(out / f"{method}_run.json")
+            log = record.epochs
+            print(f"{method}: reusing the model trained earlier in {model_path}")
+        elif method in args.methods.split(","):
+            model, log, record = train(
+                method,
+                data,
+                epochs=args.epochs,
+                density=args.density,
+                seed=args.seed,
+                device=device,
+            )
+            torch.save(model.state_dict(), model_path)
+            record.save(out / f"{method}_run.json")
+        else:
+            continue
         results[method] = selectivity(model, data)
         runs[method] = {
             "final_test_acc": log[-1]["test_acc"],
@@ -193,6 +223,9 @@ def main(argv: list[str] | None = None) -> int:
                 if name.endswith("weight")
             },
         }
+    if set(runs) != {"sparse", "dense"}:
+        print(f"trained {sorted(runs)}; run again with --reuse once both models exist in {out}")
+        return 0
     pct = f"{100 * args.density:g}%"
     plot_selectivity(
         {f"sparse {pct}": results["sparse"], "dense": results["dense"]},
