@@ -33,6 +33,7 @@ __all__ = [
     "conv2d_forward",
     "conv2d_input_grad",
     "conv2d_weight_grad",
+    "scatter_to_dense",
     "sddmm_feature_major",
     "spmm_feature_major",
 ]
@@ -44,27 +45,54 @@ _parallel_jit = numba.njit(parallel=True, nogil=True, cache=True, fastmath=_FAST
 
 @_parallel_jit
 def spmm_feature_major(
-    indptr, indices, values, row_order, xt, yt, n_threads
+    indptr, indices, values, row_order, xt, yt, bias, n_threads
 ):  # pragma: no cover - jitted
-    """``yt[r, :] = sum_k values[k] * xt[indices[k], :]`` over the entries ``k`` of row ``r``.
+    """``yt[r, :] = bias[r] + sum_k values[k] * xt[indices[k], :]`` over the entries of row r.
 
-    With a layer's CSR this is the forward pass ``Y^T = W X^T``; with its transposed structure
-    (and ``values[t_perm]``) it is the input gradient ``dX^T = W^T dY^T``. ``yt`` is overwritten.
+    With a layer's CSR this is the forward pass ``Y^T = W X^T (+ b)``; with its transposed
+    structure (and ``values[t_perm]``) it is the input gradient ``dX^T = W^T dY^T``. ``bias``
+    is an empty array for no bias. ``yt`` is overwritten. A row is accumulated in a private
+    buffer, which lets LLVM keep it apart from the input (no aliasing checks in the loop).
     """
     n_rows = yt.shape[0]
     batch = yt.shape[1]
+    has_bias = bias.shape[0] > 0
     n_threads = max(1, min(n_threads, n_rows))
     for t in prange(n_threads):
+        acc = np.empty(batch, dtype=yt.dtype)
         for i in range(t, n_rows, n_threads):
             r = row_order[i]
-            out = yt[r]
+            init = bias[r] if has_bias else 0.0
             for b in range(batch):
-                out[b] = 0.0
+                acc[b] = init
             for k in range(indptr[r], indptr[r + 1]):
                 v = values[k]
                 src = xt[indices[k]]
                 for b in range(batch):
-                    out[b] += v * src[b]
+                    acc[b] += v * src[b]
+            out = yt[r]
+            for b in range(batch):
+                out[b] = acc[b]
+
+
+@_parallel_jit
+def scatter_to_dense(indptr, flat, dvalues, out_flat, n_threads):  # pragma: no cover - jitted
+    """Dense gradient from gradient values on the mask: ``out_flat`` is zeroed and
+    ``out_flat[flat[k]] = dvalues[k]``. Rows (``indptr``) own contiguous spans of ``out_flat``
+    (C order), so threads zero and fill disjoint slices in one pass over memory."""
+    n_rows = indptr.shape[0] - 1
+    size = out_flat.shape[0]
+    per_row = size // n_rows if n_rows > 0 else 0
+    n_threads = max(1, min(n_threads, max(n_rows, 1)))
+    for t in prange(n_threads):
+        r0 = t * n_rows // n_threads
+        r1 = (t + 1) * n_rows // n_threads
+        lo = r0 * per_row
+        hi = r1 * per_row if t < n_threads - 1 else size
+        for i in range(lo, hi):
+            out_flat[i] = 0.0
+        for k in range(indptr[r0], indptr[r1]):
+            out_flat[flat[k]] = dvalues[k]
 
 
 @_parallel_jit
@@ -93,12 +121,14 @@ def sddmm_feature_major(
 
 @_parallel_jit
 def conv2d_forward(
-    indptr, offsets, values, xpad, y, stride_h, stride_w, groups, n_threads
+    indptr, offsets, values, xpad, y, bias, stride_h, stride_w, groups, n_threads
 ):  # pragma: no cover - jitted
-    """Direct sparse convolution: ``y[n, o] = sum_k values[k] * xpad_group[offsets[k] + ...]``.
+    """Direct sparse convolution: ``y[n, o] = bias[o] + sum_k values[k] * xpad_group[...]``.
 
-    ``xpad``: (N, C, Hp, Wp) zero-padded input, ``y``: (N, O, Ho, Wo) output, overwritten.
+    ``xpad``: (N, C, Hp, Wp) zero-padded input, ``y``: (N, O, Ho, Wo) output, overwritten;
+    ``bias`` is an empty array for no bias.
     """
+    has_bias = bias.shape[0] > 0
     n_batch, n_out, ho, wo = y.shape
     n_in, hp, wp = xpad.shape[1], xpad.shape[2], xpad.shape[3]
     cg = n_in // groups
@@ -114,9 +144,10 @@ def conv2d_forward(
             n = item // n_out
             o = item - n * n_out
             xg = xpad[n].reshape(-1)[(o // opg) * group_size : (o // opg + 1) * group_size]
+            init = bias[o] if has_bias else 0.0
             if unit:
                 for i in range(wide):
-                    acc[i] = 0.0
+                    acc[i] = init
                 for k in range(indptr[o], indptr[o + 1]):
                     v = values[k]
                     src = xg[offsets[k] : offsets[k] + wide]
@@ -129,7 +160,7 @@ def conv2d_forward(
                 out = y[n, o]
                 for p in range(ho):
                     for q in range(wo):
-                        out[p, q] = 0.0
+                        out[p, q] = init
                 for k in range(indptr[o], indptr[o + 1]):
                     v = values[k]
                     off = offsets[k]

@@ -149,10 +149,22 @@ def _gather_values(weight: torch.Tensor, flat: np.ndarray) -> np.ndarray:
     return np.take(w.numpy().reshape(-1), flat)
 
 
-def _scatter_grad(weight: torch.Tensor, flat: np.ndarray, dvalues: np.ndarray) -> torch.Tensor:
-    grad = torch.zeros(weight.shape, dtype=weight.dtype)
-    grad.numpy().reshape(-1)[flat] = dvalues
+def _scatter_grad(
+    weight: torch.Tensor, csr: LinearCSR | ConvCSR, dvalues: np.ndarray, n_threads: int
+) -> torch.Tensor:
+    """Dense weight gradient, zero off the mask, from the gradient values on the mask."""
+    grad = torch.empty(weight.shape, dtype=weight.dtype)
+    K.scatter_to_dense(csr.indptr, csr.flat, dvalues, grad.numpy().reshape(-1), n_threads)
     return grad
+
+
+def _bias_array(bias: torch.Tensor | None, dtype: torch.dtype) -> np.ndarray:
+    if bias is None:
+        return _NO_BIAS[dtype]
+    return bias.detach().to(dtype).contiguous().numpy()
+
+
+_NO_BIAS = {dt: torch.empty(0, dtype=dt).numpy() for dt in SUPPORTED_DTYPES}
 
 
 class SparseLinearFunction(torch.autograd.Function):
@@ -174,12 +186,17 @@ class SparseLinearFunction(torch.autograd.Function):
         values = _gather_values(weight, csr.flat)
         yt = torch.empty((csr.shape[0], xt.shape[1]), dtype=x.dtype)
         K.spmm_feature_major(
-            csr.indptr, csr.indices, values, csr.row_order, xt.numpy(), yt.numpy(), n_threads
+            csr.indptr,
+            csr.indices,
+            values,
+            csr.row_order,
+            xt.numpy(),
+            yt.numpy(),
+            _bias_array(bias, x.dtype),
+            n_threads,
         )
         state.calls["forward"] += 1
         y = yt.t()
-        if bias is not None:
-            y.add_(bias.detach())
         ctx.state = state
         ctx.csr = csr
         ctx.values = values
@@ -210,6 +227,7 @@ class SparseLinearFunction(torch.autograd.Function):
                 csr.t_row_order,
                 dyt.numpy(),
                 dxt.numpy(),
+                _NO_BIAS[dy.dtype],
                 n_threads,
             )
             state.calls["input_grad"] += 1
@@ -231,7 +249,7 @@ class SparseLinearFunction(torch.autograd.Function):
                     dvalues,
                     n_threads,
                 )
-                dw = _scatter_grad(weight, csr.flat, dvalues)
+                dw = _scatter_grad(weight, csr, dvalues, n_threads)
                 state.calls["weight_grad_sparse"] += 1
         if ctx.has_bias and ctx.needs_input_grad[2]:
             db = dyt.sum(dim=1)
@@ -272,14 +290,13 @@ class SparseConv2dFunction(torch.autograd.Function):
             values,
             xpad.numpy(),
             y.numpy(),
+            _bias_array(bias, x.dtype),
             csr.stride[0],
             csr.stride[1],
             csr.groups,
             n_threads,
         )
         state.calls["forward"] += 1
-        if bias is not None:
-            y.add_(bias.detach().view(1, -1, 1, 1))
         ctx.state = state
         ctx.csr = csr
         ctx.values = values
@@ -351,7 +368,7 @@ class SparseConv2dFunction(torch.autograd.Function):
                     csr.groups,
                     n_threads,
                 )
-                dw = _scatter_grad(weight, csr.flat, dvalues)
+                dw = _scatter_grad(weight, csr, dvalues, n_threads)
                 state.calls["weight_grad_sparse"] += 1
         if ctx.has_bias and ctx.needs_input_grad[2]:
             db = dy.sum(dim=(0, 2, 3))
