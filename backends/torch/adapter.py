@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import warnings
 import weakref
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -173,16 +172,24 @@ class SparseTraining:
                 UserWarning,
                 stacklevel=3,
             )
-        self._router: Any = None
-        if kernels is not None:
-            self._router_factory = _kernel_router_factory(kernels)  # raises before any change
         masks_np = self.engine.initial_masks()
-
-        # --- from here on the model and optimizer change ---
         self.masks = [
             torch.as_tensor(m).to(device=t.param.device) for m, t in zip(masks_np, targets)
         ]
         self._inverse = [~m for m in self.masks]
+        # The kernel router validates everything before it installs anything, so it goes first:
+        # if it refuses, the model is still untouched.
+        self._router: Any = None
+        self._window = 0
+        if kernels is not None:
+            self._router = _build_router(kernels, targets, self.masks)
+            beta = max(
+                mom.momentum_beta(g, k, config.momentum_beta)
+                for g, k in zip(self._groups, self._kinds)
+            )
+            self._window = max(1, round(1.0 / (1.0 - beta)))
+
+        # --- from here on the model and optimizer change (nothing below can fail) ---
         self._apply_masks()
         handle_ref = weakref.ref(self)
         _ATTACHED_MODELS[model] = handle_ref
@@ -193,16 +200,7 @@ class SparseTraining:
             self._hooks.append(optimizer.register_step_post_hook(self._on_optimizer_step))
         else:
             self._hooks.append(register_optimizer_step_post_hook(self._on_any_optimizer_step))
-        if kernels is not None:
-            self._router = self._router_factory(
-                [(t.name, t.module, m) for t, m in zip(targets, self.masks)], kernels
-            )
-            beta = max(
-                mom.momentum_beta(g, k, config.momentum_beta)
-                for g, k in zip(self._groups, self._kinds)
-            )
-            self._window = max(1, round(1.0 / (1.0 - beta)))
-            self._set_gradient_window()
+        self._set_gradient_window()
 
     # -- hooks and steps ----------------------------------------------------------------------
     def _on_optimizer_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
@@ -507,16 +505,30 @@ def _broadcast_masks(masks: list[torch.Tensor]) -> list[torch.Tensor]:
     return out
 
 
-def _kernel_router_factory(kernels: str) -> Callable[[list[Any], str], Any]:
+def _build_router(kernels: str, targets: list[Target], masks: list[torch.Tensor]) -> Any:
+    """The sparse-kernel router over the sparse ``nn.Linear``/``nn.Conv2d`` weights.
+
+    Other sparse parameters (Conv1d/3d, included embeddings, ...) keep the dense computation on
+    masked weights.
+    """
     try:
-        from .sparse_functions import KernelRouter  # type: ignore[import-not-found,unused-ignore]
-    except ImportError as err:
+        from .kernel_router import KernelRouter
+    except ImportError as err:  # pragma: no cover - the module ships with the package
         raise SparseCoreError(
-            f"kernels={kernels!r} needs sparsecore.torch.sparse_functions.KernelRouter, which is "
-            f"not available ({err}); use kernels=None"
+            f"kernels={kernels!r} needs sparsecore.torch.kernel_router, which could not be "
+            f"imported ({err}); use kernels=None"
         ) from err
-
-    def build(targets: list[Any], mode: str) -> Any:
-        return KernelRouter(targets, mode)
-
-    return build
+    routed = [
+        (t.name, t.module, m)
+        for t, m in zip(targets, masks)
+        if isinstance(t.module, (nn.Linear, nn.Conv2d)) and t.module.weight is t.param
+    ]
+    if not routed:
+        raise SparseCoreError(
+            f"kernels={kernels!r}: none of the sparse parameters {[t.name for t in targets]} "
+            f"belongs to an nn.Linear or nn.Conv2d, the layers the sparse kernels handle"
+        )
+    try:
+        return KernelRouter(routed, kernels)
+    except (TypeError, ValueError, RuntimeError) as err:
+        raise SparseCoreError(f"kernels={kernels!r}: {err}") from err

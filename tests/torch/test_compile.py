@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import pytest
 import sparsecore.torch as st
 import torch
 import torch._dynamo
 import torch.nn.functional as F
 from torch import nn
 from torch._dynamo.utils import counters
+
+# inductor internals of this torch version emit deprecation notices about torch.jit
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
 
 def test_compiled_model_trains_without_recompiles():
