@@ -158,12 +158,13 @@ class SparseCallback(keras.callbacks.Callback):
     def on_train_begin(self, logs: dict[str, Any] | None = None) -> None:
         if self._attached_to is not self.model:
             self._attach(self.model, steps_known=True)
-        elif self.engine is not None and self.engine.config.total_steps is None:
+        elif self.engine is not None:
+            self._check_steps_per_execution(self.model, self.engine.config)
+        if self.engine is not None and self.engine.config.total_steps is None:
             total = self._total_steps()
             if total is not None:
                 self.engine.config = self.engine.config.replace(total_steps=total)
                 self._store_state()
-        self._check_steps_per_execution()
 
     def _total_steps(self) -> int | None:
         params = self.params or {}
@@ -220,6 +221,7 @@ class SparseCallback(keras.callbacks.Callback):
                     f"fit() does not know its steps per epoch; pass total_steps=... or "
                     f"steps_per_epoch to fit, or use prune_schedule='constant'"
                 )
+        self._check_steps_per_execution(model, config)
         optimizer = getattr(model, "optimizer", None)
         reader = MomentumReader(optimizer, config.adam_momentum)
         if self._needs_momentum(config) and not config.schedule().static:
@@ -309,9 +311,10 @@ class SparseCallback(keras.callbacks.Callback):
             saved = saved.replace(total_steps=self._given["total_steps"])
         return saved
 
-    def _check_steps_per_execution(self) -> None:
-        spe = int(getattr(self.model, "steps_per_execution", 1) or 1)
-        every = self.engine.config.update_every if self.engine is not None else None
+    @staticmethod
+    def _check_steps_per_execution(model: Any, config: SparseConfig) -> None:
+        spe = int(getattr(model, "steps_per_execution", 1) or 1)
+        every = config.update_every
         if spe > 1 and every is not None and every % spe != 0:
             raise SparseCoreError(
                 f"update_every={every} is not a multiple of the model's steps_per_execution={spe}"

@@ -1,0 +1,272 @@
+"""SparseCallback in real ``fit`` loops: masking in the train step, schedule, momentum, logs, errors."""
+
+from __future__ import annotations
+
+import math
+
+import keras
+import numpy as np
+import pytest
+from helpers_keras import BatchChecker, data, host, mlp
+from sparsecore.keras import SparseCallback, SparseMask
+
+import sparsecore
+
+
+def test_default_callback_trains_sparse_with_exact_count():
+    x, y = data()
+    model = mlp()
+    cb = SparseCallback(update_every=3)
+    checker = BatchChecker(cb)
+    model.fit(x, y, batch_size=16, epochs=3, callbacks=[cb, checker], verbose=0)
+    sizes = [12 * 32, 32 * 16, 16 * 3]
+    target = round(0.05 * sum(sizes))
+    assert cb.engine is not None and cb.engine.target == target
+    assert checker.batches == 18 and set(checker.totals) == {target}
+    # updates after steps 3, 6, ..., 15 (none at or after total_steps = 18)
+    assert [r.step for r in cb.history] == [3, 6, 9, 12, 15]
+    assert all(r.total_nnz == target for r in cb.history)
+    assert sum(r.totals()["net_pruned"] for r in cb.history) > 0
+    assert cb.engine.config.total_steps == 18
+    assert all(isinstance(w.variable.constraint, SparseMask) for w in cb.weights)
+    assert [w.name for w in cb.weights] == [
+        v.path for v in (model.layers[0].kernel, model.layers[1].kernel, model.layers[2].kernel)
+    ]
+
+
+def test_mask_is_applied_inside_the_train_step_without_the_callback():
+    x, y = data()
+    model = mlp()
+    cb = SparseCallback()
+    cb.attach(model)
+    before = cb.masks()
+    checker = BatchChecker(cb)
+    model.fit(x, y, batch_size=16, epochs=2, callbacks=[checker], verbose=0)  # no SparseCallback
+    assert checker.batches == 12
+    after = cb.masks()
+    assert all(np.array_equal(before[k], after[k]) for k in before)
+    # the kept weights did train
+    assert all(np.any(host(w.variable)[cb.masks()[w.name]] != 0) for w in cb.weights)
+
+
+def _snapshot(cb, model, reader_kind: str):
+    out = []
+    for w, c in zip(cb.weights, cb.constraints):
+        m = cb._reader.read(w.variable, w.name)
+        out.append(sparsecore.Layer(w.name, host(w.variable), c.mask_numpy(), host(m), axis=w.axis))
+    return out
+
+
+@pytest.mark.parametrize(
+    "optimizer,adam_momentum",
+    [
+        (lambda: keras.optimizers.SGD(0.05, momentum=0.9, nesterov=True), "exp_avg"),
+        (lambda: keras.optimizers.Adam(1e-2), "exp_avg"),
+        (lambda: keras.optimizers.AdamW(1e-2, weight_decay=1e-3), "normalized"),
+        (lambda: keras.optimizers.Nadam(1e-2), "exp_avg"),
+    ],
+    ids=["sgd", "adam", "adamw-normalized", "nadam"],
+)
+def test_update_reads_optimizer_momentum_and_equals_numpy_reference(optimizer, adam_momentum):
+    x, y = data()
+    model = mlp(optimizer=optimizer())
+    cb = SparseCallback(update_every=None, density=0.2, seed=5, adam_momentum=adam_momentum)
+    model.fit(x, y, batch_size=16, epochs=2, callbacks=[cb], verbose=0)
+    slots = [cb._reader.read(w.variable, w.name) for w in cb.weights]
+    assert all(np.any(host(s) != 0) for s in slots), "momentum must be read from the slots"
+    layers = _snapshot(cb, model, adam_momentum)
+    # momentum exists at inactive positions too (dense gradients, never masked)
+    assert any(np.any(layer.momentum[~layer.mask] != 0) for layer in layers)
+    rate = 0.3
+    ref = sparsecore.update(layers, prune_rate=rate, update_index=1, seed=5)
+    report = cb.update_masks(step=12) if False else None
+    cb.engine.config = cb.engine.config.replace(prune_schedule="constant", prune_rate=rate)
+    report = cb.update_masks(step=12)
+    assert report.update == 1
+    for layer, new_ref, w, c in zip(layers, ref.masks, cb.weights, cb.constraints):
+        assert np.array_equal(c.mask_numpy(), new_ref), w.name
+        kernel = host(w.variable)
+        kept = layer.mask & new_ref
+        assert np.array_equal(kernel[kept].view(np.uint32), layer.weight[kept].view(np.uint32))
+        assert not np.any(kernel[~kept])
+        assert not np.any(np.signbit(kernel[~kept]))
+    for a, b in zip(ref.report.layers, report.layers):
+        assert math.isclose(a.importance, b.importance, rel_tol=1e-6)
+
+
+def test_epoch_end_updates_and_logs_reach_history():
+    x, y = data()
+    model = mlp()
+    cb = SparseCallback(update_every=None, update_at_epoch_end=True, density=0.1)
+    hist = model.fit(x, y, batch_size=32, epochs=3, callbacks=[cb], verbose=0)
+    # epoch-end updates after epochs 1 and 2, none after the last
+    assert [r.step for r in cb.history] == [3, 6]
+    h = hist.history
+    assert h["sparse_updates"] == [1.0, 2.0, 2.0]
+    target = cb.engine.target / sum(math.prod(s) for s in cb.engine.shapes)
+    assert h["sparse_density"] == pytest.approx([target] * 3)
+    assert all(m <= d + 1e-12 for m, d in zip(h["sparse_measured_density"], h["sparse_density"]))
+    assert h["sparse_prune_rate"][0] == pytest.approx(cb.history[0].prune_rate)
+    assert h["sparse_pruned"][1] == cb.history[1].totals()["pruned"]
+    per_layer = {k for k in h if k.startswith("sparse_density/")}
+    assert per_layer == {f"sparse_density/{w.name}" for w in cb.weights}
+    # epoch-end only: Keras keeps async dispatch (our batch hook is the default one)
+    assert keras.src.utils.python_utils.is_default(cb.on_train_batch_end)
+
+
+def test_tensorboard_gets_the_sparse_scalars(tmp_path):
+    import tensorflow as tf  # installed (with tensorboard) in both Keras tox envs
+
+    x, y = data()
+    model = mlp()
+    cb = SparseCallback(update_every=2)
+    tb = keras.callbacks.TensorBoard(log_dir=str(tmp_path))
+    model.fit(x, y, batch_size=32, epochs=2, callbacks=[cb, tb], verbose=0)
+    tags = set()
+    for path in tmp_path.rglob("events.out.tfevents*"):
+        for event in tf.compat.v1.train.summary_iterator(str(path)):
+            tags.update(v.tag for v in event.summary.value)
+    assert {"epoch_sparse_density", "epoch_sparse_updates", "epoch_sparse_pruned"} <= tags
+
+
+def test_reset_optimizer_state_zeroes_slots_at_changed_positions():
+    x, y = data()
+    model = mlp(optimizer=keras.optimizers.Adam(1e-2))
+    cb = SparseCallback(update_every=None, density=0.2, reset_optimizer_state=True)
+    model.fit(x, y, batch_size=16, epochs=1, callbacks=[cb], verbose=0)
+    before = cb.masks()
+    cb.engine.config = cb.engine.config.replace(prune_schedule="constant", prune_rate=0.5)
+    cb.update_masks(step=6)
+    after = cb.masks()
+    opt = model.optimizer
+    changed_any = False
+    for w in cb.weights:
+        changed = before[w.name] != after[w.name]
+        changed_any |= bool(changed.any())
+        i = opt._get_variable_index(w.variable)
+        for slots in (opt._momentums, opt._velocities):
+            s = host(slots[i])
+            assert not np.any(s[changed])
+            assert np.any(s[~changed])
+    assert changed_any
+
+
+def test_nonfinite_momentum_raises_and_changes_nothing_or_skips():
+    x, y = data()
+    model = mlp()
+    cb = SparseCallback(update_every=None)
+    model.fit(x, y, batch_size=16, epochs=1, callbacks=[cb], verbose=0)
+    opt = model.optimizer
+    w0 = cb.weights[1]
+    slot = opt.momentums[opt._get_variable_index(w0.variable)]
+    bad = host(slot).copy()
+    bad[0, 0] = np.nan
+    slot.assign(bad)
+    masks, kernels = cb.masks(), [host(w.variable).copy() for w in cb.weights]
+    with pytest.raises(sparsecore.NonFiniteError, match="fc2"):
+        cb.update_masks(step=6)
+    assert all(np.array_equal(masks[k], v) for k, v in cb.masks().items())
+    assert all(np.array_equal(k, host(w.variable)) for k, w in zip(kernels, cb.weights))
+    cb.engine.config = cb.engine.config.replace(on_nonfinite="skip")
+    report = cb.update_masks(step=6)
+    assert report.skipped and "fc2" in report.reason
+    assert all(np.array_equal(masks[k], v) for k, v in cb.masks().items())
+
+
+# -- bad input: a clear error, nothing changed -------------------------------------------------
+
+
+def _unchanged(model, kernels):
+    for layer, k in zip(model.layers, kernels):
+        assert layer.kernel.constraint is None
+        assert np.array_equal(host(layer.kernel), k)
+
+
+@pytest.mark.parametrize("density", [0.0, -0.1, 1.5])
+def test_density_outside_range(density):
+    with pytest.raises(sparsecore.SparseCoreError, match="density"):
+        SparseCallback(density=density)
+
+
+def test_unknown_option_and_gradient_growth_are_refused():
+    with pytest.raises(sparsecore.SparseCoreError, match="densty"):
+        SparseCallback(densty=0.1)
+    with pytest.raises(sparsecore.SparseCoreError, match="growth='momentum'"):
+        SparseCallback(growth="gradient")
+
+
+@pytest.mark.parametrize(
+    "optimizer,match",
+    [
+        (lambda: keras.optimizers.SGD(0.1), "SGD has momentum=0"),
+        (lambda: keras.optimizers.Adagrad(0.1), "Adagrad keeps no momentum"),
+        (lambda: keras.optimizers.RMSprop(0.01), "RMSprop has momentum=0"),
+    ],
+)
+def test_optimizer_without_momentum_is_refused(optimizer, match):
+    x, y = data()
+    model = mlp(optimizer=optimizer())
+    kernels = [host(layer.kernel).copy() for layer in model.layers]
+    with pytest.raises(sparsecore.SparseCoreError, match=match):
+        model.fit(x, y, epochs=1, callbacks=[SparseCallback()], verbose=0)
+    _unchanged(model, kernels)
+    # modes that need no momentum work with such an optimizer
+    cb = SparseCallback(growth="random", redistribution="nonzero", update_every=2)
+    model.fit(x, y, batch_size=32, epochs=1, callbacks=[cb], verbose=0)
+    assert len(cb.history) == 1
+
+
+def test_model_without_prunable_layers():
+    model = keras.Sequential([keras.Input((4,)), keras.layers.BatchNormalization()])
+    model.compile(optimizer=keras.optimizers.SGD(0.1, momentum=0.9), loss="mse")
+    with pytest.raises(sparsecore.SparseCoreError, match="no layer sparsecore can make sparse"):
+        model.fit(
+            np.zeros((8, 4)), np.zeros((8, 4)), epochs=1, callbacks=[SparseCallback()], verbose=0
+        )
+
+
+def test_model_not_built():
+    model = keras.Sequential([keras.layers.Dense(3)])
+    with pytest.raises(sparsecore.SparseCoreError, match="not built"):
+        SparseCallback().attach(model)
+    assert not model.built
+
+
+def test_existing_constraint_and_exclude_everything():
+    model = mlp()
+    model.layers[1].kernel.constraint = keras.constraints.NonNeg()
+    kernels = [host(layer.kernel).copy() for layer in model.layers]
+    with pytest.raises(sparsecore.SparseCoreError, match="fc2"):
+        SparseCallback().attach(model)
+    assert model.layers[0].kernel.constraint is None
+    assert np.array_equal(host(model.layers[0].kernel), kernels[0])
+    with pytest.raises(sparsecore.SparseCoreError, match="no layer"):
+        SparseCallback(exclude="Dense").attach(mlp())
+
+
+def test_update_every_must_fit_steps_per_execution():
+    x, y = data()
+    model = mlp()
+    if keras.backend.backend() != "tensorflow":  # Keras' torch trainer refuses spe > 1 itself
+        model.steps_per_execution = 2
+        kernels = [host(layer.kernel).copy() for layer in model.layers]
+        with pytest.raises(sparsecore.SparseCoreError, match="steps_per_execution=2"):
+            cb = SparseCallback(update_every=3, total_steps=100)
+            cb.set_model(model)
+            cb.on_train_begin()
+        _unchanged(model, kernels)
+        return
+    model.compile(
+        optimizer=keras.optimizers.SGD(0.05, momentum=0.9),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        steps_per_execution=2,
+    )
+    kernels = [host(layer.kernel).copy() for layer in model.layers]
+    with pytest.raises(sparsecore.SparseCoreError, match="steps_per_execution=2"):
+        model.fit(
+            x, y, batch_size=16, epochs=1, callbacks=[SparseCallback(update_every=3)], verbose=0
+        )
+    _unchanged(model, kernels)
+    cb = SparseCallback(update_every=2)
+    model.fit(x, y, batch_size=16, epochs=1, callbacks=[cb], verbose=0)
+    assert [r.step for r in cb.history] == [2, 4]
