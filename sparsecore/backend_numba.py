@@ -1,0 +1,839 @@
+"""The Numba backend: the NumPy reference's results, computed in O(n) compiled passes.
+
+Users choose it by name (``backend="numba"`` or ``get_backend("numba")``); it works on plain
+``numpy.ndarray`` and gives masks bit for bit equal to
+:class:`~sparsecore.backend_numpy.NumpyBackend`, and importance equal to rounding.
+
+How selection works without sorting. Every score is mapped to an unsigned *rank key* whose integer
+order is the selection order: the bit pattern of a non-negative float orders like its value, so
+``|x|`` is the pattern with the sign bit cleared, a signed ``x`` is ``top + |x|`` or ``top - |x|``
+(``top`` the sign bit; -0.0 and +0.0 share a key), unsigned integers (the random-growth hash) are
+their own key, and "smallest first" is the complement. The key is computed without branches from a
+few constants prepared on the host (:func:`rank_params`). Then:
+
+1. A strided sample of about n/128 positions gives a key interval ``[lo, hi]`` that should hold the
+   k-th best key. One pass over the layer marks every candidate above ``hi`` and gathers the
+   positions inside the interval (candidate filter, key and comparison fused in one loop).
+2. If the counts show the k-th key is inside, the few gathered candidates are narrowed by a radix
+   select on their keys, 8 bits a round; if the sample missed (tie-heavy scores, odd layouts), the
+   guaranteed path runs instead: a 16-bit histogram of the keys names the bucket of the k-th key, a
+   second pass marks the buckets above it and gathers that bucket, which is narrowed the same way.
+3. Candidates whose keys tie at the boundary are ranked by the position hash (larger first), then
+   by lower position (reachable only beyond 2**32 positions).
+
+Kernels read raw bits (``uint16``/``uint32``/``uint64`` views), so float16, float32, float64 and
+uint32 hashes share three specialisations per kernel, compiled lazily on first use. Compiled code
+is cached on disk (``cache=True``) where a cache directory is writable, and silently not otherwise.
+Large layers are cut into one chunk per thread, run on a small thread pool (the kernels release the
+GIL); see :func:`_run` for why not ``prange``.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import numba
+import numpy as np
+
+from .backend import Sign
+from .backend_numpy import NumpyBackend
+from .hashing import MASK32, MUL1, MUL2, HashKey
+
+__all__ = ["NumbaBackend", "rank_params", "select_flat", "warm_up"]
+
+DIGIT_BITS = 16  # key bits counted by the full-layer histogram of the guaranteed path
+MIN_CHUNK = 1 << 16  # a pass gets one thread per this many elements, at most the thread count
+SMALL_LAYER = 1 << 14  # layers up to this size are selected by one serial gather and narrowing
+SAMPLE_SHIFT, MIN_SAMPLES, MAX_SAMPLES = 7, 2048, 65536  # sample n/128 positions, clipped
+
+_U64_MASK32 = np.uint64(MASK32)
+_U64_MUL1 = np.uint64(MUL1)
+_U64_MUL2 = np.uint64(MUL2)
+_REASSOC = {"reassoc", "contract", "nsz"}  # lets exact float64 sums vectorise (order is free)
+
+# Indices into the rank-parameter tuple built by :func:`rank_params` (all uint64).
+_AMONG, _ANY, _WANT_POS, _POS_SIGN, _MAG, _BASE, _SIGNED, _FLIP, _SIGN_SHIFT = range(9)
+
+
+def _jit(**options: Any) -> Callable[[Any], Any]:
+    """``numba.njit(cache=True, ...)``, without the cache where no cache directory is writable."""
+
+    def decorate(fn: Any) -> Any:
+        try:
+            return numba.njit(cache=True, **options)(fn)
+        except RuntimeError:  # Numba found no writable cache location for this file
+            return numba.njit(cache=False, **options)(fn)
+
+    return decorate
+
+
+# -- scalar helpers (inlined into the kernels) --------------------------------------------------
+
+
+@_jit(inline="always")
+def _mix(x):  # pragma: no cover - jitted
+    """hashing.mix32 on a uint64 holding a 32-bit value."""
+    x ^= x >> np.uint64(16)
+    x = (x * _U64_MUL1) & _U64_MASK32
+    x ^= x >> np.uint64(15)
+    x = (x * _U64_MUL2) & _U64_MASK32
+    x ^= x >> np.uint64(16)
+    return x
+
+
+@_jit(inline="always")
+def _hash(i, prefix):  # pragma: no cover - jitted
+    return _mix((np.uint64(i) & _U64_MASK32) ^ prefix)
+
+
+@_jit(inline="always")
+def _key(b, p):  # pragma: no cover - jitted
+    """Rank key of raw value ``b`` (uint64): a larger key comes earlier in the selection order.
+
+    ``base + (+-magnitude)``, the sign taken from the sign bit when ranking signed floats
+    (``(m ^ s) - s`` negates ``m`` when ``s`` is all ones), then complemented for "smallest first".
+    """
+    s = (np.uint64(0) - ((b >> p[_SIGN_SHIFT]) & np.uint64(1))) & p[_SIGNED]
+    return (p[_BASE] + (((b & p[_MAG]) ^ s) - s)) ^ p[_FLIP]
+
+
+@_jit(inline="always")
+def _candidate(b, m, p):  # pragma: no cover - jitted
+    """Is raw value ``b`` with mask bit ``m`` a candidate (mask side and sign filter)?"""
+    positive = (b != np.uint64(0)) & ((b & p[_POS_SIGN]) == np.uint64(0))
+    sign_ok = (p[_ANY] != np.uint64(0)) | (np.uint64(positive) == p[_WANT_POS])
+    return (np.uint64(m) == p[_AMONG]) & sign_ok
+
+
+@_jit(inline="always")
+def _half_abs(b):  # pragma: no cover - jitted
+    """``|x|`` of a float16 given by its bits, exactly, as float64 (Numba has no CPU float16)."""
+    exponent = (b >> np.uint64(10)) & np.uint64(0x1F)
+    mantissa = np.float64(b & np.uint64(0x3FF))
+    if exponent == np.uint64(0):
+        return mantissa * 2.0**-24
+    return (1024.0 + mantissa) * 2.0 ** (np.float64(exponent) - 25.0)
+
+
+# -- full-layer passes -------------------------------------------------------------------------
+# Each works on the chunk [start, stop) of flat arrays through slices: with slices the compiler
+# knows every index is in range, which is what lets it vectorise the simple passes.
+
+
+@_jit(nogil=True)
+def _chunk_threshold(bits, mask, p, lo, hi, out, start, stop):  # pragma: no cover - jitted
+    """Byte ``out[i]``: 1 for a candidate with key above ``hi``, 2 for one in ``[lo, hi]``, else 0.
+
+    Returns (above, in range). No branch and no data-dependent store, so it vectorises; the
+    caller finds the few 2s afterwards with a byte scan.
+    """
+    b_ = bits[start:stop]
+    m_ = mask[start:stop]
+    o_ = out[start:stop]
+    above = 0
+    in_range = 0
+    for i in range(b_.size):
+        b = np.uint64(b_[i])
+        cand = _candidate(b, m_[i], p)
+        key = _key(b, p)
+        chosen = cand & (key > hi)
+        inside = cand & (key >= lo) & (key <= hi)
+        o_[i] = np.uint8(chosen) | (np.uint8(inside) << np.uint8(1))
+        above += chosen
+        in_range += inside
+    return above, in_range
+
+
+@_jit(nogil=True)
+def _chunk_flagged(flags, value, gathered, start, stop):  # pragma: no cover - jitted
+    """Positions in ``[start, stop)`` (multiples of 8, but ``stop`` may be the end) whose byte is
+    ``value`` (a single bit), into ``gathered``; eight bytes are tested at once."""
+    words = flags[start : start + (stop - start) // 8 * 8].view(np.uint64)
+    pattern = np.uint64(value) * np.uint64(0x0101010101010101)
+    j = 0
+    for w in range(words.size):
+        if words[w] & pattern:
+            base = start + 8 * w
+            for i in range(base, base + 8):
+                if flags[i] == value:
+                    gathered[j] = i
+                    j += 1
+    for i in range(start + words.size * 8, stop):
+        if flags[i] == value:
+            gathered[j] = i
+            j += 1
+    return j
+
+
+@_jit(nogil=True)
+def _chunk_histogram(bits, mask, p, shift, hist, start, stop):  # pragma: no cover - jitted
+    """Count the chunk's candidates into ``hist`` by the top ``DIGIT_BITS`` bits of their key."""
+    b_ = bits[start:stop]
+    m_ = mask[start:stop]
+    hist[:] = 0
+    for i in range(b_.size):
+        b = np.uint64(b_[i])
+        if _candidate(b, m_[i], p):
+            hist[np.int64(_key(b, p) >> shift)] += 1
+    return 0
+
+
+@_jit(nogil=True)
+def _chunk_mark_and_gather(
+    bits, mask, p, shift, boundary, take_boundary, out, gathered, start, stop
+):  # pragma: no cover - jitted
+    """``out`` = candidates above the boundary digit (or at it, if ``take_boundary``); the others
+    at the boundary go to ``gathered`` in ascending order. ``out`` is written everywhere."""
+    b_ = bits[start:stop]
+    m_ = mask[start:stop]
+    o_ = out[start:stop]
+    j = 0
+    for i in range(b_.size):
+        b = np.uint64(b_[i])
+        chosen = False
+        if _candidate(b, m_[i], p):
+            d = np.int64(_key(b, p) >> shift)
+            if d > boundary or (take_boundary and d == boundary):
+                chosen = True
+            elif d == boundary:
+                gathered[j] = start + i
+                j += 1
+        o_[i] = chosen
+    return j
+
+
+@_jit(nogil=True)
+def _chunk_candidates(bits, mask, p, out, start, stop):  # pragma: no cover - jitted
+    """Count the candidates, and mark them in ``out`` unless it is empty."""
+    b_ = bits[start:stop]
+    m_ = mask[start:stop]
+    total = 0
+    if out.size:
+        o_ = out[start:stop]
+        for i in range(b_.size):
+            c = _candidate(np.uint64(b_[i]), m_[i], p)
+            o_[i] = c
+            total += c
+    else:
+        for i in range(b_.size):
+            total += _candidate(np.uint64(b_[i]), m_[i], p)
+    return total
+
+
+@_jit(nogil=True, fastmath=_REASSOC)
+def _chunk_abs_sum(x, mask, use_mask, start, stop):  # pragma: no cover - jitted
+    """float64 sum of ``|x|`` over ``mask`` (everywhere if not ``use_mask``); every term exact."""
+    x_ = x[start:stop]
+    total = 0.0
+    if use_mask:
+        m_ = mask[start:stop].view(np.uint8)
+        for i in range(x_.size):
+            total += abs(np.float64(x_[i])) * np.float64(m_[i])
+    else:
+        for i in range(x_.size):
+            total += abs(np.float64(x_[i]))
+    return total
+
+
+@_jit(nogil=True, fastmath=_REASSOC)
+def _chunk_abs_sum_half(bits, mask, use_mask, start, stop):  # pragma: no cover - jitted
+    """:func:`_chunk_abs_sum` for float16 given as raw ``uint16`` bits."""
+    b_ = bits[start:stop]
+    total = 0.0
+    if use_mask:
+        m_ = mask[start:stop].view(np.uint8)
+        for i in range(b_.size):
+            total += _half_abs(np.uint64(b_[i])) * np.float64(m_[i])
+    else:
+        for i in range(b_.size):
+            total += _half_abs(np.uint64(b_[i]))
+    return total
+
+
+@_jit(nogil=True)
+def _chunk_max_magnitude(bits, sign_clear, start, stop):  # pragma: no cover - jitted
+    """The largest bit pattern with the sign cleared: NaN or Inf iff it reaches the exponent."""
+    b_ = bits[start:stop]
+    largest = sign_clear ^ sign_clear  # zero of the bits' type
+    for i in range(b_.size):
+        largest = max(largest, b_[i] & sign_clear)
+    return np.uint64(largest)
+
+
+@_jit(nogil=True)
+def _chunk_hash(prefix, out, start, stop):  # pragma: no cover - jitted
+    o_ = out[start:stop]
+    for i in range(o_.size):
+        o_[i] = np.uint32(_hash(start + i, prefix))
+    return 0
+
+
+@_jit(nogil=True)
+def _chunk_apply(bits, old_mask, new_mask, out, start, stop):  # pragma: no cover - jitted
+    """Raw weight bits where active before and after, else all-zero bits (+0.0)."""
+    b_ = bits[start:stop]
+    a_ = old_mask[start:stop].view(np.uint8)
+    n_ = new_mask[start:stop].view(np.uint8)
+    o_ = out[start:stop]
+    for i in range(b_.size):
+        keep = np.uint64(0) - np.uint64(a_[i] & n_[i])  # all ones or zero
+        o_[i] = np.uint64(b_[i]) & keep
+    return 0
+
+
+@_jit(nogil=True)
+def _chunk_and_not(a, b, out, start, stop):  # pragma: no cover - jitted
+    a_ = a[start:stop].view(np.uint8)
+    b_ = b[start:stop].view(np.uint8)
+    o_ = out[start:stop].view(np.uint8)
+    for i in range(a_.size):
+        o_[i] = a_[i] & (b_[i] ^ np.uint8(1))
+    return 0
+
+
+# -- selection helpers ----------------------------------------------------------------------------
+
+
+@_jit(nogil=True)
+def _sample_bounds(bits, mask, p, k, samples):  # pragma: no cover - jitted
+    """Guess a key interval ``[lo, hi]`` holding the k-th best key, from a strided sample.
+
+    A wrong guess costs only time: the caller checks the counts and falls back.
+    """
+    n = bits.size
+    stride = n // samples
+    keys = np.empty(samples, dtype=np.uint64)
+    m = 0
+    for t in range(samples):
+        i = t * stride + stride // 2
+        b = np.uint64(bits[i])
+        if _candidate(b, mask[i], p):
+            keys[m] = _key(b, p)
+            m += 1
+    rank = k * samples / n  # expected number of selected positions in the sample
+    spread = 4.0 * np.sqrt(rank * max(0.0, 1.0 - rank / samples)) + 2.0
+    hi_rank = np.int64(np.floor(rank - spread))  # ranks count from the best (largest) key
+    lo_rank = np.int64(np.ceil(rank + spread))
+    hi = _kth_largest(keys, m, hi_rank) if 0 <= hi_rank < m else ~np.uint64(0)
+    lo = _kth_largest(keys, m, lo_rank) if lo_rank < m else np.uint64(0)
+    return lo, hi
+
+
+@_jit(nogil=True)
+def _kth_largest(keys, n, rank):  # pragma: no cover - jitted
+    """The ``rank``-th largest (0 = largest) of ``keys[:n]``, by radix select; ``keys`` is kept."""
+    work = keys[:n].copy()
+    hist = np.zeros(256, dtype=np.int64)
+    shift = 64
+    while shift > 0 and n > 1:
+        shift -= 8
+        hist[:] = 0
+        for t in range(n):
+            hist[np.int64(work[t] >> np.uint64(shift)) & 255] += 1
+        above = 0
+        boundary = 0
+        for d in range(255, -1, -1):
+            if above + hist[d] > rank:
+                boundary = d
+                break
+            above += hist[d]
+        j = 0
+        for t in range(n):
+            if np.int64(work[t] >> np.uint64(shift)) & 255 == boundary:
+                work[j] = work[t]
+                j += 1
+        n = j
+        rank -= above
+    return work[0]
+
+
+@_jit(nogil=True)
+def _boundary(hist, k):  # pragma: no cover - jitted
+    """From per-chunk histograms: the candidate count, the digit holding the k-th key, how many
+    to take at it, its size, and each chunk's offset into the gathered boundary positions."""
+    nchunks, bins = hist.shape
+    totals = np.zeros(bins, dtype=np.int64)
+    for c in range(nchunks):
+        totals += hist[c]
+    above = 0
+    boundary = 0
+    for d in range(bins - 1, -1, -1):
+        if above + totals[d] >= k:
+            boundary = d
+            break
+        above += totals[d]
+    offsets = np.zeros(nchunks, dtype=np.int64)
+    for c in range(1, nchunks):
+        offsets[c] = offsets[c - 1] + hist[c - 1, boundary]
+    return totals.sum(), boundary, k - above, totals[boundary], offsets
+
+
+@_jit(nogil=True)
+def _narrow(keys, pos, n, need, nbits, out):  # pragma: no cover - jitted
+    """Select the ``need`` largest of ``keys[:n]`` by their low ``nbits`` bits, 8 bits a round.
+
+    Candidates above each round's boundary digit are marked in ``out``; those at it are kept,
+    compacted in place in their order. Returns ``(n, need)`` of the group still tied.
+    """
+    if 0 < need < n:  # skip the leading key bits every candidate shares
+        differ = np.uint64(0)
+        for t in range(1, n):
+            differ |= keys[t] ^ keys[0]
+        used = 0
+        while used < nbits and (differ >> np.uint64(used)) != np.uint64(0):
+            used += 1
+        nbits = used
+    hist = np.zeros(256, dtype=np.int64)
+    while nbits > 0 and 0 < need < n:
+        shift = max(nbits - 8, 0)
+        digit_mask = (1 << (nbits - shift)) - 1
+        hist[:] = 0
+        for t in range(n):
+            hist[np.int64(keys[t] >> np.uint64(shift)) & digit_mask] += 1
+        above = 0
+        boundary = 0
+        for d in range(digit_mask, -1, -1):
+            if above + hist[d] >= need:
+                boundary = d
+                break
+            above += hist[d]
+        j = 0
+        for t in range(n):
+            d = np.int64(keys[t] >> np.uint64(shift)) & digit_mask
+            if d > boundary:
+                out[pos[t]] = True
+            elif d == boundary:
+                keys[j] = keys[t]
+                pos[j] = pos[t]
+                j += 1
+        need -= above
+        n = j
+        nbits = shift
+    return n, need
+
+
+@_jit(inline="always")
+def _finish_ties(keys, pos, n, need, prefix, out):  # pragma: no cover - jitted
+    """``pos[:n]`` tie on the score: take ``need`` by hash (larger first), then lower position."""
+    if need >= n:
+        for t in range(n):
+            out[pos[t]] = True
+        return
+    if need <= 0:
+        return
+    for t in range(n):
+        keys[t] = _hash(pos[t], prefix)
+    n, need = _narrow(keys, pos, n, need, 32, out)
+    for t in range(min(need, n)):  # equal hashes: only beyond 2**32 positions
+        out[pos[t]] = True
+
+
+@_jit(nogil=True)
+def _resolve(bits, gathered, need, p, nbits, prefix, out):  # pragma: no cover - jitted
+    """Choose ``need`` of the ``gathered`` positions, whose keys differ in the low ``nbits``."""
+    n = gathered.size
+    pos = gathered.copy()
+    keys = np.empty(n, dtype=np.uint64)
+    for t in range(n):
+        keys[t] = _key(np.uint64(bits[pos[t]]), p)
+    n, need = _narrow(keys, pos, n, need, nbits, out)
+    _finish_ties(keys, pos, n, need, prefix, out)
+
+
+@_jit(nogil=True)
+def _select_small(bits, mask, p, k, width, prefix):  # pragma: no cover - jitted
+    """Serial selection for small layers: gather every candidate, then narrow."""
+    n = bits.size
+    out = np.zeros(n, dtype=np.bool_)
+    pos = np.empty(n, dtype=np.int64)
+    keys = np.empty(n, dtype=np.uint64)
+    m = 0
+    for i in range(n):
+        b = np.uint64(bits[i])
+        if _candidate(b, mask[i], p):
+            pos[m] = i
+            keys[m] = _key(b, p)
+            m += 1
+    m, need = _narrow(keys, pos, m, k, width, out)
+    _finish_ties(keys, pos, m, need, prefix, out)
+    return out
+
+
+@_jit(nogil=True)
+def _select_units(bits, mask, p, ks, outer, inner, width, prefix, out):  # pragma: no cover
+    """With the array viewed as ``(outer, units, inner)``, select ``ks[j]`` positions of unit j."""
+    units = ks.size
+    per_unit = outer * inner
+    pos = np.empty(per_unit, dtype=np.int64)
+    keys = np.empty(per_unit, dtype=np.uint64)
+    for j in range(units):
+        need = ks[j]
+        if need <= 0:
+            continue
+        n = 0
+        for o in range(outer):
+            base = (o * units + j) * inner
+            for i in range(base, base + inner):
+                b = np.uint64(bits[i])
+                if _candidate(b, mask[i], p):
+                    pos[n] = i
+                    keys[n] = _key(b, p)
+                    n += 1
+        n, need = _narrow(keys, pos, n, need, width, out)
+        _finish_ties(keys, pos, n, need, prefix, out)
+    return 0
+
+
+# -- host side ------------------------------------------------------------------------------------
+
+_UINT_OF_SIZE = {2: np.uint16, 4: np.uint32, 8: np.uint64}
+_EXPONENT_MASK = {2: 0x7C00, 4: 0x7F800000, 8: 0x7FF0000000000000}
+_pool: ThreadPoolExecutor | None = None
+_pool_size = 0
+
+
+def _spans(n: int, min_chunk: int = MIN_CHUNK) -> list[tuple[int, int]]:
+    """Contiguous chunks of ``range(n)``: one per ``min_chunk`` elements, at most one per thread."""
+    parts = max(1, min(numba.get_num_threads(), n // max(1, min_chunk)))
+    cuts = [0, *(c * n // parts // 64 * 64 for c in range(1, parts)), n]  # 64-byte aligned
+    return [(a, b) for a, b in itertools.pairwise(cuts) if b > a] or [(0, n)]
+
+
+def _run(
+    kernel: Callable[..., Any],
+    spans: list[tuple[int, int]],
+    *args: Any,
+    per_span: list[Any] | None = None,
+) -> list[Any]:
+    """``kernel(*args, [per_span[c],] start, stop)`` for every span ``c``, in parallel if several.
+
+    A plain thread pool rather than ``prange``: the kernels release the GIL, a pool hands out a
+    pass for tens of microseconds, and the kernels stay simple loops the compiler vectorises. On
+    the shared 2-core machine this was measured against ``prange`` under Numba's default OpenMP
+    layer, whose parallel regions cost milliseconds each while other processes held the cores.
+    The pool has as many workers as chunks, at most ``numba.get_num_threads()``.
+    """
+    global _pool, _pool_size
+    calls = [
+        (*args, *(() if per_span is None else (per_span[c],)), start, stop)
+        for c, (start, stop) in enumerate(spans)
+    ]
+    if len(calls) == 1:
+        return [kernel(*calls[0])]
+    if _pool is None or _pool_size < len(calls):
+        _pool = ThreadPoolExecutor(max_workers=len(calls), thread_name_prefix="sparsecore")
+        _pool_size = len(calls)
+    futures = [_pool.submit(kernel, *call) for call in calls]
+    return [f.result() for f in futures]
+
+
+def _flat(x: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(x).reshape(-1)
+
+
+def rank_params(
+    dtype: np.dtype, *, among_active: bool, largest: bool, magnitude: bool, sign: Sign
+) -> tuple[np.uint64, ...] | None:
+    """The constants of the branch-free rank key and candidate test, or None if unsupported.
+
+    Floats and unsigned integers are supported; other dtypes use the NumPy reference.
+    """
+    if dtype.kind not in "fu" or dtype.itemsize not in _UINT_OF_SIZE:
+        return None
+    width = 8 * dtype.itemsize
+    top = 1 << (width - 1)
+    full = (1 << width) - 1
+    is_float = dtype.kind == "f"
+    signed = is_float and not magnitude
+    values = {
+        _AMONG: int(bool(among_active)),
+        _ANY: int(sign == "any"),
+        _WANT_POS: int(sign == "positive"),
+        _POS_SIGN: top if is_float else 0,  # unsigned values are positive when non-zero
+        _MAG: top - 1 if is_float else full,
+        _BASE: top if signed else 0,
+        _SIGNED: (1 << 64) - 1 if signed else 0,
+        _FLIP: 0 if largest else full,
+        _SIGN_SHIFT: width - 1,
+    }
+    return tuple(np.uint64(values[i]) for i in range(len(values)))
+
+
+def select_flat(
+    x: np.ndarray,
+    mask: np.ndarray,
+    k: int,
+    *,
+    among_active: bool,
+    largest: bool,
+    magnitude: bool,
+    key: HashKey,
+    sign: Sign = "any",
+    sampled: bool = True,
+    small_layer: int = SMALL_LAYER,
+    min_chunk: int = MIN_CHUNK,
+) -> np.ndarray:
+    """Flat boolean selection: :meth:`NumbaBackend.select` before reshaping.
+
+    ``sampled=False`` goes straight to the guaranteed histogram path, which is otherwise taken
+    only when the sampled interval misses; layers of at most ``small_layer`` elements are
+    gathered whole; ``min_chunk`` is the least work per thread. Tests vary all three to reach
+    every path on small arrays.
+    """
+    flat = _flat(x)
+    flat_mask = _flat(mask)
+    n = flat.size
+    p = rank_params(
+        flat.dtype, among_active=among_active, largest=largest, magnitude=magnitude, sign=sign
+    )
+    if p is None:
+        chosen = NumpyBackend().select(
+            flat, flat_mask, k, among_active=among_active, largest=largest,
+            magnitude=magnitude, key=key, sign=sign,
+        )  # fmt: skip
+        return np.asarray(chosen)
+    bits = flat.view(_UINT_OF_SIZE[flat.dtype.itemsize])
+    width = 8 * flat.dtype.itemsize
+    prefix = np.uint64(key.prefix())
+    if k <= 0:
+        return np.zeros(n, dtype=bool)
+    if n <= small_layer and sampled:
+        return _select_small(bits, flat_mask, p, k, width, prefix)
+    out = np.empty(n, dtype=bool)
+    spans = _spans(n, min_chunk)
+    if sampled:
+        samples = min(max(n >> SAMPLE_SHIFT, MIN_SAMPLES), MAX_SAMPLES, n)
+        lo, hi = _sample_bounds(bits, flat_mask, p, k, samples)
+        flags = out.view(np.uint8)
+        counts = _run(
+            _chunk_threshold, spans, bits, flat_mask, p, np.uint64(lo), np.uint64(hi), flags
+        )
+        above = sum(int(c[0]) for c in counts)
+        in_range = sum(int(c[1]) for c in counts)
+        if above <= k <= above + in_range:
+            window = _gather_flagged(flags, 2, in_range, counts, spans)
+            out[window] = False
+            _resolve(bits, window, k - above, p, width, prefix, out)
+            return out
+    return _select_by_histogram(bits, flat_mask, p, k, width, prefix, spans, out)
+
+
+def _gather_flagged(
+    flags: np.ndarray,
+    value: int,
+    total: int,
+    counts: list[Any],
+    spans: list[tuple[int, int]],
+) -> np.ndarray:
+    """Ascending positions whose flag byte is ``value``; ``counts[c][1]`` of them in span c."""
+    window = np.empty(total, dtype=np.int64)
+    offsets = np.cumsum([0] + [int(c[1]) for c in counts])
+    views = [window[offsets[c] : offsets[c + 1]] for c in range(len(spans))]
+    _run(_chunk_flagged, spans, flags, np.uint8(value), per_span=views)
+    return window
+
+
+def _select_by_histogram(
+    bits: np.ndarray,
+    mask: np.ndarray,
+    p: tuple[np.uint64, ...],
+    k: int,
+    width: int,
+    prefix: np.uint64,
+    spans: list[tuple[int, int]],
+    out: np.ndarray,
+) -> np.ndarray:
+    """The guaranteed path (two full passes): used when the sampled interval missed."""
+    shift = np.uint64(width - DIGIT_BITS)
+    hist = np.empty((len(spans), 1 << DIGIT_BITS), dtype=np.int64)
+    _run(_chunk_histogram, spans, bits, mask, p, shift, per_span=list(hist))
+    candidates, boundary, need, at_boundary, offsets = _boundary(hist, k)
+    if k >= candidates:
+        _run(_chunk_candidates, spans, bits, mask, p, out)
+        return out
+    take_all = bool(need == at_boundary)
+    gathered = np.empty(0 if take_all else at_boundary, dtype=np.int64)
+    views = [
+        gathered[offsets[c] : offsets[c] + (0 if take_all else hist[c, boundary])]
+        for c in range(len(spans))
+    ]
+    _run(
+        _chunk_mark_and_gather, spans, bits, mask, p, shift, boundary, take_all, out,
+        per_span=views,
+    )  # fmt: skip
+    if not take_all:
+        _resolve(bits, gathered, need, p, int(shift), prefix, out)
+    return out
+
+
+class NumbaBackend(NumpyBackend):
+    """NumPy arrays, with every full-layer pass compiled, fused and run on all cores.
+
+    It inherits the NumPy reference for the cheap operations (shapes, counts, per-unit sums) and
+    replaces the passes that dominate an update: selection, masked sums, finiteness checks,
+    hashing and applying masks. ``owns`` still answers for plain arrays (the engine checks layers
+    with it), but :func:`~sparsecore.backend.backend_for` gives NumPy arrays to the NumPy backend:
+    this one is chosen by name.
+    """
+
+    name = "numba"
+
+    def __init__(
+        self, *, sampled: bool = True, small_layer: int = SMALL_LAYER, min_chunk: int = MIN_CHUNK
+    ) -> None:
+        """The defaults are the fast choices; the options exist to test every selection path."""
+        self.sampled = sampled
+        self.small_layer = small_layer
+        self.min_chunk = min_chunk
+
+    def all_finite(self, x: Any) -> bool:
+        flat = _flat(x)
+        if flat.dtype.kind != "f" or flat.dtype.itemsize not in _EXPONENT_MASK:
+            return bool(super().all_finite(x))
+        if flat.size == 0:
+            return True
+        size = flat.dtype.itemsize
+        bits = flat.view(_UINT_OF_SIZE[size])
+        sign_clear = _UINT_OF_SIZE[size]((1 << (8 * size - 1)) - 1)
+        largest = max(
+            _run(_chunk_max_magnitude, _spans(bits.size, self.min_chunk), bits, sign_clear)
+        )
+        return int(largest) < _EXPONENT_MASK[size]
+
+    def count_positive(self, x: Any, mask: Any) -> int:
+        flat = _flat(x)
+        p = rank_params(
+            flat.dtype, among_active=True, largest=True, magnitude=False, sign="positive"
+        )
+        if p is None:
+            return super().count_positive(x, mask)
+        bits = flat.view(_UINT_OF_SIZE[flat.dtype.itemsize])
+        none = np.empty(0, dtype=bool)
+        counts = _run(
+            _chunk_candidates, _spans(bits.size, self.min_chunk), bits, _flat(mask), p, none
+        )
+        return sum(int(c) for c in counts)
+
+    def abs_sum(self, x: Any, mask: Any | None) -> float:
+        flat = _flat(x)
+        flat_mask = np.empty(0, dtype=bool) if mask is None else _flat(mask)
+        spans = _spans(flat.size, self.min_chunk)
+        use_mask = mask is not None
+        if flat.dtype == np.float16:
+            parts = _run(_chunk_abs_sum_half, spans, flat.view(np.uint16), flat_mask, use_mask)
+        elif flat.dtype in (np.float32, np.float64):
+            parts = _run(_chunk_abs_sum, spans, flat, flat_mask, use_mask)
+        else:
+            return super().abs_sum(x, mask)
+        return float(sum(parts))
+
+    def select(
+        self,
+        x: Any,
+        mask: Any,
+        k: int,
+        *,
+        among_active: bool,
+        largest: bool,
+        magnitude: bool,
+        key: HashKey,
+        sign: Sign = "any",
+    ) -> Any:
+        out = select_flat(
+            x,
+            mask,
+            int(k),
+            among_active=bool(among_active),
+            largest=bool(largest),
+            magnitude=bool(magnitude),
+            key=key,
+            sign=sign,
+            sampled=self.sampled,
+            small_layer=self.small_layer,
+            min_chunk=self.min_chunk,
+        )
+        return out.reshape(np.shape(x))
+
+    def select_per_unit(
+        self,
+        x: Any,
+        mask: Any,
+        ks: np.ndarray,
+        *,
+        axis: int,
+        among_active: bool,
+        largest: bool,
+        magnitude: bool,
+        key: HashKey,
+    ) -> Any:
+        flat = _flat(x)
+        p = rank_params(
+            flat.dtype, among_active=among_active, largest=largest, magnitude=magnitude, sign="any"
+        )
+        if p is None:
+            return super().select_per_unit(
+                x, mask, ks, axis=axis, among_active=among_active, largest=largest,
+                magnitude=magnitude, key=key,
+            )  # fmt: skip
+        shape = tuple(np.shape(x))
+        axis = axis % len(shape)
+        outer = int(np.prod(shape[:axis], dtype=np.int64))
+        inner = int(np.prod(shape[axis + 1 :], dtype=np.int64))
+        out = np.zeros(flat.size, dtype=bool)
+        _select_units(  # one thread: per-unit growth is a rarely used mode
+            flat.view(_UINT_OF_SIZE[flat.dtype.itemsize]),
+            _flat(mask),
+            p,
+            np.asarray(ks, dtype=np.int64),
+            outer,
+            inner,
+            8 * flat.dtype.itemsize,
+            np.uint64(key.prefix()),
+            out,
+        )
+        return out.reshape(shape)
+
+    def position_hash(self, key: HashKey, like: Any) -> Any:
+        shape = tuple(np.shape(like))
+        out = np.empty(int(np.prod(shape, dtype=np.int64)), dtype=np.uint32)
+        _run(_chunk_hash, _spans(out.size, self.min_chunk), np.uint64(key.prefix()), out)
+        return out.reshape(shape)
+
+    def and_not(self, a: Any, b: Any) -> Any:
+        out = np.empty(np.shape(a), dtype=bool)
+        _run(_chunk_and_not, _spans(out.size, self.min_chunk), _flat(a), _flat(b), out.reshape(-1))
+        return out
+
+    def apply(self, weight: Any, old_mask: Any, new_mask: Any) -> Any:
+        flat = _flat(weight)
+        if flat.dtype.itemsize not in _UINT_OF_SIZE or flat.dtype.kind != "f":
+            return super().apply(weight, old_mask, new_mask)
+        out = np.empty_like(flat)
+        uint = _UINT_OF_SIZE[flat.dtype.itemsize]
+        spans = _spans(flat.size, self.min_chunk)
+        _run(_chunk_apply, spans, flat.view(uint), _flat(old_mask), _flat(new_mask), out.view(uint))
+        return out.reshape(np.shape(weight))
+
+
+def warm_up() -> None:
+    """Compile (or load from the cache) the float32 kernels, e.g. before timing a first update."""
+    backend = NumbaBackend()
+    rng = np.random.default_rng(0)
+    key = HashKey(0, 1, 0)
+    for n in (64, SMALL_LAYER + 1):
+        x = rng.standard_normal(n).astype(np.float32)
+        mask = x > 0.5
+        for largest in (False, True):
+            backend.select(
+                x, mask, 3, among_active=largest, largest=largest, magnitude=True, key=key
+            )
+        select_flat(
+            x, mask, 3, among_active=True, largest=False, magnitude=True, key=key, sampled=False
+        )
+    backend.abs_sum(x, mask)
+    backend.all_finite(x)
+    backend.apply(x, mask, mask)
+    backend.and_not(mask, mask)
