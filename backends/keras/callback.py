@@ -67,7 +67,10 @@ class SparseCallback(keras.callbacks.Callback):
     ``update_every``, ...) with the paper's defaults, plus which layers are sparse:
     ``include``/``exclude`` (layer names, name patterns, class names or classes),
     ``dense_first``/``dense_last`` and ``embeddings`` (make Embedding tables sparse too).
-    ``total_steps`` defaults to ``epochs * steps_per_epoch`` of the first ``fit``.
+    ``total_steps`` (the length of training, for the prune-rate schedule and the end of updates)
+    defaults to ``epochs * steps_per_epoch`` of the current ``fit``; Keras counts ``epochs`` from
+    the start of training, so ``fit(initial_epoch=e, epochs=E)`` after loading a checkpoint keeps
+    the schedule. Pass ``total_steps`` when one run is split into ``fit`` calls of other lengths.
 
     After each epoch ``logs`` (hence the History and TensorBoard) get ``sparse_density``,
     ``sparse_measured_density`` (nonzero fraction of the kernels), ``sparse_updates`` and the
@@ -117,6 +120,7 @@ class SparseCallback(keras.callbacks.Callback):
         self.constraints: list[SparseMask] = []
         self._reader: MomentumReader | None = None
         self._attached_to: Any = None
+        self._total_from_fit = "total_steps" not in options
         if self.config.update_every is None:
             # Epoch-end updates only: keep Keras' default (no-op) batch hook so that async
             # dispatch stays on.
@@ -160,9 +164,9 @@ class SparseCallback(keras.callbacks.Callback):
             self._attach(self.model, steps_known=True)
         elif self.engine is not None:
             self._check_steps_per_execution(self.model, self.engine.config)
-        if self.engine is not None and self.engine.config.total_steps is None:
+        if self.engine is not None and self._total_from_fit:
             total = self._total_steps()
-            if total is not None:
+            if total is not None and total != self.engine.config.total_steps:
                 self.engine.config = self.engine.config.replace(total_steps=total)
                 self._store_state()
 
@@ -210,7 +214,10 @@ class SparseCallback(keras.callbacks.Callback):
             constraints = [c for c in existing if isinstance(c, SparseMask)]
             state = self._saved_state(weights, constraints)
             config = self._resumed_config(state)
-        if config.total_steps is None and steps_known:
+        total_from_fit = "total_steps" not in self._given and (
+            state is None or bool(state.get("keras", {}).get("total_steps_from_fit", True))
+        )
+        if total_from_fit and steps_known:
             total = self._total_steps()
             if total is not None:
                 config = config.replace(total_steps=total)
@@ -260,6 +267,7 @@ class SparseCallback(keras.callbacks.Callback):
             self._rebuild_train_function(model)
         self.weights, self.constraints, self.engine = weights, constraints, engine
         self._reader = reader
+        self._total_from_fit = total_from_fit
         self._attached_to = model
         self._store_state()
 
@@ -326,6 +334,7 @@ class SparseCallback(keras.callbacks.Callback):
         assert self.engine is not None
         state = self.engine.state_dict()
         ever = state.pop("ever_active")
+        state["keras"] = {"total_steps_from_fit": self._total_from_fit}
         self.constraints[0].state = json.loads(json.dumps(state, default=_json_default))
         if ever is not None:
             for c, e in zip(self.constraints, ever):

@@ -60,11 +60,29 @@ class SparseWeight:
         return tuple(int(d) for d in self.variable.shape)
 
 
-def model_layers(model: Any) -> list[Any]:
-    """Every layer inside ``model`` (depth first, each once), nested models included."""
+def model_layers(model: Any) -> list[tuple[str, Any]]:
+    """Every layer inside ``model`` (depth first, each once) with its path of layer names.
+
+    The path (``"block/dense_1"``) names a layer by where it sits in the model, not by the
+    session-dependent model name or variable path, so a saved and reloaded model (whose outer
+    name may have changed, e.g. ``sequential`` -> ``sequential_1``) names its weights the same.
+    """
     if not isinstance(model, keras.layers.Layer):
         raise SparseCoreError(f"expected a Keras model or layer, got {type(model).__name__}")
-    return list(model._flatten_layers(include_self=False, recursive=True))
+    out: list[tuple[str, Any]] = []
+    seen: set[int] = set()
+
+    def visit(layer: Any, prefix: str) -> None:
+        for child in layer._flatten_layers(include_self=False, recursive=False):
+            if id(child) in seen:
+                continue
+            seen.add(id(child))
+            path = f"{prefix}{child.name}"
+            out.append((path, child))
+            visit(child, path + "/")
+
+    visit(model, "")
+    return out
 
 
 def _matches(layer: Any, patterns: Sequence[Any]) -> bool:
@@ -130,7 +148,7 @@ def find_sparse_weights(
     found: list[SparseWeight] = []
     seen_vars: set[int] = set()
     candidates = []
-    for layer in model_layers(model):
+    for path, layer in model_layers(model):
         rules = _rule_for(layer, embeddings or bool(includes and _matches(layer, includes)))
         if not rules:
             if includes and _matches(layer, includes) and not isinstance(layer, keras.Model):
@@ -145,13 +163,13 @@ def find_sparse_weights(
             continue
         if not layer.built:
             raise SparseCoreError(f"layer {layer.name!r} is not built yet; build the model first")
-        candidates.append((layer, rules))
+        candidates.append((path, layer, rules))
     if dense_first and candidates:
         candidates = candidates[1:]
     if dense_last and candidates:
         candidates = candidates[:-1]
     names: set[str] = set()
-    for layer, rules in candidates:
+    for path, layer, rules in candidates:
         if includes and not _matches(layer, includes):
             continue
         if excludes and _matches(layer, excludes):
@@ -167,7 +185,7 @@ def find_sparse_weights(
             if id(variable) in seen_vars:  # a layer shared between models
                 continue
             seen_vars.add(id(variable))
-            name = variable.path or f"{layer.name}/{attr}"
+            name = f"{path}/{attr}"
             base, n = name, 1
             while name in names:
                 n += 1
