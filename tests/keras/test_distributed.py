@@ -1,0 +1,89 @@
+"""Under tf.distribute.MirroredStrategy (2 logical CPU devices) every replica ends with the same
+masks and the same sparse kernels after mask updates.
+
+TensorFlow must be told about the logical devices before it initialises, and the strategy needs
+the TensorFlow backend of Keras, so the check runs in a fresh process whatever backend this test
+session uses.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+SCRIPT = textwrap.dedent(
+    """
+    import json
+    import numpy as np
+    import tensorflow as tf
+
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    tf.config.set_logical_device_configuration(
+        cpu, [tf.config.LogicalDeviceConfiguration(), tf.config.LogicalDeviceConfiguration()]
+    )
+    import keras
+    from sparsecore.keras import SparseCallback
+
+    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    with strategy.scope():
+        keras.utils.set_random_seed(0)
+        model = keras.Sequential(
+            [
+                keras.Input((10,)),
+                keras.layers.Dense(24, activation="relu", name="fc1"),
+                keras.layers.Dense(3, name="out"),
+            ]
+        )
+        model.compile(
+            optimizer=keras.optimizers.SGD(0.05, momentum=0.9),
+            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        )
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((128, 10)).astype("float32")
+    y = rng.integers(0, 3, 128).astype("int32")
+    cb = SparseCallback(density=0.2, update_every=2)
+    model.fit(x, y, batch_size=32, epochs=2, callbacks=[cb], verbose=0)
+
+    def replicas(variable):
+        value = variable.value
+        parts = getattr(value, "values", None) or (value,)
+        return [np.asarray(p.numpy()) for p in parts], [p.device for p in parts]
+
+    out = {"updates": len(cb.history), "num_replicas": strategy.num_replicas_in_sync, "layers": {}}
+    for w, c in zip(cb.weights, cb.constraints):
+        masks, mask_devices = replicas(c.mask)
+        kernels, devices = replicas(w.variable)
+        out["layers"][w.name] = {
+            "mask_replicas": len(masks),
+            "kernel_devices": sorted(set(devices)),
+            "masks_equal": all(np.array_equal(masks[0], m) for m in masks),
+            "kernels_equal": all(np.array_equal(kernels[0], k) for k in kernels),
+            "zero_outside": all(not np.any(k[~masks[0]]) for k in kernels),
+            "count": int(masks[0].sum()),
+        }
+    out["target"] = cb.engine.target
+    print("RESULT " + json.dumps(out))
+    """
+)
+
+
+def test_mirrored_strategy_replicas_share_masks():
+    env = dict(os.environ, KERAS_BACKEND="tensorflow", TF_CPP_MIN_LOG_LEVEL="2")
+    proc = subprocess.run(
+        [sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=300
+    )
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    assert proc.returncode == 0 and lines, proc.stderr[-3000:]
+    result = json.loads(lines[-1][len("RESULT ") :])
+    assert result["num_replicas"] == 2
+    assert result["updates"] >= 2  # 4 steps per epoch, 8 in all: updates at 2, 4, 6
+    total = 0
+    for name, layer in result["layers"].items():
+        assert layer["mask_replicas"] == 2, name
+        assert len(layer["kernel_devices"]) == 2, name
+        assert layer["masks_equal"] and layer["kernels_equal"] and layer["zero_outside"], name
+        total += layer["count"]
+    assert total == result["target"]
