@@ -1,0 +1,57 @@
+"""``sparsecore train --framework keras``: the Keras job behind the main command."""
+
+from __future__ import annotations
+
+import json
+
+import keras
+import numpy as np
+from sparsecore.keras import SparseMask
+
+from sparsecore.cli import main
+
+
+def test_train_keras_sparse_writes_summary_and_model(tmp_path, capsys):
+    out = tmp_path / "run"
+    args = ["train", "--framework", "keras", "--method", "sparse", "--epochs", "2"]
+    args += [
+        "--limit-train",
+        "1000",
+        "--limit-test",
+        "300",
+        "--out",
+        str(out),
+        "--data",
+        "embedded",
+    ]
+    assert main(args) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["framework"] == "keras" and summary["completed"]
+    assert summary["final_density"] == 0.05
+    assert summary["final_measured_density"] <= 0.05
+    assert summary["num_mask_updates"] == 1  # after epoch 1, none after the last
+    assert len(summary["epochs"]) == 2 and 0 <= summary["final_test_acc"] <= 100
+    model = keras.models.load_model(out / "model.keras")
+    masks = [layer.kernel.constraint for layer in model.layers if hasattr(layer, "kernel")]
+    assert all(isinstance(m, SparseMask) for m in masks) and len(masks) == 3
+    total = sum(int(m.mask_numpy().sum()) for m in masks)
+    size = sum(int(np.prod(m.shape)) for m in masks)
+    assert total == round(0.05 * size)
+    assert "final test accuracy" in capsys.readouterr().out
+    # a second run into the same folder is refused unless --overwrite
+    assert main(args) == 2
+
+
+def test_train_keras_dense_and_bad_options(tmp_path, capsys):
+    out = tmp_path / "dense"
+    args = ["train", "--framework", "keras", "--method", "dense", "--epochs", "1"]
+    args += ["--limit-train", "500", "--limit-test", "200", "--out", str(out), "--data", "embedded"]
+    assert main(args) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["final_density"] == 1.0 and summary["num_mask_updates"] == 0
+    assert (
+        main(["train", "--framework", "keras", "--model", "vgg", "--out", str(tmp_path / "v")]) == 2
+    )
+    assert "no Keras version" in capsys.readouterr().err
+    assert main(["train", "--framework", "keras", "--resume", str(out)]) == 2
+    assert "--resume" in capsys.readouterr().err
