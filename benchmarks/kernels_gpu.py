@@ -27,6 +27,7 @@ from torch.nn import functional as F
 SPARSITIES = (0.80, 0.90, 0.95, 0.98)
 EPOCH_STEPS = 391  # CIFAR-10 at batch 128
 WINDOW_STEPS = 10  # dense weight gradient before each mask update, ~1/(1-0.9)
+TILED = True  # time the tiled convolution kernel too (--no-tiled: gather only)
 
 
 @dataclass(frozen=True)
@@ -130,10 +131,15 @@ def _layer_cases(layer: Layer, sparsities: tuple[float, ...]) -> list[Case]:
         Case("dense FP32", dense_step, tf32=False),
         Case("dense TF32", dense_step, tf32=True),
     ]
+    from sparsecore.torch import cuda_kernels
+
+    algos = ("gather", "tiled") if layer.kind == "conv" and TILED else ("gather",)
     for sparsity in sparsities:
         mask = torch.rand(w_shape, device=dev, generator=gen) >= sparsity
         w = (torch.randn(w_shape, device=dev, generator=gen) * mask).requires_grad_(True)
-        for dense_dw in (False, True):
+        for variant in (*algos, "dense dW"):
+            dense_dw = variant == "dense dW"
+            algo = ("auto" if TILED else "gather") if dense_dw else variant
             state: ConvLayerState | LinearLayerState
             if layer.kind == "conv":
                 state = ConvLayerState(
@@ -142,7 +148,8 @@ def _layer_cases(layer: Layer, sparsities: tuple[float, ...]) -> list[Case]:
             else:
                 state = LinearLayerState(name=layer.name, mask=mask, dense_weight_grad=dense_dw)
 
-            def sparse_step(w=w, state=state) -> None:
+            def sparse_step(w=w, state=state, algo=algo) -> None:
+                cuda_kernels.set_conv_algorithm(algo)
                 x.grad = w.grad = bias.grad = None
                 if layer.kind == "conv":
                     y = sparse_conv2d(x, w, bias, state)
@@ -150,12 +157,11 @@ def _layer_cases(layer: Layer, sparsities: tuple[float, ...]) -> list[Case]:
                     y = sparse_linear(x, w, bias, state)
                 y.backward(gy)
 
-            label = f"sparse {sparsity:.0%} {'dense dW' if dense_dw else 'sparse dW'}"
-            cases.append(Case(label, sparse_step))
+            cases.append(Case(f"sparse {sparsity:.0%} {variant}", sparse_step))
     return cases
 
 
-def _forward_only(layer: Layer, sparsity: float, reps: int) -> tuple[float, float]:
+def _forward_only(layer: Layer, sparsity: float, reps: int) -> tuple[float, dict[str, float]]:
     """Median forward time (ms): dense FP32 and sparse at ``sparsity``, interleaved."""
     from sparsecore.torch.cuda_kernels import sparse_conv2d, sparse_linear
     from sparsecore.torch.sparse_functions import ConvLayerState, LinearLayerState
@@ -187,10 +193,21 @@ def _forward_only(layer: Layer, sparsity: float, reps: int) -> tuple[float, floa
         def sparse() -> None:
             sparse_linear(x, w, None, lstate)
 
-    cases = [Case("dense", dense), Case("sparse", sparse)]
+    from sparsecore.torch import cuda_kernels
+
+    def with_algo(algo: str) -> Callable[[], None]:
+        def run() -> None:
+            cuda_kernels.set_conv_algorithm(algo)
+            sparse()
+
+        return run
+
+    cases = [Case("dense", dense), Case("gather", with_algo("gather"))]
+    if layer.kind == "conv" and TILED:
+        cases.append(Case("tiled", with_algo("tiled")))
     with torch.no_grad():
         _run_interleaved(cases, reps)
-    return cases[0].median(), cases[1].median()
+    return cases[0].median(), {c.label: c.median() for c in cases[1:]}
 
 
 def _run_interleaved(cases: list[Case], reps: int, warmup: int = 3) -> None:
@@ -203,6 +220,50 @@ def _run_interleaved(cases: list[Case], reps: int, warmup: int = 3) -> None:
             case.run(record=True)
         for case in cases:
             case.collect()
+
+
+def _host_overhead() -> dict[str, object]:
+    """Wall-clock host cost: DLPack hand-over vs raw pointer, and a tiny layer's whole step."""
+    import cupy
+    import sparsecore.kernels as K
+    from sparsecore.torch.cuda_kernels import sparse_linear
+    from sparsecore.torch.sparse_functions import LinearLayerState
+
+    t = torch.empty(1024, device="cuda")
+
+    def per_call(fn: Callable[[], object], n: int = 200) -> float:
+        times = []
+        for _ in range(n):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+        return statistics.median(times) * 1e6
+
+    dlpack = per_call(lambda: cupy.from_dlpack(t))
+    ptr = per_call(lambda: K.pointer(t.data_ptr()))
+    mask = torch.rand((256, 256), device="cuda") >= 0.95
+    w = (torch.randn((256, 256), device="cuda") * mask).requires_grad_(True)
+    x = torch.randn((32, 256), device="cuda", requires_grad=True)
+    state = LinearLayerState(name="tiny", mask=mask, dense_weight_grad=False)
+
+    def sparse_step() -> None:
+        sparse_linear(x, w, None, state).sum().backward()
+        torch.cuda.synchronize()
+
+    def dense_step() -> None:
+        F.linear(x, w).sum().backward()
+        torch.cuda.synchronize()
+
+    for _ in range(5):
+        sparse_step()
+        dense_step()
+    return {
+        "from_dlpack_us": dlpack,
+        "pointer_us": ptr,
+        "tiny_sparse_step_us": per_call(sparse_step, 100),
+        "tiny_dense_step_us": per_call(dense_step, 100),
+        "launch_path": K.launch_path(),
+    }
 
 
 def _peak_memory(step: Callable[[], None]) -> float:
@@ -219,7 +280,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reps", type=int, default=25)
     parser.add_argument("--json", default=None, help="also write all figures to this file")
     parser.add_argument("--quick", action="store_true", help="two layers, 95%% only")
+    parser.add_argument(
+        "--no-tiled", action="store_true", help="leave out the tiled convolution kernel"
+    )
     args = parser.parse_args(argv)
+    global TILED
+    TILED = not args.no_tiled
     if not torch.cuda.is_available():
         print("no CUDA GPU: nothing to measure", file=sys.stderr)
         return 1
@@ -233,8 +299,9 @@ def main(argv: list[str] | None = None) -> int:
         f"{WINDOW_STEPS} dense-dW steps per {EPOCH_STEPS}-step epoch\n"
     )
     header = (
-        "| layer | sparsity | dense FP32 ms | dense TF32 ms | sparse ms (IQR) | dense-dW ms | "
-        "vs FP32 | vs TF32 | dense-dW vs FP32 | epoch avg vs FP32 | sparse TFLOP/s |"
+        "| layer | sparsity | dense FP32 ms | dense TF32 ms | sparse gather ms (IQR) | "
+        "sparse tiled ms (IQR) | best vs FP32 | best vs TF32 | dense-dW ms | dense-dW vs FP32 | "
+        "epoch avg vs FP32 | useful TFLOP/s |"
     )
     print(header)
     print("|" + "---|" * (header.count("|") - 1))
@@ -246,23 +313,32 @@ def main(argv: list[str] | None = None) -> int:
         by = {c.label: c for c in cases}
         fp32, tf32 = by["dense FP32"].median(), by["dense TF32"].median()
         for s in sparsities:
-            sp = by[f"sparse {s:.0%} sparse dW"]
+            variants = {
+                v: by[f"sparse {s:.0%} {v}"]
+                for v in ("gather", "tiled")
+                if f"sparse {s:.0%} {v}" in by
+            }
+            best = min(c.median() for c in variants.values())
             dd = by[f"sparse {s:.0%} dense dW"]
-            lo, hi = sp.iqr()
-            epoch = (
-                (EPOCH_STEPS - WINDOW_STEPS) * sp.median() + WINDOW_STEPS * dd.median()
-            ) / EPOCH_STEPS
-            useful = layer.dense_flops() * (1 - s) / (sp.median() * 1e-3) / 1e12
+            epoch = ((EPOCH_STEPS - WINDOW_STEPS) * best + WINDOW_STEPS * dd.median()) / EPOCH_STEPS
+            useful = layer.dense_flops() * (1 - s) / (best * 1e-3) / 1e12
+
+            def cell(v: str, variants=variants) -> str:
+                if v not in variants:
+                    return "-"
+                lo, hi = variants[v].iqr()
+                return f"{variants[v].median():.3f} ({lo:.3f}-{hi:.3f})"
+
             row = {
                 "layer": layer.name,
                 "sparsity": s,
                 "dense_fp32_ms": fp32,
                 "dense_tf32_ms": tf32,
-                "sparse_ms": sp.median(),
-                "sparse_iqr_ms": [lo, hi],
+                "sparse_ms": {v: c.median() for v, c in variants.items()},
+                "sparse_iqr_ms": {v: list(c.iqr()) for v, c in variants.items()},
                 "dense_dw_ms": dd.median(),
-                "ratio_fp32": fp32 / sp.median(),
-                "ratio_tf32": tf32 / sp.median(),
+                "ratio_fp32": fp32 / best,
+                "ratio_tf32": tf32 / best,
                 "ratio_dense_dw_fp32": fp32 / dd.median(),
                 "ratio_epoch_fp32": fp32 / epoch,
                 "sparse_tflops": useful,
@@ -270,9 +346,9 @@ def main(argv: list[str] | None = None) -> int:
             }
             results.append(row)
             print(
-                f"| {layer.name} | {s:.0%} | {fp32:.3f} | {tf32:.3f} | {sp.median():.3f} "
-                f"({lo:.3f}-{hi:.3f}) | {dd.median():.3f} | {row['ratio_fp32']:.2f}x | "
-                f"{row['ratio_tf32']:.2f}x | {row['ratio_dense_dw_fp32']:.2f}x | "
+                f"| {layer.name} | {s:.0%} | {fp32:.3f} | {tf32:.3f} | {cell('gather')} | "
+                f"{cell('tiled')} | {row['ratio_fp32']:.2f}x | {row['ratio_tf32']:.2f}x | "
+                f"{dd.median():.3f} | {row['ratio_dense_dw_fp32']:.2f}x | "
                 f"{row['ratio_epoch_fp32']:.2f}x | {useful:.1f} |",
                 flush=True,
             )
@@ -284,11 +360,16 @@ def main(argv: list[str] | None = None) -> int:
     for layer in layers:
         dense_ms, sparse_ms = _forward_only(layer, 0.95, args.reps)
         forward.append({"layer": layer.name, "dense_ms": dense_ms, "sparse_ms": sparse_ms})
-        print(
-            f"  {layer.name}: dense {dense_ms:.3f}  sparse {sparse_ms:.3f}  "
-            f"ratio {dense_ms / sparse_ms:.2f}x",
-            flush=True,
-        )
+        parts = "  ".join(f"{k} {v:.3f} ({dense_ms / v:.2f}x)" for k, v in sparse_ms.items())
+        print(f"  {layer.name}: dense {dense_ms:.3f}  {parts}", flush=True)
+
+    overhead = _host_overhead()
+    print(
+        "\nHost cost per call (us, median of 200): cupy.from_dlpack "
+        f"{overhead['from_dlpack_us']:.1f}, raw pointer {overhead['pointer_us']:.1f}; "
+        f"fc 256->256 batch 32 (95%) step wall time: sparse {overhead['tiny_sparse_step_us']:.0f}, "
+        f"dense {overhead['tiny_dense_step_us']:.0f}; launch path {overhead['launch_path']}"
+    )
 
     layer = layers[0]
     cases = _layer_cases(layer, (0.95,))
@@ -296,7 +377,7 @@ def main(argv: list[str] | None = None) -> int:
     mem = {
         "layer": layer.name,
         "dense_step_peak_mib": _peak_memory(by["dense FP32"].step),
-        "sparse_step_peak_mib": _peak_memory(by["sparse 95% sparse dW"].step),
+        "sparse_step_peak_mib": _peak_memory(by["sparse 95% gather"].step),
         "sparse_dense_dw_step_peak_mib": _peak_memory(by["sparse 95% dense dW"].step),
     }
     print(
@@ -315,6 +396,7 @@ def main(argv: list[str] | None = None) -> int:
                     "steps": results,
                     "forward": forward,
                     "memory": mem,
+                    "host_overhead": overhead,
                 },
                 fh,
                 indent=1,

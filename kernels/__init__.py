@@ -28,13 +28,15 @@ __all__ = [
     "get_function",
     "kernel_names",
     "launch",
+    "launch_path",
+    "pointer",
     "read_source",
     "source_dir",
     "source_files",
 ]
 
 #: The translation units, each compiled into one module; headers are included from them.
-KERNEL_SOURCES: tuple[str, ...] = ("gather.cu", "sddmm.cu")
+KERNEL_SOURCES: tuple[str, ...] = ("gather.cu", "sddmm.cu", "tiled.cu")
 HEADERS: tuple[str, ...] = ("common.cuh",)
 
 _COMPILE_OPTIONS: tuple[str, ...] = ()
@@ -129,9 +131,24 @@ def _module(source: str) -> Any:
     return module
 
 
-def get_function(kernel: str) -> Any:
-    """The compiled kernel ``kernel`` (a ``cupy.RawKernel``) on the current device."""
-    return _module(_source_of(kernel)).get_function(kernel)
+_functions: dict[tuple[int, str], Any] = {}
+_low_level: dict[tuple[int, str], Any] = {}
+_fast_launch = True
+
+
+def get_function(kernel: str, device: int | None = None) -> Any:
+    """The compiled kernel ``kernel`` (a ``cupy.RawKernel``) on ``device`` (default: current)."""
+    import cupy
+
+    if device is None:
+        device = int(cupy.cuda.runtime.getDevice())
+    key = (device, kernel)
+    function = _functions.get(key)
+    if function is None:
+        with cupy.cuda.Device(device):
+            function = _module(_source_of(kernel)).get_function(kernel)
+        _functions[key] = function
+    return function
 
 
 def as_cupy(array: Any) -> Any:
@@ -143,25 +160,69 @@ def as_cupy(array: Any) -> Any:
     return cupy.from_dlpack(array)
 
 
+def pointer(address: int) -> Any:
+    """A raw device address as a kernel argument (passed by value as a 64-bit pointer)."""
+    import numpy as np
+
+    return np.uint64(address)
+
+
 @functools.cache
 def _stream(ptr: int, device: int) -> Any:
+    import warnings
+
     import cupy
 
-    return cupy.cuda.ExternalStream(ptr, device)
+    with warnings.catch_warnings():
+        # CuPy 14 prefers Stream.from_external(obj with __cuda_stream__); a raw handle is what
+        # PyTorch gives on every version, and ExternalStream still takes it.
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return cupy.cuda.ExternalStream(ptr, device)
 
 
-def external_stream(ptr: int) -> Any:
-    """A cached CuPy stream object wrapping the raw CUDA stream handle ``ptr``."""
+def external_stream(ptr: int, device: int | None = None) -> Any:
+    """A cached CuPy stream object wrapping the raw CUDA stream handle ``ptr`` of ``device``."""
     import cupy
 
-    return _stream(int(ptr), int(cupy.cuda.runtime.getDevice()))
+    if device is None:
+        device = int(cupy.cuda.runtime.getDevice())
+    return _stream(int(ptr), int(device))
 
 
-def launch(plan: Launch, args: tuple[Any, ...], stream: Any = None) -> None:
-    """Launch ``plan.kernel`` with ``args`` on ``stream`` (a CuPy stream; None: current)."""
-    function = get_function(plan.kernel)
+def launch(
+    plan: Launch, args: tuple[Any, ...], stream: Any = None, device: int | None = None
+) -> None:
+    """Launch ``plan.kernel`` with ``args`` on ``stream`` (a CuPy stream; None: CuPy's current).
+
+    ``args`` are CuPy arrays, :func:`pointer` values or NumPy scalars, in the kernel's order.
+    With a stream, the kernel's low-level function is called with it directly (no stream
+    context switch); CuPy versions without that entry point get the context-manager path.
+    """
+    global _fast_launch
+    import cupy
+
+    if device is None:
+        device = int(cupy.cuda.runtime.getDevice())
+    function = get_function(plan.kernel, device)
     if stream is None:
         function(plan.grid, plan.block, args)
-    else:
-        with stream:
-            function(plan.grid, plan.block, args)
+        return
+    if _fast_launch:
+        key = (device, plan.kernel)
+        low = _low_level.get(key)
+        try:
+            if low is None:
+                with cupy.cuda.Device(device):
+                    low = function.kernel
+                _low_level[key] = low
+            low(plan.grid, plan.block, args, 0, stream)
+            return
+        except (AttributeError, TypeError):
+            _fast_launch = False
+    with stream:
+        function(plan.grid, plan.block, args)
+
+
+def launch_path() -> str:
+    """Which launch path is in use: ``"direct"`` (stream passed to the function) or ``"context"``."""
+    return "direct" if _fast_launch else "context"

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from .layout import Geometry, RowSet
+from .launch import TiledLaunch
+from .layout import Geometry, RowSet, Tiling
 
-__all__ = ["gather", "sddmm"]
+__all__ = ["gather", "gather_tiled", "sddmm"]
 
 
 def _window(geom: Geometry) -> np.ndarray:
@@ -60,3 +61,66 @@ def sddmm(x: np.ndarray, dy: np.ndarray, rowset: RowSet, geom: Geometry, size: i
             off = base + int(rowset.offsets[k]) * geom.off_scale
             dw[rowset.wflat[k]] = float(np.sum(g[:, row] * xf[window + off]))
     return dw
+
+
+def gather_tiled(
+    x: np.ndarray,
+    weight: np.ndarray,
+    rowset: RowSet,
+    geom: Geometry,
+    tiling: Tiling,
+    plan: TiledLaunch,
+    bias: np.ndarray | None = None,
+) -> np.ndarray:
+    """What ``sc_conv_tiled_f32`` computes, block by block and stage by stage.
+
+    Follows the kernel's tile and band arithmetic, the shared-memory layout (stale where the
+    kernel leaves it unwritten: NaN here, so a read of it shows) and the packed entries.
+    """
+    assert rowset.packed is not None
+    xf = np.ascontiguousarray(x).reshape(-1)
+    wf = np.ascontiguousarray(weight).reshape(-1)
+    y = np.full((geom.n_batch, geom.rows, geom.P, geom.Q), np.nan)
+    P, Q = geom.P, geom.Q
+    NB, PB, HB, CH = plan.NB, plan.PB, plan.HB, plan.CH
+    plane = tiling.plane_h * tiling.plane_w
+    seg_stride = HB * tiling.plane_w
+    ch_stride = NB * seg_stride
+    tile_pos = NB * PB * Q
+    t = np.arange(tile_pos)
+    nl, rem = t // (PB * Q), t % (PB * Q)
+    pl, q = rem // Q, rem % Q
+    soff = nl * seg_stride + pl * tiling.sh * tiling.plane_w + q * tiling.sw
+    for bx in range(plan.grid[0]):
+        for by in range(plan.grid[1]):
+            n0 = (by // plan.p_tiles) * NB
+            p0 = (by % plan.p_tiles) * PB
+            n_valid = min(NB, geom.n_batch - n0)
+            band_rows = min(HB, tiling.plane_h - p0 * tiling.sh)
+            seg_len = band_rows * tiling.plane_w
+            rows = [int(rowset.row_order[i]) for i in range(bx * 16, min(bx * 16 + 16, geom.rows))]
+            cursor = {r: int(rowset.indptr[r]) for r in rows}
+            acc = {r: np.zeros(tile_pos) for r in rows}
+            base = n0 * geom.in_batch_stride + p0 * tiling.sh * tiling.plane_w
+            for c0 in range(0, tiling.channels, CH):
+                chs = min(CH, tiling.channels - c0)
+                stage = np.full(CH * ch_stride, np.nan)
+                for cs in range(chs):
+                    for n in range(n_valid):
+                        src = base + (c0 + cs) * plane + n * geom.in_batch_stride
+                        dst = cs * ch_stride + n * seg_stride
+                        stage[dst : dst + seg_len] = xf[src : src + seg_len]
+                limit = (c0 + chs) << 16
+                for r in rows:
+                    while cursor[r] < int(rowset.indptr[r + 1]):
+                        pk = int(rowset.packed[cursor[r]])
+                        if pk >= limit:
+                            break
+                        v = float(wf[rowset.wflat[cursor[r]]])
+                        acc[r] += v * stage[((pk >> 16) - c0) * ch_stride + (pk & 0xFFFF) + soff]
+                        cursor[r] += 1
+            valid = (nl < n_valid) & (p0 + pl < P)
+            for r in rows:
+                b = float(bias[r]) if bias is not None else 0.0
+                y[n0 + nl[valid], r, p0 + pl[valid], q[valid]] = acc[r][valid] + b
+    return y

@@ -35,6 +35,7 @@ __all__ = [
     "GradPlacement",
     "LinearLayout",
     "RowSet",
+    "Tiling",
     "conv_layout",
     "linear_layout",
 ]
@@ -52,12 +53,16 @@ class RowSet:
             kernels read the current weight through it, so no per-step gather is needed).
         offsets: int32[nnz]; input offset of each entry (multiplied by ``off_scale`` at launch).
         row_order: int32[rows]; rows by entry count descending (longest first, load balance).
+        packed: uint32[nnz] or None; for the tiled convolution kernel (``tiled.cu``): the entry's
+            input channel << 16 | its offset inside that channel's plane (None when a plane or
+            the channel count does not fit in 16 bits).
     """
 
     indptr: npt.NDArray[np.int32]
     wflat: npt.NDArray[np.int64]
     offsets: npt.NDArray[np.int32]
     row_order: npt.NDArray[np.int32]
+    packed: npt.NDArray[np.uint32] | None = None
 
     @property
     def rows(self) -> int:
@@ -69,12 +74,15 @@ class RowSet:
 
     def arrays(self) -> dict[str, np.ndarray]:
         """The four arrays by name (what an upload copies to the device)."""
-        return {
+        arrays: dict[str, np.ndarray] = {
             "indptr": self.indptr,
             "wflat": self.wflat,
             "offsets": self.offsets,
             "row_order": self.row_order,
         }
+        if self.packed is not None:
+            arrays["packed"] = self.packed
+        return arrays
 
 
 @dataclass(frozen=True)
@@ -220,6 +228,22 @@ def _placement(
     )
 
 
+@dataclass(frozen=True)
+class Tiling:
+    """What the tiled convolution kernel needs beyond a :class:`Geometry` (groups == 1).
+
+    The input is ``channels`` planes of ``plane_h x plane_w`` per image; an output row reads
+    ``kernel_rows`` consecutive plane rows starting at ``p * sh``.
+    """
+
+    channels: int
+    plane_h: int
+    plane_w: int
+    kernel_rows: int
+    sh: int
+    sw: int
+
+
 @dataclass(frozen=True, eq=False)
 class ConvLayout:
     """Forward and input-gradient rows of a Conv2d layer for one input size."""
@@ -251,6 +275,34 @@ class ConvLayout:
             col_step=c.stride[1],
         )
 
+    def forward_tiling(self) -> Tiling | None:
+        """Tiled-kernel description of the forward pass (None: groups > 1 or no packed form)."""
+        c = self.csr
+        if c.groups != 1 or self.forward.packed is None:
+            return None
+        return Tiling(
+            channels=c.in_channels,
+            plane_h=c.padded_hw[0],
+            plane_w=c.padded_hw[1],
+            kernel_rows=(c.kernel[0] - 1) * c.dilation[0] + 1,
+            sh=c.stride[0],
+            sw=c.stride[1],
+        )
+
+    def input_grad_tiling(self) -> Tiling | None:
+        """Tiled-kernel description of the input gradient (stride 1 over the gradient buffer)."""
+        c = self.csr
+        if c.groups != 1 or self.backward.packed is None:
+            return None
+        return Tiling(
+            channels=c.out_channels,
+            plane_h=self.grad_h.size,
+            plane_w=self.grad_w.size,
+            kernel_rows=(c.kernel[0] - 1) * c.dilation[0] + 1,
+            sh=1,
+            sw=1,
+        )
+
     def input_grad_geometry(self, n_batch: int) -> Geometry:
         """``dx (N, C, H, W)`` from the placed output gradient ``(N, O, Hf, Wf)``."""
         c = self.csr
@@ -269,6 +321,12 @@ class ConvLayout:
         )
 
 
+def _pack(chan: np.ndarray, local: np.ndarray, plane: int, channels: int) -> np.ndarray | None:
+    if plane > 0xFFFF or channels > 0xFFFF:
+        return None
+    return np.ascontiguousarray((chan.astype(np.uint32) << 16) | local.astype(np.uint32))
+
+
 def conv_layout(csr: ConvCSR, name: str = "conv") -> ConvLayout:
     """Upload layout of a Conv2d layer for the input size of ``csr`` (rebuilt per mask change)."""
     (kh, kw), (dh, dw) = csr.kernel, csr.dilation
@@ -281,22 +339,28 @@ def conv_layout(csr: ConvCSR, name: str = "conv") -> ConvLayout:
             f"layer {name!r}: gradient buffer of {og}x{grad_h.size}x{grad_w.size} elements per "
             "group exceeds the int32 offsets of the CUDA kernels"
         )
+    hp, wp = csr.padded_hw
+    cg = csr.in_channels // csr.groups
+    f_local = csr.offsets.astype(np.int64) - csr.chan.astype(np.int64) * (hp * wp)
     forward = RowSet(
         indptr=np.ascontiguousarray(csr.indptr, dtype=np.int32),
         wflat=np.ascontiguousarray(csr.flat, dtype=np.int64),
         offsets=np.ascontiguousarray(csr.offsets, dtype=np.int32),
         row_order=np.ascontiguousarray(csr.row_order, dtype=np.int32),
+        packed=_pack(csr.chan, f_local, hp * wp, cg),
     )
     perm = csr.t_perm.astype(np.int64)
     o_local = csr.t_out.astype(np.int64) % og
     r = csr.tap_r[perm].astype(np.int64)
     s = csr.tap_s[perm].astype(np.int64)
-    t_offsets = o_local * plane + (kh - 1 - r) * dh * grad_w.size + (kw - 1 - s) * dw
+    t_local = (kh - 1 - r) * dh * grad_w.size + (kw - 1 - s) * dw
+    t_offsets = o_local * plane + t_local
     backward = RowSet(
         indptr=np.ascontiguousarray(csr.t_indptr, dtype=np.int32),
         wflat=np.ascontiguousarray(csr.flat[perm], dtype=np.int64),
         offsets=np.ascontiguousarray(t_offsets, dtype=np.int32),
         row_order=np.ascontiguousarray(csr.t_row_order, dtype=np.int32),
+        packed=_pack(o_local, t_local, plane, og),
     )
     return ConvLayout(csr, forward, backward, grad_h, grad_w)
 

@@ -16,17 +16,26 @@ Only float32 runs on the kernels; :func:`cuda_supported` says whether an input c
 
 from __future__ import annotations
 
+import os
 import weakref
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from sparsecore.kernels.launch import plan_gather, plan_reduce, plan_sddmm
+from sparsecore.kernels.launch import (
+    Launch,
+    TiledLaunch,
+    plan_gather,
+    plan_reduce,
+    plan_sddmm,
+    plan_tiled,
+)
 from sparsecore.kernels.layout import (
     ConvLayout,
     Geometry,
     LinearLayout,
     RowSet,
+    Tiling,
     conv_layout,
     linear_layout,
     place_output_grad,
@@ -41,15 +50,35 @@ from torch.nn import functional as F
 from .sparse_functions import ConvLayerState, LinearLayerState
 
 __all__ = [
+    "CONV_ALGORITHMS",
     "CudaSparseConv2dFunction",
     "CudaSparseLinearFunction",
     "DeviceRowSet",
     "cuda_supported",
+    "set_conv_algorithm",
     "sparse_conv2d",
     "sparse_linear",
 ]
 
 CUDA_DTYPES = (torch.float32,)
+
+#: Convolution kernels: "gather" (gather.cu, reads the input through L1/L2), "tiled" (tiled.cu,
+#: stages input bands in shared memory; groups == 1 only, others fall back to gather) or "auto".
+CONV_ALGORITHMS = ("auto", "gather", "tiled")
+_conv_algorithm = os.environ.get("SPARSECORE_CUDA_CONV", "auto")
+
+
+def set_conv_algorithm(name: str) -> str:
+    """Choose the convolution kernel (see ``CONV_ALGORITHMS``); returns the previous choice."""
+    global _conv_algorithm
+    if name not in CONV_ALGORITHMS:
+        raise SparseCoreError(f"conv algorithm must be one of {CONV_ALGORITHMS}, got {name!r}")
+    previous, _conv_algorithm = _conv_algorithm, name
+    return previous
+
+
+def _use_tiled() -> bool:
+    return _conv_algorithm in ("auto", "tiled")
 
 
 def cuda_supported(x: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -66,26 +95,25 @@ def cuda_supported(x: torch.Tensor, weight: torch.Tensor) -> bool:
 
 @dataclass(eq=False)
 class DeviceRowSet:
-    """A :class:`RowSet` on one GPU: torch tensors (own the memory) and CuPy views of them."""
+    """A :class:`RowSet` on one GPU: torch tensors (they own the memory) and their addresses."""
 
     rows: int
     nnz: int
     tensors: dict[str, torch.Tensor]
-    views: dict[str, Any]
+    ptrs: dict[str, Any]
 
     @classmethod
     def upload(cls, rowset: RowSet, device: torch.device) -> DeviceRowSet:
         # An empty layer still launches (its outputs are the bias): give every array at least
-        # one element so no zero-size buffer crosses DLPack; the kernels never read past indptr.
-        tensors = {
-            name: torch.from_numpy(np.ascontiguousarray(a if a.size else np.zeros(1, a.dtype))).to(
-                device
-            )
-            for name, a in rowset.arrays().items()
-        }
-        with _torch_stream(device):
-            views = {name: K.as_cupy(t) for name, t in tensors.items()}
-        return cls(rows=rowset.rows, nnz=rowset.nnz, tensors=tensors, views=views)
+        # one element so no launch sees a null buffer; the kernels never read past indptr.
+        tensors = {}
+        for name, a in rowset.arrays().items():
+            host = np.ascontiguousarray(a if a.size else np.zeros(1, a.dtype))
+            if host.dtype == np.uint32:
+                host = host.view(np.int32)  # same bits; the kernel reads them as unsigned
+            tensors[name] = torch.from_numpy(host).to(device)
+        ptrs = {name: K.pointer(t.data_ptr()) for name, t in tensors.items()}
+        return cls(rows=rowset.rows, nnz=rowset.nnz, tensors=tensors, ptrs=ptrs)
 
 
 @dataclass(eq=False)
@@ -120,27 +148,32 @@ def _device_layout(csr: LinearCSR | ConvCSR, device: torch.device, name: str) ->
     return found
 
 
-class _torch_stream:
-    """Context: CuPy's current stream is PyTorch's current stream on ``device``."""
+@dataclass(frozen=True)
+class _Launcher:
+    """Launches on PyTorch's current stream of one device (captured once per forward/backward)."""
 
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
-        self._stream: Any = None
+    device: int
+    stream: Any
 
-    def __enter__(self) -> Any:
+    @classmethod
+    def current(cls, device: torch.device) -> _Launcher:
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        ptr = torch.cuda.current_stream(device).cuda_stream
+        return cls(index, K.external_stream(ptr, index))
+
+    def __call__(self, plan: Launch, args: tuple[Any, ...]) -> None:
         import cupy
 
-        index = self.device.index if self.device.index is not None else torch.cuda.current_device()
-        self._device_ctx = cupy.cuda.Device(index)
-        self._device_ctx.__enter__()
-        ptr = torch.cuda.current_stream(self.device).cuda_stream
-        self._stream = K.external_stream(ptr)
-        self._stream.__enter__()
-        return self._stream
+        if cupy.cuda.runtime.getDevice() == self.device:
+            K.launch(plan, args, self.stream, self.device)
+        else:
+            with cupy.cuda.Device(self.device):
+                K.launch(plan, args, self.stream, self.device)
 
-    def __exit__(self, *exc: object) -> None:
-        self._stream.__exit__(*exc)
-        self._device_ctx.__exit__(*exc)
+
+def _ptr(t: torch.Tensor) -> Any:
+    """Address of a contiguous tensor as a kernel argument (no copy: the kernel reads it there)."""
+    return K.pointer(t.data_ptr())
 
 
 def _aligned(*tensors: torch.Tensor) -> bool:
@@ -156,6 +189,7 @@ def _i64(v: int) -> np.int64:
 
 
 def _gather(
+    run: _Launcher,
     x: torch.Tensor,
     weight: torch.Tensor,
     rows: DeviceRowSet,
@@ -167,19 +201,18 @@ def _gather(
     if geom.positions == 0:
         return
     plan = plan_gather(geom, _aligned(x, out))
-    v = rows.views
-    b = bias.detach() if bias is not None else weight
+    v = rows.ptrs
     args = (
-        K.as_cupy(x),
-        K.as_cupy(weight),
+        _ptr(x),
+        _ptr(weight),
         v["wflat"],
         v["offsets"],
         _i32(geom.off_scale),
         v["indptr"],
         v["row_order"],
-        K.as_cupy(b),
+        _ptr(bias) if bias is not None else _ptr(weight),
         _i32(1 if bias is not None else 0),
-        K.as_cupy(out),
+        _ptr(out),
         _i32(geom.n_batch),
         _i32(geom.rows),
         _i32(geom.rows_per_group),
@@ -190,11 +223,77 @@ def _gather(
         _i32(geom.row_step),
         _i32(geom.col_step),
     )
-    K.launch(plan, args)
+    run(plan, args)
+
+
+def _conv_gather(
+    run: _Launcher,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    rows: DeviceRowSet,
+    geom: Geometry,
+    tiling: Tiling | None,
+    bias: torch.Tensor | None,
+    out: torch.Tensor,
+) -> None:
+    """A convolution product: the tiled kernel where it applies and is chosen, else gather."""
+    plan = plan_tiled(geom, tiling) if tiling is not None and _use_tiled() else None
+    if plan is None or "packed" not in rows.ptrs:
+        _gather(run, x, weight, rows, geom, bias, out)
+        return
+    _tiled(run, x, weight, rows, geom, tiling, plan, bias, out)
+
+
+def _tiled(
+    run: _Launcher,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    rows: DeviceRowSet,
+    geom: Geometry,
+    tiling: Tiling | None,
+    plan: TiledLaunch,
+    bias: torch.Tensor | None,
+    out: torch.Tensor,
+) -> None:
+    assert tiling is not None
+    v = rows.ptrs
+    args = (
+        _ptr(x),
+        _ptr(weight),
+        v["wflat"],
+        v["packed"],
+        v["indptr"],
+        v["row_order"],
+        _ptr(bias) if bias is not None else _ptr(weight),
+        _i32(1 if bias is not None else 0),
+        _ptr(out),
+        _i32(geom.n_batch),
+        _i32(geom.rows),
+        _i32(tiling.channels),
+        _i32(tiling.plane_h * tiling.plane_w),
+        _i32(tiling.plane_h),
+        _i32(tiling.plane_w),
+        _i64(geom.in_batch_stride),
+        _i32(geom.P),
+        _i32(geom.Q),
+        _i32(tiling.sh),
+        _i32(tiling.sw),
+        _i32(plan.NB),
+        _i32(plan.PB),
+        _i32(plan.HB),
+        _i32(plan.CH),
+        _i32(plan.p_tiles),
+    )
+    run(plan, args)
 
 
 def _sddmm(
-    x: torch.Tensor, dy: torch.Tensor, rows: DeviceRowSet, geom: Geometry, weight: torch.Tensor
+    run: _Launcher,
+    x: torch.Tensor,
+    dy: torch.Tensor,
+    rows: DeviceRowSet,
+    geom: Geometry,
+    weight: torch.Tensor,
 ) -> torch.Tensor:
     """Dense weight gradient, zero off the mask, on the mask by SDDMM + ordered reduction."""
     dw = torch.zeros_like(weight, memory_format=torch.contiguous_format)
@@ -202,15 +301,15 @@ def _sddmm(
         return dw
     plan = plan_sddmm(geom, _aligned(x, dy))
     partial = torch.empty((plan.chunks, rows.nnz), dtype=torch.float32, device=weight.device)
-    v = rows.views
+    v = rows.ptrs
     args = (
-        K.as_cupy(x),
-        K.as_cupy(dy),
+        _ptr(x),
+        _ptr(dy),
         v["offsets"],
         _i32(geom.off_scale),
         v["indptr"],
         v["row_order"],
-        K.as_cupy(partial),
+        _ptr(partial),
         _i32(rows.nnz),
         _i32(geom.n_batch),
         _i32(geom.rows),
@@ -222,19 +321,24 @@ def _sddmm(
         _i32(geom.row_step),
         _i32(geom.col_step),
     )
-    K.launch(plan, args)
-    reduce_args = (
-        K.as_cupy(partial),
-        _i32(plan.chunks),
-        _i32(rows.nnz),
-        v["wflat"],
-        K.as_cupy(dw),
-    )
-    K.launch(plan_reduce(rows.nnz), reduce_args)
+    run(plan, args)
+    reduce_args = (_ptr(partial), _i32(plan.chunks), _i32(rows.nnz), v["wflat"], _ptr(dw))
+    run(plan_reduce(rows.nnz), reduce_args)
     return dw
 
 
-def _check_inputs(x: torch.Tensor, weight: torch.Tensor, name: str) -> None:
+def _bias(bias: torch.Tensor | None) -> torch.Tensor | None:
+    return None if bias is None else bias.detach().contiguous()
+
+
+def _check_inputs(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, name: str
+) -> None:
+    if bias is not None and (bias.dtype != weight.dtype or bias.device != weight.device):
+        raise SparseCoreError(
+            f"layer {name!r}: bias must match the weight ({weight.dtype} on {weight.device}), "
+            f"got {bias.dtype} on {bias.device}"
+        )
     if not cuda_supported(x, weight):
         raise SparseCoreError(
             f"layer {name!r}: the CUDA kernels take float32 CUDA tensors on one device with CuPy "
@@ -254,7 +358,7 @@ class CudaSparseLinearFunction(torch.autograd.Function):
         bias: torch.Tensor | None,
         state: LinearLayerState,
     ) -> torch.Tensor:
-        _check_inputs(x, weight, state.name)
+        _check_inputs(x, weight, bias, state.name)
         csr = state.ensure()
         n_out, n_in = csr.shape
         if x.shape[-1] != n_in:
@@ -272,8 +376,8 @@ class CudaSparseLinearFunction(torch.autograd.Function):
         w = weight.detach().contiguous()
         yt = torch.empty((n_out, batch), dtype=x.dtype, device=x.device)
         if batch:
-            with _torch_stream(x.device):
-                _gather(xt, w, dev.forward, layout.forward_geometry(batch), bias, yt)
+            run = _Launcher.current(x.device)
+            _gather(run, xt, w, dev.forward, layout.forward_geometry(batch), _bias(bias), yt)
         state.calls["forward"] += 1
         ctx.state = state
         ctx.dev = dev
@@ -294,20 +398,20 @@ class CudaSparseLinearFunction(torch.autograd.Function):
         batch = int(xt.shape[1])
         dyt = dy.reshape(-1, n_out).t().contiguous()
         dx = dw = db = None
-        with _torch_stream(dy.device):
-            if ctx.needs_input_grad[0]:
-                dxt = torch.empty((n_in, batch), dtype=dy.dtype, device=dy.device)
-                if batch:
-                    _gather(dyt, w, dev.backward, layout.input_grad_geometry(batch), None, dxt)
-                state.calls["input_grad"] += 1
-                dx = dxt.t().reshape(*ctx.lead, n_in)
-            if ctx.needs_input_grad[1]:
-                if ctx.dense or batch == 0:
-                    dw = dyt @ xt.t()
-                    state.calls["weight_grad_dense"] += 1
-                else:
-                    dw = _sddmm(xt, dyt, dev.forward, layout.forward_geometry(batch), w)
-                    state.calls["weight_grad_sparse"] += 1
+        run = _Launcher.current(dy.device)
+        if ctx.needs_input_grad[0]:
+            dxt = torch.empty((n_in, batch), dtype=dy.dtype, device=dy.device)
+            if batch:
+                _gather(run, dyt, w, dev.backward, layout.input_grad_geometry(batch), None, dxt)
+            state.calls["input_grad"] += 1
+            dx = dxt.t().reshape(*ctx.lead, n_in)
+        if ctx.needs_input_grad[1]:
+            if ctx.dense or batch == 0:
+                dw = dyt @ xt.t()
+                state.calls["weight_grad_dense"] += 1
+            else:
+                dw = _sddmm(run, xt, dyt, dev.forward, layout.forward_geometry(batch), w)
+                state.calls["weight_grad_sparse"] += 1
         if ctx.has_bias and ctx.needs_input_grad[2]:
             db = dyt.sum(dim=1)
         return dx, dw, db, None
@@ -324,7 +428,7 @@ class CudaSparseConv2dFunction(torch.autograd.Function):
         bias: torch.Tensor | None,
         state: ConvLayerState,
     ) -> torch.Tensor:
-        _check_inputs(x, weight, state.name)
+        _check_inputs(x, weight, bias, state.name)
         unbatched = x.dim() == 3
         xd = x.detach()
         if unbatched:
@@ -348,8 +452,17 @@ class CudaSparseConv2dFunction(torch.autograd.Function):
         w = weight.detach().contiguous()
         n = int(xpad.shape[0])
         y = torch.empty((n, csr.out_channels, *csr.output_hw), dtype=x.dtype, device=x.device)
-        with _torch_stream(x.device):
-            _gather(xpad, w, dev.forward, layout.forward_geometry(n), bias, y)
+        run = _Launcher.current(x.device)
+        _conv_gather(
+            run,
+            xpad,
+            w,
+            dev.forward,
+            layout.forward_geometry(n),
+            layout.forward_tiling(),
+            _bias(bias),
+            y,
+        )
         state.calls["forward"] += 1
         ctx.state = state
         ctx.dev = dev
@@ -372,35 +485,42 @@ class CudaSparseConv2dFunction(torch.autograd.Function):
         dy = dy.contiguous()
         n = int(dy.shape[0])
         dx = dw = db = None
-        with _torch_stream(dy.device):
-            if ctx.needs_input_grad[0]:
-                buf = _placed_grad(dy, layout)
-                dx = torch.empty(
-                    (n, csr.in_channels, *csr.input_hw), dtype=dy.dtype, device=dy.device
-                )
-                _gather(buf, w, dev.backward, layout.input_grad_geometry(n), None, dx)
-                state.calls["input_grad"] += 1
-                if ctx.unbatched:
-                    dx = dx.squeeze(0)
-            if ctx.needs_input_grad[1]:
-                if ctx.dense:
-                    dw = torch.ops.aten.convolution_backward(
-                        dy,
-                        xpad,
-                        w,
-                        None,
-                        list(csr.stride),
-                        [0, 0],
-                        list(csr.dilation),
-                        False,
-                        [0, 0],
-                        csr.groups,
-                        [False, True, False],
-                    )[1]
-                    state.calls["weight_grad_dense"] += 1
-                else:
-                    dw = _sddmm(xpad, dy, dev.forward, layout.forward_geometry(n), w)
-                    state.calls["weight_grad_sparse"] += 1
+        run = _Launcher.current(dy.device)
+        if ctx.needs_input_grad[0]:
+            buf = _placed_grad(dy, layout)
+            dx = torch.empty((n, csr.in_channels, *csr.input_hw), dtype=dy.dtype, device=dy.device)
+            _conv_gather(
+                run,
+                buf,
+                w,
+                dev.backward,
+                layout.input_grad_geometry(n),
+                layout.input_grad_tiling(),
+                None,
+                dx,
+            )
+            state.calls["input_grad"] += 1
+            if ctx.unbatched:
+                dx = dx.squeeze(0)
+        if ctx.needs_input_grad[1]:
+            if ctx.dense:
+                dw = torch.ops.aten.convolution_backward(
+                    dy,
+                    xpad,
+                    w,
+                    None,
+                    list(csr.stride),
+                    [0, 0],
+                    list(csr.dilation),
+                    False,
+                    [0, 0],
+                    csr.groups,
+                    [False, True, False],
+                )[1]
+                state.calls["weight_grad_dense"] += 1
+            else:
+                dw = _sddmm(run, xpad, dy, dev.forward, layout.forward_geometry(n), w)
+                state.calls["weight_grad_sparse"] += 1
         if ctx.has_bias and ctx.needs_input_grad[2]:
             db = dy.sum(dim=(0, 2, 3))
         return dx, dw, db, None

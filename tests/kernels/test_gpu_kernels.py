@@ -44,7 +44,20 @@ def _close(actual: torch.Tensor, expected: torch.Tensor, what: str) -> None:
     )
 
 
-def _check_conv(n, cg, og, groups, hw, k, stride, pad, dil, density, dense_grad, bias, seed):
+def _check_conv(
+    n, cg, og, groups, hw, k, stride, pad, dil, density, dense_grad, bias, seed, algo="auto"
+):
+    C, _, _ = _cuda_modules()
+    previous = C.set_conv_algorithm(algo)
+    try:
+        _check_conv_with(
+            n, cg, og, groups, hw, k, stride, pad, dil, density, dense_grad, bias, seed
+        )
+    finally:
+        C.set_conv_algorithm(previous)
+
+
+def _check_conv_with(n, cg, og, groups, hw, k, stride, pad, dil, density, dense_grad, bias, seed):
     C, ConvLayerState, _ = _cuda_modules()
     dev = torch.device("cuda")
     gen = torch.Generator(device="cpu").manual_seed(seed)
@@ -110,10 +123,11 @@ def _conv_valid(p) -> bool:
     )
 
 
+@pytest.mark.parametrize("algo", ["gather", "tiled"])
 @GPU_EXAMPLES
 @given(conv_cases.filter(_conv_valid))
-def test_conv_matches_dense_on_random_shapes(p) -> None:
-    _check_conv(**p)
+def test_conv_matches_dense_on_random_shapes(algo, p) -> None:
+    _check_conv(**p, algo=algo)
 
 
 @pytest.mark.parametrize(
@@ -126,13 +140,17 @@ def test_conv_matches_dense_on_random_shapes(p) -> None:
     ],
 )
 @pytest.mark.parametrize("dense_grad", [False, True])
-def test_conv_matches_dense_on_network_shapes(n, c, o, hw, density, dense_grad) -> None:
-    _check_conv(n, c, o, 1, hw, (3, 3), (1, 1), (1, 1), (1, 1), density, dense_grad, True, 7)
+@pytest.mark.parametrize("algo", ["gather", "tiled"])
+def test_conv_matches_dense_on_network_shapes(n, c, o, hw, density, dense_grad, algo) -> None:
+    _check_conv(n, c, o, 1, hw, (3, 3), (1, 1), (1, 1), (1, 1), density, dense_grad, True, 7, algo)
 
 
-def test_conv_strided_and_grouped_network_shapes() -> None:
-    _check_conv(8, 80, 80, 2, (32, 32), (3, 3), (2, 2), (1, 1), (1, 1), 0.1, False, False, 3)
-    _check_conv(8, 16, 32, 1, (15, 15), (1, 1), (2, 2), (0, 0), (1, 1), 0.3, False, True, 4)
+@pytest.mark.parametrize("algo", ["gather", "tiled"])
+def test_conv_strided_grouped_and_large_image_shapes(algo) -> None:
+    _check_conv(8, 80, 80, 2, (32, 32), (3, 3), (2, 2), (1, 1), (1, 1), 0.1, False, False, 3, algo)
+    _check_conv(8, 16, 32, 1, (15, 15), (1, 1), (2, 2), (0, 0), (1, 1), 0.3, False, True, 4, algo)
+    _check_conv(3, 8, 24, 1, (70, 45), (3, 3), (1, 1), (2, 1), (2, 1), 0.2, False, True, 5, algo)
+    _check_conv(2, 4, 8, 1, (9, 600), (3, 3), (1, 1), (1, 1), (1, 1), 0.5, False, True, 6, algo)
 
 
 def _check_linear(lead, batch, n_in, n_out, density, dense_grad, bias, seed):

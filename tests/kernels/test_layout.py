@@ -10,9 +10,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from sparsecore.kernels import emulate
+from sparsecore.kernels.launch import plan_tiled
 from sparsecore.kernels.layout import conv_layout, linear_layout, place_output_grad
 from torch.nn import functional as F
 
@@ -173,3 +174,68 @@ def test_torch_gradient_placement_matches_the_layout(p) -> None:
     got = _placed_grad(torch.from_numpy(dy), layout)
     assert got.is_contiguous()
     np.testing.assert_array_equal(got.numpy(), expected)
+
+
+tiled_params = st.fixed_dictionaries(
+    {
+        "seed": st.integers(0, 2**31),
+        "n": st.integers(1, 5),
+        "cg": st.integers(1, 4),
+        "og": st.integers(1, 20),
+        "groups": st.just(1),
+        "h": st.one_of(st.integers(1, 9), st.integers(20, 40)),
+        "w": st.one_of(st.integers(1, 9), st.integers(20, 40)),
+        "kh": st.integers(1, 3),
+        "kw": st.integers(1, 3),
+        "stride": st.tuples(st.integers(1, 2), st.integers(1, 2)),
+        "pad": st.tuples(st.integers(0, 2), st.integers(0, 2)),
+        "dil": st.tuples(st.integers(1, 2), st.integers(1, 2)),
+        "density": st.sampled_from([0.0, 0.1, 0.5, 1.0]),
+    }
+)
+
+
+@settings(max_examples=25, deadline=None)
+@given(tiled_params.filter(_valid))
+def test_tiled_kernel_plan_matches_dense_conv(p) -> None:
+    mask, weight, x = _conv_case(**p)
+    layout = conv_layout(build_conv_csr(mask, (p["h"], p["w"]), p["stride"], p["pad"], p["dil"]))
+    xt = torch.from_numpy(x).requires_grad_(True)
+    y_ref = F.conv2d(xt, torch.from_numpy(weight), None, p["stride"], p["pad"], p["dil"])
+    gy = torch.from_numpy(np.random.default_rng(p["seed"] + 1).standard_normal(y_ref.shape))
+    y_ref.backward(gy)
+    n = x.shape[0]
+    ph, pw = p["pad"]
+    xpad = np.pad(x, ((0, 0), (0, 0), (ph, ph), (pw, pw)))
+
+    geom, tiling = layout.forward_geometry(n), layout.forward_tiling()
+    assert tiling is not None
+    plan = plan_tiled(geom, tiling)
+    assert plan is not None and plan.per_block <= 512
+    assert plan.NB * plan.HB * tiling.plane_w * plan.CH <= 12288
+    y = emulate.gather_tiled(xpad, weight, layout.forward, geom, tiling, plan)
+    np.testing.assert_allclose(y, y_ref.detach().numpy(), rtol=1e-10, atol=1e-10)
+
+    buf = np.zeros((n, mask.shape[0], layout.grad_h.size, layout.grad_w.size))
+    place_output_grad(gy.numpy(), buf, layout)
+    geom, tiling = layout.input_grad_geometry(n), layout.input_grad_tiling()
+    assert tiling is not None
+    plan = plan_tiled(geom, tiling)
+    assert plan is not None
+    dx = emulate.gather_tiled(buf, weight, layout.backward, geom, tiling, plan)
+    np.testing.assert_allclose(dx, xt.grad.numpy(), rtol=1e-10, atol=1e-10)
+
+
+def test_tiled_plan_shapes_for_network_layers() -> None:
+    mask = np.ones((16, 160, 3, 3), dtype=bool)
+    layout = conv_layout(build_conv_csr(mask, (32, 32), 1, 1))
+    plan = plan_tiled(layout.forward_geometry(128), layout.forward_tiling())
+    # 32x32 outputs: bands of 16 output rows (18 input rows of 34), 2 bands per image.
+    assert (plan.NB, plan.PB, plan.HB, plan.p_tiles) == (1, 16, 18, 2)
+    assert plan.CH == 12288 // (18 * 34)
+    assert plan.grid == (1, 256, 1)
+    small = conv_layout(build_conv_csr(np.ones((4, 8, 3, 3), dtype=bool), (4, 4), 1, 1))
+    plan = plan_tiled(small.forward_geometry(128), small.forward_tiling())
+    assert (plan.NB, plan.PB, plan.p_tiles) == (32, 4, 1) and plan.grid[1] == 4
+    grouped = conv_layout(build_conv_csr(np.ones((4, 2, 3, 3), dtype=bool), (8, 8), 1, 1, 1, 2))
+    assert grouped.forward_tiling() is None

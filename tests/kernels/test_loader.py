@@ -23,14 +23,19 @@ def test_import_pulls_in_no_gpu_framework() -> None:
 
 def test_every_source_is_found_and_every_kernel_named() -> None:
     files = {p.name for p in K.source_files()}
-    assert files == {"gather.cu", "sddmm.cu", "common.cuh"}
+    assert files == {"gather.cu", "sddmm.cu", "tiled.cu", "common.cuh"}
     on_disk = {p.name for p in K.source_dir().iterdir() if p.suffix in (".cu", ".cuh")}
     assert on_disk == files, "a CUDA source on disk is not listed in KERNEL_SOURCES/HEADERS"
-    names = set(K.kernel_names("gather.cu")) | set(K.kernel_names("sddmm.cu"))
+    names = {n for s in K.KERNEL_SOURCES for n in K.kernel_names(s)}
     for source in K.KERNEL_SOURCES:
         text = K.read_source(source)
         assert len(re.findall(r'extern\s+"C"\s+__global__', text)) == len(K.kernel_names(source))
-    assert {"sc_gather_f32_v4", "sc_sddmm_f32_v16", "sc_reduce_partials_f32"} <= names
+    assert {
+        "sc_gather_f32_v4",
+        "sc_sddmm_f32_v16",
+        "sc_reduce_partials_f32",
+        "sc_conv_tiled_f32",
+    } <= names
 
 
 def test_unknown_kernel_is_a_clear_error() -> None:
