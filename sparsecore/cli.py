@@ -93,6 +93,12 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
     train.add_argument("--threads", type=int, help="torch CPU threads")
     train.add_argument(
+        "--tensorboard",
+        metavar="DIR",
+        help="also write the run's scalars (densities, pruned/grown, accuracy) for TensorBoard "
+        "to DIR (needs the tensorboard or tensorboardX package)",
+    )
+    train.add_argument(
         "--framework",
         choices=("torch", "keras"),
         help="torch (default) or keras: the Keras 3 job of sparsecore.keras.train "
@@ -214,6 +220,7 @@ def _train(args: argparse.Namespace) -> int:
             threads=given.get("threads"),
             progress=given.get("progress"),
             stop_after=given.get("stop_after"),
+            tensorboard=given.get("tensorboard"),
         )
     except (ValueError, FileNotFoundError, DatasetError) as exc:
         print(f"sparsecore train: error: {exc}", file=sys.stderr)

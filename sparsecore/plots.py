@@ -228,7 +228,7 @@ def plot_flops(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike[str]) 
     """Per-layer dense vs sparse FLOPs, and measured kernel times when the rows carry them.
 
     ``rows`` come from :func:`sparsecore.reporting.flops_rows`: ``name``, ``dense_flops``,
-    ``sparse_flops`` and optionally ``dense_ms``/``sparse_ms``.
+    ``sparse_flops`` and optionally ``compact_flops`` and ``dense_ms``/``sparse_ms``.
     """
     if not rows:
         raise SparseCoreError("FLOP plot: no per-layer FLOP accounting in the run")
@@ -237,10 +237,18 @@ def plot_flops(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike[str]) 
     axes: list[Axes] = [fig.add_subplot(1, 2 if timed else 1, 1)]
     names = [str(r["name"]) for r in rows]
     idx = np.arange(len(rows))
-    w = 0.4
+    compact = all(r.get("compact_flops") is not None for r in rows)
+    w = 0.27 if compact else 0.4
     ax = axes[0]
-    ax.bar(idx - w / 2, [float(r["dense_flops"]) for r in rows], w, label="dense")
-    ax.bar(idx + w / 2, [float(r["sparse_flops"]) for r in rows], w, label="sparse")
+    ax.bar(idx - w, [float(r["dense_flops"]) for r in rows], w, label="dense")
+    ax.bar(idx, [float(r["sparse_flops"]) for r in rows], w, label="sparse (active weights)")
+    if compact:
+        ax.bar(
+            idx + w,
+            [float(r["compact_flops"]) for r in rows],
+            w,
+            label="dense, empty channels removed",
+        )
     ax.set_yscale("log")
     ax.set_xticks(idx, names, rotation=30, ha="right")
     ax.set_ylabel("FLOPs per training step (log scale)")
@@ -249,8 +257,8 @@ def plot_flops(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike[str]) 
     ax.grid(True, axis="y", which="both", alpha=0.3)
     if timed:
         ax = fig.add_subplot(1, 2, 2)
-        ax.bar(idx - w / 2, [float(r["dense_ms"]) for r in rows], w, label="dense")
-        ax.bar(idx + w / 2, [float(r["sparse_ms"]) for r in rows], w, label="sparse kernels")
+        ax.bar(idx - 0.2, [float(r["dense_ms"]) for r in rows], 0.4, label="dense")
+        ax.bar(idx + 0.2, [float(r["sparse_ms"]) for r in rows], 0.4, label="sparse kernels")
         ax.set_xticks(idx, names, rotation=30, ha="right")
         ax.set_ylabel("measured time (ms)")
         ax.set_title("Measured kernel time per layer")

@@ -203,8 +203,10 @@ def flops_rows(record: RunRecord) -> list[dict[str, Any]]:
     """Per-layer FLOP (and kernel time) rows from the record's ``flops`` section, if any.
 
     Reads ``flops["layers"]`` as a list of objects (or a ``{name: object}`` map) with
-    ``dense_flops`` and ``sparse_flops`` (``dense``/``sparse`` also accepted) and, when measured,
-    ``dense_ms``/``sparse_ms``. Entries without FLOP counts are skipped.
+    ``dense_flops`` and ``sparse_flops`` (``dense``/``sparse`` also accepted), optionally
+    ``compact_flops`` (dense after removing empty channels) and, when measured,
+    ``dense_ms``/``sparse_ms`` (as :func:`sparsecore.telemetry.flops_section` writes them).
+    Entries without FLOP counts are skipped.
     """
     section = record.flops
     if not isinstance(section, Mapping):
@@ -227,6 +229,7 @@ def flops_rows(record: RunRecord) -> list[dict[str, Any]]:
                 "name": str(entry.get("name", "?")),
                 "dense_flops": float(dense),
                 "sparse_flops": float(sparse),
+                "compact_flops": _first(entry, "compact_flops", "compact"),
                 "dense_ms": _first(entry, "dense_ms", "dense_time_ms"),
                 "sparse_ms": _first(entry, "sparse_ms", "sparse_time_ms"),
             }
@@ -243,7 +246,10 @@ def _first(entry: Mapping[str, Any], *keys: str) -> float | None:
 
 
 def _flops_table(rows: list[dict[str, Any]]) -> list[str]:
-    header = ("layer", "dense FLOPs", "sparse FLOPs", "ratio", "dense ms", "sparse ms", "speedup")
+    header = (
+        "layer", "dense FLOPs", "sparse FLOPs", "ratio", "compact FLOPs", "dense ms",
+        "sparse ms", "speedup",
+    )  # fmt: skip
     out = []
     for r in rows:
         ratio = r["dense_flops"] / r["sparse_flops"] if r["sparse_flops"] else float("inf")
@@ -254,12 +260,21 @@ def _flops_table(rows: list[dict[str, Any]]) -> list[str]:
                 f"{r['dense_flops']:.3g}",
                 f"{r['sparse_flops']:.3g}",
                 f"{ratio:.1f}x",
+                "-" if r["compact_flops"] is None else f"{r['compact_flops']:.3g}",
                 "-" if r["dense_ms"] is None else f"{r['dense_ms']:.3g}",
                 "-" if r["sparse_ms"] is None else f"{r['sparse_ms']:.3g}",
                 f"{r['dense_ms'] / r['sparse_ms']:.2f}x" if timed and r["sparse_ms"] else "-",
             )
         )
-    return _format_rows(header, out)
+    dense = sum(r["dense_flops"] for r in rows)
+    sparse = sum(r["sparse_flops"] for r in rows)
+    note = (
+        f"FLOPs of one training step (forward + backward): dense {dense:.3g}, sparse {sparse:.3g} "
+        f"({dense / sparse:.1f}x fewer)"
+        if sparse
+        else "FLOPs of one training step (forward + backward)"
+    )
+    return [*_format_rows(header, out), note]
 
 
 def _format_rows(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:

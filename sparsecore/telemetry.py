@@ -34,7 +34,10 @@ __all__ = [
     "RunRecord",
     "TelemetryError",
     "UpdateRecord",
+    "flops_section",
     "load_run",
+    "record_from_run",
+    "require_tensorboard",
     "write_tensorboard",
 ]
 
@@ -386,34 +389,82 @@ def load_run(path: str | os.PathLike[str]) -> RunRecord:
 
 def _from_summary(path: Path, data: Any = None) -> RunRecord:
     summary = _read_json(path) if data is None else data
+    updates_path = path.with_name(_MASK_UPDATES_NAME)
+    reports: list[Any] = []
+    if updates_path.is_file():
+        reports = _list(_read_json(updates_path), str(updates_path))
+    elif isinstance(summary, Mapping) and summary.get("num_mask_updates"):
+        raise TelemetryError(
+            f"{path}: the run made {summary['num_mask_updates']} mask updates but "
+            f"{updates_path} is missing"
+        )
+    return record_from_run(summary, reports, source=str(path))
+
+
+def record_from_run(
+    summary: Any,
+    mask_updates: Sequence[Any],
+    *,
+    flops: Mapping[str, Any] | None = None,
+    source: str = "summary",
+) -> RunRecord:
+    """A record from the training job's summary (``summary.json``) and mask-update reports.
+
+    ``flops`` (e.g. from :func:`flops_section`) overrides a ``flops`` entry of the summary.
+    """
     if not isinstance(summary, Mapping):
-        raise TelemetryError(f"{path}: expected a JSON object, got {type(summary).__name__}")
-    epochs = _list(summary.get("epochs"), f"{path}: 'epochs'")
+        raise TelemetryError(f"{source}: expected a JSON object, got {type(summary).__name__}")
+    epochs = _list(summary.get("epochs"), f"{source}: 'epochs'")
     for i, e in enumerate(epochs):
         if not isinstance(e, Mapping):
-            raise TelemetryError(f"{path}: epochs[{i}] must be an object, got {e!r}")
+            raise TelemetryError(f"{source}: epochs[{i}] must be an object, got {e!r}")
     meta = {
         k: summary[k]
         for k in ("model", "method", "config", "dataset", "machine", "completed", "wall_time_s")
         if k in summary
     }
-    flops = summary.get("flops")
-    updates_path = path.with_name(_MASK_UPDATES_NAME)
-    reports: list[Any] = []
-    if updates_path.is_file():
-        reports = _list(_read_json(updates_path), str(updates_path))
-    elif summary.get("num_mask_updates"):
-        raise TelemetryError(
-            f"{path}: the run made {summary['num_mask_updates']} mask updates but "
-            f"{updates_path} is missing"
-        )
+    if flops is None and isinstance(summary.get("flops"), Mapping):
+        flops = summary["flops"]
     return RunRecord.from_reports(
-        reports,
+        mask_updates,
         epochs=epochs,
-        flops=flops if isinstance(flops, Mapping) else None,
+        flops=flops,
         meta=meta,
-        source=str(updates_path),
+        source=f"{source} (mask updates)",
     )
+
+
+def flops_section(
+    model_flops: Any,
+    *,
+    times_ms: Mapping[str, tuple[float, float]] | None = None,
+    batch: int | None = None,
+) -> dict[str, Any]:
+    """The ``flops`` entry of a run record from a :class:`sparsecore.flops.ModelFlops`.
+
+    Per layer: dense, sparse and compact FLOPs of one training step (forward + backward) and
+    their forward/backward parts; ``times_ms`` optionally maps a layer name to measured
+    (dense, sparse) milliseconds of one step, shown beside the counts.
+    """
+    times = dict(times_ms or {})
+    layers = []
+    for layer in model_flops.layers:
+        entry: dict[str, Any] = {
+            "name": layer.name,
+            "kind": layer.kind,
+            "dense_flops": int(layer.dense),
+            "sparse_flops": int(layer.sparse),
+            "compact_flops": int(layer.compact),
+        }
+        for key in (
+            "dense_forward", "dense_backward", "sparse_forward", "sparse_backward",
+            "sparse_backward_dense_wgrad", "compact_forward", "compact_backward",
+        ):  # fmt: skip
+            entry[key] = int(getattr(layer, key))
+        if layer.name in times:
+            entry["dense_ms"], entry["sparse_ms"] = (float(t) for t in times[layer.name])
+        layers.append(entry)
+    return {"batch": batch, "layers": layers}
 
 
 def _from_mask_updates(path: Path, data: Any) -> RunRecord:
@@ -701,6 +752,11 @@ def write_tensorboard(record: RunRecord, logdir: str | os.PathLike[str]) -> Path
     finally:
         writer.close()
     return logdir
+
+
+def require_tensorboard() -> None:
+    """Raise a clear error now, rather than at the end of a run, if no TensorBoard writer exists."""
+    _summary_writer()
 
 
 def _summary_writer() -> Any:

@@ -343,6 +343,7 @@ def run_training(
     progress: bool | None = None,
     stop_after: int | None = None,
     on_epoch_end: Callable[[dict[str, Any]], None] | None = None,
+    tensorboard: str | os.PathLike[str] | None = None,
 ) -> TrainResult:
     """Train ``cfg.model`` on Fashion-MNIST with ``cfg.method``; write checkpoints and summaries.
 
@@ -350,6 +351,7 @@ def run_training(
     ``progress`` defaults to a live indicator only when ``stream`` is a terminal.
     ``stop_after`` ends the process after that epoch (checkpoint written) without changing the
     schedule, so the run can be resumed later, e.g. to fit a time-limited job.
+    ``tensorboard`` names a folder for TensorBoard scalars of the run, written when it ends.
     """
     cfg.validate()
     stream = stream if stream is not None else sys.stdout
@@ -361,6 +363,10 @@ def run_training(
         if threads < 1:
             raise ValueError(f"invalid threads: {threads!r}")
         torch.set_num_threads(threads)
+    if tensorboard is not None:
+        from sparsecore.telemetry import require_tensorboard
+
+        require_tensorboard()
 
     ckpt: dict[str, Any] | None = None
     if resume is not None:
@@ -523,12 +529,17 @@ def run_training(
             (out / (CHECKPOINT_NAME + ".tmp")).replace(out / CHECKPOINT_NAME)
             _write_json(out / SUMMARY_NAME, summary)
             _write_json(out / MASK_UPDATES_NAME, mask_updates)
+            _write_telemetry(out, summary, mask_updates, model, x_train[: cfg.batch_size], sparse)
         if on_epoch_end is not None:
             on_epoch_end(record)
         if stop_after is not None and epoch >= stop_after and epoch < cfg.epochs:
             stream.write(f"stopped after epoch {epoch} as asked; resume with --resume\n")
             break
 
+    if tensorboard is not None and epochs_done:
+        from sparsecore.telemetry import record_from_run, write_tensorboard
+
+        write_tensorboard(record_from_run(_json_ready(summary), mask_updates), tensorboard)
     if start_epoch > cfg.epochs:
         stream.write("nothing to do: the checkpoint is already at the last epoch\n")
     final = epochs_done[-1] if epochs_done else {}
@@ -589,6 +600,27 @@ def _summary(
             "epochs": epochs,
         }
     )
+
+
+# -- run record for `sparsecore report` (sparsecore.telemetry) --------------------------------------
+def _write_telemetry(
+    out: Path,
+    summary: dict[str, Any],
+    mask_updates: list[dict[str, Any]],
+    model: nn.Module,
+    example: torch.Tensor,
+    sparse: Any,
+) -> None:
+    """Write telemetry.json: mask updates, epochs and, for sparse runs, per-layer FLOPs."""
+    from sparsecore.telemetry import TELEMETRY_NAME, flops_section, record_from_run
+
+    from .flops import count_flops
+
+    flops = None
+    if sparse is not None:
+        masks = {name: sparse.mask(name) for name in sparse.names}
+        flops = flops_section(count_flops(model, example, masks), batch=int(example.shape[0]))
+    record_from_run(summary, mask_updates, flops=flops).save(out / TELEMETRY_NAME)
 
 
 def _version() -> str:
