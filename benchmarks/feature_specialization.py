@@ -37,6 +37,7 @@ from typing import Any
 import torch
 from sparsecore.torch import attach
 from sparsecore.torch.activations import collect_activations
+from sparsecore.torch.flops import count_flops
 from sparsecore.torch.models import build_model
 from sparsecore.torch.train import METHOD_OPTIONS, TrainConfig, _to_tensors, evaluate
 from torch.nn import functional as F
@@ -44,7 +45,7 @@ from torch.nn import functional as F
 from sparsecore.datasets import load_fashion_mnist
 from sparsecore.plots import plot_selectivity
 from sparsecore.selectivity import SelectivityResult, class_selectivity
-from sparsecore.telemetry import RunRecord
+from sparsecore.telemetry import RunRecord, flops_section
 
 LAYERS = ["conv1", "conv2", "fc3"]
 
@@ -142,6 +143,11 @@ def selectivity(
     return {n: class_selectivity(a, labels, 10, name=f"layer {n!r}") for n, a in acts.items()}
 
 
+def _masks(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The sparsity pattern of every weight (its nonzeros: inactive weights are exactly 0)."""
+    return {n: p.detach() != 0 for n, p in model.named_parameters() if n.endswith("weight")}
+
+
 def _commit() -> str:
     if os.environ.get("SPARSECORE_COMMIT"):  # for copies of the tree without .git
         return os.environ["SPARSECORE_COMMIT"]
@@ -223,8 +229,14 @@ def main(argv: list[str] | None = None) -> int:
             record.save(out / f"{method}_run.json")
         else:
             continue
+        if method == "sparse" and record.flops is None:
+            # per-layer FLOPs of one training step (batch 100) under the final masks
+            flops = count_flops(model, data["x_test"][:100], _masks(model))
+            record.flops = flops_section(flops, batch=100)
+            record.save(out / f"{method}_run.json")
         results[method] = selectivity(model, data)
         runs[method] = {
+            "lr": record.meta.get("config", {}).get("lr"),
             "final_test_acc": log[-1]["test_acc"],
             "best_test_acc": max(r["test_acc"] for r in log),
             "epochs": log,
@@ -251,7 +263,6 @@ def main(argv: list[str] | None = None) -> int:
             "density": args.density,
             "epochs": args.epochs,
             "seed": args.seed,
-            "lr": args.lr,
             "train_images": int(x_train.shape[0]),
             "test_images": int(x_test.shape[0]),
             "dataset": dataset.describe(),
