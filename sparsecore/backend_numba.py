@@ -31,6 +31,7 @@ GIL); see :func:`_run` for why not ``prange``.
 from __future__ import annotations
 
 import itertools
+import os
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -493,6 +494,16 @@ _UINT_OF_SIZE = {2: np.uint16, 4: np.uint32, 8: np.uint64}
 _EXPONENT_MASK = {2: 0x7C00, 4: 0x7F800000, 8: 0x7FF0000000000000}
 _pool: ThreadPoolExecutor | None = None
 _pool_size = 0
+
+
+def _forget_pool() -> None:
+    """A forked child inherits the pool object but not its threads: start a new one there."""
+    global _pool, _pool_size
+    _pool, _pool_size = None, 0
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_pool)
 
 
 def _spans(n: int, min_chunk: int = MIN_CHUNK) -> list[tuple[int, int]]:
