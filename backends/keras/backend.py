@@ -74,6 +74,28 @@ def _select_rows(keys: Any, hashes: Any, candidates: Any, ks: np.ndarray) -> Any
     return ops.logical_and(selected, ops.convert_to_tensor(take.reshape(rows, 1), dtype="bool"))
 
 
+def _select_flat(keys: Any, hashes: Any, candidates: Any, k: int) -> Any:
+    """:func:`_select_rows` for one row, with partial selection (``top_k``) instead of a sort.
+
+    A mask update picks a few percent of a layer, so finding the k-th key with ``top_k`` is much
+    cheaper than sorting every position.
+    """
+    keys = ops.where(candidates, keys, ops.full_like(keys, -np.inf))
+    values, _ = ops.top_k(keys, k, sorted=True)
+    threshold = values[k - 1]
+    better = ops.logical_and(ops.greater(keys, threshold), candidates)
+    tied = ops.logical_and(ops.equal(keys, threshold), candidates)
+    need = k - int(_to_host(ops.sum(ops.cast(better, "int32"))))
+    n_tied = int(_to_host(ops.sum(ops.cast(tied, "int32"))))
+    if need >= n_tied:
+        return ops.logical_or(better, tied)
+    # Hashes are below 2**32, exact in float64 (top_k does not take int64 on every backend).
+    tied_hashes = ops.where(tied, ops.cast(hashes, "float64"), ops.full_like(keys, -1.0))
+    hash_values, _ = ops.top_k(tied_hashes, need, sorted=True)
+    chosen = ops.logical_and(tied, ops.greater_equal(tied_hashes, hash_values[need - 1]))
+    return ops.logical_or(better, chosen)
+
+
 class KerasBackend(ArrayBackend):
     """:class:`~sparsecore.ArrayBackend` on the tensors of the active Keras 3 backend."""
 
@@ -161,11 +183,11 @@ class KerasBackend(ArrayBackend):
             x, mask, among_active=among_active, largest=largest, magnitude=magnitude, sign=sign
         )
         hashes = self.position_hash(key, x)
-        chosen = _select_rows(
-            ops.reshape(keys, (1, -1)),
-            ops.reshape(hashes, (1, -1)),
-            ops.reshape(candidates, (1, -1)),
-            np.array([k]),
+        chosen = _select_flat(
+            ops.reshape(keys, (-1,)),
+            ops.reshape(hashes, (-1,)),
+            ops.reshape(candidates, (-1,)),
+            k,
         )
         return ops.reshape(chosen, shape)
 

@@ -344,11 +344,18 @@ class SparseCallback(keras.callbacks.Callback):
     def _step(self) -> int:
         return int(ops.convert_to_numpy(self.model.optimizer.iterations))
 
+    def on_epoch_begin(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+        # One read of the step counter per epoch; batch hooks count from it in Python, which
+        # spares a device-to-host read after every batch.
+        self._epoch_base = self._step() if self.engine is not None else None
+
     def on_train_batch_end(self, batch: int, logs: dict[str, Any] | None = None) -> None:
         engine = self.engine
         if engine is None or engine.config.update_every is None:
             return
-        step = self._step()
+        base = getattr(self, "_epoch_base", None)
+        # Keras passes the index of the last step the call ran (steps_per_execution > 1).
+        step = self._step() if base is None else base + int(batch) + 1
         if engine.due(step):
             self.update_masks(step)
 
