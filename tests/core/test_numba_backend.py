@@ -7,6 +7,7 @@ Every selection path is reached on small arrays through the backend's options: t
 from __future__ import annotations
 
 import math
+import os
 
 import numpy as np
 import pytest
@@ -31,7 +32,7 @@ PRUNE = ["magnitude", "SET"]
 GROWTH = ["momentum", "gradient", "random", "momentum_neuron"]
 REDISTRIBUTION = ["momentum", "magnitude", "nonzero", "none"]
 SETTINGS = settings(
-    max_examples=40,
+    max_examples=int(os.environ.get("SPARSECORE_MAX_EXAMPLES", "40")),  # mutation runs use fewer
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )

@@ -1,0 +1,163 @@
+"""Exact-value tests of the selection and budget code, each written to fail under a specific
+plausible mistake (a mutant) that broader property tests could let through. docs/mutation.md
+lists which mutant each test kills."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import sparsecore as sc
+from sparsecore.backend_numpy import NumpyBackend, pick
+from sparsecore.hashing import HashKey, position_hash
+from sparsecore.modes import round_half_even
+from sparsecore.redistribute import capacities, importance_shares, split_budget
+
+NP = NumpyBackend()
+
+
+def hash_order(key: HashKey, positions: np.ndarray) -> np.ndarray:
+    """Positions sorted by hash, larger first (Python's sort, independent of the library)."""
+    hashes = position_hash(key, positions)
+    return np.array(sorted(positions.tolist(), key=lambda p: -int(hashes[positions == p][0])))
+
+
+# -- (a) tie order ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("largest", [True, False])
+def test_tie_order_takes_the_larger_hashes_first(largest: bool) -> None:
+    """Kills: hash order reversed, index used instead of hash, tie group cut at the wrong end."""
+    positions = np.arange(3, 40, dtype=np.int64)
+    scores = np.ones(positions.size)
+    key = HashKey(9, 4, 2)
+    for k in (1, 5, positions.size - 1):
+        chosen = pick(scores, positions, k, largest=largest, key=key)
+        assert sorted(chosen.tolist()) == sorted(hash_order(key, positions)[:k].tolist())
+
+
+def test_only_the_boundary_ties_use_the_hash() -> None:
+    """Kills: strict comparisons turned non-strict (the tied group then counts the better ones)."""
+    scores = np.array([5.0, 1.0, 1.0, 1.0, 4.0, 0.0, 1.0])
+    positions = np.arange(7, dtype=np.int64)
+    key = HashKey(1, 1, 0)
+    chosen = set(pick(scores, positions, 4, largest=True, key=key).tolist())
+    tied = np.array([1, 2, 3, 6])
+    assert chosen == {0, 4, *hash_order(key, tied)[:2].tolist()}
+    chosen = set(pick(scores, positions, 3, largest=False, key=key).tolist())
+    assert chosen == {5, *hash_order(key, tied)[:2].tolist()}
+
+
+def test_pick_edges() -> None:
+    """Kills: ``k <= 0`` / ``k >= n`` shortcuts off by one."""
+    positions = np.array([4, 7, 9], dtype=np.int64)
+    scores = np.array([3.0, 1.0, 2.0])
+    key = HashKey(0, 1, 0)
+    assert pick(scores, positions, 0, largest=True, key=key).size == 0
+    assert sorted(pick(scores, positions, 3, largest=True, key=key).tolist()) == [4, 7, 9]
+    assert pick(scores, positions, 1, largest=True, key=key).tolist() == [4]
+    assert pick(scores, positions, 1, largest=False, key=key).tolist() == [7]
+    assert sorted(pick(scores, positions, 2, largest=False, key=key).tolist()) == [7, 9]
+
+
+# -- (b) the integer split -------------------------------------------------------------------------
+
+
+def test_split_is_exact_largest_remainder() -> None:
+    """Kills: off-by-one in the leftover count or the floor; leftovers to the smallest fraction."""
+    big = [100, 100, 100]
+    assert split_budget(7, [0.5, 0.3, 0.2], big).tolist() == [4, 2, 1]  # 3.5, 2.1, 1.4
+    assert split_budget(10, [1.0, 1.0, 1.0], big).tolist() == [4, 3, 3]  # tie -> lower index
+    assert split_budget(2, [0.2, 0.2, 0.6], big).tolist() == [1, 0, 1]  # .4 .4 1.2: tie -> lower
+    assert split_budget(1, [1.0, 1.0, 1.0], big).tolist() == [1, 0, 0]
+    assert split_budget(0, [1.0, 2.0, 3.0], big).tolist() == [0, 0, 0]
+
+
+def test_split_water_filling_rounds() -> None:
+    """Kills: a filled layer kept open, ``>=`` turned into ``>`` at the capacity test."""
+    assert split_budget(10, [0.9, 0.05, 0.05], [2, 100, 100]).tolist() == [2, 4, 4]
+    assert split_budget(10, [0.5, 0.5], [5, 100]).tolist() == [5, 5]  # ideal == cap exactly
+    assert split_budget(6, [0.0, 0.0], [2, 4]).tolist() == [2, 4]  # zero weights: by capacity
+    assert split_budget(3, [0.0, 1.0, 0.0], [5, 0, 5]).tolist() == [2, 0, 1]  # closed layer
+
+
+def test_split_total_is_exact_on_awkward_fractions() -> None:
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        n = int(rng.integers(1, 8))
+        caps = rng.integers(0, 50, n)
+        total = int(rng.integers(0, caps.sum() + 1))
+        out = split_budget(total, rng.random(n) ** 3, caps)
+        assert int(out.sum()) == total and (out <= caps).all() and (out >= 0).all()
+
+
+def test_shares_fall_back_to_size() -> None:
+    assert importance_shares([0.0, 0.0], [1, 3]).tolist() == [0.25, 0.75]
+    assert importance_shares([1.0, 3.0], [100, 1]).tolist() == [0.25, 0.75]
+
+
+# -- (c) the capacity ------------------------------------------------------------------------------
+
+
+def test_capacity_is_a_density_ceiling_not_a_fraction_of_free_slots() -> None:
+    """Kills: ``max_density`` applied to the free slots (the reference's 0.99-of-free rule)."""
+    assert capacities([100, 10], [30, 9], 0.5).tolist() == [20, 0]
+    assert capacities([100], [30], 1.0).tolist() == [70]
+    assert capacities([7], [3], 0.5).tolist() == [0]  # floor(3.5) - 3 = 0
+
+
+def test_update_never_grows_a_layer_past_max_density() -> None:
+    rng = np.random.default_rng(1)
+    mask_a = np.zeros((10, 10), dtype=bool)
+    mask_a.flat[:40] = True
+    mask_b = np.zeros((10, 10), dtype=bool)
+    mask_b.flat[:10] = True
+    layers = [
+        sc.Layer("a", rng.standard_normal((10, 10)) * mask_a, mask_a, 100 * np.ones((10, 10))),
+        sc.Layer("b", rng.standard_normal((10, 10)) * mask_b, mask_b, 0.01 * np.ones((10, 10))),
+    ]
+    result = sc.update(layers, prune_rate=0.5, max_density=0.45, backend=NP)
+    assert [int(m.sum()) for m in result.masks] == [45, 5]
+    assert [r.capacity for r in result.report.layers] == [25, 40]
+
+
+# -- prune counts ------------------------------------------------------------------------------------
+
+
+def test_round_half_even() -> None:
+    assert [round_half_even(x) for x in (0.5, 1.5, 2.5, 2.4999, 2.5001)] == [0, 2, 2, 2, 3]
+
+
+def test_magnitude_prune_count_and_min_density() -> None:
+    """Kills: r not rounded half-even, ``max_prune`` ignored or off by one."""
+    weight = np.arange(1.0, 11.0).reshape(2, 5)  # 10 active weights
+    layer = sc.Layer("w", weight, np.ones((2, 5), dtype=bool), np.ones((2, 5)))
+    key = HashKey(0, 1, 0)
+    pruned = sc.modes.PRUNE["magnitude"](NP, layer, 0.25, 10, key)  # 2.5 -> 2
+    assert np.flatnonzero(pruned).tolist() == [0, 1]
+    pruned = sc.modes.PRUNE["magnitude"](NP, layer, 0.35, 10, key)  # 3.5 -> 4
+    assert np.flatnonzero(pruned).tolist() == [0, 1, 2, 3]
+    pruned = sc.modes.PRUNE["magnitude"](NP, layer, 0.5, 3, key)  # capped by max_prune
+    assert np.flatnonzero(pruned).tolist() == [0, 1, 2]
+
+
+def test_set_prune_split_under_min_density() -> None:
+    """Kills: the scaled-down SET split losing or adding a weight, or swapping the signs."""
+    weight = np.array([[0.1, 0.2, 0.3, 0.4, -0.1, -0.2, -0.3, -0.4]])
+    layer = sc.Layer("w", weight, np.ones_like(weight, dtype=bool), np.ones_like(weight))
+    key = HashKey(0, 1, 0)
+    full = sc.modes.PRUNE["SET"](NP, layer, 0.5, 8, key)
+    assert np.flatnonzero(full).tolist() == [0, 1, 4, 5]
+    capped = sc.modes.PRUNE["SET"](NP, layer, 0.5, 3, key)
+    assert int(capped.sum()) == 3
+    assert np.flatnonzero(capped).tolist() == [0, 4, 5]  # r_pos = 3*2//4 = 1, r_neg = 2
+
+
+def test_empty_layer_importance_uses_all_positions() -> None:
+    momentum = np.array([[1.0, -3.0], [0.0, 4.0]])
+    empty = sc.Layer("e", np.zeros((2, 2)), np.zeros((2, 2), dtype=bool), momentum)
+    assert sc.modes.IMPORTANCE["momentum"](NP, empty, 0) == 2.0
+    some = sc.Layer("s", np.ones((2, 2)), np.array([[True, True], [False, False]]), momentum)
+    assert sc.modes.IMPORTANCE["momentum"](NP, some, 2) == 2.0
+    assert sc.modes.IMPORTANCE["magnitude"](NP, some, 2) == 1.0
+    assert sc.modes.IMPORTANCE["nonzero"](NP, some, 2) == 2.0
