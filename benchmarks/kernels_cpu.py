@@ -43,11 +43,9 @@ from sparsecore.torch.sparse_functions import (
 from torch import nn
 from torch.nn import functional as F
 
-
-def _time(fn: Callable[[], object]) -> float:
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
+#: Clock used by :func:`interleaved`: wall time, or process CPU time (all threads), which is
+#: far less disturbed by other processes on a shared machine.
+CLOCK: Callable[[], float] = time.perf_counter
 
 
 def interleaved(
@@ -60,10 +58,10 @@ def interleaved(
     times: dict[str, list[float]] = {k: [] for k in variants}
     for _ in range(repeats):
         for name, fn in variants.items():
-            t0 = time.perf_counter()
+            t0 = CLOCK()
             for _ in range(inner):
                 fn()
-            times[name].append((time.perf_counter() - t0) / inner)
+            times[name].append((CLOCK() - t0) / inner)
     return {k: np.asarray(v) for k, v in times.items()}
 
 
@@ -145,6 +143,8 @@ def _fc_case(n_in: int, n_out: int, sp: float, args: argparse.Namespace) -> None
 def bench_fc(args: argparse.Namespace) -> None:
     _header("fc layers, batch 128")
     sparsities = [0.5, 0.7, 0.8, 0.9, 0.95, 0.98] if not args.quick else [0.9, 0.95]
+    if args.sparsities:
+        sparsities = [float(v) for v in args.sparsities.split(",")]
     for n_in, n_out in [(784, 300), (3072, 1024)]:
         for sp in sparsities:
             _fc_case(n_in, n_out, sp, args)
@@ -179,6 +179,8 @@ def bench_conv(args: argparse.Namespace) -> None:
     _header(f"conv 3x3 (VGG-style, 32x32 input), batch {args.conv_batch}")
     layers = [(64, 32), (128, 16), (256, 8), (512, 4)]
     sparsities = [0.8, 0.9, 0.95, 0.98] if not args.quick else [0.95]
+    if args.sparsities:
+        sparsities = [float(v) for v in args.sparsities.split(",")]
     for channels, hw in layers:
         for sp in sparsities:
             _conv_case(channels, hw, sp, args)
@@ -298,13 +300,23 @@ def main() -> None:
     parser.add_argument("--conv-batch", type=int, default=64)
     parser.add_argument("--window", type=int, default=10, help="dense-grad steps per period")
     parser.add_argument("--period", type=int, default=469, help="steps between mask updates")
+    parser.add_argument("--threads", type=int, default=None, help="torch (and numba) threads")
+    parser.add_argument(
+        "--clock", choices=("wall", "cpu"), default="wall", help="wall time or process CPU time"
+    )
+    parser.add_argument("--sparsities", default=None, help="comma-separated, e.g. 0.9,0.95")
     args = parser.parse_args()
     if args.quick:
         args.repeats = min(args.repeats, 5)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    global CLOCK
+    CLOCK = time.process_time if args.clock == "cpu" else time.perf_counter
     threads = kernel_threads()
     print(
         f"# sparsecore CPU kernels vs PyTorch {torch.__version__} dense; {platform.processor() or platform.machine()}, "
-        f"{os.cpu_count()} cores, torch/numba threads {torch.get_num_threads()}/{threads}"
+        f"{os.cpu_count()} cores, torch/numba threads {torch.get_num_threads()}/{threads}, "
+        f"clock {args.clock}, load average {os.getloadavg()[0]:.1f}"
     )
     sections = {"fc": bench_fc, "conv": bench_conv, "lenet": bench_lenet, "compile": bench_compile}
     for name in args.only.split(","):

@@ -31,11 +31,16 @@ from numba import prange
 
 __all__ = [
     "conv2d_forward",
+    "conv2d_forward_batch_last",
     "conv2d_input_grad",
+    "conv2d_input_grad_batch_last",
     "conv2d_weight_grad",
+    "conv2d_weight_grad_batch_last",
+    "pack_batch_last",
     "scatter_to_dense",
     "sddmm_feature_major",
     "spmm_feature_major",
+    "unpack_batch_last",
 ]
 
 _FASTMATH: set[str] = {"contract", "reassoc", "nsz"}
@@ -113,7 +118,8 @@ def sddmm_feature_major(
             a = at[r]
             for k in range(indptr[r], indptr[r + 1]):
                 b_row = bt[indices[k]]
-                acc = 0.0
+                out[k] = 0.0
+                acc = out[k]  # zero of the array's dtype: float32 stays float32
                 for b in range(batch):
                     acc += a[b] * b_row[b]
                 out[k] = acc
@@ -239,6 +245,7 @@ def conv2d_weight_grad(
     unit = stride_h == 1 and stride_w == 1
     for t in prange(n_threads):
         gw = np.zeros(ho * wp, dtype=dy.dtype)
+        zero = np.zeros(1, dtype=out.dtype)  # accumulate in the array's dtype
         for i in range(t, n_out, n_threads):
             o = row_order[i]
             start, stop = indptr[o], indptr[o + 1]
@@ -255,7 +262,7 @@ def conv2d_weight_grad(
                             gw[p * wp + q] = dy[n, o, p, q]
                     for k in range(start, stop):
                         src = xg[offsets[k] : offsets[k] + wide]
-                        acc = 0.0
+                        acc = zero[0]
                         for j in range(wide):
                             acc += gw[j] * src[j]
                         out[k] += acc
@@ -263,9 +270,171 @@ def conv2d_weight_grad(
                     g_o = dy[n, o]
                     for k in range(start, stop):
                         off = offsets[k]
-                        acc = 0.0
+                        acc = zero[0]
                         for p in range(ho):
                             base = off + p * stride_h * wp
                             for q in range(wo):
                                 acc += g_o[p, q] * xg[base + q * stride_w]
                         out[k] += acc
+
+
+# -- batch-last convolution kernels ---------------------------------------------------------
+# For small feature maps the per-tap loops of the NCHW kernels are too short to vectorise.
+# These kernels take the padded input as a (C*Hp*Wp, N) matrix (channel, row, column, batch:
+# "batch-last") and produce the output as (O*Ho*Wo, N), so every inner loop runs over the batch,
+# contiguous, whatever the feature-map size or stride. Tap k of output pixel (p, q) of channel o
+# in group g reads row g*Cg*Hp*Wp + offsets[k] + p*stride_h*Wp + q*stride_w.
+
+
+@_parallel_jit
+def conv2d_forward_batch_last(
+    indptr, offsets, values, row_order, x2, y2, bias, geometry, groups, n_threads
+):  # pragma: no cover - jitted
+    """Direct sparse convolution, batch-last. ``geometry = (Hp, Wp, Ho, Wo, sh, sw)``.
+
+    ``x2``: (C*Hp*Wp, N) padded input; ``y2``: (O*Ho*Wo, N), overwritten. Parallel over output
+    channels in ``row_order``; a channel's whole output is accumulated in a private buffer.
+    """
+    hp, wp, ho, wo, sh, sw = geometry
+    n_out = indptr.shape[0] - 1
+    batch = x2.shape[1]
+    n_in = x2.shape[0] // (hp * wp)
+    group_rows = (n_in // groups) * hp * wp
+    opg = n_out // groups
+    pix = ho * wo
+    has_bias = bias.shape[0] > 0
+    n_threads = max(1, min(n_threads, n_out))
+    for t in prange(n_threads):
+        acc = np.empty((pix, batch), dtype=y2.dtype)
+        for i in range(t, n_out, n_threads):
+            o = row_order[i]
+            base_g = (o // opg) * group_rows
+            init = bias[o] if has_bias else 0.0
+            for j in range(pix):
+                for b in range(batch):
+                    acc[j, b] = init
+            for k in range(indptr[o], indptr[o + 1]):
+                v = values[k]
+                off = base_g + offsets[k]
+                for p in range(ho):
+                    row0 = off + p * sh * wp
+                    for q in range(wo):
+                        src = x2[row0 + q * sw]
+                        dst = acc[p * wo + q]
+                        for b in range(batch):
+                            dst[b] += v * src[b]
+            out0 = o * pix
+            for j in range(pix):
+                out = y2[out0 + j]
+                for b in range(batch):
+                    out[b] = acc[j, b]
+
+
+@_parallel_jit
+def conv2d_input_grad_batch_last(
+    t_indptr, t_out, t_perm, offsets, chan, values, dy2, dx2, geometry, n_threads
+):  # pragma: no cover - jitted
+    """Input gradient, batch-last: ``dx2`` (C*Hp*Wp, N) padded, overwritten; the caller crops.
+
+    Gather form over the transposed structure: each input channel (handed out to threads) sums
+    the contributions of its taps into a private plane, so no two threads write the same row.
+    """
+    hp, wp, ho, wo, sh, sw = geometry
+    n_in = t_indptr.shape[0] - 1
+    batch = dx2.shape[1]
+    plane = hp * wp
+    pix = ho * wo
+    n_threads = max(1, min(n_threads, n_in))
+    for t in prange(n_threads):
+        acc = np.empty((plane, batch), dtype=dx2.dtype)
+        for c in range(t, n_in, n_threads):
+            for j in range(plane):
+                for b in range(batch):
+                    acc[j, b] = 0.0
+            for e in range(t_indptr[c], t_indptr[c + 1]):
+                k = t_perm[e]
+                o = t_out[e]
+                v = values[k]
+                off = offsets[k] - chan[k] * plane  # tap offset inside the channel plane
+                for p in range(ho):
+                    row0 = off + p * sh * wp
+                    for q in range(wo):
+                        dst = acc[row0 + q * sw]
+                        src = dy2[o * pix + p * wo + q]
+                        for b in range(batch):
+                            dst[b] += v * src[b]
+            base = c * plane
+            for j in range(plane):
+                out = dx2[base + j]
+                for b in range(batch):
+                    out[b] = acc[j, b]
+
+
+@_parallel_jit
+def pack_batch_last(x, out2, pad_h, pad_w, n_threads):  # pragma: no cover - jitted
+    """(N, C, H, W) -> (C*Hp*Wp, N) with a zero border: the batch-last padded input."""
+    n_batch, n_ch, h, w = x.shape
+    hp, wp = h + 2 * pad_h, w + 2 * pad_w
+    n_threads = max(1, min(n_threads, n_ch))
+    for t in prange(n_threads):
+        for c in range(t, n_ch, n_threads):
+            base = c * hp * wp
+            for j in range(hp * wp):
+                for n in range(n_batch):
+                    out2[base + j, n] = 0.0
+            for n in range(n_batch):
+                src = x[n, c]
+                for i in range(h):
+                    row = base + (i + pad_h) * wp + pad_w
+                    for jj in range(w):
+                        out2[row + jj, n] = src[i, jj]
+
+
+@_parallel_jit
+def unpack_batch_last(x2, out, pad_h, pad_w, n_threads):  # pragma: no cover - jitted
+    """(C*Hp*Wp, N) -> (N, C, H, W), dropping the border: inverse of :func:`pack_batch_last`."""
+    n_batch, n_ch, h, w = out.shape
+    hp, wp = h + 2 * pad_h, w + 2 * pad_w
+    n_threads = max(1, min(n_threads, n_ch))
+    for t in prange(n_threads):
+        for c in range(t, n_ch, n_threads):
+            base = c * hp * wp
+            for n in range(n_batch):
+                dst = out[n, c]
+                for i in range(h):
+                    row = base + (i + pad_h) * wp + pad_w
+                    for jj in range(w):
+                        dst[i, jj] = x2[row + jj, n]
+
+
+@_parallel_jit
+def conv2d_weight_grad_batch_last(
+    indptr, offsets, row_order, dy2, x2, out, geometry, groups, n_threads
+):  # pragma: no cover - jitted
+    """Weight gradient on the mask, batch-last (CSR order), overwritten."""
+    hp, wp, ho, wo, sh, sw = geometry
+    n_out = indptr.shape[0] - 1
+    batch = x2.shape[1]
+    n_in = x2.shape[0] // (hp * wp)
+    group_rows = (n_in // groups) * hp * wp
+    opg = n_out // groups
+    pix = ho * wo
+    n_threads = max(1, min(n_threads, n_out))
+    for t in prange(n_threads):
+        # Lane-wise partial sums over the pixels, one horizontal sum per weight at the end.
+        lanes = np.empty(batch, dtype=out.dtype)
+        for i in range(t, n_out, n_threads):
+            o = row_order[i]
+            base_g = (o // opg) * group_rows
+            for k in range(indptr[o], indptr[o + 1]):
+                off = base_g + offsets[k]
+                for b in range(batch):
+                    lanes[b] = 0.0
+                for p in range(ho):
+                    row0 = off + p * sh * wp
+                    for q in range(wo):
+                        a = dy2[o * pix + p * wo + q]
+                        src = x2[row0 + q * sw]
+                        for b in range(batch):
+                            lanes[b] += a[b] * src[b]
+                out[k] = lanes.sum()

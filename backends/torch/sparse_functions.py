@@ -114,6 +114,8 @@ class ConvLayerState(_LayerStateBase):
     padding: tuple[int, int] = (0, 0)
     dilation: tuple[int, int] = (1, 1)
     groups: int = 1
+    #: "auto" (by feature-map size), "nchw" or "batch_last"; see SparseConv2dFunction.
+    layout: str = "auto"
     by_size: dict[tuple[int, int], ConvCSR] = field(default_factory=dict)
 
     def ensure(self, input_hw: tuple[int, int], full_compare: bool = False) -> ConvCSR:
@@ -256,8 +258,28 @@ class SparseLinearFunction(torch.autograd.Function):
         return dx, dw, db, None
 
 
+def use_batch_last(csr: ConvCSR, layout: str) -> bool:
+    """Whether a convolution runs batch-last: forced by ``layout``, or for small feature maps
+    (one tap's NCHW loop shorter than :data:`BATCH_LAST_BELOW` elements) under ``"auto"``."""
+    if layout != "auto":
+        return layout == "batch_last"
+    ho, wo = csr.output_hw
+    return (ho - 1) * csr.padded_hw[1] + wo < BATCH_LAST_BELOW
+
+
+#: A tap's NCHW loop length (``(Ho - 1) * Wp + Wo``) below which "auto" runs batch-last;
+#: measured with benchmarks/kernels_cpu.py (docs/kernels-cpu.md).
+BATCH_LAST_BELOW = 128
+
+
 class SparseConv2dFunction(torch.autograd.Function):
-    """Direct sparse 2-D convolution (zero padding) of NCHW input with the layer state's mask."""
+    """Direct sparse 2-D convolution (zero padding) of NCHW input with the layer state's mask.
+
+    Two layouts (same results): NCHW for large feature maps; batch-last for small ones, where
+    the input is repacked as (C, Hp, Wp, N) and the output is returned as an NCHW view of an
+    (O, Ho, Wo, N) buffer (elementwise ops keep that layout, so the next sparse conv's repack
+    reads contiguous memory).
+    """
 
     @staticmethod
     def forward(
@@ -280,30 +302,61 @@ class SparseConv2dFunction(torch.autograd.Function):
             )
         n_threads = kernel_threads()
         ph, pw = csr.padding
-        xpad = F.pad(xd, (pw, pw, ph, ph)).contiguous() if ph or pw else xd.contiguous()
+        hp, wp = csr.padded_hw
+        h, w = csr.input_hw
+        n = int(xd.shape[0])
         values = _gather_values(weight, csr.flat)
-        n = xpad.shape[0]
-        y = torch.empty((n, csr.out_channels, *csr.output_hw), dtype=x.dtype)
-        K.conv2d_forward(
-            csr.indptr,
-            csr.offsets,
-            values,
-            xpad.numpy(),
-            y.numpy(),
-            _bias_array(bias, x.dtype),
-            csr.stride[0],
-            csr.stride[1],
-            csr.groups,
-            n_threads,
-        )
+        b = _bias_array(bias, x.dtype)
+        batch_last = use_batch_last(csr, state.layout)
+        if batch_last:
+            xpad = torch.empty((csr.in_channels, hp, wp, n), dtype=x.dtype)
+            x_bl = xd.permute(1, 2, 3, 0)
+            if x_bl.is_contiguous():  # the input is a batch-last conv's output already
+                xpad.zero_()
+                xpad[:, ph : ph + h, pw : pw + w, :] = x_bl
+            else:
+                K.pack_batch_last(
+                    xd.contiguous().numpy(), xpad.view(-1, n).numpy(), ph, pw, n_threads
+                )
+            y_bl = torch.empty((csr.out_channels, *csr.output_hw, n), dtype=x.dtype)
+            K.conv2d_forward_batch_last(
+                csr.indptr,
+                csr.offsets,
+                values,
+                csr.row_order,
+                xpad.view(-1, n).numpy(),
+                y_bl.view(-1, n).numpy(),
+                b,
+                _geometry(csr),
+                csr.groups,
+                n_threads,
+            )
+            y = y_bl.permute(3, 0, 1, 2)
+        else:
+            xpad = F.pad(xd, (pw, pw, ph, ph)).contiguous() if ph or pw else xd.contiguous()
+            y = torch.empty((n, csr.out_channels, *csr.output_hw), dtype=x.dtype)
+            K.conv2d_forward(
+                csr.indptr,
+                csr.offsets,
+                values,
+                xpad.numpy(),
+                y.numpy(),
+                b,
+                csr.stride[0],
+                csr.stride[1],
+                csr.groups,
+                n_threads,
+            )
         state.calls["forward"] += 1
         ctx.state = state
         ctx.csr = csr
         ctx.values = values
         ctx.dense = state.dense_weight_grad
         ctx.unbatched = unbatched
+        ctx.batch_last = batch_last
         ctx.has_bias = bias is not None
         ctx.xpad = xpad
+        ctx.input_batch_last = batch_last and xd.permute(1, 2, 3, 0).is_contiguous()
         ctx.save_for_backward(weight)
         return y.squeeze(0) if unbatched else y
 
@@ -316,25 +369,57 @@ class SparseConv2dFunction(torch.autograd.Function):
         n_threads = kernel_threads()
         if ctx.unbatched:
             dy = dy.unsqueeze(0)
-        dy = dy.contiguous()
         ph, pw = csr.padding
         h, w = csr.input_hw
+        n = int(dy.shape[0])
+        batch_last = ctx.batch_last
+        if batch_last:
+            dy_k = dy.permute(1, 2, 3, 0)
+            if not dy_k.is_contiguous():  # it is when dy kept the output's layout
+                dy_k = torch.empty_like(dy_k, memory_format=torch.contiguous_format)
+                K.pack_batch_last(
+                    dy.contiguous().numpy(), dy_k.view(-1, n).numpy(), 0, 0, n_threads
+                )
+            dy2 = dy_k.view(-1, n).numpy()
+            xpad_nchw = xpad.permute(3, 0, 1, 2)
+        else:
+            dy_k = dy.contiguous()
+            xpad_nchw = xpad
         dx = dw = db = None
         if ctx.needs_input_grad[0]:
             dxpad = torch.empty_like(xpad)
-            K.conv2d_input_grad(
-                csr.indptr,
-                csr.offsets,
-                ctx.values,
-                dy.numpy(),
-                dxpad.numpy(),
-                csr.stride[0],
-                csr.stride[1],
-                csr.groups,
-                n_threads,
-            )
+            if batch_last:
+                K.conv2d_input_grad_batch_last(
+                    csr.t_indptr,
+                    csr.t_out,
+                    csr.t_perm,
+                    csr.offsets,
+                    csr.chan,
+                    ctx.values,
+                    dy2,
+                    dxpad.view(-1, n).numpy(),
+                    _geometry(csr),
+                    n_threads,
+                )
+                if ctx.input_batch_last:  # hand the gradient back in the input's layout
+                    dx = dxpad[:, ph : ph + h, pw : pw + w, :].permute(3, 0, 1, 2)
+                else:
+                    dx = torch.empty((n, csr.in_channels, h, w), dtype=dy.dtype)
+                    K.unpack_batch_last(dxpad.view(-1, n).numpy(), dx.numpy(), ph, pw, n_threads)
+            else:
+                K.conv2d_input_grad(
+                    csr.indptr,
+                    csr.offsets,
+                    ctx.values,
+                    dy_k.numpy(),
+                    dxpad.numpy(),
+                    csr.stride[0],
+                    csr.stride[1],
+                    csr.groups,
+                    n_threads,
+                )
+                dx = dxpad[:, :, ph : ph + h, pw : pw + w]
             state.calls["input_grad"] += 1
-            dx = dxpad[:, :, ph : ph + h, pw : pw + w]
             if ctx.unbatched:
                 dx = dx.squeeze(0)
         if ctx.needs_input_grad[1]:
@@ -342,7 +427,7 @@ class SparseConv2dFunction(torch.autograd.Function):
                 # The padded input with no further padding gives the same weight gradient.
                 dw = torch.ops.aten.convolution_backward(
                     dy,
-                    xpad,
+                    xpad_nchw,
                     weight.detach(),
                     None,
                     list(csr.stride),
@@ -355,21 +440,40 @@ class SparseConv2dFunction(torch.autograd.Function):
                 )[1]
                 state.calls["weight_grad_dense"] += 1
             else:
-                dvalues = np.empty(csr.nnz, dtype=xpad.numpy().dtype)
-                K.conv2d_weight_grad(
-                    csr.indptr,
-                    csr.offsets,
-                    csr.row_order,
-                    dy.numpy(),
-                    xpad.numpy(),
-                    dvalues,
-                    csr.stride[0],
-                    csr.stride[1],
-                    csr.groups,
-                    n_threads,
-                )
+                dvalues = np.empty(csr.nnz, dtype=ctx.values.dtype)
+                if batch_last:
+                    K.conv2d_weight_grad_batch_last(
+                        csr.indptr,
+                        csr.offsets,
+                        csr.row_order,
+                        dy2,
+                        xpad.view(-1, n).numpy(),
+                        dvalues,
+                        _geometry(csr),
+                        csr.groups,
+                        n_threads,
+                    )
+                else:
+                    K.conv2d_weight_grad(
+                        csr.indptr,
+                        csr.offsets,
+                        csr.row_order,
+                        dy_k.numpy(),
+                        xpad.numpy(),
+                        dvalues,
+                        csr.stride[0],
+                        csr.stride[1],
+                        csr.groups,
+                        n_threads,
+                    )
                 dw = _scatter_grad(weight, csr, dvalues, n_threads)
                 state.calls["weight_grad_sparse"] += 1
         if ctx.has_bias and ctx.needs_input_grad[2]:
             db = dy.sum(dim=(0, 2, 3))
         return dx, dw, db, None
+
+
+def _geometry(csr: ConvCSR) -> tuple[int, int, int, int, int, int]:
+    hp, wp = csr.padded_hw
+    ho, wo = csr.output_hw
+    return (hp, wp, ho, wo, csr.stride[0], csr.stride[1])

@@ -95,6 +95,7 @@ def _check_conv(
     seed,
     dtype=torch.float64,
     bias=True,
+    layout="auto",
 ):
     gen = torch.Generator().manual_seed(seed)
     c_in, c_out = cin_g * groups, cout_g * groups
@@ -113,6 +114,7 @@ def _check_conv(
         padding=padding,
         dilation=dilation,
         groups=groups,
+        layout=layout,
     )
     x, w = x0.clone().requires_grad_(), w0.clone().requires_grad_()
     b = b0.clone().requires_grad_() if bias else None
@@ -143,21 +145,60 @@ def _check_conv(
     extra=st.tuples(st.integers(0, 5), st.integers(0, 5)),
     density=st.sampled_from(DENSITIES),
     dense_grad=st.booleans(),
+    layout=st.sampled_from(["nchw", "batch_last"]),
     seed=st.integers(0, 2**31),
 )
 def test_conv_matches_dense(
-    batch, cin_g, cout_g, groups, k, stride, padding, dilation, extra, density, dense_grad, seed
+    batch,
+    cin_g,
+    cout_g,
+    groups,
+    k,
+    stride,
+    padding,
+    dilation,
+    extra,
+    density,
+    dense_grad,
+    layout,
+    seed,
 ) -> None:
     hw = tuple(max(1, dilation[i] * (k[i] - 1) + 1 - 2 * padding[i]) + extra[i] for i in range(2))
     _check_conv(
-        batch, cin_g, cout_g, groups, k, stride, padding, dilation, hw, density, dense_grad, seed
+        batch,
+        cin_g,
+        cout_g,
+        groups,
+        k,
+        stride,
+        padding,
+        dilation,
+        hw,
+        density,
+        dense_grad,
+        seed,
+        layout=layout,
     )
 
 
+@pytest.mark.parametrize("layout", ["nchw", "batch_last"])
 @pytest.mark.parametrize("stride", [(1, 1), (2, 2)])
-def test_conv_float32(stride) -> None:
+def test_conv_float32(stride, layout) -> None:
     _check_conv(
-        4, 8, 16, 1, (3, 3), stride, (1, 1), (1, 1), (12, 10), 0.1, False, 3, dtype=torch.float32
+        4,
+        8,
+        16,
+        1,
+        (3, 3),
+        stride,
+        (1, 1),
+        (1, 1),
+        (12, 10),
+        0.1,
+        False,
+        3,
+        dtype=torch.float32,
+        layout=layout,
     )
     _check_conv(
         2,
@@ -177,7 +218,8 @@ def test_conv_float32(stride) -> None:
     )
 
 
-def test_gradcheck_linear_and_conv() -> None:
+@pytest.mark.parametrize("layout", ["nchw", "batch_last"])
+def test_gradcheck_linear_and_conv(layout: str) -> None:
     gen = torch.Generator().manual_seed(0)
     mask = _mask(gen, (5, 6), 0.5)
     state = LinearLayerState(name="fc", mask=mask, dense_weight_grad=False)
@@ -195,6 +237,7 @@ def test_gradcheck_linear_and_conv() -> None:
         padding=(1, 2),
         dilation=(1, 2),
         groups=2,
+        layout=layout,
     )
     cx = torch.randn(2, 4, 6, 5, dtype=torch.float64, generator=gen, requires_grad=True)
     cw = (torch.randn(4, 2, 3, 2, dtype=torch.float64, generator=gen) * cmask).requires_grad_()
