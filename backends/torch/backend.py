@@ -1,9 +1,10 @@
 """The PyTorch array backend: every mask-update operation with torch ops on the tensors' device.
 
 Only host scalars (counts, float64 sums, per-unit sums) leave the device. Selection is O(n):
-``torch.kthvalue`` finds the boundary score among the candidates, everything strictly better is
-taken, and only the candidates tied with the boundary are ordered by the position hash, exactly as
-the NumPy reference (:mod:`sparsecore.backend_numpy`) does, so masks agree bit for bit.
+``torch.topk``/``torch.kthvalue`` finds the boundary score among the candidates, everything
+strictly better is taken, and only the candidates tied with the boundary are ordered by the
+position hash, exactly as the NumPy reference (:mod:`sparsecore.backend_numpy`) does, so masks
+agree bit for bit.
 
 Half-precision scores (float16, bfloat16) are widened to float32 before selection: the conversion
 is exact, so order and ties are those of the original values.
@@ -11,6 +12,7 @@ is exact, so order and ties are those of the original values.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -44,32 +46,74 @@ def _widen(scores: torch.Tensor) -> torch.Tensor:
     return scores.float() if scores.dtype in _HALF else scores
 
 
-def pick(
-    scores: torch.Tensor, positions: torch.Tensor, k: int, *, largest: bool, key: HashKey
-) -> torch.Tensor:
-    """Of the candidates at flat ``positions`` with ``scores``, the ``k`` first in selection order.
+def _sentinel(scores: torch.Tensor, largest: bool) -> torch.Tensor:
+    """A score no candidate reaches, so non-candidates sort behind every candidate.
 
-    Order: score (descending if ``largest``), then position hash (larger first). Returns the
-    chosen entries of ``positions``.
+    Inputs are finite (the engine checks), so -inf/+inf never tie with a candidate; hash scores
+    lie in [0, 2**32), so -1 / 2**62 serve for integer scores.
     """
-    n = positions.numel()
+    if scores.dtype.is_floating_point:
+        value = -math.inf if largest else math.inf
+    else:
+        value = -1 if largest else 2**62
+    return torch.tensor(value, dtype=scores.dtype, device=scores.device)
+
+
+def _boundary(scores: torch.Tensor, k: int, largest: bool) -> torch.Tensor:
+    """The k-th best score (0-d tensor): ``topk`` for a small k, ``kthvalue`` otherwise.
+
+    Both are linear-time selections in practice; topk is much faster when k is a small
+    fraction of n (the usual growth case: a few thousand of a layer's inactive positions).
+    """
+    n = scores.numel()
+    if k <= n // 8:
+        values = torch.topk(scores, k, largest=largest, sorted=False).values
+        return values.min() if largest else values.max()
+    return torch.kthvalue(scores, n - k + 1 if largest else k).values
+
+
+def select_flat(
+    scores: torch.Tensor, candidates: torch.Tensor, k: int, *, largest: bool, key: HashKey
+) -> torch.Tensor:
+    """Boolean (flat) selection of the ``k`` first candidates in selection order.
+
+    Order: score (descending if ``largest``), then position hash (larger first). The boundary
+    score comes from one selection, everything strictly better is taken, and only the positions
+    tied with the boundary are ranked by hash. Few candidates (pruning among a sparse layer's
+    active weights) are gathered first; many (growth among the inactive ones) are selected in
+    place, the others given a sentinel score, which saves the gather.
+    """
+    n = candidates.numel()
+    n_candidates = int(candidates.sum())
     if k <= 0:
-        return positions[:0]
-    if k >= n:
-        return positions
+        return torch.zeros_like(candidates)
+    if k >= n_candidates:
+        return candidates.clone()
     scores = _widen(scores)
-    # kthvalue is 1-based and counts from the smallest.
-    rank = n - k + 1 if largest else k
-    threshold = torch.kthvalue(scores, rank).values
-    better = scores > threshold if largest else scores < threshold
-    tied = torch.nonzero(scores == threshold).reshape(-1)
+    if n_candidates * 4 < n:
+        positions = torch.nonzero(candidates).reshape(-1)
+        cand_scores = scores[positions]
+    else:
+        positions = None
+        cand_scores = torch.where(candidates, scores, _sentinel(scores, largest))
+    threshold = _boundary(cand_scores, k, largest)
+    better = cand_scores > threshold if largest else cand_scores < threshold
+    tied = torch.nonzero(cand_scores == threshold).reshape(-1)
+    if positions is not None:
+        better_pos, tied = positions[better], positions[tied]
     need = k - int(better.sum())
     if need < tied.numel():
         # Hashes of one layer's positions are distinct (mix is a bijection on 32-bit words), so
         # the largest ``need`` hashes decide; the lower-index rule never comes into play.
-        hashes = torch_position_hash(key, positions[tied])
+        hashes = torch_position_hash(key, tied)
         tied = tied[torch.topk(hashes, need, sorted=False).indices]
-    return torch.cat([positions[better], positions[tied]])
+    if positions is None:
+        chosen = better
+    else:
+        chosen = torch.zeros_like(candidates)
+        chosen[better_pos] = True
+    chosen[tied] = True
+    return chosen
 
 
 class TorchBackend(ArrayBackend):
@@ -136,13 +180,8 @@ class TorchBackend(ArrayBackend):
             candidates = candidates & (flat > 0)
         elif sign == "nonpositive":
             candidates = candidates & ~(flat > 0)
-        positions = torch.nonzero(candidates).reshape(-1)
-        values = flat[positions]
-        scores = values.abs() if magnitude else values
-        chosen = pick(scores, positions, k, largest=largest, key=key)
-        out = torch.zeros(flat.shape, dtype=torch.bool, device=x.device)
-        out[chosen] = True
-        return out.reshape(x.shape)
+        scores = flat.abs() if magnitude else flat
+        return select_flat(scores, candidates, k, largest=largest, key=key).reshape(x.shape)
 
     def select_per_unit(
         self,
