@@ -38,7 +38,7 @@ def _cuda_modules():
 
 
 def _close(actual: torch.Tensor, expected: torch.Tensor, what: str) -> None:
-    scale = float(expected.abs().max()) if expected.numel() else 1.0
+    scale = float(expected.detach().abs().max()) if expected.numel() else 1.0
     torch.testing.assert_close(
         actual.double(), expected.double(), rtol=1e-4, atol=1e-5 * max(scale, 1.0), msg=what
     )

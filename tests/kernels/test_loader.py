@@ -13,7 +13,7 @@ import sparsecore.kernels as K
 def test_import_pulls_in_no_gpu_framework() -> None:
     code = (
         "import sys, sparsecore, sparsecore.kernels, sparsecore.kernels.layout, "
-        "sparsecore.kernels.launch\n"
+        "sparsecore.kernels.launch, sparsecore.cupy\n"
         "bad = [m for m in ('cupy', 'torch', 'tensorflow', 'keras') if m in sys.modules]\n"
         "print(bad)\n"
     )
