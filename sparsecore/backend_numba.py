@@ -11,13 +11,15 @@ order is the selection order: the bit pattern of a non-negative float orders lik
 their own key, and "smallest first" is the complement. The key is computed without branches from a
 few constants prepared on the host (:func:`rank_params`). Then:
 
-1. A strided sample of about n/128 positions gives a key interval ``[lo, hi]`` that should hold the
-   k-th best key. One pass over the layer marks every candidate above ``hi`` and gathers the
-   positions inside the interval (candidate filter, key and comparison fused in one loop).
-2. If the counts show the k-th key is inside, the few gathered candidates are narrowed by a radix
-   select on their keys, 8 bits a round; if the sample missed (tie-heavy scores, odd layouts), the
-   guaranteed path runs instead: a 16-bit histogram of the keys names the bucket of the k-th key, a
-   second pass marks the buckets above it and gathers that bucket, which is narrowed the same way.
+1. A strided sample of about n/128 positions gives a key interval ``[lo, hi]`` that should hold
+   the k-th best key. One pass over the layer (candidate filter, key and comparisons fused, no
+   branch, so it vectorises) flags every candidate above ``hi`` as chosen and those inside the
+   interval as undecided; a byte scan, eight flags at a time, then gathers the undecided ones.
+2. If the counts show the k-th key is inside, the gathered candidates are narrowed by a radix
+   select on their keys, 8 bits a round (leading bits they all share are skipped). If the sample
+   missed, the guaranteed path runs instead: a 16-bit histogram of the keys names the bucket of
+   the k-th key, a second pass marks the buckets above it and gathers that bucket, which is
+   narrowed the same way. Massive ties (all-zero momentum) take either path in O(n).
 3. Candidates whose keys tie at the boundary are ranked by the position hash (larger first), then
    by lower position (reachable only beyond 2**32 positions).
 
@@ -49,6 +51,7 @@ DIGIT_BITS = 16  # key bits counted by the full-layer histogram of the guarantee
 MIN_CHUNK = 1 << 16  # a pass gets one thread per this many elements, at most the thread count
 SMALL_LAYER = 1 << 14  # layers up to this size are selected by one serial gather and narrowing
 SAMPLE_SHIFT, MIN_SAMPLES, MAX_SAMPLES = 7, 2048, 65536  # sample n/128 positions, clipped
+SPREAD = 3.5  # half-width of the sampled interval in standard deviations of the k-th rank
 
 _U64_MASK32 = np.uint64(MASK32)
 _U64_MUL1 = np.uint64(MUL1)
@@ -305,7 +308,7 @@ def _sample_bounds(bits, mask, p, k, samples):  # pragma: no cover - jitted
     A wrong guess costs only time: the caller checks the counts and falls back.
     """
     n = bits.size
-    stride = n // samples
+    stride = max(1, (n // samples - 1) | 1)  # odd: no aliasing with power-of-two layouts
     keys = np.empty(samples, dtype=np.uint64)
     m = 0
     for t in range(samples):
@@ -315,7 +318,7 @@ def _sample_bounds(bits, mask, p, k, samples):  # pragma: no cover - jitted
             keys[m] = _key(b, p)
             m += 1
     rank = k * samples / n  # expected number of selected positions in the sample
-    spread = 4.0 * np.sqrt(rank * max(0.0, 1.0 - rank / samples)) + 2.0
+    spread = SPREAD * np.sqrt(rank * max(0.0, 1.0 - rank / samples)) + 2.0
     hi_rank = np.int64(np.floor(rank - spread))  # ranks count from the best (largest) key
     lo_rank = np.int64(np.ceil(rank + spread))
     hi = _kth_largest(keys, m, hi_rank) if 0 <= hi_rank < m else ~np.uint64(0)
