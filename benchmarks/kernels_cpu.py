@@ -30,6 +30,11 @@ import tempfile
 import time
 from collections.abc import Callable
 
+# Idle OpenMP threads of PyTorch's and Numba's pools sleep instead of spinning, so that one
+# pool's waiting threads do not take the cores from the other's working ones (must be set
+# before either library starts its pool).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import numpy as np
 import torch
 from sparsecore.torch.kernel_router import KernelRouter
@@ -316,7 +321,8 @@ def main() -> None:
     print(
         f"# sparsecore CPU kernels vs PyTorch {torch.__version__} dense; {platform.processor() or platform.machine()}, "
         f"{os.cpu_count()} cores, torch/numba threads {torch.get_num_threads()}/{threads}, "
-        f"clock {args.clock}, load average {os.getloadavg()[0]:.1f}"
+        f"clock {args.clock}, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}, "
+        f"load average {os.getloadavg()[0]:.1f}"
     )
     sections = {"fc": bench_fc, "conv": bench_conv, "lenet": bench_lenet, "compile": bench_compile}
     for name in args.only.split(","):

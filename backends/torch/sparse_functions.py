@@ -44,10 +44,17 @@ SUPPORTED_DTYPES = (torch.float32, torch.float64)
 
 
 def kernel_threads() -> int:
-    """Thread count for the Numba kernels: PyTorch's intra-op count, within Numba's pool."""
-    n = max(1, min(torch.get_num_threads(), int(getattr(numba.config, "NUMBA_NUM_THREADS", 1))))
+    """Thread count for the Numba kernels: PyTorch's intra-op count, within Numba's pool.
+
+    Starting Numba's OpenMP pool resets the process-wide OpenMP thread count, which is also
+    PyTorch's; PyTorch's setting is read first and put back if it changed.
+    """
+    want = torch.get_num_threads()
+    n = max(1, min(want, int(getattr(numba.config, "NUMBA_NUM_THREADS", 1))))
     if numba.get_num_threads() != n:
         numba.set_num_threads(n)
+    if torch.get_num_threads() != want:
+        torch.set_num_threads(want)
     return n
 
 

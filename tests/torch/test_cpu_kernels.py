@@ -484,3 +484,18 @@ def test_count_flops_from_a_model() -> None:
     assert conv2.compact_forward == 2 * 5 * (8 * 8) * (4 * 8 * 9)
     assert by_name["fc1"].sparse_forward == 2 * 5 * int(fc1_mask.sum())
     assert by_name["fc2"].sparse_forward == by_name["fc2"].dense_forward
+
+
+def test_numba_pool_start_keeps_torch_threads() -> None:
+    """Starting Numba's OpenMP pool resets the OpenMP thread count; PyTorch's is restored."""
+    import subprocess
+    import sys
+
+    code = (
+        "import torch; torch.set_num_threads(1)\n"
+        "from sparsecore.torch.sparse_functions import kernel_threads\n"
+        "import numba\n"
+        "print(kernel_threads(), torch.get_num_threads(), numba.get_num_threads())\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["1", "1", "1"]
