@@ -6,8 +6,10 @@ loop after ``attach(model, optimizer)`` (the optimizer-momentum path) and after 
 (the library's own gradient EMA, found through the global optimizer hook). Mask updates are
 included (every 100 steps, the default). The figure is the epoch time with attach divided by the
 plain epoch time of the same round; we print the median ratio and its spread (min..max) over the
-rounds. Each configuration starts from the same weights. Peak memory: each configuration runs a
-short loop in a fresh subprocess and reports ``ru_maxrss``; the extra tensors the adapter keeps
+rounds. Each configuration starts from the same weights. Times are taken both as this process's
+CPU time (``time.process_time``, with one torch thread: far less sensitive to other jobs on a
+shared machine) and as wall time. Peak memory: each configuration runs a short loop in a fresh
+subprocess, with the peak resident set reset just before it; the extra tensors the adapter keeps
 (masks, 0/1 multipliers, own momentum) are counted exactly as well.
 
 The plain and attached loops compute the same dense products (attach without ``kernels=`` only
@@ -54,7 +56,10 @@ def _model(name: str) -> nn.Module:
     return build_model(name)
 
 
-def _epoch(name: str, config: str, x: torch.Tensor, y: torch.Tensor, batch: int) -> float:
+def _epoch(
+    name: str, config: str, x: torch.Tensor, y: torch.Tensor, batch: int
+) -> tuple[float, float]:
+    """One epoch under ``config``: (wall seconds, CPU seconds of this process)."""
     import sparsecore.torch as st
 
     model = _model(name)
@@ -65,17 +70,17 @@ def _epoch(name: str, config: str, x: torch.Tensor, y: torch.Tensor, batch: int)
         sparse = st.attach(model, opt, update_every=100, total_steps=10 * steps)
     elif config == "attach_own":
         sparse = st.attach(model, update_every=100, total_steps=10 * steps)
-    start = time.perf_counter()
+    start, start_cpu = time.perf_counter(), time.process_time()
     for i in range(steps):
         xb, yb = x[i * batch : (i + 1) * batch], y[i * batch : (i + 1) * batch]
         opt.zero_grad(set_to_none=True)
         F.cross_entropy(model(xb), yb).backward()
         opt.step()
-    elapsed = time.perf_counter() - start
+    elapsed, elapsed_cpu = time.perf_counter() - start, time.process_time() - start_cpu
     if sparse is not None:
         assert len(sparse.history) == steps // 100, "mask updates did not run"
         sparse.detach()
-    return elapsed
+    return elapsed, elapsed_cpu
 
 
 def _extra_bytes(name: str, config: str) -> int:
@@ -92,21 +97,40 @@ def _extra_bytes(name: str, config: str) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def _peak_rss_child(name: str, config: str, threads: int, steps: int) -> int:
-    """Peak resident set (KiB) of a fresh process training ``steps`` steps under ``config``."""
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def _peak_rss_child(name: str, config: str, threads: int, steps: int) -> tuple[int, int]:
+    """(resident KiB before training, peak resident KiB during it) in a fresh process.
+
+    Linux only: the peak (VmHWM) is reset through /proc/self/clear_refs once torch, the data
+    and a warm-up step are in memory, so the difference is what training and the adapter add.
+    """
     code = (
-        "import resource, sys, torch\n"
+        "import sys, torch\n"
         f"torch.set_num_threads({threads})\n"
-        "sys.argv = ['x']\n"
         "import importlib.util\n"
         f"spec = importlib.util.spec_from_file_location('ov', {__file__!r})\n"
         "ov = importlib.util.module_from_spec(spec); spec.loader.exec_module(ov)\n"
         f"x, y, _ = ov._data({steps * 100})\n"
+        f"ov._epoch({name!r}, 'plain', x[:100], y[:100], 100)\n"
+        "open('/proc/self/clear_refs', 'w').write('5')\n"
+        "before = ov._status_kib('VmRSS')\n"
         f"ov._epoch({name!r}, {config!r}, x, y, 100)\n"
-        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n"
+        "print(before, ov._status_kib('VmHWM'))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    return int(out.stdout.strip().splitlines()[-1])
+    before, after = out.stdout.strip().splitlines()[-1].split()
+    return int(before), int(after)
+
+
+def _spread(values: list[float]) -> dict[str, float]:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -132,53 +156,54 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for name in args.models:
         x, y, described = _data(MODELS[name])
         _epoch(name, "attach_optimizer", x[:2000], y[:2000], args.batch)  # warm-up
-        times: dict[str, list[float]] = {c: [] for c in CONFIGS}
+        wall: dict[str, list[float]] = {c: [] for c in CONFIGS}
+        cpu: dict[str, list[float]] = {c: [] for c in CONFIGS}
         for _ in range(args.rounds):
             order = list(CONFIGS)
             rng.shuffle(order)
             for config in order:
-                times[config].append(_epoch(name, config, x, y, args.batch))
-        ratios = {c: [t / p for t, p in zip(times[c], times["plain"])] for c in CONFIGS[1:]}
-        memory = {
-            c: {
-                "peak_rss_kib": _peak_rss_child(name, c, args.threads, args.memory_steps),
-                "adapter_tensor_bytes": _extra_bytes(name, c),
+                w, c = _epoch(name, config, x, y, args.batch)
+                wall[config].append(w)
+                cpu[config].append(c)
+        memory = {}
+        for config in CONFIGS:
+            before, peak = _peak_rss_child(name, config, args.threads, args.memory_steps)
+            memory[config] = {
+                "rss_before_kib": before,
+                "peak_rss_kib": peak,
+                "training_peak_growth_kib": peak - before,
+                "adapter_tensor_bytes": _extra_bytes(name, config),
             }
-            for c in CONFIGS
-        }
-        entry = {
+        entry: dict[str, Any] = {
             "data": described,
             "steps_per_epoch": x.shape[0] // args.batch,
-            "plain_epoch_s": {
-                "median": statistics.median(times["plain"]),
-                "min": min(times["plain"]),
-                "max": max(times["plain"]),
-            },
-            "overhead": {
-                c: {
-                    "median_ratio": statistics.median(r),
-                    "min_ratio": min(r),
-                    "max_ratio": max(r),
-                }
-                for c, r in ratios.items()
-            },
+            "mask_updates_per_epoch": (x.shape[0] // args.batch) // 100,
+            "plain_epoch_wall_s": _spread(wall["plain"]),
+            "plain_epoch_cpu_s": _spread(cpu["plain"]),
+            "overhead_cpu": {},
+            "overhead_wall": {},
             "memory": memory,
         }
-        results["models"][name] = entry
         print(
-            f"{name}: {described}, {entry['steps_per_epoch']} steps/epoch, "
-            f"plain epoch {entry['plain_epoch_s']['median']:.2f} s (median of {args.rounds})"
+            f"{name}: {described}, {entry['steps_per_epoch']} steps/epoch, plain epoch "
+            f"{entry['plain_epoch_cpu_s']['median']:.2f} s CPU / "
+            f"{entry['plain_epoch_wall_s']['median']:.2f} s wall (median of {args.rounds})"
         )
-        for c, r in ratios.items():
+        for config in CONFIGS[1:]:
+            for label, times in (("cpu", cpu), ("wall", wall)):
+                ratios = [t / p for t, p in zip(times[config], times["plain"])]
+                entry[f"overhead_{label}"][config] = _spread(ratios)
+                print(
+                    f"  {config:18s} {label:4s} time ratio median {statistics.median(ratios):.3f} "
+                    f"(min {min(ratios):.3f}, max {max(ratios):.3f})"
+                )
+        for config, m in memory.items():
             print(
-                f"  {c:18s} epoch time ratio median {statistics.median(r):.3f} "
-                f"(min {min(r):.3f}, max {max(r):.3f})"
-            )
-        for c, m in memory.items():
-            print(
-                f"  {c:18s} peak RSS {m['peak_rss_kib'] / 1024:.1f} MiB, adapter tensors "
+                f"  {config:18s} peak RSS {m['peak_rss_kib'] / 1024:.1f} MiB, training added "
+                f"{m['training_peak_growth_kib'] / 1024:.1f} MiB; adapter tensors "
                 f"{m['adapter_tensor_bytes'] / 1024:.1f} KiB"
             )
+        results["models"][name] = entry
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)
