@@ -46,7 +46,12 @@ def _data(n: int) -> tuple[torch.Tensor, torch.Tensor, str]:
     ds = load_fashion_mnist()
     x = torch.from_numpy(ds.train_images[:n].astype(np.float32) / 255.0).unsqueeze(1)
     y = torch.from_numpy(ds.train_labels[:n])
-    return (x - 0.2860) / 0.3530, y, f"{ds.name} ({ds.source}), {x.shape[0]} images"
+    described = f"{ds.name} ({ds.source}), {x.shape[0]} images"
+    if x.shape[0] < n:  # only the embedded subset is there: cycle through it
+        reps = -(-n // x.shape[0])
+        x, y = x.repeat(reps, 1, 1, 1)[:n], y.repeat(reps)[:n]
+        described += f" cycled to {n}"
+    return (x - 0.2860) / 0.3530, y, described
 
 
 def _model(name: str) -> nn.Module:
@@ -62,20 +67,25 @@ def _epoch(
     """One epoch under ``config``: (wall seconds, CPU seconds of this process)."""
     import sparsecore.torch as st
 
-    model = _model(name)
+    model = _model(name).to(x.device)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     sparse = None
     steps = x.shape[0] // batch
+    cuda = x.device.type == "cuda"
     if config == "attach_optimizer":
         sparse = st.attach(model, opt, update_every=100, total_steps=10 * steps)
     elif config == "attach_own":
         sparse = st.attach(model, update_every=100, total_steps=10 * steps)
+    if cuda:
+        torch.cuda.synchronize()
     start, start_cpu = time.perf_counter(), time.process_time()
     for i in range(steps):
         xb, yb = x[i * batch : (i + 1) * batch], y[i * batch : (i + 1) * batch]
         opt.zero_grad(set_to_none=True)
         F.cross_entropy(model(xb), yb).backward()
         opt.step()
+    if cuda:
+        torch.cuda.synchronize()
     elapsed, elapsed_cpu = time.perf_counter() - start, time.process_time() - start_cpu
     if sparse is not None:
         assert len(sparse.history) == steps // 100, "mask updates did not run"
@@ -140,6 +150,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--batch", type=int, default=100)
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     parser.add_argument("--memory-steps", type=int, default=200)
+    parser.add_argument("--device", default="cpu", help="cpu, or cuda (times: wall only)")
+    parser.add_argument("--no-memory", action="store_true", help="skip the memory subprocesses")
     parser.add_argument("--json", default=None, help="also write the results to this file")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -148,6 +160,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "processor": platform.processor() or platform.machine(),
             "python": platform.python_version(),
             "torch": torch.__version__,
+            "device": args.device
+            + (f" ({torch.cuda.get_device_name()})" if args.device == "cuda" else ""),
             "threads": args.threads,
         },
         "models": {},
@@ -155,6 +169,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     rng = random.Random(0)
     for name in args.models:
         x, y, described = _data(MODELS[name])
+        x, y = x.to(args.device), y.to(args.device)
         _epoch(name, "attach_optimizer", x[:2000], y[:2000], args.batch)  # warm-up
         wall: dict[str, list[float]] = {c: [] for c in CONFIGS}
         cpu: dict[str, list[float]] = {c: [] for c in CONFIGS}
@@ -166,7 +181,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 wall[config].append(w)
                 cpu[config].append(c)
         memory = {}
-        for config in CONFIGS:
+        for config in [] if args.no_memory or args.device != "cpu" else CONFIGS:
             before, peak = _peak_rss_child(name, config, args.threads, args.memory_steps)
             memory[config] = {
                 "rss_before_kib": before,
