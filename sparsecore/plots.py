@@ -65,6 +65,12 @@ def _x_axis(record: RunRecord) -> tuple[list[int], str]:
     return [u.update for u in applied], "mask update"
 
 
+def _start_values(record: RunRecord, name: str) -> tuple[int, int]:
+    """(active count, size) of a layer before the first update: the initial mask."""
+    first = record.applied[0].layer(name)
+    return first.nnz - first.grown + first.pruned, first.size
+
+
 def _title(record: RunRecord, what: str) -> str:
     meta = record.meta
     parts = [str(meta[k]) for k in ("model", "method") if meta.get(k)]
@@ -87,13 +93,16 @@ def plot_density(record: RunRecord, path: str | os.PathLike[str]) -> Path:
     """Density of every layer (and overall) after each mask update: where the weights went."""
     _need_updates(record, "density plot")
     x, xlabel = _x_axis(record)
+    x = [0, *x]  # the initial mask first
     fig = _figure()
     ax = fig.add_subplot()
+    starts = {name: _start_values(record, name) for name in record.layers}
     for name in record.layers:
-        ax.plot(
-            x, [100 * float(d or 0) for d in record.series(name, "density")], marker=".", label=name
-        )
-    overall = [100 * u.density for u in record.applied]
+        nnz0, size = starts[name]
+        values = [100 * nnz0 / size, *(100 * float(d or 0) for d in record.series(name, "density"))]
+        ax.plot(x, values, marker=".", label=name)
+    total0 = sum(n for n, _ in starts.values()) / sum(s for _, s in starts.values())
+    overall = [100 * total0, *(100 * u.density for u in record.applied)]
     ax.plot(x, overall, color="black", linestyle="--", linewidth=1.5, label="all sparse layers")
     ax.set_yscale("log")
     ax.set_xlabel(xlabel)
@@ -162,13 +171,20 @@ def plot_ever_active(record: RunRecord, path: str | os.PathLike[str]) -> Path:
     if record.applied[-1].ever_active_fraction is None:
         raise SparseCoreError("ever-active plot: the run's reports carry no 'ever_active' counts")
     x, xlabel = _x_axis(record)
+    x = [0, *x]  # the initial mask first: everything active so far is in it
     fig = _figure()
     ax = fig.add_subplot()
-    for name in record.layers:
-        ax.plot(x, [100 * float(v or 0) for v in record.series(name, "ever_active_fraction")],
-                marker=".", label=name)  # fmt: skip
-    overall = [100 * float(u.ever_active_fraction or 0) for u in record.applied]
-    ax.plot(x, overall, color="black", linestyle="--", label="all sparse layers")
+    styles = ["-", "--", "-.", ":"]
+    starts = {name: _start_values(record, name) for name in record.layers}
+    for i, name in enumerate(record.layers):
+        nnz0, size = starts[name]
+        fractions = record.series(name, "ever_active_fraction")
+        values = [100 * nnz0 / size, *(100 * float(v or 0) for v in fractions)]
+        # distinct line styles keep layers that coincide (e.g. all at 100%) apart
+        ax.plot(x, values, marker=".", linestyle=styles[i % len(styles)], label=name)
+    total0 = sum(n for n, _ in starts.values()) / sum(s for _, s in starts.values())
+    overall = [100 * total0, *(100 * float(u.ever_active_fraction or 0) for u in record.applied)]
+    ax.plot(x, overall, color="black", linewidth=2.5, alpha=0.6, label="all sparse layers")
     ax.set_xlabel(xlabel)
     ax.set_ylabel("positions ever active (% of layer)")
     ax.set_ylim(bottom=0)
