@@ -207,3 +207,20 @@ def test_report_command_does_not_import_frameworks(tmp_path):
 def test_modules_import_light(module):
     code = f"import sys, {module}; assert 'matplotlib' not in sys.modules and 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+def test_docs_table_is_what_report_prints_for_the_recorded_run():
+    """docs/reports.md shows the report of the committed LeNet-5 run records, verbatim."""
+    from sparsecore.reporting import format_table
+
+    root = Path(__file__).resolve().parents[2]
+    results = root / "docs" / "results"
+    record = load_run(results / "lenet5_sparse_run.json")
+    baseline = load_run(results / "lenet5_dense_run.json")
+    page = (root / "docs" / "reports.md").read_text()
+    start = page.index("```\nrun: model lenet5") + 4
+    shown = page[start : page.index("```", start)]
+    printed = format_table(record, baseline)
+    # the page leaves out the one-line column legend, which it explains in prose instead
+    printed = "\n".join(line for line in printed.splitlines() if not line.startswith("density: "))
+    assert shown.strip() == printed.strip()
