@@ -33,7 +33,7 @@ from .sparse_functions import (
 __all__ = ["DEFAULT_MIN_SPARSITY", "MODES", "KernelRouter"]
 
 #: Sparsity from which a layer runs on the CPU kernels (measured break-even, docs/kernels-cpu.md).
-DEFAULT_MIN_SPARSITY = 0.7
+DEFAULT_MIN_SPARSITY = 0.85
 
 MODES = ("cpu", "cuda", "auto")
 
@@ -226,6 +226,7 @@ class KernelRouter:
 
         def forward(x: torch.Tensor) -> torch.Tensor:
             weight = module.weight
+            assert isinstance(weight, torch.Tensor)
             if (
                 route.use_sparse
                 and (x.dim() >= 1 if linear else x.dim() in (3, 4))
