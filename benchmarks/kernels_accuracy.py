@@ -23,9 +23,13 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import statistics
 import time
 from pathlib import Path
+
+# Idle OpenMP threads sleep instead of spinning (PyTorch's and Numba's pools take turns).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import numpy as np
 import torch
