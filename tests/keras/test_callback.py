@@ -268,3 +268,29 @@ def test_update_every_must_fit_steps_per_execution():
     cb = SparseCallback(update_every=2)
     model.fit(x, y, batch_size=16, epochs=1, callbacks=[cb], verbose=0)
     assert [r.step for r in cb.history] == [2, 4]
+
+
+def test_mixed_precision_loss_scale_optimizer():
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        x, y = data()
+        model = keras.Sequential(
+            [
+                keras.Input((12,)),
+                keras.layers.Dense(32, activation="relu", name="fc1"),
+                keras.layers.Dense(3, dtype="float32", name="out"),
+            ]
+        )
+        model.compile(
+            optimizer=keras.optimizers.SGD(0.05, momentum=0.9),
+            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        )
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    assert isinstance(model.optimizer, keras.optimizers.LossScaleOptimizer)
+    cb = SparseCallback(density=0.2, update_every=2)
+    checker = BatchChecker(cb)
+    model.fit(x, y, batch_size=16, epochs=2, callbacks=[cb, checker], verbose=0)
+    assert len(cb.history) == 5 and set(checker.totals) == {cb.engine.target}
+    # the momentum came from the wrapped optimizer's slots
+    assert all(r.importance > 0 for r in cb.history[-1].layers)
