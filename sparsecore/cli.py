@@ -135,7 +135,7 @@ def _train_keras(given: dict[str, Any]) -> int:
     """``--framework keras``: the Keras job (sparsecore.keras.train), same options and outputs."""
     from sparsecore.datasets import DatasetError, load_embedded_fashion_mnist
 
-    unsupported = sorted({"resume", "stop_after", "progress"} & set(given))
+    unsupported = sorted({"resume", "stop_after", "progress", "tensorboard"} & set(given))
     if unsupported:
         flags = ", ".join("--" + k.replace("_", "-") for k in unsupported)
         print(
