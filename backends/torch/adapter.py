@@ -146,6 +146,7 @@ class SparseTraining:
         self.model = model
         self.optimizer = optimizer
         self.config = config
+        self._schedule = config.schedule()  # built once: due() runs after every step
         self.targets = targets
         self.names = [t.name for t in targets]
         self.engine = SparseEngine(
@@ -239,7 +240,7 @@ class SparseTraining:
                 from sparsecore.errors import NonFiniteError
 
                 raise NonFiniteError(reason + "; the step was not counted (nothing changed)")
-            if self.engine.due(self.steps + 1):
+            if self._schedule.due(self.steps + 1):
                 report = self.engine.record_skip(self.steps + 1, reason)
                 self._warn_skip(report)
             return
@@ -262,7 +263,7 @@ class SparseTraining:
             return
         self.steps += 1
         self._fold_own_momentum()
-        if self.engine.due(self.steps):
+        if self._schedule.due(self.steps):
             self._update(self.steps)  # masks exactly first
         else:
             self._apply_masks(exact=False)
@@ -294,7 +295,7 @@ class SparseTraining:
         if self._steps_per_epoch is None and self.epochs == 1 and self.steps > 0:
             self._steps_per_epoch = self.steps
         report = None
-        if self.engine.due(self.steps, epoch_end=True):
+        if self._schedule.due(self.steps, epoch_end=True):
             report = self._update(self.steps)
         self._set_gradient_window()
         return report
@@ -371,7 +372,7 @@ class SparseTraining:
         """Sparse kernels: dense weight gradients only in the window before the next update."""
         if self._router is None:
             return
-        schedule = self.config.schedule()
+        schedule = self._schedule
         until = schedule.steps_until_next(self.steps)
         if schedule.at_epoch_end and self.steps < schedule.stop_step():
             if self._steps_per_epoch is None:
@@ -465,6 +466,7 @@ class SparseTraining:
                 e.to(m.device) for e, m in zip(self.engine.ever_active, self.masks)
             ]
         self.config = self.engine.config
+        self._schedule = self.config.schedule()
         for cur, keep, m in zip(self.masks, self._keep, masks):
             cur.copy_(m.to(cur.device))
             keep.copy_(cur)

@@ -60,16 +60,29 @@ def _sentinel(scores: torch.Tensor, largest: bool) -> torch.Tensor:
 
 
 def _boundary(scores: torch.Tensor, k: int, largest: bool) -> torch.Tensor:
-    """The k-th best score (0-d tensor): ``topk`` for a small k, ``kthvalue`` otherwise.
+    """The k-th best score (0-d tensor), exactly.
 
-    Both are linear-time selections in practice; topk is much faster when k is a small
-    fraction of n (the usual growth case: a few thousand of a layer's inactive positions).
+    For a small k of many scores (growth: a few thousand of a layer's inactive positions), a
+    strided sample gives a bound that at least k scores pass; only those are gathered and
+    ``topk`` runs on them. The answer is exact whatever the sample: if fewer than k pass, the
+    plain selection over all scores runs instead. Otherwise ``topk`` (small k) or
+    ``kthvalue`` (linear-time selection).
     """
     n = scores.numel()
-    if k <= n // 8:
+    if k <= n // 8 and n >= 1 << 16:
+        stride = n // 4096
+        sample = scores[::stride]
+        m = sample.numel()
+        r = min(m, 2 * (k * m) // n + 16)  # about twice the sample's share of the k best
+        top = torch.topk(sample, r, largest=largest, sorted=False).values
+        bound = top.min() if largest else top.max()
+        passing = scores[scores >= bound] if largest else scores[scores <= bound]
+        if passing.numel() >= k:
+            scores = passing
+    if k <= scores.numel() // 8:
         values = torch.topk(scores, k, largest=largest, sorted=False).values
         return values.min() if largest else values.max()
-    return torch.kthvalue(scores, n - k + 1 if largest else k).values
+    return torch.kthvalue(scores, scores.numel() - k + 1 if largest else k).values
 
 
 def select_flat(
@@ -84,7 +97,7 @@ def select_flat(
     place, the others given a sentinel score, which saves the gather.
     """
     n = candidates.numel()
-    n_candidates = int(candidates.sum())
+    n_candidates = int(torch.count_nonzero(candidates))
     if k <= 0:
         return torch.zeros_like(candidates)
     if k >= n_candidates:
@@ -101,7 +114,7 @@ def select_flat(
     tied = torch.nonzero(cand_scores == threshold).reshape(-1)
     if positions is not None:
         better_pos, tied = positions[better], positions[tied]
-    need = k - int(better.sum())
+    need = k - int(torch.count_nonzero(better))
     if need < tied.numel():
         # Hashes of one layer's positions are distinct (mix is a bijection on 32-bit words), so
         # the largest ``need`` hashes decide; the lower-index rule never comes into play.
@@ -137,6 +150,11 @@ class TorchBackend(ArrayBackend):
         return "i"
 
     def all_finite(self, x: Any) -> bool:
+        # A sum is finite only if every element is (NaN and Inf propagate): one fast reduction
+        # in the array's own dtype. A non-finite sum may also be an overflow of finite values,
+        # so that case gets the exact element-wise check.
+        if bool(torch.isfinite(x.sum())):
+            return True
         return bool(torch.isfinite(x).all())
 
     def count(self, mask: Any) -> int:

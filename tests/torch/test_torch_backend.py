@@ -203,3 +203,29 @@ def test_apply_keeps_weights_bit_for_bit_and_zeroes_the_rest():
     out = be.apply(w, old, new)
     assert out.tolist() == [[0.0, 0.0], [0.0, 3.0]]
     assert not torch.signbit(out[1, 0]) and torch.signbit(out[0, 0])  # kept -0.0 bit for bit
+
+
+@pytest.mark.parametrize("kind", ["normal", "ints", "zeros", "spiky", "float16"])
+@pytest.mark.parametrize("k", [1, 37, 2000, 9000])
+def test_large_layer_selection_equals_reference(kind, k):
+    """Layers of >= 2**16 positions take the sampled-bound path of the boundary search."""
+    rng = np.random.default_rng(k)
+    shape = (300, 260)
+    if kind == "ints":
+        x = rng.integers(0, 3, size=shape).astype(np.float32)
+    elif kind == "zeros":
+        x = np.zeros(shape, dtype=np.float32)
+    elif kind == "spiky":  # a few huge scores the strided sample is likely to miss
+        x = rng.random(shape).astype(np.float32)
+        x.reshape(-1)[rng.choice(x.size, 50, replace=False)] = 1e6
+    elif kind == "float16":
+        x = rng.standard_normal(shape).astype(np.float16)
+    else:
+        x = rng.standard_normal(shape).astype(np.float32)
+    mask = rng.random(shape) < 0.05
+    key = HashKey(5, 9, 2)
+    for largest in (True, False):
+        kw = dict(among_active=False, largest=largest, magnitude=True, key=key)
+        a = get_backend("numpy").select(x, mask, k, **kw)
+        b = TorchBackend().select(torch.from_numpy(x), torch.from_numpy(mask), k, **kw)
+        np.testing.assert_array_equal(a, b.numpy())
