@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from sparsecore.config import SparseConfig, option_names
 from sparsecore.engine import SparseEngine
-from sparsecore.errors import SparseCoreError
+from sparsecore.errors import NonFiniteError, SparseCoreError
 from sparsecore.layers import Layer
 from sparsecore.report import UpdateReport
 from torch import nn
@@ -237,8 +237,6 @@ class SparseTraining:
         if bad is not None:
             reason = f"layer {bad!r}: gradient contains NaN or Inf at step {self.steps + 1}"
             if self.config.on_nonfinite == "raise":
-                from sparsecore.errors import NonFiniteError
-
                 raise NonFiniteError(reason + "; the step was not counted (nothing changed)")
             if self._schedule.due(self.steps + 1):
                 report = self.engine.record_skip(self.steps + 1, reason)
