@@ -17,11 +17,14 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from .errors import SparseCoreError
 from .report import UpdateReport
@@ -699,7 +702,8 @@ def _float(value: Any, where: str) -> float:
 
 
 def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+    """Python and NumPy reals (a Keras job's metrics are often ``np.float32``), not bools."""
+    return isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
 
 
 def _json_safe(value: Any) -> Any:

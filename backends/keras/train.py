@@ -321,6 +321,12 @@ def run_training(
         tmp = out / (SUMMARY_NAME + ".tmp")
         tmp.write_text(json.dumps(summary, indent=2) + "\n")
         tmp.replace(out / SUMMARY_NAME)
+        if isinstance(sparse, SparseCallback):
+            # run record for `sparsecore report` (sparsecore.telemetry)
+            from sparsecore.telemetry import TELEMETRY_NAME, record_from_run
+
+            reports = [r.to_dict() for r in sparse.history]
+            record_from_run(summary, reports).save(out / TELEMETRY_NAME)
         stream.write(f"results in {out}\n")
     stream.flush()
     return summary
