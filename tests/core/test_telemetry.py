@@ -298,3 +298,15 @@ def test_tensorboard_scalars(tmp_path):
         sum(lr.net_grown for lr in r.layers) for r in engine.history
     ]
     assert scalars["epoch/test_acc"] == [(1, 60.0), (2, 70.0)]
+
+
+def test_numpy_scalar_metrics_are_accepted_and_saved_as_numbers(tmp_path):
+    engine, _ = run_engine(updates=2)
+    epochs = [{"epoch": 1, "test_acc": np.float32(71.5), "test_loss": np.float64(0.8)}]
+    record = RunRecord.from_reports(engine.history, epochs=epochs)
+    again = RunRecord.load(record.save(tmp_path / "run.json"))
+    assert again.epochs == [{"epoch": 1, "test_acc": 71.5, "test_loss": 0.8}]
+    assert again.totals()["final_test_acc"] == 71.5
+    bad = [{"epoch": 1, "test_acc": np.bool_(True)}]
+    with pytest.raises(TelemetryError, match="test_acc must be a percentage"):
+        RunRecord.from_reports(engine.history, epochs=bad)
