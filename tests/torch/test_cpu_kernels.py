@@ -132,7 +132,7 @@ def _check_conv(
         torch.testing.assert_close(b.grad, br.grad, **tol)
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=30, deadline=None)
 @given(
     batch=st.integers(1, 3),
     cin_g=st.integers(1, 4),
