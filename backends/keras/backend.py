@@ -12,6 +12,7 @@ Scores are compared in float64, which holds every float16/32 value and every 32-
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -74,11 +75,12 @@ def _select_rows(keys: Any, hashes: Any, candidates: Any, ks: np.ndarray) -> Any
     return ops.logical_and(selected, ops.convert_to_tensor(take.reshape(rows, 1), dtype="bool"))
 
 
-def _select_flat(keys: Any, hashes: Any, candidates: Any, k: int) -> Any:
+def _select_flat(keys: Any, hashes: Callable[[], Any], candidates: Any, k: int) -> Any:
     """:func:`_select_rows` for one row, with partial selection (``top_k``) instead of a sort.
 
     A mask update picks a few percent of a layer, so finding the k-th key with ``top_k`` is much
-    cheaper than sorting every position.
+    cheaper than sorting every position. ``hashes`` is called only when ties at the boundary
+    must be broken (rare with float32 momentum), sparing the hash of the whole layer otherwise.
     """
     keys = ops.where(candidates, keys, ops.full_like(keys, -np.inf))
     values, _ = ops.top_k(keys, k, sorted=True)
@@ -90,7 +92,7 @@ def _select_flat(keys: Any, hashes: Any, candidates: Any, k: int) -> Any:
     if need >= n_tied:
         return ops.logical_or(better, tied)
     # Hashes are below 2**32, exact in float64 (top_k does not take int64 on every backend).
-    tied_hashes = ops.where(tied, ops.cast(hashes, "float64"), ops.full_like(keys, -1.0))
+    tied_hashes = ops.where(tied, ops.cast(hashes(), "float64"), ops.full_like(keys, -1.0))
     hash_values, _ = ops.top_k(tied_hashes, need, sorted=True)
     chosen = ops.logical_and(tied, ops.greater_equal(tied_hashes, hash_values[need - 1]))
     return ops.logical_or(better, chosen)
@@ -182,10 +184,9 @@ class KerasBackend(ArrayBackend):
         keys, candidates = self._keys_and_candidates(
             x, mask, among_active=among_active, largest=largest, magnitude=magnitude, sign=sign
         )
-        hashes = self.position_hash(key, x)
         chosen = _select_flat(
             ops.reshape(keys, (-1,)),
-            ops.reshape(hashes, (-1,)),
+            lambda: ops.reshape(self.position_hash(key, x), (-1,)),
             ops.reshape(candidates, (-1,)),
             k,
         )

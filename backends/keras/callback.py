@@ -168,7 +168,6 @@ class SparseCallback(keras.callbacks.Callback):
             total = self._total_steps()
             if total is not None and total != self.engine.config.total_steps:
                 self.engine.config = self.engine.config.replace(total_steps=total)
-                self._store_state()
 
     def _total_steps(self) -> int | None:
         params = self.params or {}
@@ -238,12 +237,11 @@ class SparseCallback(keras.callbacks.Callback):
         if state is not None:
             engine.load_state_dict(state)
             engine.config = config
-            if any(c.ever_active is not None for c in constraints):
+            saved_ever = [c.snapshot()[1] for c in constraints]
+            if any(e is not None for e in saved_ever):
                 engine.ever_active = [
-                    ops.convert_to_tensor(
-                        c.ever_active if c.ever_active is not None else c.mask_numpy()
-                    )
-                    for c in constraints
+                    ops.convert_to_tensor(e if e is not None else c.mask_numpy())
+                    for e, c in zip(saved_ever, constraints)
                 ]
             counts = [int(c.mask_numpy().sum()) for c in constraints]
             if sum(counts) != engine.target:
@@ -295,7 +293,7 @@ class SparseCallback(keras.callbacks.Callback):
                     f"layer is #{i} of shape {w.shape}; use the same layer selection as the run "
                     f"that saved it"
                 )
-        state = constraints[0].state
+        state, _ = constraints[0].snapshot()
         if state is None:
             raise SparseCoreError(
                 f"layer {weights[0].name!r} carries a sparsecore mask but no engine state; the "
@@ -331,14 +329,21 @@ class SparseCallback(keras.callbacks.Callback):
 
     # -- the engine state kept in the constraints ---------------------------------------------
     def _store_state(self) -> None:
+        """Let the constraints read the live engine state whenever the model is saved.
+
+        The state is serialised on demand (in ``get_config``), not after every update, so a long
+        history costs nothing until a checkpoint is written.
+        """
+        for c in self.constraints:
+            c.provider = self._provide_state
+
+    def _provide_state(self, index: int) -> tuple[dict[str, Any] | None, np.ndarray | None]:
         assert self.engine is not None
         state = self.engine.state_dict()
         ever = state.pop("ever_active")
         state["keras"] = {"total_steps_from_fit": self._total_from_fit}
-        self.constraints[0].state = json.loads(json.dumps(state, default=_json_default))
-        if ever is not None:
-            for c, e in zip(self.constraints, ever):
-                c.ever_active = _host_mask(e)
+        saved = json.loads(json.dumps(state, default=_json_default)) if index == 0 else None
+        return saved, None if ever is None else _host_mask(ever[index])
 
     # -- updates ------------------------------------------------------------------------------
     def _step(self) -> int:
@@ -369,10 +374,6 @@ class SparseCallback(keras.callbacks.Callback):
                 self.update_masks(step)
         if logs is not None:
             logs.update(self.epoch_logs())
-
-    def on_train_end(self, logs: dict[str, Any] | None = None) -> None:
-        if self.engine is not None:
-            self._store_state()
 
     def update_masks(self, step: int | None = None) -> UpdateReport:
         """Run one mask update now (the schedule calls this; tests and users may too)."""
@@ -410,7 +411,6 @@ class SparseCallback(keras.callbacks.Callback):
                 if config.reset_optimizer_state and optimizer is not None:
                     for slot in optimizer_slots(optimizer, w.variable):
                         slot.assign(ops.where(changed, ops.zeros_like(slot), slot))
-        self._store_state()
         return result.report
 
     def epoch_logs(self) -> dict[str, float]:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import base64
 import json
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -79,6 +80,10 @@ class SparseMask(keras.constraints.Constraint):
         )
         self.ever_active = None if ever_active is None else unpack_mask(ever_active, self.shape)
         self.state: dict[str, Any] | None = None if state is None else json.loads(state)
+        # Set by SparseCallback: gives the live (engine state, ever-active mask) of this weight.
+        self.provider: Callable[[int], tuple[dict[str, Any] | None, np.ndarray | None]] | None = (
+            None
+        )
 
     def __call__(self, w: Any) -> Any:
         return ops.where(self.mask, w, ops.zeros_like(w))
@@ -86,7 +91,14 @@ class SparseMask(keras.constraints.Constraint):
     def mask_numpy(self) -> np.ndarray:
         return np.asarray(ops.convert_to_numpy(self.mask.value), dtype=bool)
 
+    def snapshot(self) -> tuple[dict[str, Any] | None, np.ndarray | None]:
+        """The engine state (first weight only) and ever-active mask, live if a run is attached."""
+        if self.provider is not None:
+            self.state, self.ever_active = self.provider(self.index)
+        return self.state, self.ever_active
+
     def get_config(self) -> dict[str, Any]:
+        self.snapshot()
         return {
             "shape": list(self.shape),
             "name": self.name,
