@@ -185,3 +185,17 @@ def test_inspection_and_small_ops():
 
 def test_engine_finds_the_keras_backend_by_name():
     assert sparsecore.get_backend("keras").name == "keras"
+
+
+def test_engine_picks_a_backend_for_keras_tensors_by_itself():
+    rng = np.random.default_rng(3)
+    w = rng.standard_normal((9, 4)).astype(np.float32)
+    m = rng.random((9, 4)) < 0.5
+    p = rng.standard_normal((9, 4)).astype(np.float32)
+    layers_np = [Layer("a", w, m, p)]
+    layers_k = [Layer("a", _tensor(w), _tensor(m), _tensor(p))]
+    expected = "torch" if keras.backend.backend() == "torch" else "keras"
+    assert sparsecore.backend_for(layers_k[0].weight).name == expected
+    ref = sparsecore.update(layers_np, prune_rate=0.5)
+    out = sparsecore.update(layers_k, prune_rate=0.5)  # no backend given
+    assert np.array_equal(ref.masks[0], _host(out.masks[0]))
