@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shlex
 import statistics
 import subprocess
 import sys
@@ -92,6 +93,7 @@ def _run_one(run_dir: Path, method: str, seed: int, args: argparse.Namespace) ->
         for flag, value in (("--limit-train", args.limit_train), ("--limit-test", args.limit_test)):
             if value is not None:
                 cmd += [flag, str(value)]
+        cmd += shlex.split(args.train_args)
     if args.data is not None:
         cmd += ["--data", args.data]
     cmd += ["--threads", str(args.threads), "--no-progress"]
@@ -112,6 +114,9 @@ def main() -> None:
     parser.add_argument("--limit-train", type=int, default=None)
     parser.add_argument("--limit-test", type=int, default=None)
     parser.add_argument("--runs-dir", default="runs/accuracy_fmnist")
+    parser.add_argument(
+        "--train-args", default="", help="extra options for every run, e.g. '--scale-init'"
+    )
     parser.add_argument(
         "--report-only", action="store_true", help="only tabulate runs that already finished"
     )

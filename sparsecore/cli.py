@@ -60,6 +60,11 @@ _CONFIG_OPTIONS: list[tuple[str, str, dict[str, Any]]] = [
 _CONFIG_FLAGS: list[tuple[str, str, str]] = [
     ("--dense-first", "dense_first", "keep the first layer dense"),
     ("--dense-last", "dense_last", "keep the last layer dense"),
+    (
+        "--scale-init",
+        "scale_init",
+        "scale each sparse layer's initial weights by 1/sqrt(its density) (not in the paper)",
+    ),
 ]
 
 

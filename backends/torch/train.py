@@ -83,6 +83,7 @@ class TrainConfig:
     init: str = "uniform"
     dense_first: bool = False
     dense_last: bool = False
+    scale_init: bool = False
     limit_train: int | None = None
     limit_test: int | None = None
     eval_batch_size: int = 1000
@@ -276,6 +277,22 @@ def _attach(model: nn.Module, optimizer: torch.optim.Optimizer, cfg: TrainConfig
     return attach(model, optimizer, **options)
 
 
+@torch.no_grad()
+def _scale_sparse_init(model: nn.Module, densities: dict[str, float]) -> None:
+    """Multiply each sparse layer's initial weights by 1/sqrt(its density).
+
+    A default-initialised layer keeping a fraction d of its weights passes on about sqrt(d) of
+    the dense layer's output scale, so a 5% net starts with tiny activations and gradients. This
+    restores the dense initialisation's output variance per layer, a coarse form of the
+    sparsity-aware initialisation of Evci et al. (arXiv 2010.03533), which scales per unit by
+    its fan-in. Not part of the sparse momentum recipe: off by default.
+    """
+    params = dict(model.named_parameters())
+    for name, density in densities.items():
+        if density > 0:
+            params[name].mul_(1.0 / math.sqrt(density))
+
+
 def _machine() -> dict[str, Any]:
     return {
         "platform": platform.platform(),
@@ -408,6 +425,8 @@ def run_training(
     steps_per_epoch = math.ceil(x_train.shape[0] / cfg.batch_size)
     total_steps = steps_per_epoch * cfg.epochs
     sparse = None if cfg.method == "dense" else _attach(model, optimizer, cfg, total_steps)
+    if sparse is not None and cfg.scale_init:
+        _scale_sparse_init(model, sparse.layer_densities())
 
     epochs_done: list[dict[str, Any]] = []
     mask_updates: list[dict[str, Any]] = []

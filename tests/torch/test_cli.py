@@ -296,3 +296,20 @@ def test_help_lists_subcommands(capsys):
     assert info.value.code == 0
     text = capsys.readouterr().out
     assert "train" in text and "report" in text
+
+
+def test_scale_init_multiplies_initial_sparse_weights(tmp_path):
+    """With a vanishing learning rate the trained weights are the initial ones: the scaled run's
+    active weights are 1/sqrt(density) times the plain run's, the masks identical."""
+    args = ["--epochs", "1", "--limit-train", "100", "--lr", "1e-20", "--weight-decay", "0"]
+    args += ["--density", "0.1", "--momentum", "0"]
+    assert _train(tmp_path / "plain", *args) == 0
+    assert _train(tmp_path / "scaled", *args, "--scale-init") == 0
+    plain, scaled = _load_weights(tmp_path / "plain"), _load_weights(tmp_path / "scaled")
+    masks = _saved_masks(tmp_path / "scaled")
+    assert masks.keys() == {"fc1.weight", "fc2.weight", "fc3.weight"}
+    for name, mask in masks.items():
+        assert torch.equal(mask, _saved_masks(tmp_path / "plain")[name])
+        torch.testing.assert_close(scaled[name], plain[name] / 0.1**0.5)
+    torch.testing.assert_close(scaled["fc1.bias"], plain["fc1.bias"])
+    assert _summary(tmp_path / "scaled")["config"]["scale_init"] is True
