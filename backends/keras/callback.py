@@ -67,10 +67,10 @@ class SparseCallback(keras.callbacks.Callback):
     ``update_every``, ...) with the paper's defaults, plus which layers are sparse:
     ``include``/``exclude`` (layer names, name patterns, class names or classes),
     ``dense_first``/``dense_last`` and ``embeddings`` (make Embedding tables sparse too).
-    ``total_steps`` (the length of training, for the prune-rate schedule and the end of updates)
-    defaults to ``epochs * steps_per_epoch`` of the current ``fit``; Keras counts ``epochs`` from
-    the start of training, so ``fit(initial_epoch=e, epochs=E)`` after loading a checkpoint keeps
-    the schedule. Pass ``total_steps`` when one run is split into ``fit`` calls of other lengths.
+    ``total_steps`` (the optimizer step at which training ends) defaults to the steps already
+    taken plus those of the current ``fit`` (``(epochs - initial_epoch) * steps_per_epoch``), so
+    ``fit(initial_epoch=e, epochs=E)`` after loading a checkpoint keeps the schedule. Pass it when
+    one run is split into ``fit`` calls that each see only part of it.
 
     After each epoch ``logs`` (hence the History and TensorBoard) get ``sparse_density``,
     ``sparse_measured_density`` (nonzero fraction of the kernels), ``sparse_updates`` and the
@@ -164,17 +164,21 @@ class SparseCallback(keras.callbacks.Callback):
             self._attach(self.model, steps_known=True)
         elif self.engine is not None:
             self._check_steps_per_execution(self.model, self.engine.config)
-        if self.engine is not None and self._total_from_fit:
-            total = self._total_steps()
-            if total is not None and total != self.engine.config.total_steps:
-                self.engine.config = self.engine.config.replace(total_steps=total)
+        self._fit_starting = True
 
-    def _total_steps(self) -> int | None:
+    def _total_steps(self, first_epoch: int = 0) -> int | None:
+        """Optimizer steps at the end of this ``fit``: the steps already taken plus its own.
+
+        ``first_epoch`` is the epoch ``fit`` starts at (its ``initial_epoch``), known for sure
+        only at the first ``on_epoch_begin``.
+        """
         params = self.params or {}
         epochs, steps = params.get("epochs"), params.get("steps")
-        if epochs and steps:
-            return int(epochs) * int(steps)
-        return None
+        if not (epochs and steps):
+            return None
+        optimizer = getattr(self.model, "optimizer", None)
+        done = 0 if optimizer is None else int(ops.convert_to_numpy(optimizer.iterations))
+        return done + max(int(epochs) - int(first_epoch), 0) * int(steps)
 
     def _needs_momentum(self, config: SparseConfig) -> bool:
         return (
@@ -350,9 +354,16 @@ class SparseCallback(keras.callbacks.Callback):
         return int(ops.convert_to_numpy(self.model.optimizer.iterations))
 
     def on_epoch_begin(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+        engine = self.engine
+        if engine is not None and getattr(self, "_fit_starting", False):
+            self._fit_starting = False
+            if self._total_from_fit:
+                total = self._total_steps(first_epoch=epoch)
+                if total is not None and total != engine.config.total_steps:
+                    engine.config = engine.config.replace(total_steps=total)
         # One read of the step counter per epoch; batch hooks count from it in Python, which
         # spares a device-to-host read after every batch.
-        self._epoch_base = self._step() if self.engine is not None else None
+        self._epoch_base = self._step() if engine is not None else None
 
     def on_train_batch_end(self, batch: int, logs: dict[str, Any] | None = None) -> None:
         engine = self.engine

@@ -294,3 +294,16 @@ def test_mixed_precision_loss_scale_optimizer():
     assert len(cb.history) == 5 and set(checker.totals) == {cb.engine.target}
     # the momentum came from the wrapped optimizer's slots
     assert all(r.importance > 0 for r in cb.history[-1].layers)
+
+
+def test_sparsifying_a_model_that_was_already_trained_dense():
+    # The dense fit traced a train step without constraints; attaching must rebuild it.
+    x, y = data()
+    model = mlp()
+    model.fit(x, y, batch_size=16, epochs=1, verbose=0)
+    cb = SparseCallback(update_every=4)
+    checker = BatchChecker(cb)
+    model.fit(x, y, batch_size=16, epochs=2, callbacks=[cb, checker], verbose=0)
+    assert checker.batches == 12 and set(checker.totals) == {cb.engine.target}
+    # updates are counted from this fit's start (optimizer step 6): steps 8, 12, 16
+    assert [r.step for r in cb.history] == [8, 12, 16]
