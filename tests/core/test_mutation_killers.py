@@ -161,3 +161,92 @@ def test_empty_layer_importance_uses_all_positions() -> None:
     assert sc.modes.IMPORTANCE["momentum"](NP, some, 2) == 2.0
     assert sc.modes.IMPORTANCE["magnitude"](NP, some, 2) == 1.0
     assert sc.modes.IMPORTANCE["nonzero"](NP, some, 2) == 2.0
+
+
+# -- added after the first mutation run: each kills surviving mutants named in docs/mutation.md --
+
+
+def test_single_layer_share_is_one() -> None:
+    assert importance_shares([2.5], [10]).tolist() == [1.0]
+    assert importance_shares([], []).size == 0
+
+
+def test_budget_errors_say_what_is_wrong() -> None:
+    with pytest.raises(sc.SparseCoreError, match="2 weights but 3 capacities"):
+        split_budget(1, [1.0, 1.0], [1, 1, 1])
+    with pytest.raises(sc.SparseCoreError, match=r"capacities >= 0.*capacity=\[-1, 5\]"):
+        split_budget(0, [1.0, 1.0], [-1, 5])
+    with pytest.raises(sc.SparseCoreError, match="finite and >= 0"):
+        importance_shares([1.0, -1.0], [1, 1])
+    with pytest.raises(sc.SparseCoreError, match="only 3 free slots"):
+        split_budget(4, [1.0, 1.0], [1, 2])
+
+
+def test_budgets_and_capacities_are_integers() -> None:
+    assert split_budget(5, [0.3, 0.7], [10, 10]).dtype == np.int64
+    assert capacities([10, 20], [1, 2], 0.5).dtype == np.int64
+
+
+def test_fraction_ties_go_to_lower_index_among_many_layers() -> None:
+    """Kills: an unstable sort of the fractional parts (NumPy's default quicksort reorders ties
+    beyond 16 elements)."""
+    out = split_budget(20, [1.0] * 40, [100] * 40)
+    assert out.tolist() == [1] * 20 + [0] * 20
+
+
+def test_fraction_ties_keep_index_order_in_a_mixed_large_split() -> None:
+    """Kills: an unstable sort of the fractional parts. The fractions (0.25/0.5/0.75, exact in
+    binary) tie in large groups and the leftover cuts through one of them; the expected split is
+    computed here with Python's stable sort."""
+    fractions = np.random.default_rng(0).choice([0.25, 0.5, 0.75], 172)
+    weights = 1.0 + fractions
+    weights[-1] += np.ceil(weights.sum()) - weights.sum()  # an integral total keeps ideals exact
+    total = int(weights.sum())
+    floors = np.floor(weights).astype(np.int64)
+    leftover = total - int(floors.sum())
+    order = sorted(range(weights.size), key=lambda i: -(weights[i] - floors[i]))
+    expected = floors.copy()
+    expected[order[:leftover]] += 1
+    assert split_budget(total, weights, [1000] * weights.size).tolist() == expected.tolist()
+
+
+def test_dtype_kind_folds_unsigned_into_integer() -> None:
+    assert NP.dtype_kind(np.zeros(2, np.uint8)) == "i"
+    assert NP.dtype_kind(np.zeros(2, np.int16)) == "i"
+    assert NP.dtype_kind(np.zeros(2, np.float16)) == "f"
+    assert NP.dtype_kind(np.zeros(2, bool)) == "b"
+
+
+def test_unit_reductions_by_hand() -> None:
+    x = np.arange(24, dtype=np.float64).reshape(2, 3, 4) - 10.0
+    mask = x > 0
+    for axis in (0, 1, 2, -1):
+        others = tuple(a for a in range(3) if a != axis % 3)
+        assert NP.unit_abs_sum(x, axis).tolist() == np.abs(x).sum(axis=others).tolist()
+        active = mask.sum(axis=others)
+        assert NP.unit_count(mask, axis, active=True).tolist() == active.tolist()
+        free = x.size // x.shape[axis] - active
+        assert NP.unit_count(mask, axis, active=False).tolist() == free.tolist()
+
+
+def test_unit_abs_sum_accumulates_in_float64() -> None:
+    x = np.ones((2, 40000), dtype=np.float32)
+    x[:, 0] = 1e8  # float32 accumulation would lose every following 1.0
+    assert NP.unit_abs_sum(x, 0).tolist() == [1e8 + 39999.0] * 2
+    assert NP.unit_abs_sum(x, 0).dtype == np.float64
+
+
+def test_registering_a_mode() -> None:
+    with pytest.raises(sc.SparseCoreError, match="growth mode 'broken' must be a function"):
+        sc.register_growth("broken")(42)
+
+    def keep_nothing(backend, layer, rate, max_prune, key):  # type: ignore[no-untyped-def]
+        return backend.zeros_mask(layer.mask)
+
+    assert sc.register_prune("keep_nothing_for_test")(keep_nothing) is keep_nothing
+    assert sc.modes.PRUNE["keep_nothing_for_test"] is keep_nothing
+    mask = np.eye(3, dtype=bool)
+    layer = sc.Layer("l", np.eye(3), mask, np.ones((3, 3)))
+    result = sc.update([layer], prune_rate=0.5, prune="keep_nothing_for_test", backend=NP)
+    assert np.array_equal(result.masks[0], mask)
+    del sc.modes.PRUNE["keep_nothing_for_test"]
