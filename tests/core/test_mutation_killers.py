@@ -250,3 +250,29 @@ def test_registering_a_mode() -> None:
     result = sc.update([layer], prune_rate=0.5, prune="keep_nothing_for_test", backend=NP)
     assert np.array_equal(result.masks[0], mask)
     del sc.modes.PRUNE["keep_nothing_for_test"]
+
+
+def test_set_prune_scaled_split_keeps_the_sign_proportions() -> None:
+    """Kills: the min-density scaling computed from the other sign's count."""
+    weight = np.array([[0.1, 0.2, 0.3, 0.4, 0.5, 0.6, -0.1, -0.2]])
+    layer = sc.Layer("w", weight, np.ones_like(weight, dtype=bool), np.ones_like(weight))
+    full = sc.modes.PRUNE["SET"](NP, layer, 0.5, 8, HashKey(0, 1, 0))
+    assert np.flatnonzero(full).tolist() == [0, 1, 2, 6]  # r_pos = 3, r_neg = 1
+    capped = sc.modes.PRUNE["SET"](NP, layer, 0.5, 2, HashKey(0, 1, 0))
+    assert np.flatnonzero(capped).tolist() == [0, 6]  # r_pos = 2*3//4 = 1, r_neg = 1
+
+
+def test_importance_of_a_layer_with_one_active_weight() -> None:
+    """Kills: the empty-layer rule (mean over all positions) applied beyond nnz == 0."""
+    momentum = np.array([[1.0, -3.0], [0.0, 4.0]])
+    one = sc.Layer("o", np.eye(2), np.array([[False, True], [False, False]]), momentum)
+    assert sc.modes.IMPORTANCE["momentum"](NP, one, 1) == 3.0
+
+
+def test_neuron_growth_caps_each_unit_at_its_free_slots() -> None:
+    """Kills: a unit's capacity taken as its active count instead of its free slots."""
+    mask = np.array([[True, True, True, False], [False, False, False, False]])
+    momentum = np.array([[9.0, 9.0, 9.0, 9.0], [0.1, 0.2, 0.3, 0.4]])
+    layer = sc.Layer("n", mask * 1.0, mask, momentum)
+    grown = sc.modes.GROWTH["momentum_neuron"](NP, layer, mask, 3, HashKey(0, 1, 0))
+    assert np.flatnonzero(grown).tolist() == [3, 6, 7]  # unit 0 has one free slot
