@@ -317,20 +317,25 @@ class SparseTraining:
         rate = None
         if cfg.total_steps is None and cfg.prune_schedule != "constant":
             rate = cfg.prune_rate
-        self._apply_masks(exact=True)
-        result = self.engine.update(self._layers(), step, backend=_BACKEND, prune_rate=rate)
+        self._apply_masks(exact=False)
+        try:
+            result = self.engine.update(self._layers(), step, backend=_BACKEND, prune_rate=rate)
+        except Exception:
+            self._apply_masks(exact=True)  # +0 outside the masks even where weights overflowed
+            raise
         report = result.report
         if report.skipped:
+            self._apply_masks(exact=True)
             self._warn_skip(report)
             return report
         new_masks = _broadcast_masks(result.masks)
         for t, old, keep, new in zip(self.targets, self.masks, self._keep, new_masks):
-            changed = old ^ new
-            t.param.masked_fill_(~new, 0)
             if cfg.reset_optimizer_state:
-                self._reset_state(t.param, changed)
+                self._reset_state(t.param, old ^ new)
             old.copy_(new)
             keep.copy_(new)
+        # Newly inactive weights become 0; newly active ones were 0 already (inactive before).
+        self._apply_masks(exact=False)
         if self._router is not None:
             self._router.refresh()
         return report
@@ -358,7 +363,8 @@ class SparseTraining:
 
         ``exact``: ``masked_fill_`` (+0 everywhere outside, whatever was there); otherwise the
         fast multiply by the 0/1 mask, which leaves +-0 for finite weights (NaN for an infinite
-        one, cleaned by the exact pass that precedes every mask update).
+        one: a mask update then finds the weights non-finite, raises or skips, and this exact
+        pass cleans them).
         """
         if exact:
             for t, m in zip(self.targets, self.masks):

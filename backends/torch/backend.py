@@ -158,6 +158,8 @@ class TorchBackend(ArrayBackend):
         return bool(torch.isfinite(x).all())
 
     def count(self, mask: Any) -> int:
+        if mask.is_contiguous():  # summing the 0/1 bytes is about twice count_nonzero's speed
+            return int(mask.view(torch.uint8).sum(dtype=torch.int64))
         return int(torch.count_nonzero(mask))
 
     def count_positive(self, x: Any, mask: Any) -> int:
