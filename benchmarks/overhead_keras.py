@@ -11,7 +11,8 @@ it, batch 100, SGD with Nesterov momentum. Three variants share the data and the
 
 Each repeat times one epoch of every variant in turn (order rotated between repeats), after one
 untimed warm-up epoch each. Prints medians and the ratio to dense (median and min..max of the
-per-repeat ratios). CPU only; on a shared machine the spread says how much to trust it.
+per-repeat ratios), for wall time and for the CPU time of this process (less sensitive to other
+work on a shared machine). CPU only; the spread says how much to trust it.
 
     python benchmarks/overhead_keras.py --repeats 7
     KERAS_BACKEND=torch python benchmarks/overhead_keras.py --models mlp
@@ -60,10 +61,13 @@ def _setup(name: str, total_steps: int) -> dict[str, tuple[keras.Model, list[Any
     return out
 
 
-def _epoch(model: keras.Model, callbacks: list[Any], x: np.ndarray, y: np.ndarray) -> float:
-    t = time.perf_counter()
+def _epoch(
+    model: keras.Model, callbacks: list[Any], x: np.ndarray, y: np.ndarray
+) -> tuple[float, float]:
+    """(wall seconds, CPU seconds of this process) of one epoch."""
+    t, c = time.perf_counter(), time.process_time()
     model.fit(x, y, batch_size=100, epochs=1, shuffle=True, callbacks=callbacks, verbose=0)
-    return time.perf_counter() - t
+    return time.perf_counter() - t, time.process_time() - c
 
 
 def bench(name: str, x: np.ndarray, y: np.ndarray, repeats: int) -> dict[str, Any]:
@@ -72,10 +76,13 @@ def bench(name: str, x: np.ndarray, y: np.ndarray, repeats: int) -> dict[str, An
     for variant in VARIANTS:  # warm-up: tracing, first mask installation
         _epoch(*runs[variant], x, y)
     times: dict[str, list[float]] = {v: [] for v in VARIANTS}
+    cpu: dict[str, list[float]] = {v: [] for v in VARIANTS}
     for r in range(repeats):
         order = VARIANTS[r % 3 :] + VARIANTS[: r % 3]
         for variant in order:
-            times[variant].append(_epoch(*runs[variant], x, y))
+            wall, used = _epoch(*runs[variant], x, y)
+            times[variant].append(wall)
+            cpu[variant].append(used)
     sparse_cb = runs["sparse"][1][0]
     result: dict[str, Any] = {
         "model": name,
@@ -83,15 +90,18 @@ def bench(name: str, x: np.ndarray, y: np.ndarray, repeats: int) -> dict[str, An
         "steps_per_epoch": steps,
         "mask_updates": len(sparse_cb.history),
         "median_s": {v: statistics.median(t) for v, t in times.items()},
+        "median_cpu_s": {v: statistics.median(t) for v, t in cpu.items()},
         "times_s": times,
+        "cpu_s": cpu,
     }
-    for variant in ("masked", "sparse"):
-        ratios = [a / b for a, b in zip(times[variant], times["dense"])]
-        result[f"{variant}_over_dense"] = {
-            "median": statistics.median(ratios),
-            "min": min(ratios),
-            "max": max(ratios),
-        }
+    for label, series in (("", times), ("cpu_", cpu)):
+        for variant in ("masked", "sparse"):
+            ratios = [a / b for a, b in zip(series[variant], series["dense"])]
+            result[f"{label}{variant}_over_dense"] = {
+                "median": statistics.median(ratios),
+                "min": min(ratios),
+                "max": max(ratios),
+            }
     return result
 
 
@@ -130,7 +140,10 @@ def main() -> None:
             f"sparse/dense {res['sparse_over_dense']['median']:.3f} "
             f"[{res['sparse_over_dense']['min']:.3f}..{res['sparse_over_dense']['max']:.3f}], "
             f"masked/dense {res['masked_over_dense']['median']:.3f} "
-            f"[{res['masked_over_dense']['min']:.3f}..{res['masked_over_dense']['max']:.3f}]",
+            f"[{res['masked_over_dense']['min']:.3f}..{res['masked_over_dense']['max']:.3f}]; "
+            f"CPU time: sparse/dense {res['cpu_sparse_over_dense']['median']:.3f} "
+            f"[{res['cpu_sparse_over_dense']['min']:.3f}..{res['cpu_sparse_over_dense']['max']:.3f}]"
+            f", masked/dense {res['cpu_masked_over_dense']['median']:.3f}",
             flush=True,
         )
     meta = {

@@ -65,6 +65,7 @@ class KerasTrainConfig:
     limit_train: int | None = None
     limit_test: int | None = None
     eval_batch_size: int = 1000
+    weight_init: str = "torch"
 
     def validate(self) -> None:
         if self.model not in KERAS_MODELS:
@@ -104,28 +105,47 @@ class KerasTrainConfig:
         return cls(**options)
 
 
-def build_model(name: str, num_classes: int = 10, weight_decay: float = 0.0) -> keras.Model:
+def build_model(
+    name: str, num_classes: int = 10, weight_decay: float = 0.0, weight_init: str = "torch"
+) -> keras.Model:
     """LeNet-300-100 or LeNet-5 (Caffe variant) for 28x28x1 inputs, with an L2 penalty of
-    ``weight_decay / 2`` per weight (the gradient of which is PyTorch's coupled weight decay)."""
+    ``weight_decay / 2`` per weight (the gradient of which is PyTorch's coupled weight decay).
+
+    ``weight_init='torch'`` draws kernels and biases from U(-1/sqrt(fan_in), 1/sqrt(fan_in)),
+    PyTorch's default for Linear and Conv layers, so the Keras job starts like the PyTorch one;
+    ``'keras'`` keeps Keras' defaults (Glorot-uniform kernels, zero biases).
+    """
+    if weight_init not in ("torch", "keras"):
+        raise ValueError(f"weight_init must be 'torch' or 'keras', got {weight_init!r}")
     reg = keras.regularizers.L2(weight_decay / 2) if weight_decay > 0 else None
-    dense_kw: dict[str, Any] = {"kernel_regularizer": reg, "bias_regularizer": reg}
+
+    def kw(fan_in: int) -> dict[str, Any]:
+        out: dict[str, Any] = {"kernel_regularizer": reg, "bias_regularizer": reg}
+        if weight_init == "torch":
+            bound = 1.0 / math.sqrt(fan_in)
+            out["kernel_initializer"] = keras.initializers.VarianceScaling(
+                1.0 / 3.0, mode="fan_in", distribution="uniform"
+            )
+            out["bias_initializer"] = keras.initializers.RandomUniform(-bound, bound)
+        return out
+
     L = keras.layers
     if name == "lenet300":
         layers = [
             L.Flatten(),
-            L.Dense(300, activation="relu", name="fc1", **dense_kw),
-            L.Dense(100, activation="relu", name="fc2", **dense_kw),
-            L.Dense(num_classes, name="fc3", **dense_kw),
+            L.Dense(300, activation="relu", name="fc1", **kw(784)),
+            L.Dense(100, activation="relu", name="fc2", **kw(300)),
+            L.Dense(num_classes, name="fc3", **kw(100)),
         ]
     elif name == "lenet5":
         layers = [
-            L.Conv2D(20, 5, activation="relu", name="conv1", **dense_kw),
+            L.Conv2D(20, 5, activation="relu", name="conv1", **kw(25)),
             L.MaxPooling2D(2),
-            L.Conv2D(50, 5, activation="relu", name="conv2", **dense_kw),
+            L.Conv2D(50, 5, activation="relu", name="conv2", **kw(20 * 25)),
             L.MaxPooling2D(2),
             L.Flatten(),
-            L.Dense(500, activation="relu", name="fc3", **dense_kw),
-            L.Dense(num_classes, name="fc4", **dense_kw),
+            L.Dense(500, activation="relu", name="fc3", **kw(800)),
+            L.Dense(num_classes, name="fc4", **kw(500)),
         ]
     else:
         raise ValueError(f"model {name!r} has no Keras version; choose one of {KERAS_MODELS}")
@@ -221,7 +241,7 @@ def run_training(
     x_test, y_test = _arrays(dataset.test_images, dataset.test_labels)
 
     keras.utils.set_random_seed(cfg.seed)
-    model = build_model(cfg.model, dataset.num_classes, cfg.weight_decay)
+    model = build_model(cfg.model, dataset.num_classes, cfg.weight_decay, cfg.weight_init)
     steps_per_epoch = math.ceil(x_train.shape[0] / cfg.batch_size)
     total_steps = steps_per_epoch * cfg.epochs
     milestones = sorted({max(1, round(f * cfg.epochs)) for f in cfg.lr_decay_at})
