@@ -34,7 +34,11 @@ _CONFIG_OPTIONS: list[tuple[str, str, dict[str, Any]]] = [
     ("--density", "density", {"type": float, "help": "fraction of weights kept (default 0.05)"}),
     ("--epochs", "epochs", {"type": int, "help": "default 20"}),
     ("--batch-size", "batch_size", {"type": int, "help": "default 100"}),
-    ("--lr", "lr", {"type": float, "help": "initial learning rate, /10 at 50%% and 75%% (0.1)"}),
+    (
+        "--lr",
+        "lr",
+        {"type": float, "help": "initial learning rate, /10 at 50%% and 75%% (0.1; lenet5: 0.01)"},
+    ),
     ("--momentum", "momentum", {"type": float, "help": "SGD Nesterov momentum (default 0.9)"}),
     ("--weight-decay", "weight_decay", {"type": float, "help": "default 5e-4"}),
     ("--seed", "seed", {"type": int, "help": "seeds weights, shuffling and masks (default 0)"}),
@@ -188,6 +192,7 @@ def _train(args: argparse.Namespace) -> int:
     from sparsecore.datasets import DatasetError, load_embedded_fashion_mnist
     from sparsecore.torch.train import (
         CHECKPOINT_NAME,
+        DEFAULT_LR,
         TrainConfig,
         load_checkpoint_config,
         run_training,
@@ -205,6 +210,8 @@ def _train(args: argparse.Namespace) -> int:
                 setattr(cfg, key, value)  # a differing value is reported by run_training
             out = Path(given["out"]) if "out" in given else ckpt_path.parent
         else:
+            if "lr" not in overrides:
+                overrides["lr"] = DEFAULT_LR.get(overrides.get("model", "lenet300"), 0.1)
             cfg = TrainConfig(**overrides)
             out = Path(given["out"]) if "out" in given else _default_out(cfg)
             if (out / CHECKPOINT_NAME).exists() and not given.get("overwrite", False):

@@ -313,3 +313,16 @@ def test_scale_init_multiplies_initial_sparse_weights(tmp_path):
         torch.testing.assert_close(scaled[name], plain[name] / 0.1**0.5)
     torch.testing.assert_close(scaled["fc1.bias"], plain["fc1.bias"])
     assert _summary(tmp_path / "scaled")["config"]["scale_init"] is True
+
+
+def test_default_learning_rate_follows_the_model(tmp_path):
+    # LeNet-5 (no normalisation) stays at chance at 0.1, so its default is 0.01; an explicit
+    # --lr always wins.
+    for model, args, expected in [
+        ("lenet5", [], 0.01),
+        ("lenet300", [], 0.1),
+        ("lenet5", ["--lr", "0.05"], 0.05),
+    ]:
+        out = tmp_path / f"{model}-{len(args)}"
+        assert _train(out, "--model", model, "--method", "dense", "--epochs", "1", *args) == 0
+        assert _summary(out)["config"]["lr"] == expected
