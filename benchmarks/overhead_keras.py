@@ -33,10 +33,10 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import keras
 import numpy as np
-from sparsecore.keras import SparseCallback
-from sparsecore.keras.train import build_model
 
 from sparsecore.datasets import load_fashion_mnist
+from sparsecore.keras import SparseCallback
+from sparsecore.keras.train import build_model
 
 VARIANTS = ("dense", "masked", "sparse")
 

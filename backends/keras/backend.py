@@ -15,10 +15,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-import numpy as np
-
 import keras
+import numpy as np
 from keras import ops
+
 from sparsecore.backend import ArrayBackend, Sign
 from sparsecore.hashing import MASK32, MUL1, MUL2, HashKey
 
@@ -83,7 +83,16 @@ def _select_flat(keys: Any, hashes: Callable[[], Any], candidates: Any, k: int) 
     must be broken (rare with float32 momentum), sparing the hash of the whole layer otherwise.
     """
     keys = ops.where(candidates, keys, ops.full_like(keys, -np.inf))
-    values, _ = ops.top_k(keys, k, sorted=True)
+    n = int(ops.shape(keys)[0])
+    n_candidates = int(_to_host(ops.sum(ops.cast(candidates, "int32"))))
+    if 4 * n_candidates < n:
+        # Few candidates (pruning among the active few percent): find the k-th key among
+        # them only; the comparisons below still run on the whole layer.
+        (where,) = ops.nonzero(candidates)
+        pool = ops.take(keys, where)
+    else:
+        pool = keys
+    values, _ = ops.top_k(pool, k, sorted=True)
     threshold = values[k - 1]
     better = ops.logical_and(ops.greater(keys, threshold), candidates)
     tied = ops.logical_and(ops.equal(keys, threshold), candidates)
@@ -92,7 +101,9 @@ def _select_flat(keys: Any, hashes: Callable[[], Any], candidates: Any, k: int) 
     if need >= n_tied:
         return ops.logical_or(better, tied)
     # Hashes are below 2**32, exact in float64 (top_k does not take int64 on every backend).
-    tied_hashes = ops.where(tied, ops.cast(hashes(), "float64"), ops.full_like(keys, -1.0))
+    tied_hashes = ops.where(
+        tied, ops.cast(hashes(), "float64"), ops.full_like(tied, -1.0, "float64")
+    )
     hash_values, _ = ops.top_k(tied_hashes, need, sorted=True)
     chosen = ops.logical_and(tied, ops.greater_equal(tied_hashes, hash_values[need - 1]))
     return ops.logical_or(better, chosen)
@@ -156,7 +167,16 @@ class KerasBackend(ArrayBackend):
     def _keys_and_candidates(
         self, x: Any, mask: Any, *, among_active: bool, largest: bool, magnitude: bool, sign: Sign
     ) -> tuple[Any, Any]:
-        values = ops.cast(x, "float64")
+        # Floating scores keep their dtype when it holds every value exactly after negation
+        # (float16/32/64); integer scores (hashes below 2**32) go to float64, exact too.
+        kind = self.dtype_kind(x)
+        dtype = keras.backend.standardize_dtype(x.dtype)
+        if kind != "f" or dtype == "bfloat16":
+            values = ops.cast(x, "float64")
+        elif dtype == "float16":
+            values = ops.cast(x, "float32")
+        else:
+            values = x
         candidates = mask if among_active else ops.logical_not(mask)
         if sign != "any":
             positive = ops.greater(values, ops.zeros_like(values))

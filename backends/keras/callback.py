@@ -26,10 +26,10 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-import numpy as np
-
 import keras
+import numpy as np
 from keras import ops
+
 from sparsecore.config import SparseConfig, option_names
 from sparsecore.engine import SparseEngine
 from sparsecore.errors import SparseCoreError

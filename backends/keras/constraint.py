@@ -22,9 +22,8 @@ import json
 from collections.abc import Callable
 from typing import Any
 
-import numpy as np
-
 import keras
+import numpy as np
 from keras import ops
 
 __all__ = ["SparseMask", "pack_mask", "unpack_mask"]

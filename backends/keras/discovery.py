@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import keras
+
 from sparsecore.errors import SparseCoreError
 
 __all__ = ["SparseWeight", "find_sparse_weights", "model_layers"]

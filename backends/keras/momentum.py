@@ -16,6 +16,7 @@ from typing import Any
 
 import keras
 from keras import ops
+
 from sparsecore.errors import SparseCoreError
 
 __all__ = ["MomentumReader", "optimizer_slots"]

@@ -21,9 +21,9 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, TextIO
 
+import keras
 import numpy as np
 
-import keras
 from sparsecore.datasets import ImageDataset, load_fashion_mnist
 
 __all__ = ["KERAS_MODELS", "KerasTrainConfig", "build_model", "run_training"]

@@ -10,11 +10,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from keras import ops
-from sparsecore.keras import KerasBackend
 
 import sparsecore
 from sparsecore import HashKey, Layer
 from sparsecore.backend_numpy import NumpyBackend
+from sparsecore.keras import KerasBackend
 
 KB = KerasBackend()
 NB = NumpyBackend()
@@ -115,11 +115,15 @@ def test_update_equals_numpy(
     magnitude=st.booleans(),
     sign=st.sampled_from(["any", "positive", "nonpositive"]),
     seed=st.integers(0, 2**32 - 1),
+    density=st.sampled_from([0.05, 0.5, 0.95]),
+    dtype=st.sampled_from([np.float16, np.float32, np.float64]),
 )
-def test_select_ties_equal_numpy(n, levels, k_frac, among_active, largest, magnitude, sign, seed):
+def test_select_ties_equal_numpy(
+    n, levels, k_frac, among_active, largest, magnitude, sign, seed, density, dtype
+):
     rng = np.random.default_rng(seed)
-    x = rng.integers(-levels, levels + 1, size=n).astype(np.float32)
-    mask = rng.random(n) < 0.5
+    x = (rng.integers(-levels, levels + 1, size=n) * 0.1).astype(dtype)
+    mask = rng.random(n) < density
     candidates = mask if among_active else ~mask
     if sign == "positive":
         candidates = candidates & (x > 0)

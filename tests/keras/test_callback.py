@@ -8,9 +8,9 @@ import keras
 import numpy as np
 import pytest
 from helpers_keras import BatchChecker, data, host, mlp
-from sparsecore.keras import SparseCallback, SparseMask
 
 import sparsecore
+from sparsecore.keras import SparseCallback, SparseMask
 
 
 def test_default_callback_trains_sparse_with_exact_count():

@@ -6,9 +6,9 @@ import json
 
 import keras
 import numpy as np
-from sparsecore.keras import SparseMask
 
 from sparsecore.cli import main
+from sparsecore.keras import SparseMask
 
 
 def test_train_keras_sparse_writes_summary_and_model(tmp_path, capsys):

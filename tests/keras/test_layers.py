@@ -6,9 +6,9 @@ import keras
 import numpy as np
 import pytest
 from helpers_keras import BatchChecker, host
-from sparsecore.keras import SparseCallback, find_sparse_weights
 
 import sparsecore
+from sparsecore.keras import SparseCallback, find_sparse_weights
 
 L = keras.layers
 

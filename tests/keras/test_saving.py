@@ -7,9 +7,9 @@ import keras
 import numpy as np
 import pytest
 from helpers_keras import BatchChecker, data, host, mlp
-from sparsecore.keras import SparseCallback, SparseMask
 
 import sparsecore
+from sparsecore.keras import SparseCallback, SparseMask
 
 OPTIONS = {"density": 0.15, "update_every": 3, "seed": 3}
 EPOCHS, BATCH = 4, 16  # 96 samples: 6 steps per epoch, 24 in all, updates at 3, 6, ..., 21
