@@ -19,6 +19,7 @@ processes. Usage::
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import platform
 import statistics
@@ -70,7 +71,10 @@ def make_layers(seed: int = 0) -> list[sc.Layer]:
 
 def floor(layers: list[sc.Layer]) -> float:
     """One streaming read of W and P: the normaliser."""
-    return sum(float(np.abs(x.weight).sum()) + float(np.abs(x.momentum).sum()) for x in layers)
+    total = 0.0
+    for x in layers:
+        total += float(np.abs(x.weight).sum()) + float(np.abs(np.asarray(x.momentum)).sum())
+    return total
 
 
 def full_update(layers: list[Any], backend: sc.ArrayBackend) -> list[Any]:
@@ -91,14 +95,17 @@ def candidates(names: list[str], layers: list[sc.Layer]) -> dict[str, Callable[[
                 print(f"# torch backend not available ({err}); skipped")
                 continue
             torch_layers = [
-                sc.Layer(x.name, *(torch.from_numpy(a) for a in (x.weight, x.mask, x.momentum)))
+                sc.Layer(
+                    x.name,
+                    torch.from_numpy(x.weight),
+                    torch.from_numpy(x.mask),
+                    torch.from_numpy(x.momentum),
+                )
                 for x in layers
             ]
-            torch_backend = TorchBackend()
-            out["torch"] = lambda tl=torch_layers, be=torch_backend: full_update(tl, be)
+            out["torch"] = functools.partial(full_update, torch_layers, TorchBackend())
         else:
-            backend = sc.get_backend(name)
-            out[name] = lambda be=backend: full_update(layers, be)
+            out[name] = functools.partial(full_update, layers, sc.get_backend(name))
     return out
 
 
@@ -154,7 +161,8 @@ print(time.perf_counter() - t1)
 
 def compile_times(runs: int = 2) -> tuple[list[float], list[float]]:
     """First float32 update in a fresh process: with an empty cache, then with the cache filled."""
-    cold, warm = [], []
+    cold: list[float] = []
+    warm: list[float] = []
     for _ in range(runs):
         with tempfile.TemporaryDirectory() as cache:
             env = dict(os.environ, NUMBA_CACHE_DIR=cache)

@@ -240,7 +240,7 @@ def test_registering_a_mode() -> None:
     with pytest.raises(sc.SparseCoreError, match="growth mode 'broken' must be a function"):
         sc.register_growth("broken")(42)
 
-    def keep_nothing(backend, layer, rate, max_prune, key):  # type: ignore[no-untyped-def]
+    def keep_nothing(backend, layer, rate, max_prune, key):
         return backend.zeros_mask(layer.mask)
 
     assert sc.register_prune("keep_nothing_for_test")(keep_nothing) is keep_nothing

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import os
+from typing import Any
 
 import numpy as np
 import pytest
@@ -201,7 +202,7 @@ def test_select_matches_brute_force(
     )  # fmt: skip
     k = data.draw(st.integers(0, int(brute.sum())))
     key = HashKey(data.draw(st.integers(0, 99)), data.draw(st.integers(0, 9)), 2)
-    options = dict(
+    options: dict[str, Any] = dict(
         among_active=among_active, largest=largest, magnitude=magnitude, key=key, sign=sign
     )
     got = VARIANTS[variant].select(x, mask, k, **options)
@@ -244,7 +245,9 @@ def test_negative_and_positive_zero_tie():
     key = HashKey(0, 1, 0)
     for variant in VARIANTS.values():
         for magnitude in (True, False):
-            opts = dict(among_active=True, largest=False, magnitude=magnitude, key=key)
+            opts: dict[str, Any] = dict(
+                among_active=True, largest=False, magnitude=magnitude, key=key
+            )
             got = variant.select(x, mask, 2, **opts)
             assert np.array_equal(got, brute_force_select(x, mask, 2, **opts))
 
@@ -254,7 +257,9 @@ def test_float16_extremes_and_subnormals():
     mask = np.ones(x.size, dtype=bool)
     for k in range(x.size + 1):
         for largest in (True, False):
-            opts = dict(among_active=True, largest=largest, magnitude=False, key=HashKey(0, 1, 0))
+            opts: dict[str, Any] = dict(
+                among_active=True, largest=largest, magnitude=False, key=HashKey(0, 1, 0)
+            )
             want = brute_force_select(x, mask, k, **opts)
             for variant in VARIANTS.values():
                 assert np.array_equal(variant.select(x, mask, k, **opts), want)
@@ -268,7 +273,7 @@ def test_sampled_path_falls_back_when_the_interval_misses():
     x[1::2] = np.arange(1, size // 2 + 1, dtype=np.float32)  # stride-even sample sees zeros
     mask = np.zeros(size, dtype=bool)
     key = HashKey(0, 1, 0)
-    opts = dict(among_active=False, largest=True, magnitude=True, key=key)
+    opts: dict[str, Any] = dict(among_active=False, largest=True, magnitude=True, key=key)
     got = select_flat(x, mask, 1000, **opts, small_layer=0, min_chunk=1024)
     want = REFERENCE.select(x, mask, 1000, **opts)
     assert np.array_equal(got, want)
@@ -317,7 +322,7 @@ def test_apply_keeps_bits_and_zeroes_with_positive_zero():
         new = rng.random(w.shape) < 0.5
         new[0, 0] = True
         got = NumbaBackend(min_chunk=256).apply(w, old, new)
-        want = np.where(old & new, w, dtype(0))
+        want = np.where(old & new, w, np.zeros((), dtype=w.dtype))
         assert np.array_equal(got.view(np.uint8), want.view(np.uint8))
         assert np.signbit(got[0, 0]) and not np.signbit(got[~(old & new)]).any()
 
@@ -340,7 +345,9 @@ def test_select_per_unit_matches_on_every_axis():
     for axis in (0, 1, 2, -1):
         free = REFERENCE.unit_count(mask, axis, active=False)
         ks = np.minimum(free, rng.integers(0, 6, free.size))
-        opts = dict(axis=axis, among_active=False, largest=True, magnitude=True, key=key)
+        opts: dict[str, Any] = dict(
+            axis=axis, among_active=False, largest=True, magnitude=True, key=key
+        )
         want = REFERENCE.select_per_unit(x, mask, ks, **opts)
         assert np.array_equal(NumbaBackend().select_per_unit(x, mask, ks, **opts), want)
 
@@ -350,7 +357,7 @@ def test_non_contiguous_and_integer_inputs():
     x = rng.standard_normal((50, 40)).astype(np.float32).T  # a transposed view
     mask = rng.random(x.shape) < 0.5
     key = HashKey(0, 1, 0)
-    opts = dict(among_active=True, largest=False, magnitude=True, key=key)
+    opts: dict[str, Any] = dict(among_active=True, largest=False, magnitude=True, key=key)
     assert np.array_equal(
         NumbaBackend().select(x, mask, 300, **opts), REFERENCE.select(x, mask, 300, **opts)
     )
