@@ -331,7 +331,12 @@ def _kth_largest(keys, n, rank):  # pragma: no cover - jitted
     """The ``rank``-th largest (0 = largest) of ``keys[:n]``, by radix select; ``keys`` is kept."""
     work = keys[:n].copy()
     hist = np.zeros(256, dtype=np.int64)
-    shift = 64
+    bits = np.uint64(0)
+    for t in range(n):  # start at the highest set bit: float32 keys leave 32 leading zeros
+        bits |= work[t]
+    shift = 0
+    while shift < 64 and (bits >> np.uint64(shift)) != np.uint64(0):
+        shift += 8
     while shift > 0 and n > 1:
         shift -= 8
         hist[:] = 0
