@@ -61,14 +61,10 @@ def split_budget(total: int, weights: npt.ArrayLike, capacity: npt.ArrayLike) ->
             out[open_] = floors[open_]
             leftover = remaining - int(floors.sum())
             frac = ideal - floors
-            if leftover < 0:
-                # Rounding pushed an ideal onto an integer from below: take the surplus back from
-                # the smallest fractional parts, so the total stays exact.
-                donors = np.flatnonzero(open_ & (out > 0))
-                order = donors[np.argsort(frac[donors], kind="stable")]
-                out[order[:-leftover]] -= 1
-            elif leftover > 0:
-                candidates = np.flatnonzero(open_ & (out < cap))
+            # 0 <= leftover < number of open layers: each floor is at most its ideal, and the
+            # ideals sum to ``remaining`` up to a relative rounding error far below 1 / remaining.
+            if leftover > 0:
+                candidates = np.flatnonzero(open_)  # floor(ideal) < cap here, so +1 fits
                 # largest fractional part first, then lower layer index (a stable sort keeps it).
                 order = candidates[np.argsort(-frac[candidates], kind="stable")]
                 out[order[:leftover]] += 1
