@@ -35,17 +35,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from sparsecore.torch import attach
-from sparsecore.torch.activations import collect_activations
-from sparsecore.torch.flops import count_flops
-from sparsecore.torch.models import build_model
-from sparsecore.torch.train import METHOD_OPTIONS, TrainConfig, _to_tensors, evaluate
 from torch.nn import functional as F
 
 from sparsecore.datasets import load_fashion_mnist
 from sparsecore.plots import plot_selectivity
 from sparsecore.selectivity import SelectivityResult, class_selectivity
 from sparsecore.telemetry import RunRecord, flops_section
+from sparsecore.torch import attach
+from sparsecore.torch.activations import collect_activations
+from sparsecore.torch.flops import count_flops
+from sparsecore.torch.models import build_model
+from sparsecore.torch.train import METHOD_OPTIONS, TrainConfig, _to_tensors, evaluate
 
 LAYERS = ["conv1", "conv2", "fc3"]
 

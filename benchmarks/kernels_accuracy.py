@@ -33,11 +33,11 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import numpy as np
 import torch
-from sparsecore.torch import attach
 from torch import nn
 from torch.nn import functional as F
 
 from sparsecore.datasets import load_fashion_mnist
+from sparsecore.torch import attach
 
 # Two-sided 95% Student t quantiles for 1..9 degrees of freedom.
 _T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}

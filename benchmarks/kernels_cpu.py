@@ -37,6 +37,9 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import numpy as np
 import torch
+from torch import nn
+from torch.nn import functional as F
+
 from sparsecore.torch.kernel_router import KernelRouter
 from sparsecore.torch.sparse_functions import (
     ConvLayerState,
@@ -45,8 +48,6 @@ from sparsecore.torch.sparse_functions import (
     SparseLinearFunction,
     kernel_threads,
 )
-from torch import nn
-from torch.nn import functional as F
 
 #: Clock used by :func:`interleaved`: wall time, or process CPU time (all threads), which is
 #: far less disturbed by other processes on a shared machine.

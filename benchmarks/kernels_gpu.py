@@ -229,6 +229,7 @@ def _run_interleaved(cases: list[Case], reps: int, warmup: int = 3) -> None:
 def _host_overhead() -> dict[str, object]:
     """Wall-clock host cost: DLPack hand-over vs raw pointer, and a tiny layer's whole step."""
     import cupy
+
     import sparsecore.kernels as K
     from sparsecore.torch.cuda_kernels import sparse_linear
     from sparsecore.torch.sparse_functions import LinearLayerState

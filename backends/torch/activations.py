@@ -12,11 +12,11 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import numpy as np
-
 import torch
+from torch import nn
+
 from sparsecore.errors import SparseCoreError
 from sparsecore.selectivity import SelectivityResult, class_selectivity
-from torch import nn
 
 __all__ = ["collect_activations", "default_layers", "layer_selectivity"]
 

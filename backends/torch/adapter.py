@@ -24,13 +24,14 @@ import weakref
 from typing import Any
 
 import torch
+from torch import nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
+
 from sparsecore.config import SparseConfig, option_names
 from sparsecore.engine import SparseEngine
 from sparsecore.errors import NonFiniteError, SparseCoreError
 from sparsecore.layers import Layer
 from sparsecore.report import UpdateReport
-from torch import nn
-from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from . import momentum as mom
 from .backend import TorchBackend

@@ -16,8 +16,8 @@ import math
 from typing import Any
 
 import numpy as np
-
 import torch
+
 from sparsecore.backend import ArrayBackend, Sign
 from sparsecore.hashing import MASK32, MUL1, MUL2, HashKey
 

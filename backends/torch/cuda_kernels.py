@@ -22,6 +22,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import torch
+from torch.nn import functional as F
+
+from sparsecore import kernels as K
+from sparsecore.errors import SparseCoreError
 from sparsecore.kernels.launch import (
     Launch,
     TiledLaunch,
@@ -40,12 +45,7 @@ from sparsecore.kernels.layout import (
     linear_layout,
     place_output_grad,
 )
-
-import torch
-from sparsecore import kernels as K
-from sparsecore.errors import SparseCoreError
 from sparsecore.structures import ConvCSR, LinearCSR
-from torch.nn import functional as F
 
 from .sparse_functions import ConvLayerState, LinearLayerState
 

@@ -13,8 +13,9 @@ import warnings
 from typing import Any
 
 import torch
-from sparsecore.errors import SparseCoreError
 from torch import nn
+
+from sparsecore.errors import SparseCoreError
 
 EXPORT_FORMAT = "sparsecore.csr/1"
 

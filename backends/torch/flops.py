@@ -7,8 +7,9 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
-from sparsecore.flops import LayerFlops, ModelFlops, layer_flops, model_flops
 from torch import nn
+
+from sparsecore.flops import LayerFlops, ModelFlops, layer_flops, model_flops
 
 __all__ = ["count_flops"]
 

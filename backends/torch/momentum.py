@@ -16,6 +16,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+
 from sparsecore.errors import SparseCoreError
 
 SGD, ADAM, ADAM_NORMALIZED, OWN = "momentum_buffer", "exp_avg", "normalized", "own"

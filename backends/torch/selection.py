@@ -16,8 +16,9 @@ import fnmatch
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from sparsecore.errors import SparseCoreError
 from torch import nn
+
+from sparsecore.errors import SparseCoreError
 
 DEFAULT_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 

@@ -26,11 +26,11 @@ from typing import Any
 
 import numba
 import numpy as np
-
 import torch
+from torch.nn import functional as F
+
 from sparsecore import cpu_kernels as K
 from sparsecore.structures import ConvCSR, LinearCSR, build_conv_csr, build_linear_csr
-from torch.nn import functional as F
 
 __all__ = [
     "ConvLayerState",

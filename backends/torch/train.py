@@ -26,11 +26,11 @@ from pathlib import Path
 from typing import Any, TextIO
 
 import numpy as np
-
 import torch
-from sparsecore.datasets import ImageDataset, load_fashion_mnist
 from torch import nn
 from torch.nn import functional as F
+
+from sparsecore.datasets import ImageDataset, load_fashion_mnist
 
 from .models import build_model
 

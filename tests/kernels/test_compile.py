@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 import pytest
+
 import sparsecore.kernels as K
 
 NVCC_FLAGS = ["-cubin", "-arch=sm_90", "-Werror", "all-warnings", "--std=c++17"]

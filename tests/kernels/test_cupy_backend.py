@@ -13,9 +13,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
-from sparsecore.cupy.backend import ArrayModuleBackend
 
 from sparsecore import HashKey, Layer, get_backend, layer_hash, update
+from sparsecore.cupy.backend import ArrayModuleBackend
 
 REFERENCE = get_backend("numpy")
 
@@ -31,6 +31,7 @@ class _Target:
             self.get = np.asarray
         else:
             import cupy
+
             from sparsecore.cupy.backend import CupyBackend
 
             self.backend = CupyBackend()

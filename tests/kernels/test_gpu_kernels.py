@@ -9,12 +9,13 @@ the kernels is compared with dense masked training.
 from __future__ import annotations
 
 import pytest
-import sparsecore.kernels as K
 import torch
 from hypothesis import Phase, given, settings
 from hypothesis import strategies as st
 from torch import nn
 from torch.nn import functional as F
+
+import sparsecore.kernels as K
 
 pytestmark = pytest.mark.gpu
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+
+from sparsecore.errors import SparseCoreError
 from sparsecore.kernels import kernel_names
 from sparsecore.kernels.launch import (
     MAX_GRID_Y,
@@ -14,8 +16,6 @@ from sparsecore.kernels.launch import (
     plan_sddmm,
 )
 from sparsecore.kernels.layout import Geometry
-
-from sparsecore.errors import SparseCoreError
 
 
 def _geom(n_batch, rows, P, Q, off_scale=1, col_step=1, row_step=None) -> Geometry:

@@ -12,12 +12,12 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from sparsecore.kernels import emulate
-from sparsecore.kernels.launch import plan_tiled
-from sparsecore.kernels.layout import conv_layout, linear_layout, place_output_grad
 from torch.nn import functional as F
 
 from sparsecore.errors import SparseCoreError
+from sparsecore.kernels import emulate
+from sparsecore.kernels.launch import plan_tiled
+from sparsecore.kernels.layout import conv_layout, linear_layout, place_output_grad
 from sparsecore.structures import build_conv_csr, build_linear_csr
 
 

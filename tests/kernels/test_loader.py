@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+
 import sparsecore.kernels as K
 
 

@@ -5,13 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from sparsecore.torch.activations import collect_activations, default_layers, layer_selectivity
-from sparsecore.torch.models import build_model
 from torch import nn
 from torch.nn import functional as F
 
 from sparsecore import SparseCoreError
 from sparsecore.datasets import load_embedded_fashion_mnist
+from sparsecore.torch.activations import collect_activations, default_layers, layer_selectivity
+from sparsecore.torch.models import build_model
 
 
 @pytest.fixture(scope="module")

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import pytest
-import sparsecore.torch as st
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+import sparsecore.torch as st
 
 
 def _mlp() -> nn.Module:

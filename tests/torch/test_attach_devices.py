@@ -12,13 +12,13 @@ import math
 
 import numpy as np
 import pytest
-import sparsecore.torch as st
 import torch
 import torch.nn.functional as F
-from sparsecore.torch.backend import TorchBackend
 from torch import nn
 
+import sparsecore.torch as st
 from sparsecore import Layer, update
+from sparsecore.torch.backend import TorchBackend
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
 MODES = [

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import pytest
-import sparsecore.torch as st
 import torch
 from torch import nn
 
+import sparsecore.torch as st
 from sparsecore import SparseCoreError
 
 

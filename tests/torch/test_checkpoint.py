@@ -6,10 +6,11 @@ import io
 import warnings
 
 import pytest
-import sparsecore.torch as st
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+import sparsecore.torch as st
 
 
 def _model() -> nn.Module:

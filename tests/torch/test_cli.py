@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from sparsecore.torch.models import build_model, model_names
-from sparsecore.torch.train import weight_densities
 
 from sparsecore.cli import main
 from sparsecore.datasets import FASHION_MNIST_FILES, load_embedded_fashion_mnist, write_idx
+from sparsecore.torch.models import build_model, model_names
+from sparsecore.torch.train import weight_densities
 
 SPARSE_METHODS = ["sparse", "static", "set"]
 ALL_METHODS = ["dense", *SPARSE_METHODS]

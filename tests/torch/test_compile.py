@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import pytest
-import sparsecore.torch as st
 import torch
 import torch._dynamo
 import torch.nn.functional as F
 from torch import nn
 from torch._dynamo.utils import counters
+
+import sparsecore.torch as st
 
 # inductor internals of this torch version emit deprecation notices about torch.jit
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")

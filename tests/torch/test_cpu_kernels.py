@@ -9,6 +9,9 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from torch import nn
+from torch.nn import functional as F
+
 from sparsecore.torch.kernel_router import KernelRouter
 from sparsecore.torch.sparse_functions import (
     ConvLayerState,
@@ -17,8 +20,6 @@ from sparsecore.torch.sparse_functions import (
     SparseLinearFunction,
     kernel_threads,
 )
-from torch import nn
-from torch.nn import functional as F
 
 DENSITIES = [0.0, 0.03, 0.3, 1.0]
 
@@ -462,9 +463,8 @@ def test_cuda_mode_leaves_cpu_layers_dense() -> None:
 
 
 def test_count_flops_from_a_model() -> None:
-    from sparsecore.torch.flops import count_flops
-
     from sparsecore.flops import layer_flops
+    from sparsecore.torch.flops import count_flops
 
     net = _Net()
     gen = torch.Generator().manual_seed(3)

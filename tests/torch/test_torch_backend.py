@@ -13,10 +13,10 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from sparsecore.torch.backend import TorchBackend
 
 from sparsecore import HashKey, Layer, get_backend, update
 from sparsecore.modes import IMPORTANCE
+from sparsecore.torch.backend import TorchBackend
 
 PRUNES = ["magnitude", "SET"]
 GROWTHS = ["momentum", "random", "gradient", "momentum_neuron"]
