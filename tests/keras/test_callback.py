@@ -307,3 +307,36 @@ def test_sparsifying_a_model_that_was_already_trained_dense():
     assert checker.batches == 12 and set(checker.totals) == {cb.engine.target}
     # updates are counted from this fit's start (optimizer step 6): steps 8, 12, 16
     assert [r.step for r in cb.history] == [8, 12, 16]
+
+
+def test_takes_exactly_the_sparse_config_options():
+    defaults = sparsecore.SparseConfig().to_dict()
+    assert set(defaults) == set(sparsecore.option_names())
+    cb = SparseCallback(**defaults)
+    assert cb.config == sparsecore.SparseConfig()
+    custom = {"density": 0.3, "init": "ERK", "prune_rate": 0.4, "seed": 9, "max_density": 0.9}
+    assert SparseCallback(**custom).config == sparsecore.SparseConfig(**custom)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"prune": "SET", "growth": "random", "redistribution": "none"},
+        {"redistribution": "magnitude", "growth": "momentum_neuron", "init": "ER"},
+        {"redistribution": "nonzero", "min_density": 0.05, "max_density": 0.6},
+    ],
+    ids=["set", "neuron", "nonzero-bounds"],
+)
+def test_other_modes_through_fit(options):
+    x, y = data()
+    model = mlp()
+    cb = SparseCallback(density=0.2, update_every=2, **options)
+    checker = BatchChecker(cb)
+    model.fit(x, y, batch_size=16, epochs=2, callbacks=[cb, checker], verbose=0)
+    assert len(cb.history) == 5 and set(checker.totals) == {cb.engine.target}
+    for r in cb.history:
+        for layer in r.layers:
+            assert layer.nnz_after <= layer.size * cb.engine.config.max_density
+            assert layer.nnz_after >= math.ceil(layer.size * cb.engine.config.min_density)
+        if options.get("redistribution") == "none":
+            assert all(layer.pruned == layer.grown for layer in r.layers)
