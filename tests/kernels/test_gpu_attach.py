@@ -38,6 +38,11 @@ def _train(kernels: str | None, momentum: float, steps: int):
     sparse = st.attach(
         model, opt, density=0.2, update_every=5, total_steps=steps, kernels=kernels, seed=3
     )
+    if kernels is not None:
+        # Route every layer whatever its density (the default threshold, 0.85 sparsity, would
+        # leave these 20%-dense layers on the dense path and test nothing).
+        sparse.kernel_router.min_sparsity = 0.0
+        sparse.kernel_router.refresh()
     gen = torch.Generator(device="cpu").manual_seed(1)
     for _ in range(steps):
         x = torch.randn((32, 3, 16, 16), generator=gen).cuda()
