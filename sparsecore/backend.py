@@ -170,14 +170,16 @@ def backend_for(x: Any) -> ArrayBackend:
     """
     if isinstance(x, np.ndarray):
         return get_backend("numpy")
-    for backend in list(_REGISTRY.values()):
-        if backend.owns(x):
-            return backend
+    # Built-in backends first, in a fixed preference order (a torch tensor goes to the torch
+    # backend even when the Keras backend, which also accepts torch tensors, was loaded first).
     for name, framework, _ in _FACTORIES:
         if framework in sys.modules:
             backend = get_backend(name)
             if backend.owns(x):
                 return backend
+    for backend in list(_REGISTRY.values()):
+        if backend.owns(x):
+            return backend
     raise SparseCoreError(
         f"no sparsecore backend for arrays of type {type(x).__module__}.{type(x).__name__}"
     )

@@ -22,14 +22,26 @@ INIT_METHODS = ("uniform", "ER", "ERK")
 
 
 def _fan_in_out(shape: tuple[int, ...], axis: int) -> tuple[int, int]:
+    """(input units, output units) of a weight whose output axis is ``axis``.
+
+    The two channel axes sit together. A non-negative ``axis`` means a PyTorch layout, channels
+    first: (out, in, k...) with axis 0, or (in, out, k...) for transposed convolutions with axis 1.
+    A negative ``axis`` means a Keras kernel, channels last: (k..., in, out) with axis -1, or
+    (k..., out, in) for transposed and depthwise kernels with axis -2. The input units are the
+    other axis of the pair; kernel dimensions are not counted (that is what ERK adds). Any other
+    axis falls back to ``size / n_out``.
+    """
+    ndim = len(shape)
     n_out = shape[axis]
-    if len(shape) == 1:
+    if ndim == 1:
         return 1, n_out
-    if len(shape) == 2:
-        return shape[1 - (axis % 2)], n_out
-    # Convolutions: PyTorch OIHW (axis 0) has the input channels at 1, Keras HWIO (axis -1) at -2.
-    n_in = shape[1] if axis % len(shape) == 0 else shape[-2]
-    return n_in, n_out
+    if ndim == 2:
+        return shape[1 - axis % 2], n_out
+    if axis in (0, 1):
+        return shape[1 - axis], n_out
+    if axis in (-1, -2):
+        return shape[-3 - axis], n_out
+    return math.prod(shape) // n_out, n_out
 
 
 def _raw_density(shape: tuple[int, ...], method: str, axis: int) -> float:

@@ -99,3 +99,25 @@ def test_bad_init_arguments() -> None:
         layer_counts([(3, 3)], 0.5, max_density=0.4)
     with pytest.raises(SparseCoreError, match="no elements"):
         layer_counts([(3, 0)], 0.5)
+
+
+def test_er_reads_the_input_channels_of_every_layout() -> None:
+    from sparsecore.init import _fan_in_out
+
+    # PyTorch: Conv2d (out, in, kh, kw) axis 0; ConvTranspose2d (in, out, kh, kw) axis 1.
+    assert _fan_in_out((16, 8, 3, 3), 0) == (8, 16)
+    assert _fan_in_out((8, 16, 3, 3), 1) == (8, 16)
+    assert _fan_in_out((16, 8, 5), 0) == (8, 16)
+    assert _fan_in_out((8, 16, 5), 1) == (8, 16)
+    # Keras: Conv2D (kh, kw, in, out) axis -1; Conv2DTranspose (kh, kw, out, in) axis -2.
+    assert _fan_in_out((3, 3, 8, 16), -1) == (8, 16)
+    assert _fan_in_out((3, 3, 16, 8), -2) == (8, 16)
+    assert _fan_in_out((5, 16, 8), -2) == (8, 16)
+    # Linear layers either way round; 1-D weights.
+    assert _fan_in_out((10, 784), 0) == (784, 10)
+    assert _fan_in_out((784, 10), -1) == (784, 10)
+    assert _fan_in_out((7,), 0) == (1, 7)
+    # The same layer in both frameworks' layouts gets the same ER count.
+    torch_like = layer_counts([(16, 8, 3, 3), (10, 100)], 0.2, "ER", axes=[1, 0])
+    keras_like = layer_counts([(3, 3, 16, 8), (100, 10)], 0.2, "ER", axes=[-2, -1])
+    assert torch_like == keras_like
