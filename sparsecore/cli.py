@@ -143,6 +143,7 @@ def _default_out(cfg: Any) -> Path:
 def _train_keras(given: dict[str, Any]) -> int:
     """``--framework keras``: the Keras job (sparsecore.keras.train), same options and outputs."""
     from sparsecore.datasets import DatasetError, load_embedded_fashion_mnist
+    from sparsecore.recipe import DEFAULT_LR
 
     unsupported = sorted({"resume", "stop_after", "progress", "tensorboard"} & set(given))
     if unsupported:
@@ -157,7 +158,9 @@ def _train_keras(given: dict[str, Any]) -> int:
 
         config_keys = {dest for _, dest, _ in _CONFIG_OPTIONS} | {d for _, d, _ in _CONFIG_FLAGS}
         config_keys.add("nesterov")
-        cfg = KerasTrainConfig.from_options({k: v for k, v in given.items() if k in config_keys})
+        options = {k: v for k, v in given.items() if k in config_keys}
+        options.setdefault("lr", DEFAULT_LR.get(options.get("model", "lenet300"), 0.1))
+        cfg = KerasTrainConfig.from_options(options)
         cfg.validate()
         out = (
             Path(given["out"])
@@ -190,9 +193,9 @@ def _train(args: argparse.Namespace) -> int:
     if vars(args).pop("framework", "torch") == "keras":
         return _train_keras(vars(args))
     from sparsecore.datasets import DatasetError, load_embedded_fashion_mnist
+    from sparsecore.recipe import DEFAULT_LR
     from sparsecore.torch.train import (
         CHECKPOINT_NAME,
-        DEFAULT_LR,
         TrainConfig,
         load_checkpoint_config,
         run_training,

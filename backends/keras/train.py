@@ -17,7 +17,7 @@ import os
 import platform
 import sys
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -25,84 +25,31 @@ import keras
 import numpy as np
 
 from sparsecore.datasets import ImageDataset, load_fashion_mnist
+from sparsecore.recipe import FMNIST_MEAN, FMNIST_STD, METHOD_OPTIONS, Recipe
 
 __all__ = ["KERAS_MODELS", "KerasTrainConfig", "build_model", "run_training"]
 
 KERAS_MODELS = ("lenet300", "lenet5")
-METHOD_OPTIONS: dict[str, dict[str, Any] | None] = {
-    "sparse": {"prune": "magnitude", "growth": "momentum", "redistribution": "momentum"},
-    "static": {"update_every": None, "update_at_epoch_end": False},
-    "set": {"prune": "SET", "growth": "random", "redistribution": "none"},
-    "dense": None,
-}
-_FMNIST_MEAN, _FMNIST_STD = 0.2860, 0.3530
 SUMMARY_NAME = "summary.json"
 MODEL_NAME = "model.keras"
 
 
 @dataclass
-class KerasTrainConfig:
-    """The options of a Keras run (the same names and defaults as the PyTorch job's)."""
+class KerasTrainConfig(Recipe):
+    """The Keras job's options: the shared recipe (same names and defaults as the PyTorch job's)
+    plus ``weight_init``."""
 
-    model: str = "lenet300"
-    method: str = "sparse"
-    density: float = 0.05
-    epochs: int = 20
-    batch_size: int = 100
-    lr: float = 0.1
-    momentum: float = 0.9
-    nesterov: bool = True
-    weight_decay: float = 5e-4
-    lr_decay_at: tuple[float, ...] = (0.5, 0.75)
-    lr_decay_factor: float = 0.1
-    seed: int = 0
-    prune_rate: float = 0.5
-    prune_schedule: str = "cosine"
-    update_every: int | None = None
-    init: str = "uniform"
-    dense_first: bool = False
-    dense_last: bool = False
-    limit_train: int | None = None
-    limit_test: int | None = None
-    eval_batch_size: int = 1000
     weight_init: str = "torch"
 
     def validate(self) -> None:
-        if self.model not in KERAS_MODELS:
-            raise ValueError(
-                f"model {self.model!r} has no Keras version; with --framework keras choose one "
-                f"of {', '.join(KERAS_MODELS)}"
-            )
-        if self.method not in METHOD_OPTIONS:
-            raise ValueError(
-                f"unknown method {self.method!r}; choose one of {list(METHOD_OPTIONS)}"
-            )
-        checks = [
-            ("density", self.density, 0.0 < self.density <= 1.0),
-            ("epochs", self.epochs, self.epochs >= 1),
-            ("batch_size", self.batch_size, self.batch_size >= 1),
-            ("lr", self.lr, self.lr > 0 and math.isfinite(self.lr)),
-            ("momentum", self.momentum, 0.0 <= self.momentum < 1.0),
-            ("weight_decay", self.weight_decay, self.weight_decay >= 0),
-            (
-                "update_every",
-                self.update_every,
-                self.update_every is None or self.update_every >= 1,
-            ),
-            ("limit_train", self.limit_train, self.limit_train is None or self.limit_train >= 1),
-            ("limit_test", self.limit_test, self.limit_test is None or self.limit_test >= 1),
-        ]
-        for name, value, ok in checks:
-            if not ok:
-                raise ValueError(f"invalid {name}: {value!r}")
+        """Raise ValueError naming the option and value for anything out of range."""
+        self.check(KERAS_MODELS, framework="Keras")
+        if self.weight_init not in ("torch", "keras"):
+            raise ValueError(f"invalid weight_init: {self.weight_init!r}")
 
     @classmethod
     def from_options(cls, options: dict[str, Any]) -> KerasTrainConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(options) - known)
-        if unknown:
-            raise ValueError(f"unknown training options {unknown}")
-        return cls(**options)
+        return cls.from_dict(options)
 
 
 def build_model(
@@ -153,7 +100,7 @@ def build_model(
 
 
 def _arrays(images: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    x = (images.astype(np.float32) / 255.0 - _FMNIST_MEAN) / _FMNIST_STD
+    x = (images.astype(np.float32) / 255.0 - FMNIST_MEAN) / FMNIST_STD
     return x[..., None], labels.astype(np.int32)
 
 
@@ -260,7 +207,7 @@ def run_training(
         metrics=["accuracy"],
     )
     callbacks: list[keras.callbacks.Callback] = []
-    options = METHOD_OPTIONS[cfg.method]
+    options = METHOD_OPTIONS.get(cfg.method)  # None for "dense"
     if options is not None:
         sparse_options: dict[str, Any] = {
             "update_every": None,
@@ -316,7 +263,7 @@ def run_training(
         "dataset": info,
         "model": cfg.model,
         "method": cfg.method,
-        "config": {**asdict(cfg), "lr_decay_at": list(cfg.lr_decay_at)},
+        "config": cfg.to_dict(),
         "completed": True,
         "epochs_completed": final["epoch"],
         "final_test_acc": final["test_acc"],

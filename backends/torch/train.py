@@ -21,7 +21,7 @@ import random
 import sys
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -31,10 +31,19 @@ from torch import nn
 from torch.nn import functional as F
 
 from sparsecore.datasets import ImageDataset, load_fashion_mnist
+from sparsecore.recipe import (
+    DEFAULT_LR,
+    FMNIST_MEAN,
+    FMNIST_STD,
+    METHOD_OPTIONS,
+    METHODS,
+    Recipe,
+)
 
 from .models import build_model
 
 __all__ = [
+    "DEFAULT_LR",
     "METHODS",
     "METHOD_OPTIONS",
     "TrainConfig",
@@ -44,101 +53,22 @@ __all__ = [
     "weight_densities",
 ]
 
-#: attach() options per method; "dense" attaches nothing. "static" keeps its initial random
-#: mask: with no update schedule (neither every-k-steps nor epoch ends) masks never change.
-METHOD_OPTIONS: dict[str, dict[str, Any]] = {
-    "sparse": {"prune": "magnitude", "growth": "momentum", "redistribution": "momentum"},
-    "static": {"update_every": None, "update_at_epoch_end": False},
-    "set": {"prune": "SET", "growth": "random", "redistribution": "none"},
-}
-METHODS = ("sparse", "dense", "static", "set")
-
-# Normalisation constants of the full Fashion-MNIST training set (pixel / 255).
-_FMNIST_MEAN, _FMNIST_STD = 0.2860, 0.3530
-
 CHECKPOINT_NAME = "checkpoint.pt"
 SUMMARY_NAME = "summary.json"
 MASK_UPDATES_NAME = "mask_updates.json"
 
 
-#: Default initial learning rate per model (``sparsecore train`` uses it when --lr is not given):
-#: the paper's 0.1, except LeNet-5, a plain ReLU stack without normalisation that stays at chance
-#: at 0.1 on Fashion-MNIST (dense, 2 epochs: 10.00%, loss 2.30) and trains well at 0.01.
-DEFAULT_LR: dict[str, float] = {"lenet300": 0.1, "lenet5": 0.01, "vgg": 0.1, "wrn": 0.1}
-
-
 @dataclass
-class TrainConfig:
-    """Every choice that shapes the result of a run (saved in the checkpoint and summary)."""
+class TrainConfig(Recipe):
+    """The PyTorch job's options: the shared recipe plus ``scale_init``."""
 
-    model: str = "lenet300"
-    method: str = "sparse"
-    density: float = 0.05
-    epochs: int = 20
-    batch_size: int = 100
-    lr: float = 0.1
-    momentum: float = 0.9
-    nesterov: bool = True
-    weight_decay: float = 5e-4
-    lr_decay_at: tuple[float, ...] = (0.5, 0.75)
-    lr_decay_factor: float = 0.1
-    seed: int = 0
-    prune_rate: float = 0.5
-    prune_schedule: str = "cosine"
-    update_every: int | None = None
-    init: str = "uniform"
-    dense_first: bool = False
-    dense_last: bool = False
     scale_init: bool = False
-    limit_train: int | None = None
-    limit_test: int | None = None
-    eval_batch_size: int = 1000
 
     def validate(self) -> None:
         """Raise ValueError naming the option and value for anything out of range."""
         from .models import MODELS
 
-        if self.model not in MODELS:
-            raise ValueError(f"unknown model {self.model!r}; choose one of {', '.join(MODELS)}")
-        if self.method not in METHODS:
-            raise ValueError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
-        checks: list[tuple[str, Any, bool]] = [
-            ("density", self.density, 0.0 < self.density <= 1.0),
-            ("epochs", self.epochs, self.epochs >= 1),
-            ("batch_size", self.batch_size, self.batch_size >= 1),
-            ("lr", self.lr, self.lr > 0 and math.isfinite(self.lr)),
-            ("momentum", self.momentum, 0.0 <= self.momentum < 1.0),
-            ("weight_decay", self.weight_decay, self.weight_decay >= 0),
-            ("prune_rate", self.prune_rate, 0.0 <= self.prune_rate <= 1.0),
-            (
-                "update_every",
-                self.update_every,
-                self.update_every is None or self.update_every >= 1,
-            ),
-            ("limit_train", self.limit_train, self.limit_train is None or self.limit_train >= 1),
-            ("limit_test", self.limit_test, self.limit_test is None or self.limit_test >= 1),
-            ("eval_batch_size", self.eval_batch_size, self.eval_batch_size >= 1),
-            ("lr_decay_at", self.lr_decay_at, all(0 < f < 1 for f in self.lr_decay_at)),
-        ]
-        for name, value, ok in checks:
-            if not ok:
-                raise ValueError(f"invalid {name}: {value!r}")
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["lr_decay_at"] = list(self.lr_decay_at)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown training options {unknown}")
-        d = dict(d)
-        if "lr_decay_at" in d:
-            d["lr_decay_at"] = tuple(d["lr_decay_at"])
-        return cls(**d)
+        self.check(MODELS)
 
 
 @dataclass
@@ -198,7 +128,7 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 
 def _to_tensors(images: np.ndarray, labels: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
     x = torch.from_numpy(images.astype(np.float32) / 255.0)
-    x = ((x - _FMNIST_MEAN) / _FMNIST_STD).unsqueeze(1)
+    x = ((x - FMNIST_MEAN) / FMNIST_STD).unsqueeze(1)
     return x, torch.from_numpy(labels.astype(np.int64))
 
 
