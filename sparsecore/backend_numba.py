@@ -704,6 +704,7 @@ class NumbaBackend(NumpyBackend):
         self, *, sampled: bool = True, small_layer: int = SMALL_LAYER, min_chunk: int = MIN_CHUNK
     ) -> None:
         """The defaults are the fast choices; the options exist to test every selection path."""
+        super().__init__()
         self.sampled = sampled
         self.small_layer = small_layer
         self.min_chunk = min_chunk

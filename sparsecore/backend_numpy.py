@@ -1,91 +1,100 @@
-"""The NumPy reference backend: the plainest correct implementation of the interface.
+"""The NumPy reference backend, written once against an array module with NumPy's API.
 
-Selection is O(n): ``np.partition`` finds the k-th score, everything strictly better is taken, and
-only the positions tied with the k-th score are ordered by hash. Every other backend is tested
-against this one.
+:class:`ArrayModuleBackend` implements the interface with ``xp`` operations only (``flatnonzero``,
+``partition``, ``lexsort``, ``count_nonzero``, ``moveaxis``, ``where``, wrapping ``uint32``
+arithmetic). :class:`NumpyBackend` is it with ``xp = numpy``, the plainest correct implementation
+that every other backend is tested against; ``sparsecore.cupy.CupyBackend`` is the same code with
+``xp = cupy`` on the arrays' device. Selection is O(n): a partition finds the k-th score,
+everything strictly better is taken, and only the positions tied with the k-th score are ordered
+by (hash descending, position ascending). Only counts and float64 sums come back to the host.
 """
 
 from __future__ import annotations
 
+from types import ModuleType
 from typing import Any
 
 import numpy as np
 
 from .backend import ArrayBackend, Sign
-from .hashing import HashKey, layer_hash, position_hash
+from .hashing import HashKey, position_hash
+
+__all__ = ["ArrayModuleBackend", "NumpyBackend"]
 
 
-def pick(
-    scores: np.ndarray,
-    positions: np.ndarray,
-    k: int,
-    *,
-    largest: bool,
-    key: HashKey,
-) -> np.ndarray:
-    """Of the candidates at flat ``positions`` with ``scores``, the ``k`` first in selection order.
+class ArrayModuleBackend(ArrayBackend):
+    """The backend interface on any array module with NumPy's API (``numpy`` or ``cupy``)."""
 
-    Returns the chosen entries of ``positions`` (in no particular order).
-    """
-    n = positions.size
-    if k <= 0:
-        return positions[:0]
-    if k >= n:
-        return positions
-    kth = n - k if largest else k - 1
-    threshold = np.partition(scores, kth)[kth]
-    better = scores > threshold if largest else scores < threshold
-    tied = np.flatnonzero(scores == threshold)
-    need = k - int(np.count_nonzero(better))
-    if need < tied.size:
-        hashes = position_hash(key, positions[tied]).astype(np.int64)
-        # lexsort sorts by the last key first: hash descending, then flat index ascending.
-        order = np.lexsort((positions[tied], -hashes))
-        tied = tied[order[:need]]
-    return np.concatenate([positions[better], positions[tied]])
+    name = "array-module"
 
+    def __init__(self, xp: ModuleType) -> None:
+        self.xp = xp
+        self._host = getattr(xp, "asnumpy", np.asarray)
 
-def candidate_scores(flat: np.ndarray, positions: np.ndarray, magnitude: bool) -> np.ndarray:
-    values = flat[positions]
-    return np.abs(values) if magnitude else values
-
-
-class NumpyBackend(ArrayBackend):
-    """Reference implementation on ``numpy.ndarray``."""
-
-    name = "numpy"
-
+    # -- inspection ---------------------------------------------------------------------
     def owns(self, x: Any) -> bool:
-        return isinstance(x, np.ndarray)
+        return isinstance(x, self.xp.ndarray)
 
     def shape(self, x: Any) -> tuple[int, ...]:
         return tuple(int(s) for s in x.shape)
 
     def dtype_kind(self, x: Any) -> str:
-        kind = np.asarray(x).dtype.kind
+        kind = x.dtype.kind
         return "i" if kind == "u" else kind
 
     def all_finite(self, x: Any) -> bool:
-        return bool(np.isfinite(x).all())
+        return bool(self.xp.isfinite(x).all())
 
+    # -- reductions ---------------------------------------------------------------------
     def count(self, mask: Any) -> int:
-        return int(np.count_nonzero(mask))
+        return int(self.xp.count_nonzero(mask))
 
     def count_positive(self, x: Any, mask: Any) -> int:
-        return int(np.count_nonzero(mask & (x > 0)))
+        return int(self.xp.count_nonzero(mask & (x > 0)))
 
     def abs_sum(self, x: Any, mask: Any | None) -> float:
         values = x if mask is None else x[mask]
-        return float(np.abs(values).sum(dtype=np.float64))
+        return float(self.xp.abs(values).sum(dtype=self.xp.float64))
 
     def unit_abs_sum(self, x: Any, axis: int) -> np.ndarray:
-        units = np.moveaxis(np.abs(x), axis, 0).reshape(x.shape[axis], -1)
-        return units.sum(axis=1, dtype=np.float64)
+        xp = self.xp
+        units = xp.moveaxis(xp.abs(x), axis, 0).reshape(x.shape[axis], -1)
+        return np.asarray(self._host(units.sum(axis=1, dtype=xp.float64)), dtype=np.float64)
 
     def unit_count(self, mask: Any, axis: int, active: bool) -> np.ndarray:
-        units = np.moveaxis(mask, axis, 0).reshape(mask.shape[axis], -1)
-        counts = np.count_nonzero(units, axis=1).astype(np.int64)
+        xp = self.xp
+        units = xp.moveaxis(mask, axis, 0).reshape(mask.shape[axis], -1)
+        counts = np.asarray(self._host(xp.count_nonzero(units, axis=1)), dtype=np.int64)
         return counts if active else units.shape[1] - counts
+
+    # -- selection ----------------------------------------------------------------------
+    def pick(self, scores: Any, positions: Any, k: int, *, largest: bool, key: HashKey) -> Any:
+        """Of the candidates at flat ``positions`` with ``scores``, the ``k`` first in order.
+
+        Returns the chosen entries of ``positions`` (in no particular order).
+        """
+        xp = self.xp
+        n = int(positions.size)
+        if k <= 0:
+            return positions[:0]
+        if k >= n:
+            return positions
+        kth = n - k if largest else k - 1
+        threshold = xp.partition(scores, kth)[kth]
+        better = scores > threshold if largest else scores < threshold
+        tied = xp.flatnonzero(scores == threshold)
+        need = k - int(xp.count_nonzero(better))
+        if need < int(tied.size):
+            tied_pos = positions[tied]
+            hashes = position_hash(key, tied_pos).astype(xp.int64)
+            # lexsort: the last key is the primary one: hash descending, then position ascending.
+            order = xp.lexsort(xp.stack([tied_pos, -hashes]))
+            tied = tied[order[:need]]
+        return xp.concatenate([positions[xp.flatnonzero(better)], positions[tied]])
+
+    def _scores(self, flat: Any, positions: Any, magnitude: bool) -> Any:
+        values = flat[positions]
+        return self.xp.abs(values) if magnitude else values
 
     def select(
         self,
@@ -99,17 +108,18 @@ class NumpyBackend(ArrayBackend):
         key: HashKey,
         sign: Sign = "any",
     ) -> Any:
+        xp = self.xp
         flat = x.reshape(-1)
         candidates = mask.reshape(-1) if among_active else ~mask.reshape(-1)
         if sign == "positive":
             candidates = candidates & (flat > 0)
         elif sign == "nonpositive":
             candidates = candidates & ~(flat > 0)
-        positions = np.flatnonzero(candidates)
-        chosen = pick(
-            candidate_scores(flat, positions, magnitude), positions, k, largest=largest, key=key
+        positions = xp.flatnonzero(candidates)
+        chosen = self.pick(
+            self._scores(flat, positions, magnitude), positions, k, largest=largest, key=key
         )
-        out = np.zeros(flat.shape, dtype=bool)
+        out = xp.zeros(flat.shape, dtype=bool)
         out[chosen] = True
         return out.reshape(x.shape)
 
@@ -125,19 +135,20 @@ class NumpyBackend(ArrayBackend):
         magnitude: bool,
         key: HashKey,
     ) -> Any:
+        xp = self.xp
         units = x.shape[axis]
-        ids = np.moveaxis(np.arange(x.size, dtype=np.int64).reshape(x.shape), axis, 0)
+        ids = xp.moveaxis(xp.arange(x.size, dtype=xp.int64).reshape(x.shape), axis, 0)
         ids = ids.reshape(units, -1)
         flat = x.reshape(-1)
         flat_mask = mask.reshape(-1)
-        out = np.zeros(flat.shape, dtype=bool)
+        out = xp.zeros(flat.shape, dtype=bool)
         for j in range(units):
-            if ks[j] == 0:
+            if int(ks[j]) == 0:
                 continue
             row = ids[j]
             row_candidates = row[flat_mask[row] == among_active]
-            chosen = pick(
-                candidate_scores(flat, row_candidates, magnitude),
+            chosen = self.pick(
+                self._scores(flat, row_candidates, magnitude),
                 row_candidates,
                 int(ks[j]),
                 largest=largest,
@@ -146,8 +157,10 @@ class NumpyBackend(ArrayBackend):
             out[chosen] = True
         return out.reshape(x.shape)
 
+    # -- element-wise -------------------------------------------------------------------
     def position_hash(self, key: HashKey, like: Any) -> Any:
-        return layer_hash(key, tuple(like.shape))
+        xp = self.xp
+        return position_hash(key, xp.arange(like.size, dtype=xp.int64)).reshape(like.shape)
 
     def and_not(self, a: Any, b: Any) -> Any:
         return a & ~b
@@ -156,7 +169,17 @@ class NumpyBackend(ArrayBackend):
         return a | b
 
     def zeros_mask(self, like: Any) -> Any:
-        return np.zeros(like.shape, dtype=bool)
+        return self.xp.zeros(like.shape, dtype=bool)
 
     def apply(self, weight: Any, old_mask: Any, new_mask: Any) -> Any:
-        return np.where(old_mask & new_mask, weight, np.zeros((), dtype=weight.dtype))
+        xp = self.xp
+        return xp.where(old_mask & new_mask, weight, xp.zeros((), dtype=weight.dtype))
+
+
+class NumpyBackend(ArrayModuleBackend):
+    """Reference implementation on ``numpy.ndarray``."""
+
+    name = "numpy"
+
+    def __init__(self) -> None:
+        super().__init__(np)

@@ -44,7 +44,10 @@ class HashKey(NamedTuple):
 
 
 def mix32_array(x: np.ndarray) -> np.ndarray:
-    """``mix32`` elementwise on a uint32 array (wrapping multiplication)."""
+    """``mix32`` elementwise on a uint32 array (wrapping multiplication).
+
+    Only array methods and operators are used, so a CuPy array is hashed on its device.
+    """
     x = x.astype(np.uint32, copy=True)
     x ^= x >> np.uint32(16)
     x *= np.uint32(MUL1)
@@ -55,8 +58,9 @@ def mix32_array(x: np.ndarray) -> np.ndarray:
 
 
 def position_hash(key: HashKey, ids: np.ndarray) -> np.ndarray:
-    """Hash of the flat C-order positions ``ids`` of one layer, as uint32."""
-    low = (np.asarray(ids).astype(np.int64) & MASK32).astype(np.uint32)
+    """Hash of the flat C-order positions ``ids`` of one layer, as uint32 (NumPy or CuPy)."""
+    ids = ids if hasattr(ids, "astype") else np.asarray(ids)
+    low = (ids.astype(np.int64) & MASK32).astype(np.uint32)
     return mix32_array(low ^ np.uint32(key.prefix()))
 
 

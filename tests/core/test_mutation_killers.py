@@ -8,12 +8,13 @@ import numpy as np
 import pytest
 
 import sparsecore as sc
-from sparsecore.backend_numpy import NumpyBackend, pick
+from sparsecore.backend_numpy import NumpyBackend
 from sparsecore.hashing import HashKey, position_hash
 from sparsecore.modes import round_half_even
 from sparsecore.redistribute import capacities, importance_shares, split_budget
 
 NP = NumpyBackend()
+pick = NP.pick
 
 
 def hash_order(key: HashKey, positions: np.ndarray) -> np.ndarray:
