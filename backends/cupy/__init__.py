@@ -4,6 +4,6 @@
 ``cupy.ndarray``. Importing this package does not import CuPy (the backend does, when created).
 """
 
-from .backend import ArrayModuleBackend, CupyBackend
+from .backend import ArrayModuleBackend, BitPatternBackend, CupyBackend
 
-__all__ = ["ArrayModuleBackend", "CupyBackend"]
+__all__ = ["ArrayModuleBackend", "BitPatternBackend", "CupyBackend"]

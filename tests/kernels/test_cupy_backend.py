@@ -1,7 +1,9 @@
 """The CuPy backend equals the NumPy reference: every primitive and whole mask updates.
 
 The backend's code is written against an array module; it is checked here with ``numpy`` as that
-module on every machine, and with ``cupy`` on a GPU (tests marked ``gpu``).
+module on every machine, and with ``cupy`` on a GPU (tests marked ``gpu``). Its comparisons and sums
+go through the floats' bit patterns (a GPU may flush subnormal float32 values to zero), so the
+value strategies include subnormals, signed zeros and float16/float64 arrays.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from sparsecore import HashKey, Layer, get_backend, layer_hash, update
-from sparsecore.cupy.backend import ArrayModuleBackend
+from sparsecore.cupy.backend import BitPatternBackend
 
 REFERENCE = get_backend("numpy")
 
@@ -26,7 +28,7 @@ class _Target:
     def __init__(self, kind: str) -> None:
         self.kind = kind
         if kind == "numpy-module":
-            self.backend = ArrayModuleBackend(np)
+            self.backend = BitPatternBackend(np)
             self.put = lambda a: np.array(a, copy=True)
             self.get = np.asarray
         else:
@@ -50,7 +52,26 @@ def target(request: pytest.FixtureRequest) -> _Target:
     return _Target(request.param)
 
 
+_SUBNORMAL32 = float(np.finfo(np.float32).smallest_subnormal)
+_SUBNORMAL16 = float(np.finfo(np.float16).smallest_subnormal)
 values = st.one_of(
+    hnp.arrays(
+        np.float32,
+        st.tuples(st.integers(1, 8), st.integers(1, 9)),
+        elements=st.sampled_from(
+            [0.0, -0.0, _SUBNORMAL32, -_SUBNORMAL32, 3 * _SUBNORMAL32, -1e-40, 1e-39, 1.0]
+        ),
+    ),
+    hnp.arrays(
+        np.float16,
+        st.tuples(st.integers(1, 8), st.integers(1, 9)),
+        elements=st.sampled_from([0.0, -0.0, _SUBNORMAL16, -_SUBNORMAL16, 1e-5, -1.0, 65504.0]),
+    ),
+    hnp.arrays(
+        np.float64,
+        st.tuples(st.integers(1, 8), st.integers(1, 9)),
+        elements=st.floats(-3, 3, allow_subnormal=True),
+    ),
     hnp.arrays(
         np.float32,
         st.tuples(st.integers(1, 12), st.integers(1, 20)),
@@ -134,6 +155,33 @@ def test_hash_and_elementwise_ops_match_reference(target: _Target) -> None:
     assert not be.all_finite(target.put(w))
     assert be.dtype_kind(ad) == "b" and be.dtype_kind(wd) == "f"
     assert be.owns(wd) and not be.owns([1.0])
+
+
+def test_subnormal_float32_values_are_not_flushed(target: _Target) -> None:
+    """A GPU may flush subnormals in float arithmetic; the backend must still see them."""
+    tiny = np.float32(_SUBNORMAL32)
+    x = np.array([[0.0, tiny, -tiny, 0.0], [-0.0, 2 * tiny, 0.0, 1e-39]], dtype=np.float32)
+    mask = np.ones(x.shape, dtype=bool)
+    be, xd, md = target.backend, target.put(x), target.put(mask)
+    assert be.count_positive(xd, md) == 3
+    assert be.abs_sum(xd, md) == float(np.float32(1e-39)) + 4 * _SUBNORMAL32
+    assert np.array_equal(
+        be.unit_abs_sum(xd, 0), [2 * _SUBNORMAL32, float(np.float32(1e-39)) + 2 * _SUBNORMAL32]
+    )
+    key = HashKey(1, 1, 0)
+    # The three largest magnitudes: 1e-39, 2*tiny, then one of the two tied at tiny (by hash).
+    top = target.get(be.select(xd, md, 3, among_active=True, largest=True, magnitude=True, key=key))
+    assert top[1, 3] and top[1, 1] and top[0, 1] != top[0, 2]
+    assert np.array_equal(
+        top, REFERENCE.select(x, mask, 3, among_active=True, largest=True, magnitude=True, key=key)
+    )
+    # SET's sign split: the positive subnormals are positive, -0.0 is not.
+    positive = target.get(
+        be.select(
+            xd, md, 3, among_active=True, largest=False, magnitude=True, key=key, sign="positive"
+        )
+    )
+    assert positive.sum() == 3 and positive[0, 1] and positive[1, 1] and positive[1, 3]
 
 
 def _layers(put: Any, seed: int, n_layers: int, tie_heavy: bool) -> list[Layer]:
