@@ -158,8 +158,10 @@ class TorchBackend(ArrayBackend):
         return bool(torch.isfinite(x).all())
 
     def count(self, mask: Any) -> int:
-        if mask.is_contiguous():  # summing the 0/1 bytes is about twice count_nonzero's speed
-            return int(mask.view(torch.uint8).sum(dtype=torch.int64))
+        # Summing the 0/1 bytes into int32 is about twice as fast on CPU as count_nonzero or an
+        # int64 sum; int32 is exact below 2**31 elements.
+        if mask.is_contiguous() and mask.numel() < 2**31:
+            return int(mask.view(torch.uint8).sum(dtype=torch.int32))
         return int(torch.count_nonzero(mask))
 
     def count_positive(self, x: Any, mask: Any) -> int:
