@@ -61,6 +61,52 @@ _CONFIG_OPTIONS: list[tuple[str, str, dict[str, Any]]] = [
     ),
     ("--limit-test", "limit_test", {"type": int, "help": "use only the first N test images"}),
 ]
+# Mask options of SparseConfig (PyTorch job only), same meaning as attach()'s keywords.
+_MASK_OPTIONS: list[tuple[str, str, dict[str, Any]]] = [
+    (
+        "--max-density",
+        "max_density",
+        {
+            "type": float,
+            "help": "per-layer density ceiling for redistribution (default 1: a layer may "
+            "become fully dense)",
+        },
+    ),
+    (
+        "--min-density",
+        "min_density",
+        {"type": float, "help": "per-layer density floor: pruning stops there (default 0)"},
+    ),
+    (
+        "--redistribution",
+        "redistribution",
+        {
+            "choices": ("momentum", "magnitude", "nonzero", "none"),
+            "help": "how the pruned budget is split across layers (default: the method's; "
+            "momentum for sparse, none for set)",
+        },
+    ),
+    (
+        "--growth",
+        "growth",
+        {
+            "choices": ("momentum", "momentum_neuron", "random", "gradient"),
+            "help": "which inactive weights regrow (default: the method's; momentum for "
+            "sparse, random for set)",
+        },
+    ),
+    (
+        "--stop-at",
+        "stop_at",
+        {
+            "type": float,
+            "metavar": "FRACTION",
+            "help": "no mask update at or after this fraction of training, e.g. 0.5 freezes "
+            "the masks at the first learning-rate decay (default: updates until the last "
+            "epoch, which has none)",
+        },
+    ),
+]
 _CONFIG_FLAGS: list[tuple[str, str, str]] = [
     ("--dense-first", "dense_first", "keep the first layer dense"),
     ("--dense-last", "dense_last", "keep the last layer dense"),
@@ -85,7 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
         "Writes checkpoint.pt, summary.json and mask_updates.json to --out after every epoch.",
         argument_default=argparse.SUPPRESS,
     )
-    for flag, dest, kwargs in _CONFIG_OPTIONS:
+    for flag, dest, kwargs in _CONFIG_OPTIONS + _MASK_OPTIONS:
         train.add_argument(flag, dest=dest, **kwargs)
     for flag, dest, text in _CONFIG_FLAGS:
         train.add_argument(flag, dest=dest, action="store_true", help=text)
@@ -145,7 +191,9 @@ def _train_keras(given: dict[str, Any]) -> int:
     from sparsecore.datasets import DatasetError, load_embedded_fashion_mnist
     from sparsecore.recipe import DEFAULT_LR
 
-    unsupported = sorted({"resume", "stop_after", "progress", "tensorboard"} & set(given))
+    torch_only = {"resume", "stop_after", "progress", "tensorboard"}
+    torch_only |= {dest for _, dest, _ in _MASK_OPTIONS}
+    unsupported = sorted(torch_only & set(given))
     if unsupported:
         flags = ", ".join("--" + k.replace("_", "-") for k in unsupported)
         print(
@@ -202,7 +250,8 @@ def _train(args: argparse.Namespace) -> int:
     )
 
     given = vars(args)
-    config_keys = {dest for _, dest, _ in _CONFIG_OPTIONS} | {d for _, d, _ in _CONFIG_FLAGS}
+    config_keys = {dest for _, dest, _ in _CONFIG_OPTIONS + _MASK_OPTIONS}
+    config_keys |= {d for _, d, _ in _CONFIG_FLAGS}
     config_keys.add("nesterov")
     overrides = {k: v for k, v in given.items() if k in config_keys}
     resume = given.get("resume")
