@@ -15,14 +15,44 @@ from __future__ import annotations
 
 import abc
 import sys
-from typing import Any, Literal
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
 from .errors import SparseCoreError
 from .hashing import HashKey
 
+if TYPE_CHECKING:
+    from .layers import Layer
+
 Sign = Literal["any", "positive", "nonpositive"]
+
+
+@dataclass(frozen=True)
+class LayerScan:
+    """What one read of a layer gives the fused update before any budget is known.
+
+    ``nnz`` counts the mask; the two sums are of ``|x|`` (x the importance source: momentum or
+    weight) over the active positions and over all positions, accumulated in float64. ``finite``
+    is False if the arrays read (momentum, and the weight when it is the source) hold NaN or Inf.
+    """
+
+    nnz: int
+    active_abs_sum: float
+    total_abs_sum: float
+    finite: bool
+
+
+@dataclass(frozen=True)
+class FusedLayer:
+    """One layer's result of the fused prune-and-regrow: new mask, new weights, net counts."""
+
+    mask: Any
+    weight: Any
+    net_pruned: int
+    net_grown: int
 
 
 class ArrayBackend(abc.ABC):
@@ -112,6 +142,40 @@ class ArrayBackend(abc.ABC):
         is the same as selecting within the unit's slice of the layer.
         """
         raise NotImplementedError(f"backend {self.name!r} does not implement select_per_unit")
+
+    # -- optional capability: the fused update ------------------------------------------------
+    # The engine runs magnitude pruning + momentum growth (any built-in redistribution) through
+    # these two calls when a backend offers them, so that the update reads each layer twice
+    # instead of a dozen times. Budgets stay with the engine's shared host routine in between.
+    supports_fused_update: bool = False
+
+    def fused_scan(self, layers: Sequence[Layer], *, source: str | None) -> list[LayerScan] | None:
+        """Per layer: ``nnz``, and the ``|x|`` sums of ``source`` (``'momentum'``, ``'weight'``
+        or None for no sums), checking momentum (and the source) for NaN/Inf on the way.
+
+        None means "not for these layers" (e.g. a dtype the fused kernels do not handle); the
+        engine then takes the generic path. Changes nothing.
+        """
+        return None
+
+    def fused_prune_regrow(
+        self,
+        layers: Sequence[Layer],
+        nnz: Sequence[int],
+        prune_counts: Sequence[int],
+        grow_counts: Sequence[int],
+        keys: Sequence[HashKey],
+    ) -> list[FusedLayer] | None:
+        """Per layer (``nnz`` as :meth:`fused_scan` found it): remove the ``prune_counts[l]`` active weights of smallest ``|w|``, then
+        activate the ``grow_counts[l]`` positions inactive after that with largest ``|momentum|``
+        (ties as in :meth:`select`), and return the new masks and the weights under them (as
+        :meth:`apply` would give). New arrays only: the inputs are not changed.
+
+        Returns None, having changed nothing, if a weight is NaN or Inf (the engine then raises
+        the generic path's error). The caller guarantees ``0 <= prune_counts[l] <= nnz`` and
+        ``0 <= grow_counts[l] <= size - nnz + prune_counts[l]``.
+        """
+        return None
 
     # -- element-wise -----------------------------------------------------------------------
     @abc.abstractmethod

@@ -34,16 +34,17 @@ from __future__ import annotations
 
 import itertools
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numba
 import numpy as np
 
-from .backend import Sign
+from .backend import FusedLayer, LayerScan, Sign
 from .backend_numpy import NumpyBackend
 from .hashing import MASK32, MUL1, MUL2, HashKey
+from .layers import Layer
 
 __all__ = ["NumbaBackend", "rank_params", "select_flat", "warm_up"]
 
@@ -496,6 +497,261 @@ def _select_units(bits, mask, p, ks, outer, inner, width, prefix, out):  # pragm
     return 0
 
 
+# -- the fused update (engine capability) ------------------------------------------------------
+# Pass 1 (:func:`_chunk_scan`): nnz and the |x| sums of the importance source in one read.
+# Pass 2 (:func:`_chunk_decide`): with magnitude intervals from a strided sample, decide pruning
+# and growth together for every position, write the new mask and the new weights, and flag the
+# few positions whose fate depends on the exact k-th value; :func:`_fused_resolve` settles those.
+# Intervals are half-open bit-pattern ranges of |x| (sign bit cleared): pruning takes |w| < plo
+# for sure and leaves [plo, phi) open; growth takes |p| >= ghi for sure and leaves [glo, ghi).
+_TOP = 1 << 63  # above every magnitude pattern: an interval bound meaning "everything"
+
+
+@_jit(nogil=True, fastmath=_REASSOC)
+def _chunk_scan(x, mask, start, stop):  # pragma: no cover - jitted
+    """(nnz, sum |x| over active, sum |x| over all, 0) for float32/float64 ``x``; a NaN or Inf
+    makes the total non-finite (a float64 sum of float32 magnitudes cannot overflow)."""
+    x_ = x[start:stop]
+    m_ = mask[start:stop].view(np.uint8)
+    nnz = 0
+    active = 0.0
+    total = 0.0
+    for i in range(x_.size):
+        a = abs(np.float64(x_[i]))
+        m = m_[i]
+        nnz += m
+        active += a * np.float64(m)
+        total += a
+    return nnz, active, total, 0
+
+
+@_jit(nogil=True, fastmath=_REASSOC)
+def _chunk_scan_half(bits, mask, start, stop):  # pragma: no cover - jitted
+    """:func:`_chunk_scan` for float16 raw bits; the last value counts NaN/Inf entries."""
+    b_ = bits[start:stop]
+    m_ = mask[start:stop].view(np.uint8)
+    nnz = 0
+    active = 0.0
+    total = 0.0
+    bad = 0
+    for i in range(b_.size):
+        b = np.uint64(b_[i])
+        a = _half_abs(b)
+        m = m_[i]
+        nnz += m
+        active += a * np.float64(m)
+        total += a
+        bad += (b & np.uint64(0x7C00)) == np.uint64(0x7C00)
+    return nnz, active, total, bad
+
+
+@_jit(nogil=True)
+def _chunk_decide(wbits, pbits, mask, bounds, flags, wout, start, stop):  # pragma: no cover
+    """Pass 2 over one chunk, without branches. ``flags`` (the new mask's bytes) gets bit 0 =
+    active after the update, bit 1 = undecided; ``wout`` the weight bits where active before and
+    after (undecided positions: 0, fixed later). Returns the counts (definitely pruned, prune-
+    undecided, definitely grown, grow-undecided, lost, gained: the last two among decided
+    positions) and the largest weight magnitude pattern (NaN/Inf check)."""
+    w_ = wbits[start:stop]
+    p_ = pbits[start:stop]
+    m_ = mask[start:stop].view(np.uint8)
+    f_ = flags[start:stop]
+    o_ = wout[start:stop]
+    plo, phi, glo, ghi, wmask, pmask = bounds
+    one = np.uint64(1)
+    n_pdef = n_pund = n_gdef = n_gund = n_lost = n_new = np.uint64(0)
+    wmax = np.uint64(0)
+    for i in range(w_.size):
+        wb = np.uint64(w_[i])
+        wmag = wb & wmask
+        pmag = np.uint64(p_[i]) & pmask
+        m = np.uint64(m_[i])
+        pdef = m & np.uint64(wmag < plo)
+        pund = m & np.uint64(wmag >= plo) & np.uint64(wmag < phi)
+        cand = (m ^ one) | pdef  # inactive after pruning, for sure
+        gdef = cand & np.uint64(pmag >= ghi)
+        gund = cand & np.uint64(pmag >= glo) & np.uint64(pmag < ghi)
+        und = pund | gund
+        new = (m & (one ^ (pdef | pund))) | gdef
+        f_[i] = np.uint8(new | (und << one))
+        decided = one ^ und
+        o_[i] = wb & (np.uint64(0) - (m & new & decided))
+        n_pdef += pdef
+        n_pund += pund
+        n_gdef += gdef
+        n_gund += gund
+        n_lost += m & (one ^ new) & decided
+        n_new += (m ^ one) & new & decided
+        wmax = max(wmax, wmag)
+    return n_pdef, n_pund, n_gdef, n_gund, n_lost, n_new, wmax
+
+
+@_jit(nogil=True)
+def _chunk_undecided(flags, gathered, start, stop):  # pragma: no cover - jitted
+    """Positions in ``[start, stop)`` whose flag byte has bit 1 set, eight bytes at a time."""
+    words = flags[start : start + (stop - start) // 8 * 8].view(np.uint64)
+    pattern = np.uint64(0x0202020202020202)
+    j = 0
+    for w in range(words.size):
+        if words[w] & pattern:
+            base = start + 8 * w
+            for i in range(base, base + 8):
+                if flags[i] & np.uint8(2):
+                    gathered[j] = i
+                    j += 1
+    for i in range(start + words.size * 8, stop):
+        if flags[i] & np.uint8(2):
+            gathered[j] = i
+            j += 1
+    return j
+
+
+@_jit(nogil=True)
+def _rank_interval(keys, n, rank, spread):  # pragma: no cover - jitted
+    """Keys at ranks ``floor(rank - spread)`` and ``ceil(rank + spread)`` of ``keys[:n]`` (0 =
+    largest); a rank out of range gives ``-1`` in the found-flags."""
+    hi_rank = np.int64(np.floor(rank - spread))
+    lo_rank = np.int64(np.ceil(rank + spread))
+    hi_found = 0 <= hi_rank < n
+    lo_found = 0 <= lo_rank < n
+    hi = _kth_largest(keys, n, hi_rank) if hi_found else np.uint64(0)
+    lo = _kth_largest(keys, n, lo_rank) if lo_found else np.uint64(0)
+    return hi, hi_found, lo, lo_found
+
+
+@_jit(nogil=True)
+def _fused_bounds(
+    wbits, pbits, mask, nnz, r, g, samples, wmask, pmask, sigmas, slack
+):  # pragma: no cover - jitted
+    """The prune and growth intervals ``(plo, phi, glo, ghi)`` from a strided sample.
+
+    A wrong guess costs only time (the counts of pass 2 detect it). Growth candidates of the
+    sample are its inactive positions and the active ones below the estimated prune cut.
+    """
+    n = wbits.size
+    top = np.uint64(_TOP)
+    stride = max(1, (n // samples - 1) | 1)  # odd: no aliasing with power-of-two layouts
+    wkey = np.empty(samples, dtype=np.uint64)  # ~|w| of active samples: largest = smallest |w|
+    wmag = np.empty(samples, dtype=np.uint64)
+    pmag = np.empty(samples, dtype=np.uint64)
+    active = np.empty(samples, dtype=np.bool_)
+    na = 0
+    for t in range(samples):
+        i = t * stride + stride // 2
+        wmag[t] = np.uint64(wbits[i]) & wmask
+        pmag[t] = np.uint64(pbits[i]) & pmask
+        active[t] = mask[i]
+        if mask[i]:
+            wkey[na] = ~wmag[t]
+            na += 1
+    if r == 0:
+        plo, phi, cut = np.uint64(0), np.uint64(0), np.uint64(0)
+    elif r == nnz:
+        plo, phi, cut = top, top, top
+    else:
+        rank = r * samples / n
+        spread = sigmas * np.sqrt(rank * max(0.0, 1.0 - rank / samples)) + slack
+        low, low_found, high, high_found = _rank_interval(wkey, na, rank, spread)
+        plo = ~low if low_found else np.uint64(0)
+        phi = (~high) + np.uint64(1) if high_found else top
+        mid, mid_found, _, _ = _rank_interval(wkey, na, rank, 0.0)
+        cut = (~mid) + np.uint64(1) if mid_found else top
+    gkey = np.empty(samples, dtype=np.uint64)
+    nc = 0
+    for t in range(samples):
+        if not active[t] or wmag[t] < cut:
+            gkey[nc] = pmag[t]
+            nc += 1
+    if g == 0:
+        glo, ghi = top, top
+    elif g == n - (nnz - r):
+        glo, ghi = np.uint64(0), np.uint64(0)
+    else:
+        rank = g * samples / n
+        spread = sigmas * np.sqrt(rank * max(0.0, 1.0 - rank / samples)) + slack
+        high, high_found, low, low_found = _rank_interval(gkey, nc, rank, spread)
+        ghi = high + np.uint64(1) if high_found else top
+        glo = low if low_found else np.uint64(0)
+    return plo, phi, glo, ghi
+
+
+@_jit(nogil=True)
+def _fused_resolve(
+    wbits,
+    pbits,
+    mask,
+    gathered,
+    prune_need,
+    grow_need,
+    bounds,
+    pw,
+    pp,
+    wwidth,
+    pwidth,
+    prefix,
+    out,
+    wout,
+):  # pragma: no cover - jitted
+    """Settle the ``gathered`` undecided positions of one layer: first the ``prune_need``
+    smallest |w| among the prune-undecided, then, with those known, the ``grow_need`` largest
+    |p| among the growth candidates left open. Writes ``out`` (new mask) and ``wout`` there.
+
+    Returns (status, lost, gained) over these positions; status -1 / -2: the prune / growth
+    interval missed the boundary (the caller then selects this layer exactly).
+    """
+    plo, _, glo, ghi, wmask, pmask = bounds  # prune-undecided: the active ones >= plo
+    u = gathered.size
+    pos = np.empty(u, dtype=np.int64)
+    keys = np.empty(u, dtype=np.uint64)
+    n = 0
+    for t in range(u):
+        i = gathered[t]
+        out[i] = False
+        if mask[i] and (np.uint64(wbits[i]) & wmask) >= plo:  # prune-undecided
+            pos[n] = i
+            keys[n] = _key(np.uint64(wbits[i]), pw)
+            n += 1
+    if not 0 <= prune_need <= n:
+        return -1, 0, 0
+    n, need = _narrow(keys, pos, n, prune_need, wwidth, out)
+    _finish_ties(keys, pos, n, need, prefix, out)  # out: the pruned ones, for now
+    state = np.empty(u, dtype=np.uint8)  # 0 inactive, 1 active, 2 growth still open
+    n = 0
+    for t in range(u):
+        i = gathered[t]
+        m = mask[i]
+        candidate = (not m) or (np.uint64(wbits[i]) & wmask) < plo or out[i]
+        out[i] = False
+        state[t] = 0
+        if not candidate:
+            state[t] = 1
+        else:
+            pm = np.uint64(pbits[i]) & pmask
+            if pm >= ghi:
+                state[t] = 1
+                grow_need -= 1
+            elif pm >= glo:
+                state[t] = 2
+                pos[n] = i
+                keys[n] = _key(np.uint64(pbits[i]), pp)
+                n += 1
+    if not 0 <= grow_need <= n:
+        return -2, 0, 0
+    n, need = _narrow(keys, pos, n, grow_need, pwidth, out)
+    _finish_ties(keys, pos, n, need, prefix, out)
+    lost = 0
+    gained = 0
+    for t in range(u):
+        i = gathered[t]
+        m = mask[i]
+        now = state[t] == 1 or (state[t] == 2 and out[i])
+        out[i] = now
+        wout[i] = np.uint64(wbits[i]) & (np.uint64(0) - np.uint64(m and now))
+        lost += m and not now
+        gained += now and not m
+    return 0, lost, gained
+
+
 # -- host side ------------------------------------------------------------------------------------
 
 _UINT_OF_SIZE = {2: np.uint16, 4: np.uint32, 8: np.uint64}
@@ -549,7 +805,7 @@ def _run(
     return [f.result() for f in futures]
 
 
-def _flat(x: np.ndarray) -> np.ndarray:
+def _flat(x: Any) -> np.ndarray:
     return np.ascontiguousarray(x).reshape(-1)
 
 
@@ -688,6 +944,14 @@ def _select_by_histogram(
     return out
 
 
+def _fused_dtype(layer: Layer) -> bool:
+    """Do the fused kernels take this layer (float16/32/64 weight and momentum)?"""
+    return all(
+        isinstance(x, np.ndarray) and x.dtype.kind == "f" and x.dtype.itemsize in _EXPONENT_MASK
+        for x in (layer.weight, layer.momentum)
+    )
+
+
 class NumbaBackend(NumpyBackend):
     """NumPy arrays, with every full-layer pass compiled, fused and run on all cores.
 
@@ -701,13 +965,151 @@ class NumbaBackend(NumpyBackend):
     name = "numba"
 
     def __init__(
-        self, *, sampled: bool = True, small_layer: int = SMALL_LAYER, min_chunk: int = MIN_CHUNK
+        self,
+        *,
+        sampled: bool = True,
+        small_layer: int = SMALL_LAYER,
+        min_chunk: int = MIN_CHUNK,
+        fused: bool = True,
+        spread: tuple[float, float] = (SPREAD, 2.0),
     ) -> None:
-        """The defaults are the fast choices; the options exist to test every selection path."""
+        """The defaults are the fast choices; the options exist to test every path.
+
+        ``fused=False`` withdraws the fused-update capability (the engine then runs the generic
+        update on this backend's operations); ``spread`` is the half-width of the fused path's
+        sampled intervals, (standard deviations, extra ranks): a narrow one forces its fallback.
+        ``sampled=False`` makes the fused path leave every candidate undecided.
+        """
         super().__init__()
         self.sampled = sampled
         self.small_layer = small_layer
         self.min_chunk = min_chunk
+        self.supports_fused_update = fused
+        self.spread = spread
+        # How often each way through the fused update ran: tests use it to see every branch.
+        self.fused_paths: dict[str, int] = dict.fromkeys(
+            ("decided", "resolved", "prune_miss", "grow_miss"), 0
+        )
+
+    # -- the fused update -------------------------------------------------------------------
+    def fused_scan(self, layers: Sequence[Layer], *, source: str | None) -> list[LayerScan] | None:
+        if not all(_fused_dtype(layer) for layer in layers):
+            return None
+        scans = []
+        for layer in layers:
+            mask = _flat(layer.mask)
+            nnz, active, total, finite = self._scan(_flat(layer.momentum), mask)
+            if source == "weight":
+                nnz, active, total, weight_finite = self._scan(_flat(layer.weight), mask)
+                finite = finite and weight_finite
+            elif source is None:
+                active = total = 0.0
+            scans.append(LayerScan(nnz, active, total, finite))
+        return scans
+
+    def _scan(self, x: np.ndarray, mask: np.ndarray) -> tuple[int, float, float, bool]:
+        """Pass 1 over one array: nnz, the two float64 |x| sums, and whether all are finite."""
+        spans = _spans(x.size, self.min_chunk)
+        if x.dtype == np.float16:
+            parts = _run(_chunk_scan_half, spans, x.view(np.uint16), mask)
+        else:
+            parts = _run(_chunk_scan, spans, x, mask)
+        nnz = sum(int(c[0]) for c in parts)
+        active = float(sum(c[1] for c in parts))
+        total = float(sum(c[2] for c in parts))
+        finite = all(int(c[3]) == 0 for c in parts) and bool(np.isfinite(total))
+        return nnz, active, total, finite
+
+    def fused_prune_regrow(
+        self,
+        layers: Sequence[Layer],
+        nnz: Sequence[int],
+        prune_counts: Sequence[int],
+        grow_counts: Sequence[int],
+        keys: Sequence[HashKey],
+    ) -> list[FusedLayer] | None:
+        out = []
+        for layer, n_active, r, g, key in zip(layers, nnz, prune_counts, grow_counts, keys):
+            result = self._fused_layer(layer, int(n_active), int(r), int(g), key)
+            if result is None:
+                return None
+            out.append(result)
+        return out
+
+    def _fused_layer(
+        self, layer: Layer, nnz: int, r: int, g: int, key: HashKey
+    ) -> FusedLayer | None:
+        """Pass 2 and the resolution for one layer; None if a weight is NaN or Inf."""
+        w, p, mask = _flat(layer.weight), _flat(layer.momentum), _flat(layer.mask)
+        n = w.size
+        wbits = w.view(_UINT_OF_SIZE[w.dtype.itemsize])
+        pbits = p.view(_UINT_OF_SIZE[p.dtype.itemsize])
+        wmask = np.uint64((1 << (8 * w.dtype.itemsize - 1)) - 1)
+        pmask = np.uint64((1 << (8 * p.dtype.itemsize - 1)) - 1)
+        if self.sampled:
+            samples = min(max(n >> SAMPLE_SHIFT, MIN_SAMPLES), MAX_SAMPLES, n)
+            sigmas, slack = self.spread
+            intervals = _fused_bounds(
+                wbits, pbits, mask, nnz, r, g, samples, wmask, pmask, float(sigmas), float(slack)
+            )
+        else:  # everything open: the resolution decides every candidate
+            intervals = (np.uint64(0), np.uint64(_TOP), np.uint64(0), np.uint64(_TOP))
+        bounds = (*(np.uint64(b) for b in intervals), wmask, pmask)
+        new_mask = np.empty(n, dtype=bool)
+        new_weight = np.empty_like(w)
+        new_bits = new_weight.view(wbits.dtype)
+        flags = new_mask.view(np.uint8)
+        spans = _spans(n, self.min_chunk)
+        counts = _run(_chunk_decide, spans, wbits, pbits, mask, bounds, flags, new_bits)
+        if max(int(c[6]) for c in counts) >= _EXPONENT_MASK[w.dtype.itemsize]:
+            return None
+        pdef, pund, gdef, gund, lost, gained = (sum(int(c[j]) for c in counts) for j in range(6))
+        status = 0 if pdef <= r <= pdef + pund else -1
+        if status == 0 and pund + gund:
+            gathered = np.empty(pund + gund, dtype=np.int64)
+            offsets = np.cumsum([0] + [int(c[1]) + int(c[3]) for c in counts])
+            views = [gathered[offsets[c] : offsets[c + 1]] for c in range(len(spans))]
+            _run(_chunk_undecided, spans, flags, per_span=views)
+            pw = rank_params(w.dtype, among_active=True, largest=False, magnitude=True, sign="any")
+            pp = rank_params(p.dtype, among_active=False, largest=True, magnitude=True, sign="any")
+            status, more_lost, more_gained = _fused_resolve(
+                wbits, pbits, mask, gathered, r - pdef, g - gdef, bounds, pw, pp,
+                8 * w.dtype.itemsize, 8 * p.dtype.itemsize, np.uint64(key.prefix()),
+                new_mask, new_bits,
+            )  # fmt: skip
+            lost += int(more_lost)
+            gained += int(more_gained)
+            self.fused_paths["resolved"] += status == 0
+        else:
+            self.fused_paths["decided"] += status == 0
+        if status != 0:  # the sampled interval missed: select this layer exactly
+            self.fused_paths["prune_miss" if status == -1 else "grow_miss"] += 1
+            lost, gained = self._select_layer(w, p, mask, r, g, key, new_mask, new_weight)
+        shape = np.shape(layer.mask)
+        return FusedLayer(new_mask.reshape(shape), new_weight.reshape(shape), lost, gained)
+
+    def _select_layer(
+        self,
+        w: np.ndarray,
+        p: np.ndarray,
+        mask: np.ndarray,
+        r: int,
+        g: int,
+        key: HashKey,
+        new_mask: np.ndarray,
+        new_weight: np.ndarray,
+    ) -> tuple[int, int]:
+        """The fused path's fallback: prune, then regrow, by two exact selections."""
+        options: dict[str, Any] = dict(
+            magnitude=True, key=key, sampled=self.sampled, small_layer=self.small_layer,
+            min_chunk=self.min_chunk,
+        )  # fmt: skip
+        pruned = select_flat(w, mask, r, among_active=True, largest=False, **options)
+        kept = mask & ~pruned
+        grown = select_flat(p, kept, g, among_active=False, largest=True, **options)
+        np.logical_or(kept, grown, out=new_mask)
+        new_weight[...] = self.apply(w, mask, new_mask)
+        return int(np.count_nonzero(mask & ~new_mask)), int(np.count_nonzero(new_mask & ~mask))
 
     def all_finite(self, x: Any) -> bool:
         flat = _flat(x)

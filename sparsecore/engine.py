@@ -20,17 +20,33 @@ from .errors import NonFiniteError, SparseCoreError
 from .hashing import HashKey
 from .init import layer_counts
 from .layers import Layer
-from .modes import GROWTH, IMPORTANCE, NEEDS_GRAD, NEEDS_MOMENTUM, PRUNE, lookup
+from .modes import GROWTH, IMPORTANCE, NEEDS_GRAD, NEEDS_MOMENTUM, PRUNE, lookup, round_half_even
 from .redistribute import capacities, importance_shares, split_budget
 from .report import LayerReport, UpdateReport
 
 
 @dataclass(frozen=True)
 class UpdateResult:
-    """New masks (arrays of the layers' backend, in layer order) and what the update did."""
+    """New masks (arrays of the layers' backend, in layer order) and what the update did.
+
+    ``weights`` holds the weights under the new masks (what :func:`apply_masks` returns) when the
+    backend computed them in the same pass as the masks (the fused update); otherwise None.
+    """
 
     masks: list[Any]
     report: UpdateReport
+    weights: list[Any] | None = None
+
+
+# The built-in modes the fused backend capability implements, captured at import: a mode
+# registered later under the same name is a different function and takes the generic path.
+_FUSED_PRUNE = PRUNE["magnitude"]
+_FUSED_GROWTH = GROWTH["momentum"]
+_FUSED_SOURCE = {
+    IMPORTANCE["momentum"]: "momentum",
+    IMPORTANCE["magnitude"]: "weight",
+    IMPORTANCE["nonzero"]: None,
+}
 
 
 def update(
@@ -49,10 +65,14 @@ def update(
 ) -> UpdateResult:
     """One mask update (ALGORITHM.md): importance, prune, redistribute, regrow.
 
-    Returns the new masks; weights are not touched (see :func:`apply_masks`). Every input is
-    checked before any work: a bad layer raises :class:`~sparsecore.SparseCoreError` naming it.
-    ``update_index`` (u >= 1) and ``seed`` feed the tie-breaking hash, so equal inputs give equal
-    masks on every backend and process.
+    Returns the new masks; the given arrays are not touched (see :func:`apply_masks`). Every
+    input is checked before any work: a bad layer raises :class:`~sparsecore.SparseCoreError`
+    naming it. ``update_index`` (u >= 1) and ``seed`` feed the tie-breaking hash, so equal inputs
+    give equal masks on every backend and process.
+
+    A backend that offers the fused capability (``supports_fused_update``) runs magnitude
+    pruning with momentum growth in two reads per layer and also returns the new weights; the
+    masks and the report are those of the generic path.
     """
     be = _resolve_backend(layers, backend)
     _check_update_args(prune_rate, update_index, max_density, min_density)
@@ -61,53 +81,51 @@ def update(
     importance_fn = (
         None if redistribution == "none" else lookup(IMPORTANCE, "importance", redistribution)
     )
-    check_layers(
-        be,
-        layers,
-        momentum=redistribution in NEEDS_MOMENTUM["importance"]
-        or growth in NEEDS_MOMENTUM["growth"],
-        grad=growth in NEEDS_GRAD["growth"],
-    )
+    plan = _Plan(prune_rate, update_index, seed, redistribution, max_density, min_density, step)
+    if (
+        be.supports_fused_update
+        and prune_fn is _FUSED_PRUNE
+        and growth_fn is _FUSED_GROWTH
+        and (importance_fn is None or importance_fn in _FUSED_SOURCE)
+    ):
+        source = None if importance_fn is None else _FUSED_SOURCE[importance_fn]
+        result = _fused_update(be, layers, plan, source)
+        if result is not None:
+            return result
+    return _generic_update(be, layers, plan, prune, growth, prune_fn, growth_fn, importance_fn)
 
-    sizes = [math.prod(be.shape(layer.mask)) for layer in layers]
-    nnz = [be.count(layer.mask) for layer in layers]
-    keys = [HashKey(seed, update_index, i) for i in range(len(layers))]
 
-    # 1. importance, before pruning
-    scores = [0.0] * len(layers)
-    if importance_fn is not None:
-        scores = [float(importance_fn(be, layer, n)) for layer, n in zip(layers, nnz)]
-        for layer, s in zip(layers, scores):
-            if not (math.isfinite(s) and s >= 0):
-                raise SparseCoreError(
-                    f"layer {layer.name!r}: importance mode {redistribution!r} returned {s!r}; "
-                    f"it must be finite and >= 0"
-                )
-    shares = importance_shares(scores, sizes)
+@dataclass(frozen=True)
+class _Plan:
+    """The options of one update that both paths share."""
 
-    # 2. prune
-    floors = [min(math.ceil(min_density * n), math.floor(max_density * n)) for n in sizes]
-    kept_masks, pruned_counts = [], []
-    for layer, n, floor_l, key in zip(layers, nnz, floors, keys):
-        pruned = prune_fn(be, layer, prune_rate, max(0, n - floor_l), key)
-        r = be.count(pruned)
-        if be.count(be.and_not(pruned, layer.mask)):
-            raise SparseCoreError(
-                f"layer {layer.name!r}: prune mode {prune!r} selected inactive positions"
-            )
-        if r > max(0, n - floor_l):
-            raise SparseCoreError(
-                f"layer {layer.name!r}: prune mode {prune!r} removed {r} weights, more than the "
-                f"{max(0, n - floor_l)} allowed by min_density={min_density}"
-            )
-        kept_masks.append(be.and_not(layer.mask, pruned))
-        pruned_counts.append(r)
-    kept = [n - r for n, r in zip(nnz, pruned_counts)]
+    prune_rate: float
+    update_index: int
+    seed: int
+    redistribution: str
+    max_density: float
+    min_density: float
+    step: int | None
 
-    # 3. redistribute
-    caps = capacities(sizes, kept, max_density)
+    def floors(self, sizes: Sequence[int]) -> list[int]:
+        """Per layer, the fewest active weights pruning may leave (``min_density``)."""
+        return [
+            min(math.ceil(self.min_density * n), math.floor(self.max_density * n)) for n in sizes
+        ]
+
+
+def _budgets(
+    layers: Sequence[Layer],
+    plan: _Plan,
+    sizes: list[int],
+    kept: list[int],
+    pruned_counts: list[int],
+    shares: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Step 3, the shared host routine: capacities, budgets g_l and the reported shares."""
+    caps = capacities(sizes, kept, plan.max_density)
     total_pruned = sum(pruned_counts)
-    if importance_fn is None:
+    if plan.redistribution == "none":
         budgets = np.asarray(pruned_counts, dtype=np.int64)
         over = np.flatnonzero(budgets > caps)
         if over.size:
@@ -119,6 +137,68 @@ def update(
         shares = budgets / total_pruned if total_pruned else np.zeros(len(layers))
     else:
         budgets = split_budget(total_pruned, shares, caps)
+    return caps, budgets, shares
+
+
+def _check_scores(layers: Sequence[Layer], scores: list[float], redistribution: str) -> None:
+    for layer, s in zip(layers, scores):
+        if not (math.isfinite(s) and s >= 0):
+            raise SparseCoreError(
+                f"layer {layer.name!r}: importance mode {redistribution!r} returned {s!r}; "
+                f"it must be finite and >= 0"
+            )
+
+
+def _generic_update(
+    be: ArrayBackend,
+    layers: Sequence[Layer],
+    plan: _Plan,
+    prune: str,
+    growth: str,
+    prune_fn: Any,
+    growth_fn: Any,
+    importance_fn: Any,
+) -> UpdateResult:
+    """The update written once against the backend interface, for any modes."""
+    check_layers(
+        be,
+        layers,
+        momentum=plan.redistribution in NEEDS_MOMENTUM["importance"]
+        or growth in NEEDS_MOMENTUM["growth"],
+        grad=growth in NEEDS_GRAD["growth"],
+    )
+
+    sizes = [math.prod(be.shape(layer.mask)) for layer in layers]
+    nnz = [be.count(layer.mask) for layer in layers]
+    keys = [HashKey(plan.seed, plan.update_index, i) for i in range(len(layers))]
+
+    # 1. importance, before pruning
+    scores = [0.0] * len(layers)
+    if importance_fn is not None:
+        scores = [float(importance_fn(be, layer, n)) for layer, n in zip(layers, nnz)]
+        _check_scores(layers, scores, plan.redistribution)
+    shares = importance_shares(scores, sizes)
+
+    # 2. prune
+    kept_masks, pruned_counts = [], []
+    for layer, n, floor_l, key in zip(layers, nnz, plan.floors(sizes), keys):
+        pruned = prune_fn(be, layer, plan.prune_rate, max(0, n - floor_l), key)
+        r = be.count(pruned)
+        if be.count(be.and_not(pruned, layer.mask)):
+            raise SparseCoreError(
+                f"layer {layer.name!r}: prune mode {prune!r} selected inactive positions"
+            )
+        if r > max(0, n - floor_l):
+            raise SparseCoreError(
+                f"layer {layer.name!r}: prune mode {prune!r} removed {r} weights, more than the "
+                f"{max(0, n - floor_l)} allowed by min_density={plan.min_density}"
+            )
+        kept_masks.append(be.and_not(layer.mask, pruned))
+        pruned_counts.append(r)
+    kept = [n - r for n, r in zip(nnz, pruned_counts)]
+
+    # 3. redistribute
+    caps, budgets, shares = _budgets(layers, plan, sizes, kept, pruned_counts, shares)
 
     # 4. regrow, 5. new masks
     masks, reports = [], []
@@ -148,13 +228,94 @@ def update(
                 capacity=int(caps[i]),
             )
         )
+    return _finish(plan, nnz, masks, reports, None)
+
+
+def _fused_update(
+    be: ArrayBackend, layers: Sequence[Layer], plan: _Plan, source: str | None
+) -> UpdateResult | None:
+    """Magnitude pruning + momentum growth through the backend's fused capability.
+
+    Same checks, host routine, masks and report as :func:`_generic_update`; the finiteness checks
+    ride along the two reads. Whenever something is wrong, the generic checks run first so the
+    error raised is the generic path's. Returns None to hand the update to the generic path
+    (layers the backend's fused kernels do not take).
+    """
+    try:
+        check_layers(be, layers, momentum=True, grad=False, finite=False)
+    except SparseCoreError:
+        check_layers(be, layers, momentum=True, grad=False)  # an earlier NaN is reported first
+        raise
+    scans = be.fused_scan(layers, source=source)
+    if scans is None:
+        return None
+    if not all(scan.finite for scan in scans):
+        check_layers(be, layers, momentum=True, grad=False)  # raises the generic path's error
+        return None  # pragma: no cover - a float64 sum overflowed: the generic path decides
+    sizes = [math.prod(be.shape(layer.mask)) for layer in layers]
+    nnz = [scan.nnz for scan in scans]
+    keys = [HashKey(plan.seed, plan.update_index, i) for i in range(len(layers))]
+    try:
+        if source is None:
+            scores = [float(n) if plan.redistribution == "nonzero" else 0.0 for n in nnz]
+        else:  # the mean over active positions, or over all of an empty layer (modes.py)
+            scores = [
+                float(scan.active_abs_sum / n if n else scan.total_abs_sum / size)
+                for scan, n, size in zip(scans, nnz, sizes)
+            ]
+        _check_scores(layers, scores, plan.redistribution)
+        shares = importance_shares(scores, sizes)
+        pruned_counts = [
+            min(round_half_even(plan.prune_rate * n), max(0, n - floor_l))
+            for n, floor_l in zip(nnz, plan.floors(sizes))
+        ]
+        kept = [n - r for n, r in zip(nnz, pruned_counts)]
+        caps, budgets, shares = _budgets(layers, plan, sizes, kept, pruned_counts, shares)
+    except SparseCoreError:
+        # the generic path checks every weight for NaN/Inf before it gets here
+        check_layers(be, layers, momentum=True, grad=False)
+        raise
+    fused = be.fused_prune_regrow(layers, nnz, pruned_counts, [int(g) for g in budgets], keys)
+    if fused is None:
+        check_layers(be, layers, momentum=True, grad=False)  # raises the generic path's error
+        raise RuntimeError("the fused update reported a NaN/Inf weight the checks did not find")
+    reports = [
+        LayerReport(
+            name=layer.name,
+            size=sizes[i],
+            nnz_before=nnz[i],
+            nnz_after=kept[i] + int(budgets[i]),
+            pruned=pruned_counts[i],
+            grown=int(budgets[i]),
+            net_pruned=out.net_pruned,
+            net_grown=out.net_grown,
+            importance=scores[i],
+            share=float(shares[i]),
+            capacity=int(caps[i]),
+        )
+        for i, (layer, out) in enumerate(zip(layers, fused))
+    ]
+    return _finish(plan, nnz, [out.mask for out in fused], reports, [out.weight for out in fused])
+
+
+def _finish(
+    plan: _Plan,
+    nnz: list[int],
+    masks: list[Any],
+    reports: list[LayerReport],
+    weights: list[Any] | None,
+) -> UpdateResult:
     if sum(r.nnz_after for r in reports) != sum(nnz):  # pragma: no cover - guarded above
         raise RuntimeError("mask update changed the total number of active weights")
     return UpdateResult(
         masks=masks,
         report=UpdateReport(
-            update=update_index, prune_rate=prune_rate, layers=tuple(reports), step=step
+            update=plan.update_index,
+            prune_rate=plan.prune_rate,
+            layers=tuple(reports),
+            step=plan.step,
         ),
+        weights=weights,
     )
 
 
@@ -167,9 +328,17 @@ def apply_masks(
 
 
 def check_layers(
-    backend: ArrayBackend, layers: Sequence[Layer], *, momentum: bool, grad: bool
+    backend: ArrayBackend,
+    layers: Sequence[Layer],
+    *,
+    momentum: bool,
+    grad: bool,
+    finite: bool = True,
 ) -> None:
-    """Raise :class:`SparseCoreError` for the first bad layer; change nothing."""
+    """Raise :class:`SparseCoreError` for the first bad layer; change nothing.
+
+    ``finite=False`` leaves out the NaN/Inf checks (the fused update makes them in its passes).
+    """
     if len(layers) == 0:
         raise SparseCoreError("no layers given: a mask update needs at least one sparse layer")
     seen: set[str] = set()
@@ -222,7 +391,7 @@ def check_layers(
                     raise SparseCoreError(
                         f"layer {name!r}: {label} shape {backend.shape(array)} differs from weight shape {shape}"
                     )
-            if required and not backend.all_finite(array):
+            if finite and required and not backend.all_finite(array):
                 raise NonFiniteError(
                     f"layer {name!r}: {label} contains NaN or Inf; the mask update was not made "
                     f"(nothing changed)"
@@ -369,7 +538,7 @@ class SparseEngine:
             },
         )
         self.history.append(report)
-        return UpdateResult(result.masks, report)
+        return UpdateResult(result.masks, report, result.weights)
 
     def record_skip(self, step: int, reason: str) -> UpdateReport:
         """Record that the update due after ``step`` was skipped, and why (e.g. inf gradients)."""
