@@ -29,7 +29,15 @@ class ArrayModuleBackend(ArrayBackend):
 
     def __init__(self, xp: ModuleType) -> None:
         self.xp = xp
-        self._host = getattr(xp, "asnumpy", np.asarray)
+
+    def _host(self, a: Any) -> np.ndarray:
+        """``a`` as a NumPy array: a NumPy array is one already, a CuPy array is copied over."""
+        return a if isinstance(a, np.ndarray) else a.get()
+
+    def _rows(self, a: Any, axis: int) -> Any:
+        """``a`` as one row per unit along ``axis`` (the other axes flattened in C order)."""
+        units = a.shape[axis]
+        return self.xp.moveaxis(a, axis, 0).reshape(units, a.size // units)
 
     # -- inspection ---------------------------------------------------------------------
     def owns(self, x: Any) -> bool:
@@ -58,13 +66,11 @@ class ArrayModuleBackend(ArrayBackend):
 
     def unit_abs_sum(self, x: Any, axis: int) -> np.ndarray:
         xp = self.xp
-        units = xp.moveaxis(xp.abs(x), axis, 0).reshape(x.shape[axis], -1)
-        return np.asarray(self._host(units.sum(axis=1, dtype=xp.float64)), dtype=np.float64)
+        return self._host(self._rows(xp.abs(x), axis).sum(axis=1, dtype=xp.float64))
 
     def unit_count(self, mask: Any, axis: int, active: bool) -> np.ndarray:
-        xp = self.xp
-        units = xp.moveaxis(mask, axis, 0).reshape(mask.shape[axis], -1)
-        counts = np.asarray(self._host(xp.count_nonzero(units, axis=1)), dtype=np.int64)
+        units = self._rows(mask, axis)
+        counts = self._host(self.xp.count_nonzero(units, axis=1))  # int64
         return counts if active else units.shape[1] - counts
 
     # -- selection ----------------------------------------------------------------------
@@ -86,9 +92,9 @@ class ArrayModuleBackend(ArrayBackend):
         need = k - int(xp.count_nonzero(better))
         if need < int(tied.size):
             tied_pos = positions[tied]
-            hashes = position_hash(key, tied_pos).astype(xp.int64)
-            # lexsort: the last key is the primary one: hash descending, then position ascending.
-            order = xp.lexsort(xp.stack([tied_pos, -hashes]))
+            # ~h = 2**32 - 1 - h orders the uint32 hashes from the largest down. lexsort: the last
+            # key is the primary one: hash descending, then position ascending.
+            order = xp.lexsort(xp.stack([tied_pos, ~position_hash(key, tied_pos)]))
             tied = tied[order[:need]]
         return xp.concatenate([positions[xp.flatnonzero(better)], positions[tied]])
 
@@ -109,12 +115,11 @@ class ArrayModuleBackend(ArrayBackend):
         sign: Sign = "any",
     ) -> Any:
         xp = self.xp
-        flat = x.reshape(-1)
-        candidates = mask.reshape(-1) if among_active else ~mask.reshape(-1)
-        if sign == "positive":
-            candidates = candidates & (flat > 0)
-        elif sign == "nonpositive":
-            candidates = candidates & ~(flat > 0)
+        flat = x.ravel()
+        candidates = mask.ravel() if among_active else ~mask.ravel()
+        if sign != "any":  # "positive" or "nonpositive" (-0.0 included)
+            positive = flat > 0
+            candidates = candidates & (positive if sign == "positive" else ~positive)
         positions = xp.flatnonzero(candidates)
         chosen = self.pick(
             self._scores(flat, positions, magnitude), positions, k, largest=largest, key=key
@@ -136,13 +141,11 @@ class ArrayModuleBackend(ArrayBackend):
         key: HashKey,
     ) -> Any:
         xp = self.xp
-        units = x.shape[axis]
-        ids = xp.moveaxis(xp.arange(x.size, dtype=xp.int64).reshape(x.shape), axis, 0)
-        ids = ids.reshape(units, -1)
-        flat = x.reshape(-1)
-        flat_mask = mask.reshape(-1)
+        ids = self._rows(xp.arange(x.size).reshape(x.shape), axis)  # flat positions per unit
+        flat = x.ravel()
+        flat_mask = mask.ravel()
         out = xp.zeros(flat.shape, dtype=bool)
-        for j in range(units):
+        for j in range(x.shape[axis]):
             if int(ks[j]) == 0:
                 continue
             row = ids[j]
@@ -160,7 +163,7 @@ class ArrayModuleBackend(ArrayBackend):
     # -- element-wise -------------------------------------------------------------------
     def position_hash(self, key: HashKey, like: Any) -> Any:
         xp = self.xp
-        return position_hash(key, xp.arange(like.size, dtype=xp.int64)).reshape(like.shape)
+        return position_hash(key, xp.arange(like.size)).reshape(like.shape)
 
     def and_not(self, a: Any, b: Any) -> Any:
         return a & ~b

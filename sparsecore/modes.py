@@ -26,10 +26,9 @@ The engine validates every result (subset and exact count) and raises naming the
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
-from typing import Any
-
-import numpy as np
+from typing import Any, TypeVar
 
 from .backend import ArrayBackend
 from .errors import SparseCoreError
@@ -49,23 +48,29 @@ GROWTH: dict[str, GrowthFn] = {}
 NEEDS_MOMENTUM = {"importance": {"momentum"}, "growth": {"momentum", "momentum_neuron"}}
 NEEDS_GRAD = {"growth": {"gradient"}}
 
-
-def _registrar(table: dict[str, Any], kind: str) -> Callable[[str], Callable[[Any], Any]]:
-    def register(name: str) -> Callable[[Any], Any]:
-        def decorator(fn: Any) -> Any:
-            if not callable(fn):
-                raise SparseCoreError(f"{kind} mode {name!r} must be a function, got {fn!r}")
-            table[name] = fn
-            return fn
-
-        return decorator
-
-    return register
+Mode = TypeVar("Mode", bound=Callable[..., Any])
 
 
-register_importance = _registrar(IMPORTANCE, "importance")
-register_prune = _registrar(PRUNE, "prune")
-register_growth = _registrar(GROWTH, "growth")
+def _register(table: dict[str, Any], kind: str, name: str, fn: Any) -> Any:
+    if not callable(fn):
+        raise SparseCoreError(f"{kind} mode {name!r} must be a function, got {fn!r}")
+    table[name] = fn
+    return fn
+
+
+def register_importance(name: str) -> Callable[[Mode], Mode]:
+    """Decorator: register ``fn(backend, layer, nnz) -> float`` as importance mode ``name``."""
+    return lambda fn: _register(IMPORTANCE, "importance", name, fn)
+
+
+def register_prune(name: str) -> Callable[[Mode], Mode]:
+    """Decorator: register ``fn(backend, layer, rate, max_prune, key)`` as prune mode ``name``."""
+    return lambda fn: _register(PRUNE, "prune", name, fn)
+
+
+def register_growth(name: str) -> Callable[[Mode], Mode]:
+    """Decorator: register ``fn(backend, layer, mask, k, key)`` as growth mode ``name``."""
+    return lambda fn: _register(GROWTH, "growth", name, fn)
 
 
 def lookup(table: dict[str, Any], kind: str, name: str) -> Any:
@@ -88,8 +93,7 @@ def round_half_even(x: float) -> int:
 
 def _mean_abs_active(backend: ArrayBackend, x: Any, layer: Layer, nnz: int) -> float:
     if nnz == 0:  # an empty layer uses the mean over all its positions
-        size = int(np.prod(backend.shape(x), dtype=np.int64))
-        return backend.abs_sum(x, None) / size
+        return backend.abs_sum(x, None) / math.prod(backend.shape(x))
     return backend.abs_sum(x, layer.mask) / nnz
 
 
@@ -204,7 +208,7 @@ def momentum_neuron_growth(
     axis = layer.axis
     shape = backend.shape(layer.momentum)
     units = shape[axis]
-    per_unit = int(np.prod(shape, dtype=np.int64)) // units
+    per_unit = math.prod(shape) // units
     unit_mean = backend.unit_abs_sum(layer.momentum, axis) / per_unit
     free = backend.unit_count(mask, axis, active=False)
     ks = split_budget(k, unit_mean, free)

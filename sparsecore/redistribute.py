@@ -13,7 +13,11 @@ from .errors import SparseCoreError
 
 
 def importance_shares(scores: npt.ArrayLike, sizes: npt.ArrayLike) -> np.ndarray:
-    """``pi_l = s_l / sum(s)``; proportional to layer size when every score is 0. Never NaN."""
+    """``pi_l = s_l / sum(s)``; proportional to layer size when every score is 0. Never NaN.
+
+    The scores are converted to float64 first, so float32 importance (from a GPU backend) gives
+    the shares of its exact values, as float64 scores would.
+    """
     s = np.asarray(scores, dtype=np.float64)
     if s.size == 0:
         return s
@@ -22,7 +26,7 @@ def importance_shares(scores: npt.ArrayLike, sizes: npt.ArrayLike) -> np.ndarray
     total = float(s.sum())
     if total > 0:
         return s / total
-    n = np.asarray(sizes, dtype=np.float64)
+    n = np.asarray(sizes)  # integer counts: true division gives float64 shares
     return n / n.sum()
 
 
@@ -35,8 +39,8 @@ def split_budget(total: int, weights: npt.ArrayLike, capacity: npt.ArrayLike) ->
     lower layer index. If the weights of the open layers sum to 0 they are split by capacity.
     Raises if the capacities cannot hold ``total``.
     """
-    w = np.asarray(weights, dtype=np.float64)
-    cap = np.asarray(capacity, dtype=np.int64)
+    w = np.asarray(weights, dtype=np.float64)  # float32 weights split like their exact values
+    cap = np.asarray(capacity)  # integer counts
     if w.shape != cap.shape:
         raise SparseCoreError(f"{w.size} weights but {cap.size} capacities")
     if total < 0 or (cap < 0).any() or (w < 0).any() or not np.isfinite(w).all():
@@ -52,23 +56,20 @@ def split_budget(total: int, weights: npt.ArrayLike, capacity: npt.ArrayLike) ->
     out = np.zeros(cap.shape, dtype=np.int64)
     open_ = cap > 0
     remaining = int(total)
-    while remaining > 0 and open_.any():
+    while open_.any():
         ideal = _proportional(remaining, w, cap, open_)
         full = open_ & (ideal >= cap)
         if not full.any():
-            floors = np.floor(ideal).astype(np.int64)
-            floors[~open_] = 0
-            out[open_] = floors[open_]
-            leftover = remaining - int(floors.sum())
-            frac = ideal - floors
-            # 0 <= leftover < number of open layers: each floor is at most its ideal, and the
-            # ideals sum to ``remaining`` up to a relative rounding error far below 1 / remaining.
-            if leftover > 0:
-                candidates = np.flatnonzero(open_)  # floor(ideal) < cap here, so +1 fits
-                # largest fractional part first, then lower layer index (a stable sort keeps it).
-                order = candidates[np.argsort(-frac[candidates], kind="stable")]
-                out[order[:leftover]] += 1
-            remaining = 0
+            # Every open layer fits: floor(ideal) each, then one more for the largest fractional
+            # parts until ``remaining`` is placed. Fewer are left over than there are open layers
+            # (each floor is at most its ideal, and the ideals sum to ``remaining`` up to a
+            # relative rounding error far below 1 / remaining), and floor(ideal) < cap, so +1 fits.
+            share = ideal[open_]
+            floors = np.floor(share)  # float64 holding exact integers
+            # largest fractional part first, ties to the lower layer index (a stable sort)
+            order = np.argsort(floors - share, kind="stable")
+            floors[order[: remaining - int(floors.sum())]] += 1
+            out[open_] = floors
             break
         out[full] = cap[full]
         remaining -= int(cap[full].sum())
@@ -77,15 +78,15 @@ def split_budget(total: int, weights: npt.ArrayLike, capacity: npt.ArrayLike) ->
 
 
 def _proportional(remaining: int, w: np.ndarray, cap: np.ndarray, open_: np.ndarray) -> np.ndarray:
+    """``remaining`` split over the open layers in proportion to their weights, or to their
+    capacities if those weights are all 0; closed layers get 0."""
     weights = np.where(open_, w, 0.0)
     if weights.sum() <= 0:
-        weights = np.where(open_, cap.astype(np.float64), 0.0)
-    ideal = remaining * weights / weights.sum()
-    ideal[~open_] = 0.0
-    return ideal
+        weights = np.where(open_, cap, 0.0)
+    return remaining * weights / weights.sum()
 
 
 def capacities(sizes: npt.ArrayLike, kept: npt.ArrayLike, max_density: float) -> np.ndarray:
     """Free slots per layer under the density ceiling: ``max(0, floor(max_density*n) - kept)``."""
-    ceiling = np.floor(max_density * np.asarray(sizes, dtype=np.float64)).astype(np.int64)
-    return np.maximum(0, ceiling - np.asarray(kept, dtype=np.int64))
+    ceiling = np.floor(max_density * np.asarray(sizes)).astype(np.int64)
+    return np.maximum(0, ceiling - np.asarray(kept))

@@ -277,3 +277,59 @@ def test_neuron_growth_caps_each_unit_at_its_free_slots() -> None:
     layer = sc.Layer("n", mask * 1.0, mask, momentum)
     grown = sc.modes.GROWTH["momentum_neuron"](NP, layer, mask, 3, HashKey(0, 1, 0))
     assert np.flatnonzero(grown).tolist() == [3, 6, 7]  # unit 0 has one free slot
+
+
+# -- added after the third mutation run ------------------------------------------------------------
+
+
+def test_float32_importance_gives_the_shares_of_its_exact_values() -> None:
+    """Kills: the scores left in float32 (1/3 and 2/3 would then be float32 roundings)."""
+    shares = importance_shares(np.array([1.0, 2.0], dtype=np.float32), [1, 1])
+    assert shares.tolist() == [1 / 3, 2 / 3]
+
+
+def test_float32_weights_split_like_their_exact_values() -> None:
+    """Kills: the ideals computed in float32. float32(1/3) = 0.3333333432674408 exactly, so the
+    ideals are 22 / 1.3333333432... = 16.4999999 and 5.5000001: the leftover unit goes to the
+    second layer. In float32 both ideals round to x.5 and the tie would go to the first layer."""
+    weights = np.array([1.0, 1 / 3], dtype=np.float32)
+    assert split_budget(22, weights, [100, 100]).tolist() == [16, 6]
+    assert split_budget(22, weights.astype(np.float64), [100, 100]).tolist() == [16, 6]
+
+
+def test_zero_weights_split_by_capacity_over_the_open_layers_only() -> None:
+    """Kills: a filled (closed) layer still counted in the by-capacity split of the rest."""
+    # layer 0 takes everything and fills at 4; the other 6 go 7:5 -> 3.5, 2.5 -> tie, lower index
+    assert split_budget(10, [1.0, 0.0, 0.0], [4, 7, 5]).tolist() == [4, 4, 2]
+    # layer 0 fills at 3, layer 1 has no room, layer 2 takes the 7 left and is full
+    assert split_budget(10, [1.0, 0.0, 0.0], [3, 0, 7]).tolist() == [3, 0, 7]
+
+
+@pytest.mark.parametrize(
+    ("register", "table", "kind"),
+    [
+        (sc.register_importance, sc.modes.IMPORTANCE, "importance"),
+        (sc.register_prune, sc.modes.PRUNE, "prune"),
+        (sc.register_growth, sc.modes.GROWTH, "growth"),
+    ],
+)
+def test_each_register_fills_its_own_table(register, table, kind) -> None:
+    """Kills: a mode registered in the wrong table, under the wrong name or as None, and an error
+    that does not name the kind of mode."""
+
+    def mode(*args):
+        raise AssertionError("never called")
+
+    tables = (sc.modes.IMPORTANCE, sc.modes.PRUNE, sc.modes.GROWTH)
+    before = [dict(t) for t in tables]
+    try:
+        assert register("mode_for_test")(mode) is mode
+        assert table["mode_for_test"] is mode
+        assert [len(t) - len(b) for t, b in zip(tables, before)] == [
+            int(t is table) for t in tables
+        ]
+    finally:
+        table.pop("mode_for_test", None)
+    with pytest.raises(sc.SparseCoreError, match=f"^{kind} mode 'bad' must be a function, got 3$"):
+        register("bad")(3)
+    assert "bad" not in table
