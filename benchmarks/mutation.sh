@@ -2,7 +2,8 @@
 # Mutation testing of the selection and budget code (sparsecore/backend_numpy.py,
 # sparsecore/redistribute.py, sparsecore/modes.py) against the core tests; setup.cfg [mutmut]
 # lists the files and the tests. mutmut writes a mutants/ tree, so this runs on a copy of the
-# tracked files and leaves the working tree alone. Usage:
+# committed tree at HEAD (uncommitted edits, anyone's, are left out: the result belongs to one
+# commit) and leaves the working tree alone. Usage:
 #   benchmarks/mutation.sh [workdir]        (default: a new temporary directory)
 # Environment: PYTHON (default: python), JOBS (parallel mutants, default: nproc),
 # SPARSECORE_MAX_EXAMPLES (hypothesis examples per property test, default 40; 10 keeps it short).
@@ -12,9 +13,9 @@ work=${1:-$(mktemp -d -t sparsecore-mutation.XXXXXX)}
 python=${PYTHON:-python}
 jobs=${JOBS:-$(nproc)}
 mkdir -p "$work"
-(cd "$repo" && git ls-files -z | xargs -0 cp --parents -t "$work")
+git -C "$repo" archive HEAD | tar -x -C "$work"
 cd "$work"
-echo "mutation testing in $work"
+echo "mutation testing of commit $(git -C "$repo" rev-parse --short HEAD) in $work"
 "$python" -m mutmut run --max-children "$jobs" || true
 "$python" -m mutmut results --all true > mutmut-results.txt || "$python" -m mutmut results > mutmut-results.txt
 "$python" - <<'PY'
