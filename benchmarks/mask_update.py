@@ -13,7 +13,11 @@ floor with its spread. CPU time (all threads) is shown too: on a shared machine 
 figure. The Numba first-call time (compilation, then the on-disk cache) is measured in fresh
 processes. Usage::
 
-    python benchmarks/mask_update.py [--repeats 9] [--backends numpy,numba,torch]
+    python benchmarks/mask_update.py [--repeats 9] [--backends numpy,numba,numba_generic,torch]
+
+``numba`` is the Numba backend with its fused update (two reads per layer, the new weights
+computed with the masks); ``numba_generic`` the same backend through the generic engine path
+(selection, boolean passes and ``apply_masks`` as separate calls).
 """
 
 from __future__ import annotations
@@ -78,8 +82,13 @@ def floor(layers: list[sc.Layer]) -> float:
 
 
 def full_update(layers: list[Any], backend: sc.ArrayBackend) -> list[Any]:
+    """New weights and masks. A backend with the fused update returns the weights with the
+    masks (``result.weights``); the others apply the masks in a second call."""
     result = sc.update(layers, prune_rate=PRUNE_RATE, update_index=1, seed=0, backend=backend)
-    return sc.apply_masks(layers, result.masks, backend=backend) + result.masks
+    weights = result.weights
+    if weights is None:
+        weights = sc.apply_masks(layers, result.masks, backend=backend)
+    return weights + result.masks
 
 
 def candidates(names: list[str], layers: list[sc.Layer]) -> dict[str, Callable[[], Any]]:
@@ -104,6 +113,10 @@ def candidates(names: list[str], layers: list[sc.Layer]) -> dict[str, Callable[[
                 for x in layers
             ]
             out["torch"] = functools.partial(full_update, torch_layers, TorchBackend())
+        elif name == "numba_generic":  # the Numba operations without the fused capability
+            from sparsecore.backend_numba import NumbaBackend
+
+            out[name] = functools.partial(full_update, layers, NumbaBackend(fused=False))
         else:
             out[name] = functools.partial(full_update, layers, sc.get_backend(name))
     return out
@@ -199,7 +212,7 @@ def commit() -> str:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--repeats", type=int, default=9)
-    parser.add_argument("--backends", default="numpy,numba,torch")
+    parser.add_argument("--backends", default="numpy,numba,numba_generic,torch")
     parser.add_argument("--no-compile", action="store_true", help="skip the compile-time runs")
     args = parser.parse_args(argv)
 

@@ -32,9 +32,12 @@ GIL); see :func:`_run` for why not ``prange``.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
-from collections.abc import Callable, Sequence
+import sys
+import threading
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -46,12 +49,17 @@ from .backend_numpy import NumpyBackend
 from .hashing import MASK32, MUL1, MUL2, HashKey
 from .layers import Layer
 
-__all__ = ["NumbaBackend", "rank_params", "select_flat", "warm_up"]
+__all__ = ["BufferPool", "NumbaBackend", "rank_params", "select_flat", "warm_up"]
 
 DIGIT_BITS = 16  # key bits counted by the full-layer histogram of the guaranteed path
 MIN_CHUNK = 1 << 16  # a pass gets one thread per this many elements, at most the thread count
 SMALL_LAYER = 1 << 14  # layers up to this size are selected by one serial gather and narrowing
 SAMPLE_SHIFT, MIN_SAMPLES, MAX_SAMPLES = 7, 2048, 65536  # sample n/128 positions, clipped
+DECIDE_BLOCK = 2048
+DENSE_MIN, DENSE_RATE = (
+    1 << 16,
+    16,
+)  # layers this large refine the intervals on n/16 samples  # fused pass 2 works in blocks that stay in L1 for their second look
 SPREAD = 3.5  # half-width of the sampled interval in standard deviations of the k-th rank
 
 _U64_MASK32 = np.uint64(MASK32)
@@ -504,6 +512,7 @@ def _select_units(bits, mask, p, ks, outer, inner, width, prefix, out):  # pragm
 # few positions whose fate depends on the exact k-th value; :func:`_fused_resolve` settles those.
 # Intervals are half-open bit-pattern ranges of |x| (sign bit cleared): pruning takes |w| < plo
 # for sure and leaves [plo, phi) open; growth takes |p| >= ghi for sure and leaves [glo, ghi).
+_BYTE_INDEX = np.uint64(0x0001020304050607)  # (1 << 8k) * this >> 56 == k (little-endian bytes)
 _TOP = 1 << 63  # above every magnitude pattern: an interval bound meaning "everything"
 
 
@@ -546,17 +555,8 @@ def _chunk_scan_half(bits, mask, start, stop):  # pragma: no cover - jitted
 
 
 @_jit(nogil=True)
-def _chunk_decide(wbits, pbits, mask, bounds, flags, wout, start, stop):  # pragma: no cover
-    """Pass 2 over one chunk, without branches. ``flags`` (the new mask's bytes) gets bit 0 =
-    active after the update, bit 1 = undecided; ``wout`` the weight bits where active before and
-    after (undecided positions: 0, fixed later). Returns the counts (definitely pruned, prune-
-    undecided, definitely grown, grow-undecided, lost, gained: the last two among decided
-    positions) and the largest weight magnitude pattern (NaN/Inf check)."""
-    w_ = wbits[start:stop]
-    p_ = pbits[start:stop]
-    m_ = mask[start:stop].view(np.uint8)
-    f_ = flags[start:stop]
-    o_ = wout[start:stop]
+def _decide_block(w_, p_, m_, f_, o_, bounds, counts):  # pragma: no cover - jitted
+    """The branch-free body of :func:`_chunk_decide` over one block (it vectorises)."""
     plo, phi, glo, ghi, wmask, pmask = bounds
     one = np.uint64(1)
     n_pdef = n_pund = n_gdef = n_gund = n_lost = n_new = np.uint64(0)
@@ -583,27 +583,58 @@ def _chunk_decide(wbits, pbits, mask, bounds, flags, wout, start, stop):  # prag
         n_lost += m & (one ^ new) & decided
         n_new += (m ^ one) & new & decided
         wmax = max(wmax, wmag)
-    return n_pdef, n_pund, n_gdef, n_gund, n_lost, n_new, wmax
+    counts[0] += n_pdef
+    counts[1] += n_pund
+    counts[2] += n_gdef
+    counts[3] += n_gund
+    counts[4] += n_lost
+    counts[5] += n_new
+    counts[6] = max(counts[6], wmax)
 
 
 @_jit(nogil=True)
-def _chunk_undecided(flags, gathered, start, stop):  # pragma: no cover - jitted
-    """Positions in ``[start, stop)`` whose flag byte has bit 1 set, eight bytes at a time."""
-    words = flags[start : start + (stop - start) // 8 * 8].view(np.uint64)
+def _chunk_decide(
+    wbits, pbits, mask, bounds, flags, wout, records, start, stop
+):  # pragma: no cover
+    """Pass 2 over one chunk. ``flags`` (the new mask's bytes) gets bit 0 = active after the
+    update, bit 1 = undecided; ``wout`` the weight bits where active before and after (0 at
+    undecided positions, fixed later). Blocks of ``DECIDE_BLOCK`` are computed without branches
+    (that vectorises); then the block's undecided positions, still in cache, are appended to
+    ``records`` as (position, weight bits, |p| bits with the old mask bit on top), so the
+    resolution never goes back to the layer. Returns the counts (definitely pruned, prune-
+    undecided, definitely grown, grow-undecided, lost, gained: the last two among decided
+    positions), the largest weight magnitude pattern (NaN/Inf check) and the record count."""
+    counts = np.zeros(7, dtype=np.uint64)
+    pmask = bounds[5]
     pattern = np.uint64(0x0202020202020202)
     j = 0
-    for w in range(words.size):
-        if words[w] & pattern:
-            base = start + 8 * w
-            for i in range(base, base + 8):
-                if flags[i] & np.uint8(2):
-                    gathered[j] = i
-                    j += 1
-    for i in range(start + words.size * 8, stop):
-        if flags[i] & np.uint8(2):
-            gathered[j] = i
-            j += 1
-    return j
+    for b0 in range(start, stop, DECIDE_BLOCK):
+        b1 = min(b0 + DECIDE_BLOCK, stop)
+        f_ = flags[b0:b1]
+        _decide_block(wbits[b0:b1], pbits[b0:b1], mask[b0:b1].view(np.uint8), f_, wout[b0:b1],
+                      bounds, counts)  # fmt: skip
+        words = f_[: f_.size // 8 * 8].view(np.uint64)
+        for q in range(words.size):
+            bits = words[q] & pattern
+            while bits:  # one set bit 8k+1 per undecided byte k
+                low = bits & (~bits + np.uint64(1))
+                at = b0 + 8 * q + np.int64(((low >> np.uint64(1)) * _BYTE_INDEX) >> np.uint64(56))
+                records[j, 0] = at
+                records[j, 1] = np.uint64(wbits[at])
+                records[j, 2] = (np.uint64(pbits[at]) & pmask) | (
+                    np.uint64(mask[at]) << np.uint64(63)
+                )
+                j += 1
+                bits ^= low
+        for i in range(b0 + words.size * 8, b1):
+            if flags[i] & np.uint8(2):
+                records[j, 0] = i
+                records[j, 1] = np.uint64(wbits[i])
+                records[j, 2] = (np.uint64(pbits[i]) & pmask) | (
+                    np.uint64(mask[i]) << np.uint64(63)
+                )
+                j += 1
+    return counts[0], counts[1], counts[2], counts[3], counts[4], counts[5], counts[6], j
 
 
 @_jit(nogil=True)
@@ -623,21 +654,27 @@ def _rank_interval(keys, n, rank, spread):  # pragma: no cover - jitted
 def _fused_bounds(
     wbits, pbits, mask, nnz, r, g, samples, wmask, pmask, sigmas, slack
 ):  # pragma: no cover - jitted
-    """The prune and growth intervals ``(plo, phi, glo, ghi)`` from a strided sample.
+    """The prune and growth intervals ``(plo, phi, glo, ghi)`` from a sample of about
+    ``samples`` positions in runs of 16 (a cache line of float32), spread over the layer.
 
     A wrong guess costs only time (the counts of pass 2 detect it). Growth candidates of the
     sample are its inactive positions and the active ones below the estimated prune cut.
+    Layers of at least ``DENSE_MIN`` positions then narrow both intervals
+    (:func:`_refine_bounds`).
     """
     n = wbits.size
     top = np.uint64(_TOP)
-    stride = max(1, (n // samples - 1) | 1)  # odd: no aliasing with power-of-two layouts
+    run = min(16, n)
+    runs = max(1, samples // run)
+    gap = max(run, (n // runs - 1) | 1)  # odd: no aliasing with power-of-two layouts
+    samples = runs * run
     wkey = np.empty(samples, dtype=np.uint64)  # ~|w| of active samples: largest = smallest |w|
     wmag = np.empty(samples, dtype=np.uint64)
     pmag = np.empty(samples, dtype=np.uint64)
     active = np.empty(samples, dtype=np.bool_)
     na = 0
     for t in range(samples):
-        i = t * stride + stride // 2
+        i = min((t // run) * gap + (gap - run) // 2, n - run) + t % run
         wmag[t] = np.uint64(wbits[i]) & wmask
         pmag[t] = np.uint64(pbits[i]) & pmask
         active[t] = mask[i]
@@ -672,81 +709,143 @@ def _fused_bounds(
         high, high_found, low, low_found = _rank_interval(gkey, nc, rank, spread)
         ghi = high + np.uint64(1) if high_found else top
         glo = low if low_found else np.uint64(0)
+    if n >= DENSE_MIN and (0 < r < nnz or 0 < g < n - (nnz - r)):
+        plo, phi, glo, ghi = _refine_bounds(
+            wbits, pbits, mask, nnz, r, g, wmask, pmask, sigmas, slack, cut, plo, phi, glo, ghi
+        )
     return plo, phi, glo, ghi
 
 
 @_jit(nogil=True)
-def _fused_resolve(
-    wbits,
-    pbits,
-    mask,
-    gathered,
-    prune_need,
-    grow_need,
-    bounds,
-    pw,
-    pp,
-    wwidth,
-    pwidth,
-    prefix,
-    out,
-    wout,
+def _refine_bounds(
+    wbits, pbits, mask, nnz, r, g, wmask, pmask, sigmas, slack, cut, plo, phi, glo, ghi
 ):  # pragma: no cover - jitted
-    """Settle the ``gathered`` undecided positions of one layer: first the ``prune_need``
-    smallest |w| among the prune-undecided, then, with those known, the ``grow_need`` largest
-    |p| among the growth candidates left open. Writes ``out`` (new mask) and ``wout`` there.
+    """Narrow the sampled intervals with a 16 times denser sample (runs of 64 positions, so it
+    reads whole cache lines): only its values inside the first intervals are kept and ranked,
+    counting those below (prune) or above (growth) them. A side whose refined rank falls outside
+    the kept values keeps its first bound."""
+    n = wbits.size
+    gap = 64 * DENSE_RATE
+    kept_w = np.empty(n // DENSE_RATE + 64, dtype=np.uint64)
+    kept_p = np.empty(n // DENSE_RATE + 64, dtype=np.uint64)
+    active = below = nw = cands = above = npk = np.uint64(0)
+    one = np.uint64(1)
+    for s0 in range(gap // 2, n - 64 + 1, gap):
+        for i in range(s0, s0 + 64):  # no branches: write always, advance only when kept
+            wm = np.uint64(wbits[i]) & wmask
+            pm = np.uint64(pbits[i]) & pmask
+            m = np.uint64(mask[i])
+            active += m
+            below += m & np.uint64(wm < plo)
+            kept_w[nw] = ~wm  # largest key = smallest |w|
+            nw += m & np.uint64(wm >= plo) & np.uint64(wm < phi)
+            c = (m ^ one) | np.uint64(wm < cut)
+            cands += c
+            above += c & np.uint64(pm >= ghi)
+            kept_p[npk] = pm
+            npk += c & np.uint64(pm >= glo) & np.uint64(pm < ghi)
+    if 0 < r < nnz and active > 0:
+        rank = r * active / nnz
+        spread = sigmas * np.sqrt(rank * max(0.0, 1.0 - rank / active)) + slack
+        low, low_found, high, high_found = _rank_interval(
+            kept_w, np.int64(nw), rank - below, spread
+        )
+        if low_found:
+            plo = ~low
+        if high_found:
+            phi = (~high) + np.uint64(1)
+    free = n - (nnz - r)
+    if 0 < g < free and cands > 0:
+        rank = g * cands / free
+        spread = sigmas * np.sqrt(rank * max(0.0, 1.0 - rank / cands)) + slack
+        high, high_found, low, low_found = _rank_interval(
+            kept_p, np.int64(npk), rank - above, spread
+        )
+        if high_found:
+            ghi = high + np.uint64(1)
+        if low_found:
+            glo = low
+    return plo, phi, glo, ghi
+
+
+@_jit(inline="always")
+def _finish_ties_at(keys, idx, n, need, prefix, positions, out):  # pragma: no cover - jitted
+    """:func:`_finish_ties` for candidates given by indices ``idx`` into ``positions``."""
+    if need >= n:
+        for t in range(n):
+            out[idx[t]] = True
+        return
+    if need <= 0:
+        return
+    for t in range(n):
+        keys[t] = _hash(positions[idx[t]], prefix)
+    n, need = _narrow(keys, idx, n, need, 32, out)
+    for t in range(min(need, n)):  # equal hashes: only beyond 2**32 positions
+        out[idx[t]] = True
+
+
+@_jit(nogil=True)
+def _fused_resolve(
+    records, prune_need, grow_need, bounds, wwidth, pwidth, prefix, out, wout
+):  # pragma: no cover - jitted
+    """Settle the undecided positions of one layer (``records`` from :func:`_chunk_decide`):
+    first the ``prune_need`` smallest |w| among the prune-undecided, then, with those known, the
+    ``grow_need`` largest |p| among the growth candidates left open. Writes ``out`` (new mask)
+    and ``wout`` at those positions.
 
     Returns (status, lost, gained) over these positions; status -1 / -2: the prune / growth
     interval missed the boundary (the caller then selects this layer exactly).
     """
     plo, _, glo, ghi, wmask, pmask = bounds  # prune-undecided: the active ones >= plo
-    u = gathered.size
-    pos = np.empty(u, dtype=np.int64)
+    u = records.shape[0]
+    positions = records[:, 0].copy()
+    idx = np.empty(u, dtype=np.int64)
     keys = np.empty(u, dtype=np.uint64)
+    chosen = np.zeros(u, dtype=np.bool_)
+    top = np.uint64(63)
+    flip = (np.uint64(1) << np.uint64(wwidth)) - np.uint64(1) if wwidth < 64 else ~np.uint64(0)
     n = 0
     for t in range(u):
-        i = gathered[t]
-        out[i] = False
-        if mask[i] and (np.uint64(wbits[i]) & wmask) >= plo:  # prune-undecided
-            pos[n] = i
-            keys[n] = _key(np.uint64(wbits[i]), pw)
+        if (records[t, 2] >> top) and (records[t, 1] & wmask) >= plo:
+            idx[n] = t
+            keys[n] = (records[t, 1] & wmask) ^ flip  # smallest |w| first
             n += 1
     if not 0 <= prune_need <= n:
         return -1, 0, 0
-    n, need = _narrow(keys, pos, n, prune_need, wwidth, out)
-    _finish_ties(keys, pos, n, need, prefix, out)  # out: the pruned ones, for now
+    n, need = _narrow(keys, idx, n, prune_need, wwidth, chosen)
+    _finish_ties_at(keys, idx, n, need, prefix, positions, chosen)  # chosen: the pruned
     state = np.empty(u, dtype=np.uint8)  # 0 inactive, 1 active, 2 growth still open
     n = 0
     for t in range(u):
-        i = gathered[t]
-        m = mask[i]
-        candidate = (not m) or (np.uint64(wbits[i]) & wmask) < plo or out[i]
-        out[i] = False
+        m = (records[t, 2] >> top) != np.uint64(0)
+        candidate = (not m) or (records[t, 1] & wmask) < plo or chosen[t]
+        chosen[t] = False
         state[t] = 0
         if not candidate:
             state[t] = 1
         else:
-            pm = np.uint64(pbits[i]) & pmask
+            pm = records[t, 2] & pmask
             if pm >= ghi:
                 state[t] = 1
                 grow_need -= 1
             elif pm >= glo:
                 state[t] = 2
-                pos[n] = i
-                keys[n] = _key(np.uint64(pbits[i]), pp)
+                idx[n] = t
+                keys[n] = pm
                 n += 1
     if not 0 <= grow_need <= n:
         return -2, 0, 0
-    n, need = _narrow(keys, pos, n, grow_need, pwidth, out)
-    _finish_ties(keys, pos, n, need, prefix, out)
+    n, need = _narrow(keys, idx, n, grow_need, pwidth, chosen)
+    _finish_ties_at(keys, idx, n, need, prefix, positions, chosen)
     lost = 0
     gained = 0
     for t in range(u):
-        i = gathered[t]
-        m = mask[i]
-        now = state[t] == 1 or (state[t] == 2 and out[i])
+        i = np.int64(positions[t])
+        m = (records[t, 2] >> top) != np.uint64(0)
+        now = state[t] == 1 or (state[t] == 2 and chosen[t])
         out[i] = now
-        wout[i] = np.uint64(wbits[i]) & (np.uint64(0) - np.uint64(m and now))
+        if m and now:
+            wout[i] = records[t, 1]
         lost += m and not now
         gained += now and not m
     return 0, lost, gained
@@ -944,6 +1043,55 @@ def _select_by_histogram(
     return out
 
 
+class BufferPool:
+    """Output arrays of the fused update, reused once nothing outside the pool refers to them.
+
+    Every update returns new masks and weights. Fresh memory is expensive (the first touch of
+    each page faults, which cost a fused update about as much as its two passes), and a
+    training loop drops the previous update's arrays when it takes the new ones; so the pool
+    keeps them and hands one back out only when its reference count shows that the pool alone
+    holds it (the caller's arrays are views of it, which keep it referenced while alive). It
+    holds at most what the last two updates returned. Safe under threads (a lock).
+    """
+
+    def __init__(self) -> None:
+        self._arrays: dict[tuple[int, str], list[np.ndarray]] = {}
+        self._taken: dict[tuple[int, str], int] = {}
+        self._lock = threading.Lock()
+
+    def take(self, size: int, dtype: np.dtype) -> np.ndarray:
+        """A flat array of ``size`` elements of ``dtype`` that nobody else holds."""
+        key = (size, dtype.str)
+        with self._lock:
+            self._taken[key] = self._taken.get(key, 0) + 1
+            arrays = self._arrays.setdefault(key, [])
+            for i, array in enumerate(arrays):
+                # references: the list, the loop variable and getrefcount's argument
+                if sys.getrefcount(array) <= 3:
+                    del arrays[i]
+                    arrays.append(array)  # most recently taken last
+                    return array
+            array = np.empty(size, dtype=dtype)
+            arrays.append(array)
+            return array
+
+    @contextlib.contextmanager
+    def update(self) -> Iterator[None]:
+        """Around one update: afterwards, keep per kind at most twice what it took."""
+        with self._lock:
+            self._taken.clear()
+        try:
+            yield
+        finally:
+            with self._lock:
+                for key, arrays in list(self._arrays.items()):
+                    keep = 2 * self._taken.get(key, 0)
+                    if keep == 0:
+                        del self._arrays[key]
+                    elif len(arrays) > keep:
+                        del arrays[: len(arrays) - keep]  # the least recently taken go
+
+
 def _fused_dtype(layer: Layer) -> bool:
     """Do the fused kernels take this layer (float16/32/64 weight and momentum)?"""
     return all(
@@ -985,6 +1133,8 @@ class NumbaBackend(NumpyBackend):
         self.small_layer = small_layer
         self.min_chunk = min_chunk
         self.supports_fused_update = fused
+        self._buffers = BufferPool()
+        self._scratch = threading.local()
         self.spread = spread
         # How often each way through the fused update ran: tests use it to see every branch.
         self.fused_paths: dict[str, int] = dict.fromkeys(
@@ -1029,11 +1179,12 @@ class NumbaBackend(NumpyBackend):
         keys: Sequence[HashKey],
     ) -> list[FusedLayer] | None:
         out = []
-        for layer, n_active, r, g, key in zip(layers, nnz, prune_counts, grow_counts, keys):
-            result = self._fused_layer(layer, int(n_active), int(r), int(g), key)
-            if result is None:
-                return None
-            out.append(result)
+        with self._buffers.update():
+            for layer, n_active, r, g, key in zip(layers, nnz, prune_counts, grow_counts, keys):
+                result = self._fused_layer(layer, int(n_active), int(r), int(g), key)
+                if result is None:
+                    return None
+                out.append(result)
         return out
 
     def _fused_layer(
@@ -1055,27 +1206,26 @@ class NumbaBackend(NumpyBackend):
         else:  # everything open: the resolution decides every candidate
             intervals = (np.uint64(0), np.uint64(_TOP), np.uint64(0), np.uint64(_TOP))
         bounds = (*(np.uint64(b) for b in intervals), wmask, pmask)
-        new_mask = np.empty(n, dtype=bool)
-        new_weight = np.empty_like(w)
+        new_mask = self._buffers.take(n, np.dtype(bool))
+        new_weight = self._buffers.take(n, w.dtype)
         new_bits = new_weight.view(wbits.dtype)
-        flags = new_mask.view(np.uint8)
         spans = _spans(n, self.min_chunk)
-        counts = _run(_chunk_decide, spans, wbits, pbits, mask, bounds, flags, new_bits)
+        records = self._records(n)
+        parts = [records[start:stop] for start, stop in spans]
+        counts = _run(
+            _chunk_decide, spans, wbits, pbits, mask, bounds, new_mask.view(np.uint8),
+            new_bits, per_span=parts,
+        )  # fmt: skip
         if max(int(c[6]) for c in counts) >= _EXPONENT_MASK[w.dtype.itemsize]:
             return None
         pdef, pund, gdef, gund, lost, gained = (sum(int(c[j]) for c in counts) for j in range(6))
         status = 0 if pdef <= r <= pdef + pund else -1
         if status == 0 and pund + gund:
-            gathered = np.empty(pund + gund, dtype=np.int64)
-            offsets = np.cumsum([0] + [int(c[1]) + int(c[3]) for c in counts])
-            views = [gathered[offsets[c] : offsets[c + 1]] for c in range(len(spans))]
-            _run(_chunk_undecided, spans, flags, per_span=views)
-            pw = rank_params(w.dtype, among_active=True, largest=False, magnitude=True, sign="any")
-            pp = rank_params(p.dtype, among_active=False, largest=True, magnitude=True, sign="any")
+            used = [part[: int(c[7])] for part, c in zip(parts, counts)]
+            undecided = used[0] if len(used) == 1 else np.concatenate(used)
             status, more_lost, more_gained = _fused_resolve(
-                wbits, pbits, mask, gathered, r - pdef, g - gdef, bounds, pw, pp,
-                8 * w.dtype.itemsize, 8 * p.dtype.itemsize, np.uint64(key.prefix()),
-                new_mask, new_bits,
+                undecided, r - pdef, g - gdef, bounds, 8 * w.dtype.itemsize,
+                8 * p.dtype.itemsize, np.uint64(key.prefix()), new_mask, new_bits,
             )  # fmt: skip
             lost += int(more_lost)
             gained += int(more_gained)
@@ -1087,6 +1237,15 @@ class NumbaBackend(NumpyBackend):
             lost, gained = self._select_layer(w, p, mask, r, g, key, new_mask, new_weight)
         shape = np.shape(layer.mask)
         return FusedLayer(new_mask.reshape(shape), new_weight.reshape(shape), lost, gained)
+
+    def _records(self, n: int) -> np.ndarray:
+        """Scratch room for ``n`` undecided positions, kept per thread between layers and
+        updates: only its first pages are ever touched, and touching fresh pages is slow."""
+        scratch = getattr(self._scratch, "records", None)
+        if scratch is None or scratch.shape[0] < n:
+            scratch = np.empty((n, 3), dtype=np.uint64)
+            self._scratch.records = scratch
+        return scratch[:n]
 
     def _select_layer(
         self,
