@@ -9,8 +9,10 @@ How it works:
   after every batch without any per-batch Python work.
 - Mask updates run on the schedule of :class:`sparsecore.SparseConfig` (every ``update_every``
   optimizer steps, counted by ``optimizer.iterations``, and/or at epoch ends). An update reads the
-  kernels, the masks and the optimizer's momentum slots, runs the engine on the Keras backend
-  (``keras.ops``, on the tensors' device) and assigns the new masks and weights. Under a
+  kernels, the masks and the optimizer's momentum slots, runs the engine and assigns the new masks
+  and weights. With the tensors on the CPU the engine runs on NumPy (sparsecore's reference
+  backend: a few ms instead of tens of ms of eager op dispatch), on an accelerator on the Keras
+  backend (``keras.ops``, on the tensors' device); see :mod:`.placement`. Under a
   ``tf.distribute`` strategy this runs once, in cross-replica context, and the assignments go to
   every replica, so all replicas hold the same masks.
 - The masks and the engine state live in the constraints' configs, so ``model.save()``,
@@ -30,6 +32,7 @@ import keras
 import numpy as np
 from keras import ops
 
+from sparsecore.backend import ArrayBackend
 from sparsecore.config import SparseConfig, option_names
 from sparsecore.engine import SparseEngine
 from sparsecore.errors import SparseCoreError
@@ -37,14 +40,12 @@ from sparsecore.layers import Layer
 from sparsecore.modes import NEEDS_GRAD, NEEDS_MOMENTUM
 from sparsecore.report import UpdateReport
 
-from .backend import KerasBackend
 from .constraint import SparseMask
 from .discovery import SparseWeight, find_sparse_weights
 from .momentum import MomentumReader, optimizer_slots
+from .placement import UPDATE_BACKENDS, as_update_array, resolve_update_backend
 
 __all__ = ["SparseCallback"]
-
-_BACKEND = KerasBackend()
 
 
 def _json_default(value: Any) -> Any:
@@ -55,7 +56,23 @@ def _json_default(value: Any) -> Any:
     raise TypeError(f"cannot store {type(value).__name__} in the engine state")
 
 
+def _from_host(mask: np.ndarray, backend: ArrayBackend) -> Any:
+    """A saved (host) mask as an array of the update backend."""
+    return np.asarray(mask, dtype=bool) if backend.name == "numpy" else ops.convert_to_tensor(mask)
+
+
+def _zero_where(changed: Any, slot: Any, backend: ArrayBackend) -> Any:
+    """The optimizer slot with the positions in ``changed`` set to 0 (as the update backend's array)."""
+    if backend.name == "numpy":
+        value = np.array(ops.convert_to_numpy(slot), copy=True)
+        value[changed] = 0
+        return value
+    return ops.where(changed, ops.zeros_like(slot), slot)
+
+
 def _host_mask(x: Any) -> np.ndarray:
+    if isinstance(x, np.ndarray):
+        return x.astype(bool, copy=False)
     return np.asarray(ops.convert_to_numpy(x), dtype=bool)
 
 
@@ -66,7 +83,9 @@ class SparseCallback(keras.callbacks.Callback):
     (``density``, ``init``, ``prune``, ``growth``, ``redistribution``, ``prune_rate``,
     ``update_every``, ...) with the paper's defaults, plus which layers are sparse:
     ``include``/``exclude`` (layer names, name patterns, class names or classes),
-    ``dense_first``/``dense_last`` and ``embeddings`` (make Embedding tables sparse too).
+    ``dense_first``/``dense_last`` and ``embeddings`` (make Embedding tables sparse too), and
+    where updates run: ``update_backend='auto'`` (NumPy when the kernels are on the CPU, else
+    ``keras.ops`` on their device), ``'numpy'`` or ``'keras'``; every choice gives the same masks.
     ``total_steps`` (the optimizer step at which training ends) defaults to the steps already
     taken plus those of the current ``fit`` (``(epochs - initial_epoch) * steps_per_epoch``), so
     ``fit(initial_epoch=e, epochs=E)`` after loading a checkpoint keeps the schedule. Pass it when
@@ -90,6 +109,7 @@ class SparseCallback(keras.callbacks.Callback):
         dense_first: bool = False,
         dense_last: bool = False,
         embeddings: bool = False,
+        update_backend: str = "auto",
         **options: Any,
     ) -> None:
         super().__init__()
@@ -97,8 +117,14 @@ class SparseCallback(keras.callbacks.Callback):
         if unknown:
             raise SparseCoreError(
                 f"SparseCallback got unknown option(s) {unknown}; the options are "
-                f"{option_names()} and include, exclude, dense_first, dense_last, embeddings"
+                f"{option_names()} and include, exclude, dense_first, dense_last, embeddings, "
+                f"update_backend"
             )
+        if update_backend not in UPDATE_BACKENDS:
+            raise SparseCoreError(
+                f"update_backend must be one of {list(UPDATE_BACKENDS)}, got {update_backend!r}"
+            )
+        self.update_backend = update_backend
         self.config = SparseConfig(**options)
         if self.config.growth in NEEDS_GRAD["growth"]:
             raise SparseCoreError(
@@ -119,6 +145,7 @@ class SparseCallback(keras.callbacks.Callback):
         self.weights: list[SparseWeight] = []
         self.constraints: list[SparseMask] = []
         self._reader: MomentumReader | None = None
+        self._backend: ArrayBackend | None = None
         self._attached_to: Any = None
         self._total_from_fit = "total_steps" not in options
         if self.config.update_every is None:
@@ -236,6 +263,7 @@ class SparseCallback(keras.callbacks.Callback):
         reader = MomentumReader(optimizer, config.adam_momentum)
         if self._needs_momentum(config) and not config.schedule().static:
             reader.check()
+        backend = resolve_update_backend(self.update_backend, [w.variable for w in weights])
         names = [w.name for w in weights] if state is None else list(state["names"])
         engine = SparseEngine(config, names, [w.shape for w in weights], [w.axis for w in weights])
         if state is not None:
@@ -244,7 +272,7 @@ class SparseCallback(keras.callbacks.Callback):
             saved_ever = [c.snapshot()[1] for c in constraints]
             if any(e is not None for e in saved_ever):
                 engine.ever_active = [
-                    ops.convert_to_tensor(e if e is not None else c.mask_numpy())
+                    _from_host(e if e is not None else c.mask_numpy(), backend)
                     for e, c in zip(saved_ever, constraints)
                 ]
             counts = [int(c.mask_numpy().sum()) for c in constraints]
@@ -259,7 +287,9 @@ class SparseCallback(keras.callbacks.Callback):
             masks = engine.initial_masks()
             with self._scope(model):
                 constraints = [
-                    SparseMask(w.shape, name=n, index=i, axis=w.axis, mask=m)
+                    SparseMask(
+                        w.shape, name=n, index=i, axis=w.axis, mask=m, dtype=w.variable.dtype
+                    )
                     for i, (w, n, m) in enumerate(zip(weights, names, masks))
                 ]
             for w, c in zip(weights, constraints):
@@ -269,6 +299,7 @@ class SparseCallback(keras.callbacks.Callback):
             self._rebuild_train_function(model)
         self.weights, self.constraints, self.engine = weights, constraints, engine
         self._reader = reader
+        self._backend = backend
         self._total_from_fit = total_from_fit
         self._attached_to = model
         self._store_state()
@@ -366,13 +397,17 @@ class SparseCallback(keras.callbacks.Callback):
         self._epoch_base = self._step() if engine is not None else None
 
     def on_train_batch_end(self, batch: int, logs: dict[str, Any] | None = None) -> None:
+        # Runs after every batch: pure Python integer work unless an update is due.
         engine = self.engine
-        if engine is None or engine.config.update_every is None:
+        if engine is None:
+            return
+        every = engine.config.update_every
+        if every is None:
             return
         base = getattr(self, "_epoch_base", None)
         # Keras passes the index of the last step the call ran (steps_per_execution > 1).
         step = self._step() if base is None else base + int(batch) + 1
-        if engine.due(step):
+        if step % every == 0 and engine.due(step):
             self.update_masks(step)
 
     def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
@@ -388,40 +423,40 @@ class SparseCallback(keras.callbacks.Callback):
 
     def update_masks(self, step: int | None = None) -> UpdateReport:
         """Run one mask update now (the schedule calls this; tests and users may too)."""
-        if self.engine is None or self._reader is None:
+        if self.engine is None or self._reader is None or self._backend is None:
             raise SparseCoreError("SparseCallback is not attached to a model yet")
         step = self._step() if step is None else step
-        engine, config = self.engine, self.engine.config
+        engine, config, be = self.engine, self.engine.config, self._backend
         needs_momentum = self._needs_momentum(config)
         layers = []
-        for w, c in zip(self.weights, self.constraints, strict=True):
+        # Engine names come from the run that created the masks (they survive renames).
+        for name, w, c in zip(engine.names, self.weights, self.constraints, strict=True):
             momentum = self._reader.read(w.variable, w.name) if needs_momentum else None
             layers.append(
                 Layer(
-                    w.name,
-                    ops.copy(w.variable),
-                    ops.copy(c.mask),
-                    momentum=momentum,
+                    name,
+                    as_update_array(w.variable, be),
+                    as_update_array(c.mask, be),
+                    momentum=None if momentum is None else as_update_array(momentum, be),
                     axis=w.axis,
                 )
             )
-        # Engine names come from the run that created the masks (they survive renames).
-        layers = [
-            Layer(n, x.weight, x.mask, x.momentum, x.grad, x.axis)
-            for n, x in zip(engine.names, layers)
-        ]
-        result = engine.update(layers, step, backend=_BACKEND)
+        result = engine.update(layers, step, backend=be)
         if not result.report.skipped:
             optimizer = self.model.optimizer if self.model is not None else None
-            for w, c, layer, new in zip(self.weights, self.constraints, layers, result.masks):
-                changed = ops.logical_xor(layer.mask, new)
-                if not bool(ops.convert_to_numpy(ops.any(changed))):
+            for w, c, layer, report, new in zip(
+                self.weights, self.constraints, layers, result.report.layers, result.masks
+            ):
+                if report.net_pruned == 0 and report.net_grown == 0:  # mask unchanged
                     continue
-                w.variable.assign(_BACKEND.apply(layer.weight, layer.mask, new))
-                c.mask.assign(new)
+                w.variable.assign(be.apply(layer.weight, layer.mask, new))
+                c.assign(new)
                 if config.reset_optimizer_state and optimizer is not None:
+                    changed = be.logical_or(
+                        be.and_not(layer.mask, new), be.and_not(new, layer.mask)
+                    )
                     for slot in optimizer_slots(optimizer, w.variable):
-                        slot.assign(ops.where(changed, ops.zeros_like(slot), slot))
+                        slot.assign(_zero_where(changed, slot, be))
         return result.report
 
     def epoch_logs(self) -> dict[str, float]:
