@@ -652,14 +652,14 @@ def _rank_interval(keys, n, rank, spread):  # pragma: no cover - jitted
 
 @_jit(nogil=True)
 def _fused_bounds(
-    wbits, pbits, mask, nnz, r, g, samples, wmask, pmask, sigmas, slack
+    wbits, pbits, mask, nnz, r, g, samples, wmask, pmask, sigmas, slack, dense_min
 ):  # pragma: no cover - jitted
     """The prune and growth intervals ``(plo, phi, glo, ghi)`` from a sample of about
     ``samples`` positions in runs of 16 (a cache line of float32), spread over the layer.
 
     A wrong guess costs only time (the counts of pass 2 detect it). Growth candidates of the
     sample are its inactive positions and the active ones below the estimated prune cut.
-    Layers of at least ``DENSE_MIN`` positions then narrow both intervals
+    Layers of at least ``dense_min`` positions then narrow both intervals
     (:func:`_refine_bounds`).
     """
     n = wbits.size
@@ -709,7 +709,7 @@ def _fused_bounds(
         high, high_found, low, low_found = _rank_interval(gkey, nc, rank, spread)
         ghi = high + np.uint64(1) if high_found else top
         glo = low if low_found else np.uint64(0)
-    if n >= DENSE_MIN and (0 < r < nnz or 0 < g < n - (nnz - r)):
+    if n >= dense_min and (0 < r < nnz or 0 < g < n - (nnz - r)):
         plo, phi, glo, ghi = _refine_bounds(
             wbits, pbits, mask, nnz, r, g, wmask, pmask, sigmas, slack, cut, plo, phi, glo, ghi
         )
@@ -725,13 +725,15 @@ def _refine_bounds(
     counting those below (prune) or above (growth) them. A side whose refined rank falls outside
     the kept values keeps its first bound."""
     n = wbits.size
-    gap = 64 * DENSE_RATE
-    kept_w = np.empty(n // DENSE_RATE + 64, dtype=np.uint64)
-    kept_p = np.empty(n // DENSE_RATE + 64, dtype=np.uint64)
+    run = min(64, n)
+    gap = max(run, min(run * DENSE_RATE, n // 8))  # small layers (tests): denser still
+    room = (n // gap + 1) * run + 1  # every sample, and one more for the branch-free writes
+    kept_w = np.empty(room, dtype=np.uint64)
+    kept_p = np.empty(room, dtype=np.uint64)
     active = below = nw = cands = above = npk = np.uint64(0)
     one = np.uint64(1)
-    for s0 in range(gap // 2, n - 64 + 1, gap):
-        for i in range(s0, s0 + 64):  # no branches: write always, advance only when kept
+    for s0 in range((gap - run) // 2, n - run + 1, gap):
+        for i in range(s0, s0 + run):  # no branches: write always, advance only when kept
             wm = np.uint64(wbits[i]) & wmask
             pm = np.uint64(pbits[i]) & pmask
             m = np.uint64(mask[i])
@@ -1065,10 +1067,9 @@ class BufferPool:
         with self._lock:
             self._taken[key] = self._taken.get(key, 0) + 1
             arrays = self._arrays.setdefault(key, [])
-            for i, array in enumerate(arrays):
-                # references: the list, the loop variable and getrefcount's argument
-                if sys.getrefcount(array) <= 3:
-                    del arrays[i]
+            for i in range(len(arrays)):
+                if sys.getrefcount(arrays[i]) <= 2:  # the list's and getrefcount's own
+                    array = arrays.pop(i)
                     arrays.append(array)  # most recently taken last
                     return array
             array = np.empty(size, dtype=dtype)
@@ -1120,12 +1121,14 @@ class NumbaBackend(NumpyBackend):
         min_chunk: int = MIN_CHUNK,
         fused: bool = True,
         spread: tuple[float, float] = (SPREAD, 2.0),
+        dense_min: int = DENSE_MIN,
     ) -> None:
         """The defaults are the fast choices; the options exist to test every path.
 
         ``fused=False`` withdraws the fused-update capability (the engine then runs the generic
         update on this backend's operations); ``spread`` is the half-width of the fused path's
-        sampled intervals, (standard deviations, extra ranks): a narrow one forces its fallback.
+        sampled intervals, (standard deviations, extra ranks): a narrow one forces its fallback;
+        layers of at least ``dense_min`` weights refine the intervals on a denser sample.
         ``sampled=False`` makes the fused path leave every candidate undecided.
         """
         super().__init__()
@@ -1136,6 +1139,7 @@ class NumbaBackend(NumpyBackend):
         self._buffers = BufferPool()
         self._scratch = threading.local()
         self.spread = spread
+        self.dense_min = dense_min
         # How often each way through the fused update ran: tests use it to see every branch.
         self.fused_paths: dict[str, int] = dict.fromkeys(
             ("decided", "resolved", "prune_miss", "grow_miss"), 0
@@ -1201,8 +1205,9 @@ class NumbaBackend(NumpyBackend):
             samples = min(max(n >> SAMPLE_SHIFT, MIN_SAMPLES), MAX_SAMPLES, n)
             sigmas, slack = self.spread
             intervals = _fused_bounds(
-                wbits, pbits, mask, nnz, r, g, samples, wmask, pmask, float(sigmas), float(slack)
-            )
+                wbits, pbits, mask, nnz, r, g, samples, wmask, pmask, float(sigmas),
+                float(slack), self.dense_min,
+            )  # fmt: skip
         else:  # everything open: the resolution decides every candidate
             intervals = (np.uint64(0), np.uint64(_TOP), np.uint64(0), np.uint64(_TOP))
         bounds = (*(np.uint64(b) for b in intervals), wmask, pmask)
@@ -1230,7 +1235,8 @@ class NumbaBackend(NumpyBackend):
             lost += int(more_lost)
             gained += int(more_gained)
             self.fused_paths["resolved"] += status == 0
-        else:
+        elif status == 0:  # nothing left open: the sure counts must be exact
+            status = 0 if gdef == g else -2
             self.fused_paths["decided"] += status == 0
         if status != 0:  # the sampled interval missed: select this layer exactly
             self.fused_paths["prune_miss" if status == -1 else "grow_miss"] += 1
