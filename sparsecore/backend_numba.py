@@ -55,11 +55,9 @@ DIGIT_BITS = 16  # key bits counted by the full-layer histogram of the guarantee
 MIN_CHUNK = 1 << 16  # a pass gets one thread per this many elements, at most the thread count
 SMALL_LAYER = 1 << 14  # layers up to this size are selected by one serial gather and narrowing
 SAMPLE_SHIFT, MIN_SAMPLES, MAX_SAMPLES = 7, 2048, 65536  # sample n/128 positions, clipped
-DECIDE_BLOCK = 2048
-DENSE_MIN, DENSE_RATE = (
-    1 << 16,
-    16,
-)  # layers this large refine the intervals on n/16 samples  # fused pass 2 works in blocks that stay in L1 for their second look
+DECIDE_BLOCK = 2048  # fused pass 2 works in blocks that stay in L1 for their second look
+DENSE_MIN, DENSE_RATE = 1 << 16, 32  # layers this large refine the intervals on n/16 samples
+LANES = 8  # sample runs read side by side, so that their cache misses overlap
 SPREAD = 3.5  # half-width of the sampled interval in standard deviations of the k-th rank
 
 _U64_MASK32 = np.uint64(MASK32)
@@ -732,20 +730,26 @@ def _refine_bounds(
     kept_p = np.empty(room, dtype=np.uint64)
     active = below = nw = cands = above = npk = np.uint64(0)
     one = np.uint64(1)
-    for s0 in range((gap - run) // 2, n - run + 1, gap):
-        for i in range(s0, s0 + run):  # no branches: write always, advance only when kept
-            wm = np.uint64(wbits[i]) & wmask
-            pm = np.uint64(pbits[i]) & pmask
-            m = np.uint64(mask[i])
-            active += m
-            below += m & np.uint64(wm < plo)
-            kept_w[nw] = ~wm  # largest key = smallest |w|
-            nw += m & np.uint64(wm >= plo) & np.uint64(wm < phi)
-            c = (m ^ one) | np.uint64(wm < cut)
-            cands += c
-            above += c & np.uint64(pm >= ghi)
-            kept_p[npk] = pm
-            npk += c & np.uint64(pm >= glo) & np.uint64(pm < ghi)
+    first = (gap - run) // 2
+    runs = (n - run - first) // gap + 1 if n - run >= first else 0
+    for r0 in range(0, runs, LANES):
+        lanes = min(LANES, runs - r0)
+        for j in range(run):
+            # LANES runs in lockstep: their cache misses overlap instead of queueing
+            for q in range(lanes):
+                i = first + (r0 + q) * gap + j
+                wm = np.uint64(wbits[i]) & wmask
+                pm = np.uint64(pbits[i]) & pmask
+                m = np.uint64(mask[i])
+                active += m
+                below += m & np.uint64(wm < plo)
+                kept_w[nw] = ~wm  # largest key = smallest |w|; written always, kept if counted
+                nw += m & np.uint64(wm >= plo) & np.uint64(wm < phi)
+                c = (m ^ one) | np.uint64(wm < cut)
+                cands += c
+                above += c & np.uint64(pm >= ghi)
+                kept_p[npk] = pm
+                npk += c & np.uint64(pm >= glo) & np.uint64(pm < ghi)
     if 0 < r < nnz and active > 0:
         rank = r * active / nnz
         spread = sigmas * np.sqrt(rank * max(0.0, 1.0 - rank / active)) + slack
@@ -1202,7 +1206,9 @@ class NumbaBackend(NumpyBackend):
         wmask = np.uint64((1 << (8 * w.dtype.itemsize - 1)) - 1)
         pmask = np.uint64((1 << (8 * p.dtype.itemsize - 1)) - 1)
         if self.sampled:
-            samples = min(max(n >> SAMPLE_SHIFT, MIN_SAMPLES), MAX_SAMPLES, n)
+            # a layer that refines its intervals needs only a rough first guess
+            shift = SAMPLE_SHIFT + (2 if n >= self.dense_min else 0)
+            samples = min(max(n >> shift, MIN_SAMPLES), MAX_SAMPLES, n)
             sigmas, slack = self.spread
             intervals = _fused_bounds(
                 wbits, pbits, mask, nnz, r, g, samples, wmask, pmask, float(sigmas),
