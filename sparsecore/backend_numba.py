@@ -774,7 +774,7 @@ def _refine_bounds(
     return plo, phi, glo, ghi
 
 
-@_jit(inline="always")
+@_jit(nogil=True)
 def _finish_ties_at(keys, idx, n, need, prefix, positions, out):  # pragma: no cover - jitted
     """:func:`_finish_ties` for candidates given by indices ``idx`` into ``positions``."""
     if need >= n:
@@ -1430,3 +1430,7 @@ def warm_up() -> None:
     backend.all_finite(x)
     backend.apply(x, mask, mask)
     backend.and_not(mask, mask)
+    from .engine import update  # the fused update's kernels (the engine imports this module lazily)
+
+    layer = Layer("warm_up", x * mask, mask, x[::-1].copy())
+    update([layer], prune_rate=0.5, backend=backend)
