@@ -148,10 +148,6 @@ class SparseCallback(keras.callbacks.Callback):
         self._backend: ArrayBackend | None = None
         self._attached_to: Any = None
         self._total_from_fit = "total_steps" not in options
-        if self.config.update_every is None:
-            # Epoch-end updates only: keep Keras' default (no-op) batch hook so that async
-            # dispatch stays on.
-            self.on_train_batch_end = super().on_train_batch_end  # type: ignore[method-assign]
 
     # -- public views -------------------------------------------------------------------------
     @property
@@ -396,8 +392,12 @@ class SparseCallback(keras.callbacks.Callback):
         # spares a device-to-host read after every batch.
         self._epoch_base = self._step() if engine is not None else None
 
-    def on_train_batch_end(self, batch: int, logs: dict[str, Any] | None = None) -> None:
-        # Runs after every batch: pure Python integer work unless an update is due.
+    def on_train_batch_begin(self, batch: int, logs: dict[str, Any] | None = None) -> None:
+        # The update due after step s runs here, before step s + 1, rather than in
+        # ``on_train_batch_end``: Keras calls this hook on the main thread before each train
+        # step, and a callback that leaves ``on_train_batch_end`` at its default keeps Keras'
+        # asynchronous batch-end dispatch on (no host read of the logs after every batch).
+        # Below: pure Python integer work unless an update is due.
         engine = self.engine
         if engine is None:
             return
@@ -405,19 +405,35 @@ class SparseCallback(keras.callbacks.Callback):
         if every is None:
             return
         base = getattr(self, "_epoch_base", None)
-        # Keras passes the index of the last step the call ran (steps_per_execution > 1).
-        step = self._step() if base is None else base + int(batch) + 1
-        if step % every == 0 and engine.due(step):
-            self.update_masks(step)
+        # ``batch`` is the number of steps this epoch has taken (steps_per_execution > 1 too).
+        step = self._step() if base is None else base + int(batch)
+        if step % every == 0:
+            self._step_update(step)
+
+    def _step_update(self, step: int) -> None:
+        """The update due after ``step`` by the step count, unless one was already made there.
+
+        An update after an epoch's last step runs at that epoch's end (before the epoch logs);
+        one recorded at ``step`` (by that, or in the saved run a checkpoint continues) is not
+        repeated by the next batch.
+        """
+        engine = self.engine
+        if engine is None or not engine.due(step):
+            return
+        if engine.history and engine.history[-1].step == step:
+            return
+        self.update_masks(step)
 
     def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
         engine = self.engine
         if engine is None:
             return
-        if engine.config.update_at_epoch_end:
-            step = self._step()
-            if engine.due(step, epoch_end=True):
-                self.update_masks(step)
+        step = self._step()
+        every = engine.config.update_every
+        if every is not None and step % every == 0:
+            self._step_update(step)
+        if engine.config.update_at_epoch_end and engine.due(step, epoch_end=True):
+            self.update_masks(step)
         if logs is not None:
             logs.update(self.epoch_logs())
 

@@ -340,3 +340,42 @@ def test_other_modes_through_fit(options):
             assert layer.nnz_after >= math.ceil(layer.size * cb.engine.config.min_density)
         if options.get("redistribution") == "none":
             assert all(layer.pruned == layer.grown for layer in r.layers)
+
+
+class _BeginChecker(keras.callbacks.Callback):
+    """Before every batch (after SparseCallback's hook): kernels are 0 outside the masks.
+
+    Only a batch-begin hook, so Keras keeps its asynchronous batch-end dispatch on."""
+
+    def __init__(self, sparse: SparseCallback) -> None:
+        super().__init__()
+        self.sparse = sparse
+        self.totals: list[int] = []
+
+    def on_train_batch_begin(self, batch, logs=None):
+        total = 0
+        for w, c in zip(self.sparse.weights, self.sparse.constraints):
+            mask = c.mask_numpy()
+            assert not np.any(host(w.variable)[~mask]), w.name
+            total += int(mask.sum())
+        self.totals.append(total)
+
+
+def test_default_schedule_keeps_async_batch_dispatch_and_updates_at_epoch_ends():
+    from keras.src.callbacks.callback_list import CallbackList
+
+    x, y = data()
+    model = mlp()
+    cb = SparseCallback(update_every=3)
+    # no per-batch host work: Keras may dispatch batch ends asynchronously
+    assert keras.src.utils.python_utils.is_default(cb.on_train_batch_end)
+    if keras.src.backend.IS_THREAD_SAFE:
+        assert CallbackList([cb], model=model)._async_train
+    checker = _BeginChecker(cb)
+    hist = model.fit(x, y, batch_size=16, epochs=3, callbacks=[cb, checker], verbose=0)
+    # 6 steps per epoch: the updates after steps 6 and 12 (an epoch's last step) run at that
+    # epoch's end, so its logs count them, and are not repeated before the next batch
+    assert [r.step for r in cb.history] == [3, 6, 9, 12, 15]
+    assert hist.history["sparse_updates"] == [2.0, 4.0, 5.0]
+    assert len(checker.totals) == 18 and set(checker.totals) == {cb.engine.target}
+    assert sum(r.totals()["net_pruned"] for r in cb.history) > 0
