@@ -1098,9 +1098,13 @@ class BufferPool:
 
 
 def _fused_dtype(layer: Layer) -> bool:
-    """Do the fused kernels take this layer (float16/32/64 weight and momentum)?"""
+    """Do the fused kernels take this layer (float16/32/64 weight and momentum, native byte
+    order: the kernels read raw bits)?"""
     return all(
-        isinstance(x, np.ndarray) and x.dtype.kind == "f" and x.dtype.itemsize in _EXPONENT_MASK
+        isinstance(x, np.ndarray)
+        and x.dtype.kind == "f"
+        and x.dtype.itemsize in _EXPONENT_MASK
+        and x.dtype.isnative
         for x in (layer.weight, layer.momentum)
     )
 
