@@ -56,7 +56,7 @@ MIN_CHUNK = 1 << 16  # a pass gets one thread per this many elements, at most th
 SMALL_LAYER = 1 << 14  # layers up to this size are selected by one serial gather and narrowing
 SAMPLE_SHIFT, MIN_SAMPLES, MAX_SAMPLES = 7, 2048, 65536  # sample n/128 positions, clipped
 DECIDE_BLOCK = 2048  # fused pass 2 works in blocks that stay in L1 for their second look
-DENSE_MIN, DENSE_RATE = 1 << 16, 32  # layers this large refine the intervals on n/16 samples
+DENSE_MIN, DENSE_RATE = 1 << 16, 32  # layers this large refine the intervals on n/32 samples
 LANES = 8  # sample runs read side by side, so that their cache misses overlap
 SPREAD = 3.5  # half-width of the sampled interval in standard deviations of the k-th rank
 
@@ -718,7 +718,7 @@ def _fused_bounds(
 def _refine_bounds(
     wbits, pbits, mask, nnz, r, g, wmask, pmask, sigmas, slack, cut, plo, phi, glo, ghi
 ):  # pragma: no cover - jitted
-    """Narrow the sampled intervals with a 16 times denser sample (runs of 64 positions, so it
+    """Narrow the sampled intervals with a 16 times denser sample (n/32) (runs of 64 positions, so it
     reads whole cache lines): only its values inside the first intervals are kept and ranked,
     counting those below (prune) or above (growth) them. A side whose refined rank falls outside
     the kept values keeps its first bound."""
