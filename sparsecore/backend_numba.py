@@ -718,8 +718,8 @@ def _fused_bounds(
 def _refine_bounds(
     wbits, pbits, mask, nnz, r, g, wmask, pmask, sigmas, slack, cut, plo, phi, glo, ghi
 ):  # pragma: no cover - jitted
-    """Narrow the sampled intervals with a 16 times denser sample (n/32) (runs of 64 positions, so it
-    reads whole cache lines): only its values inside the first intervals are kept and ranked,
+    """Narrow the sampled intervals with a 16 times denser sample (n/32 positions in runs of 64,
+    whole cache lines): only its values inside the first intervals are kept and ranked,
     counting those below (prune) or above (growth) them. A side whose refined rank falls outside
     the kept values keeps its first bound."""
     n = wbits.size

@@ -391,3 +391,9 @@ def test_buffer_pool_hands_out_only_unreferenced_arrays():
     with pool.update():  # a later update that takes one: keeps at most two of this kind
         pool.take(10, dtype)
     assert len(pool._arrays[(10, dtype.str)]) <= 2
+
+
+def test_warm_up_compiles_the_fused_kernels():
+    bn.warm_up()
+    for kernel in (bn._chunk_scan, bn._fused_bounds, bn._chunk_decide, bn._fused_resolve):
+        assert kernel.signatures, kernel
