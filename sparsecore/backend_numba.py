@@ -570,10 +570,10 @@ def _decide_block(w_, p_, m_, f_, o_, bounds, counts):  # pragma: no cover - jit
         gdef = cand & np.uint64(pmag >= ghi)
         gund = cand & np.uint64(pmag >= glo) & np.uint64(pmag < ghi)
         und = pund | gund
-        new = (m & (one ^ (pdef | pund))) | gdef
+        new = (m & (one ^ pdef)) | gdef  # undecided: kept if active, else not grown, for now
         f_[i] = np.uint8(new | (und << one))
         decided = one ^ und
-        o_[i] = wb & (np.uint64(0) - (m & new & decided))
+        o_[i] = wb & (np.uint64(0) - (m & new))
         n_pdef += pdef
         n_pund += pund
         n_gdef += gdef
@@ -594,9 +594,10 @@ def _decide_block(w_, p_, m_, f_, o_, bounds, counts):  # pragma: no cover - jit
 def _chunk_decide(
     wbits, pbits, mask, bounds, flags, wout, records, start, stop
 ):  # pragma: no cover
-    """Pass 2 over one chunk. ``flags`` (the new mask's bytes) gets bit 0 = active after the
-    update, bit 1 = undecided; ``wout`` the weight bits where active before and after (0 at
-    undecided positions, fixed later). Blocks of ``DECIDE_BLOCK`` are computed without branches
+    """Pass 2 over one chunk. ``flags`` gets the new mask, ``wout`` the weight bits where active
+    before and after, +0.0 elsewhere; at undecided positions both hold a provisional value (a
+    prune-undecided weight kept, a growth-undecided position not grown) that the resolution
+    corrects where it must. Blocks of ``DECIDE_BLOCK`` are computed without branches
     (that vectorises); then the block's undecided positions, still in cache, are appended to
     ``records`` as (position, weight bits, |p| bits with the old mask bit on top), so the
     resolution never goes back to the layer. Returns the counts (definitely pruned, prune-
@@ -622,6 +623,7 @@ def _chunk_decide(
                 records[j, 2] = (np.uint64(pbits[at]) & pmask) | (
                     np.uint64(mask[at]) << np.uint64(63)
                 )
+                flags[at] &= np.uint8(1)  # leave the provisional mask value
                 j += 1
                 bits ^= low
         for i in range(b0 + words.size * 8, b1):
@@ -631,6 +633,7 @@ def _chunk_decide(
                 records[j, 2] = (np.uint64(pbits[i]) & pmask) | (
                     np.uint64(mask[i]) << np.uint64(63)
                 )
+                flags[i] &= np.uint8(1)
                 j += 1
     return counts[0], counts[1], counts[2], counts[3], counts[4], counts[5], counts[6], j
 
@@ -796,8 +799,8 @@ def _fused_resolve(
 ):  # pragma: no cover - jitted
     """Settle the undecided positions of one layer (``records`` from :func:`_chunk_decide`):
     first the ``prune_need`` smallest |w| among the prune-undecided, then, with those known, the
-    ``grow_need`` largest |p| among the growth candidates left open. Writes ``out`` (new mask)
-    and ``wout`` at those positions.
+    ``grow_need`` largest |p| among the growth candidates left open. Corrects ``out`` (new mask)
+    and ``wout`` where pass 2's provisional value was wrong.
 
     Returns (status, lost, gained) over these positions; status -1 / -2: the prune / growth
     interval missed the boundary (the caller then selects this layer exactly).
@@ -849,9 +852,11 @@ def _fused_resolve(
         i = np.int64(positions[t])
         m = (records[t, 2] >> top) != np.uint64(0)
         now = state[t] == 1 or (state[t] == 2 and chosen[t])
-        out[i] = now
-        if m and now:
-            wout[i] = records[t, 1]
+        provisional = m and (records[t, 1] & wmask) >= plo  # pass 2 kept it for now
+        if now != provisional:  # touch the layer only where the provisional value was wrong
+            out[i] = now
+            if m:
+                wout[i] = records[t, 1] & (np.uint64(0) - np.uint64(now))
         lost += m and not now
         gained += now and not m
     return 0, lost, gained
