@@ -505,7 +505,7 @@ def _select_units(bits, mask, p, ks, outer, inner, width, prefix, out):  # pragm
 
 # -- the fused update (engine capability) ------------------------------------------------------
 # Pass 1 (:func:`_chunk_scan`): nnz and the |x| sums of the importance source in one read.
-# Pass 2 (:func:`_chunk_decide`): with magnitude intervals from a strided sample, decide pruning
+# Pass 2 (:func:`_chunk_decide`): with magnitude intervals from a sample, decide pruning
 # and growth together for every position, write the new mask and the new weights, and flag the
 # few positions whose fate depends on the exact k-th value; :func:`_fused_resolve` settles those.
 # Intervals are half-open bit-pattern ranges of |x| (sign bit cleared): pruning takes |w| < plo
