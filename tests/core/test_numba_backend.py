@@ -1,7 +1,9 @@
 """The Numba backend equals the NumPy reference: masks bit for bit, importance to 1e-12.
 
 Every selection path is reached on small arrays through the backend's options: the serial gather
-(small layers), the sampled one-pass threshold with several chunks, and the histogram path.
+(small layers), the sampled one-pass threshold with several chunks, and the histogram path. The
+fused update of magnitude pruning with momentum growth has its own tests (test_numba_fused.py);
+one variant here switches it off so the generic path runs those modes too.
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ VARIANTS = {
     "default": NumbaBackend(),
     "sampled_chunked": NumbaBackend(small_layer=0, min_chunk=64),
     "histogram_chunked": NumbaBackend(sampled=False, small_layer=0, min_chunk=64),
+    # the generic engine path for every mode (magnitude + momentum otherwise runs fused)
+    "generic_chunked": NumbaBackend(fused=False, small_layer=0, min_chunk=64),
 }
 DTYPES = [np.float16, np.float32, np.float64]
 PRUNE = ["magnitude", "SET"]
