@@ -184,7 +184,9 @@ def _generic_update(
     for layer, n, floor_l, key in zip(layers, nnz, plan.floors(sizes), keys):
         pruned = prune_fn(be, layer, plan.prune_rate, max(0, n - floor_l), key)
         r = be.count(pruned)
-        if be.count(be.and_not(pruned, layer.mask)):
+        kept_mask = be.and_not(layer.mask, pruned)
+        # |mask & ~pruned| == n - r exactly when every pruned position was active.
+        if be.count(kept_mask) != n - r:
             raise SparseCoreError(
                 f"layer {layer.name!r}: prune mode {prune!r} selected inactive positions"
             )
@@ -193,7 +195,7 @@ def _generic_update(
                 f"layer {layer.name!r}: prune mode {prune!r} removed {r} weights, more than the "
                 f"{max(0, n - floor_l)} allowed by min_density={plan.min_density}"
             )
-        kept_masks.append(be.and_not(layer.mask, pruned))
+        kept_masks.append(kept_mask)
         pruned_counts.append(r)
     kept = [n - r for n, r in zip(nnz, pruned_counts)]
 
@@ -213,6 +215,8 @@ def _generic_update(
                 f"{kept[i] + be.count(grown) - be.count(new_mask)} were already active)"
             )
         masks.append(new_mask)
+        # nnz_after - nnz_before == net_grown - net_pruned, so one count gives both.
+        net_grown = be.count(be.and_not(new_mask, layer.mask))
         reports.append(
             LayerReport(
                 name=layer.name,
@@ -221,8 +225,8 @@ def _generic_update(
                 nnz_after=kept[i] + g,
                 pruned=pruned_counts[i],
                 grown=g,
-                net_pruned=be.count(be.and_not(layer.mask, new_mask)),
-                net_grown=be.count(be.and_not(new_mask, layer.mask)),
+                net_pruned=net_grown - (kept[i] + g - nnz[i]),
+                net_grown=net_grown,
                 importance=scores[i],
                 share=float(shares[i]),
                 capacity=int(caps[i]),

@@ -182,3 +182,34 @@ def test_custom_growth_mode_plugs_in() -> None:
     with pytest.raises(SparseCoreError, match="greedy_test.*exactly 2"):
         sc.update([layer], prune_rate=0.5, growth="greedy_test")
     assert SparseConfig(growth="lowest_index_test").growth == "lowest_index_test"
+
+
+def test_custom_prune_mode_is_checked() -> None:
+    """A user prune mode that removes inactive positions, or more than allowed, is refused."""
+
+    @sc.register_prune("inactive_test")
+    def inactive(backend, layer, rate, limit, key):  # picks one active and one inactive position
+        out = np.zeros(layer.mask.shape, bool)
+        out[0, 0] = True  # inactive
+        out[0, 2] = True  # active
+        return out
+
+    @sc.register_prune("everything_test")
+    def everything(backend, layer, rate, limit, key):
+        return layer.mask.copy()
+
+    w = np.arange(1, 9, dtype=np.float32).reshape(2, 4)
+    mask = np.array([[0, 0, 1, 1], [1, 1, 0, 0]], bool)
+    layer = Layer("c", w * mask, mask, np.ones((2, 4), np.float32))
+    before = (layer.weight.copy(), layer.mask.copy())
+    with pytest.raises(SparseCoreError, match="layer 'c'.*inactive_test.*inactive positions"):
+        sc.update([layer], prune_rate=0.5, prune="inactive_test")
+    with pytest.raises(SparseCoreError, match="layer 'c'.*removed 4 weights.*the 2 allowed"):
+        sc.update([layer], prune_rate=0.5, prune="everything_test", min_density=0.25)
+    assert np.array_equal(layer.weight, before[0]) and np.array_equal(layer.mask, before[1])
+    # Within the limit it is accepted, and the report counts what changed.
+    res = sc.update([layer], prune_rate=0.5, prune="everything_test", growth="random")
+    r = res.report.layers[0]
+    assert (r.pruned, r.grown, r.nnz_after) == (4, 4, 4)
+    assert r.net_pruned == int((mask & ~res.masks[0]).sum())
+    assert r.net_grown == int((res.masks[0] & ~mask).sum())
