@@ -333,3 +333,13 @@ def test_each_register_fills_its_own_table(register, table, kind) -> None:
     with pytest.raises(sc.SparseCoreError, match=f"^{kind} mode 'bad' must be a function, got 3$"):
         register("bad")(3)
     assert "bad" not in table
+
+
+def test_set_prune_with_nothing_to_prune() -> None:
+    """Kills: the min-density scaling entered at equality (``>=``): with nothing to prune and
+    nothing allowed (0 >= 0) it divides by r_pos + r_neg = 0."""
+    weight = np.array([[0.1, -0.2, 0.3, -0.4]])
+    layer = sc.Layer("w", weight, np.ones_like(weight, dtype=bool), np.ones_like(weight))
+    for rate, max_prune in ((0.0, 0), (0.0, 4), (0.1, 0)):
+        pruned = sc.modes.PRUNE["SET"](NP, layer, rate, max_prune, HashKey(0, 1, 0))
+        assert not pruned.any()
