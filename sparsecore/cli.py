@@ -61,7 +61,7 @@ _CONFIG_OPTIONS: list[tuple[str, str, dict[str, Any]]] = [
     ),
     ("--limit-test", "limit_test", {"type": int, "help": "use only the first N test images"}),
 ]
-# Mask options of SparseConfig (PyTorch job only), same meaning as attach()'s keywords.
+# Mask options of SparseConfig, same meaning as attach()'s and SparseCallback's keywords.
 _MASK_OPTIONS: list[tuple[str, str, dict[str, Any]]] = [
     (
         "--max-density",
@@ -192,7 +192,6 @@ def _train_keras(given: dict[str, Any]) -> int:
     from sparsecore.recipe import DEFAULT_LR
 
     torch_only = {"resume", "stop_after", "progress", "tensorboard"}
-    torch_only |= {dest for _, dest, _ in _MASK_OPTIONS}
     unsupported = sorted(torch_only & set(given))
     if unsupported:
         flags = ", ".join("--" + k.replace("_", "-") for k in unsupported)
@@ -204,7 +203,8 @@ def _train_keras(given: dict[str, Any]) -> int:
     try:
         from sparsecore.keras.train import KerasTrainConfig, run_training
 
-        config_keys = {dest for _, dest, _ in _CONFIG_OPTIONS} | {d for _, d, _ in _CONFIG_FLAGS}
+        config_keys = {dest for _, dest, _ in _CONFIG_OPTIONS + _MASK_OPTIONS}
+        config_keys |= {d for _, d, _ in _CONFIG_FLAGS}
         config_keys.add("nesterov")
         options = {k: v for k, v in given.items() if k in config_keys}
         options.setdefault("lr", DEFAULT_LR.get(options.get("model", "lenet300"), 0.1))

@@ -58,6 +58,15 @@ class Recipe:
     limit_train: int | None = None
     limit_test: int | None = None
     eval_batch_size: int = 1000
+    # SparseConfig's mask options (same meaning as attach()'s / SparseCallback's keywords):
+    # per-layer density ceiling and floor; redistribution and growth, when set, replace the
+    # method's own choice (momentum for sparse, none/random for set); stop_at (a fraction of
+    # training) freezes the masks from then on (None: no update in the last epoch only).
+    max_density: float = 1.0
+    min_density: float = 0.0
+    redistribution: str | None = None
+    growth: str | None = None
+    stop_at: float | None = None
 
     def check(self, models: Collection[str], framework: str = "") -> None:
         """Raise ValueError naming the option and value for anything out of range."""
@@ -91,6 +100,73 @@ class Recipe:
         for name, value, ok in checks:
             if not ok:
                 raise ValueError(f"invalid {name}: {value!r}")
+        self._check_mask_options()
+
+    def _check_mask_options(self) -> None:
+        from .modes import GROWTH, IMPORTANCE
+
+        if not 0.0 < self.max_density <= 1.0:
+            raise ValueError(f"invalid max_density: {self.max_density!r} (must lie in (0, 1])")
+        if not 0.0 <= self.min_density <= self.max_density:
+            raise ValueError(
+                f"invalid min_density: {self.min_density!r} (must lie in [0, max_density "
+                f"{self.max_density!r}])"
+            )
+        if self.method != "dense" and self.density > self.max_density:
+            raise ValueError(
+                f"invalid max_density: {self.max_density!r} is below density {self.density!r}"
+            )
+        redistributions = (*IMPORTANCE, "none")
+        if self.redistribution is not None and self.redistribution not in redistributions:
+            raise ValueError(
+                f"invalid redistribution: {self.redistribution!r}; choose one of "
+                f"{', '.join(redistributions)}"
+            )
+        if self.growth is not None and self.growth not in GROWTH:
+            raise ValueError(f"invalid growth: {self.growth!r}; choose one of {', '.join(GROWTH)}")
+        if self.stop_at is not None and not 0.0 < self.stop_at <= 1.0:
+            raise ValueError(f"invalid stop_at: {self.stop_at!r} (a fraction in (0, 1])")
+
+    def sparse_options(self, total_steps: int) -> dict[str, Any] | None:
+        """The SparseConfig keywords of this run (None for ``dense``), the same for both jobs.
+
+        Masks are updated at every epoch end (or every ``update_every`` steps) but not in the
+        last epoch, as in the paper, nor from ``stop_at`` on; ``static`` never updates.
+        """
+        if self.method == "dense":
+            return None
+        options: dict[str, Any] = {
+            "update_every": None,
+            "update_at_epoch_end": True,
+            **METHOD_OPTIONS[self.method],
+            "density": self.density,
+            "prune_rate": self.prune_rate,
+            "prune_schedule": self.prune_schedule,
+            "init": self.init,
+            "seed": self.seed,
+            "total_steps": total_steps,
+            "dense_first": self.dense_first,
+            "dense_last": self.dense_last,
+            "max_density": self.max_density,
+            "min_density": self.min_density,
+        }
+        if self.redistribution is not None:
+            options["redistribution"] = self.redistribution
+        if self.growth is not None:
+            options["growth"] = self.growth
+        stop_step = total_steps - total_steps // self.epochs  # the last epoch's first step
+        if self.stop_at is not None:
+            stop_step = min(stop_step, math.floor(self.stop_at * total_steps))
+        if self.method == "static":
+            pass
+        elif self.update_every is None:
+            if self.stop_at is not None:
+                options["stop_at"] = stop_step
+        else:
+            options.update(
+                update_every=self.update_every, update_at_epoch_end=False, stop_at=stop_step
+            )
+        return options
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)

@@ -25,7 +25,7 @@ import keras
 import numpy as np
 
 from sparsecore.datasets import ImageDataset, load_fashion_mnist
-from sparsecore.recipe import FMNIST_MEAN, FMNIST_STD, METHOD_OPTIONS, Recipe
+from sparsecore.recipe import FMNIST_MEAN, FMNIST_STD, Recipe
 
 __all__ = ["KERAS_MODELS", "KerasTrainConfig", "build_model", "run_training"]
 
@@ -207,29 +207,9 @@ def run_training(
         metrics=["accuracy"],
     )
     callbacks: list[keras.callbacks.Callback] = []
-    options = METHOD_OPTIONS.get(cfg.method)  # None for "dense"
-    if options is not None:
-        sparse_options: dict[str, Any] = {
-            "update_every": None,
-            "update_at_epoch_end": True,
-            **options,
-            "density": cfg.density,
-            "prune_rate": cfg.prune_rate,
-            "prune_schedule": cfg.prune_schedule,
-            "init": cfg.init,
-            "seed": cfg.seed,
-            "total_steps": total_steps,
-        }
-        if cfg.update_every is not None and cfg.method != "static":
-            # no mask update in the last epoch, as with epoch-end updates
-            sparse_options.update(
-                update_every=cfg.update_every,
-                update_at_epoch_end=False,
-                stop_at=total_steps - steps_per_epoch,
-            )
-        callbacks.append(
-            SparseCallback(dense_first=cfg.dense_first, dense_last=cfg.dense_last, **sparse_options)
-        )
+    sparse_options = cfg.sparse_options(total_steps)  # None for "dense"
+    if sparse_options is not None:
+        callbacks.append(SparseCallback(**sparse_options))
     recorder = _EpochRecorder(cfg, stream)
     callbacks.append(recorder)
 
@@ -257,7 +237,7 @@ def run_training(
     )
     wall = time.perf_counter() - t0
     final = recorder.records[-1]
-    sparse = callbacks[0] if options is not None else None
+    sparse = callbacks[0] if sparse_options is not None else None
     summary = {
         "framework": "keras",
         "dataset": info,

@@ -60,50 +60,15 @@ MASK_UPDATES_NAME = "mask_updates.json"
 
 @dataclass
 class TrainConfig(Recipe):
-    """The PyTorch job's options: the shared recipe plus ``scale_init`` and five mask options.
-
-    ``max_density``/``min_density`` are SparseConfig's per-layer ceiling and floor;
-    ``redistribution`` and ``growth``, when set, replace the method's own choice (None keeps it:
-    momentum for ``sparse``, none/random for ``set``); ``stop_at`` (a fraction of training)
-    freezes the masks from that point on (None: no update in the last epoch). The defaults leave
-    the paper's recipe as is.
-    """
+    """The PyTorch job's options: the shared recipe (mask options included) plus ``scale_init``."""
 
     scale_init: bool = False
-    max_density: float = 1.0
-    min_density: float = 0.0
-    redistribution: str | None = None
-    growth: str | None = None
-    stop_at: float | None = None
 
     def validate(self) -> None:
         """Raise ValueError naming the option and value for anything out of range."""
-        from sparsecore.modes import GROWTH, IMPORTANCE
-
         from .models import MODELS
 
         self.check(MODELS)
-        if not 0.0 < self.max_density <= 1.0:
-            raise ValueError(f"invalid max_density: {self.max_density!r} (must lie in (0, 1])")
-        if not 0.0 <= self.min_density <= self.max_density:
-            raise ValueError(
-                f"invalid min_density: {self.min_density!r} (must lie in [0, max_density "
-                f"{self.max_density!r}])"
-            )
-        if self.method != "dense" and self.density > self.max_density:
-            raise ValueError(
-                f"invalid max_density: {self.max_density!r} is below density {self.density!r}"
-            )
-        redistributions = (*IMPORTANCE, "none")
-        if self.redistribution is not None and self.redistribution not in redistributions:
-            raise ValueError(
-                f"invalid redistribution: {self.redistribution!r}; choose one of "
-                f"{', '.join(redistributions)}"
-            )
-        if self.growth is not None and self.growth not in GROWTH:
-            raise ValueError(f"invalid growth: {self.growth!r}; choose one of {', '.join(GROWTH)}")
-        if self.stop_at is not None and not 0.0 < self.stop_at <= 1.0:
-            raise ValueError(f"invalid stop_at: {self.stop_at!r} (a fraction in (0, 1])")
 
 
 @dataclass
@@ -226,37 +191,8 @@ class _Progress:
 def _attach(model: nn.Module, optimizer: torch.optim.Optimizer, cfg: TrainConfig, total_steps: int):
     from . import attach  # the adapter; imported here so dense runs never need it
 
-    options = dict(METHOD_OPTIONS[cfg.method])
-    options.update(
-        density=cfg.density,
-        prune_rate=cfg.prune_rate,
-        prune_schedule=cfg.prune_schedule,
-        init=cfg.init,
-        seed=cfg.seed,
-        total_steps=total_steps,
-        dense_first=cfg.dense_first,
-        dense_last=cfg.dense_last,
-        max_density=cfg.max_density,
-        min_density=cfg.min_density,
-    )
-    if cfg.redistribution is not None:
-        options["redistribution"] = cfg.redistribution
-    if cfg.growth is not None:
-        options["growth"] = cfg.growth
-    # no mask update in the last epoch (the epoch-end loop skips it too), or none from stop_at on
-    last_epoch_start = total_steps - total_steps // cfg.epochs
-    stop_step = last_epoch_start
-    if cfg.stop_at is not None:
-        stop_step = min(stop_step, math.floor(cfg.stop_at * total_steps))
-    if cfg.method == "static":
-        pass
-    elif cfg.update_every is None:
-        options.update(update_every=None, update_at_epoch_end=True)
-        if cfg.stop_at is not None:
-            options.update(stop_at=stop_step)
-    else:
-        options.update(update_every=cfg.update_every, update_at_epoch_end=False)
-        options.update(stop_at=stop_step)
+    options = cfg.sparse_options(total_steps)
+    assert options is not None  # dense runs attach nothing
     return attach(model, optimizer, **options)
 
 

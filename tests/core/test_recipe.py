@@ -50,3 +50,47 @@ def test_check_names_the_option_and_value(change: dict, match: str) -> None:
 def test_framework_specific_model_message() -> None:
     with pytest.raises(ValueError, match="model 'vgg' has no Keras version"):
         Recipe(model="vgg").check(["lenet300", "lenet5"], framework="Keras")
+
+
+def test_sparse_options_are_the_same_keywords_for_both_jobs() -> None:
+    """Recipe.sparse_options feeds attach() and SparseCallback alike: check the schedule rules."""
+    from sparsecore import SparseConfig
+
+    assert Recipe(method="dense").sparse_options(1000) is None
+    paper = Recipe(epochs=10).sparse_options(1000)
+    assert paper is not None
+    assert (paper["update_every"], paper["update_at_epoch_end"], "stop_at" in paper) == (
+        None,
+        True,
+        False,
+    )
+    assert (paper["prune"], paper["growth"], paper["redistribution"]) == (
+        "magnitude",
+        "momentum",
+        "momentum",
+    )
+    stepwise = Recipe(epochs=10, update_every=50).sparse_options(1000)
+    assert stepwise is not None
+    # every 50 steps, none in the last epoch (steps 900..999)
+    assert (stepwise["update_every"], stepwise["update_at_epoch_end"], stepwise["stop_at"]) == (
+        50,
+        False,
+        900,
+    )
+    frozen = Recipe(epochs=10, stop_at=0.5, growth="momentum_neuron", max_density=0.4)
+    options = frozen.sparse_options(1000)
+    assert options is not None
+    assert (options["stop_at"], options["growth"], options["max_density"]) == (
+        500,
+        "momentum_neuron",
+        0.4,
+    )
+    static = Recipe(method="static", update_every=50).sparse_options(1000)
+    assert static is not None
+    assert (static["update_every"], static["update_at_epoch_end"]) == (None, False)
+    assert "stop_at" not in static
+    set_options = Recipe(method="set", redistribution="momentum").sparse_options(1000)
+    assert set_options is not None and set_options["redistribution"] == "momentum"
+    # every keyword is a SparseConfig option, so both adapters accept them
+    for opts in (paper, stepwise, options, static, set_options):
+        SparseConfig(**{k: v for k, v in opts.items() if k not in ("dense_first", "dense_last")})

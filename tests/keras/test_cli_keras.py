@@ -55,3 +55,25 @@ def test_train_keras_dense_and_bad_options(tmp_path, capsys):
     assert "no Keras version" in capsys.readouterr().err
     assert main(["train", "--framework", "keras", "--resume", str(out)]) == 2
     assert "--resume" in capsys.readouterr().err
+
+
+def test_train_keras_takes_the_mask_options(tmp_path):
+    """The Keras job takes the same mask options as the PyTorch one (one shared recipe)."""
+    out = tmp_path / "erk"
+    args = ["train", "--framework", "keras", "--epochs", "3", "--data", "embedded"]
+    args += ["--limit-train", "1000", "--limit-test", "200", "--out", str(out)]
+    args += ["--init", "ERK", "--growth", "momentum_neuron", "--max-density", "0.5"]
+    assert main(args) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    config = summary["config"]
+    assert (config["init"], config["growth"], config["max_density"]) == (
+        "ERK",
+        "momentum_neuron",
+        0.5,
+    )
+    assert summary["num_mask_updates"] == 2
+    # fc3 (100 -> 10) would become fully dense after the first update without the ceiling
+    for epoch in summary["epochs"]:
+        assert max(epoch["layer_densities"].values()) <= 0.5
+    assert summary["epochs"][-1]["layer_densities"]["fc3/kernel"] == 0.5
+    assert summary["final_measured_density"] == 0.05

@@ -147,12 +147,6 @@ def test_unknown_modes_are_rejected_by_the_parser(tmp_path):
             _train(tmp_path / "run", flag, "bogus")
 
 
-def test_mask_options_are_refused_for_keras(tmp_path, capsys):
-    rc = main(["train", "--framework", "keras", "--max-density", "0.3", "--out", str(tmp_path)])
-    assert rc == 2
-    assert "--max-density not supported with --framework keras" in capsys.readouterr().err
-
-
 def test_help_documents_the_mask_options(capsys):
     with pytest.raises(SystemExit):
         main(["train", "--help"])
