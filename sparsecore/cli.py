@@ -192,6 +192,10 @@ def _train_keras(given: dict[str, Any]) -> int:
     from sparsecore.recipe import DEFAULT_LR
 
     torch_only = {"resume", "stop_after", "progress", "tensorboard"}
+    if not given.get("progress", True):
+        given = {
+            k: v for k, v in given.items() if k != "progress"
+        }  # the Keras job has no live line
     unsupported = sorted(torch_only & set(given))
     if unsupported:
         flags = ", ".join("--" + k.replace("_", "-") for k in unsupported)

@@ -63,7 +63,8 @@ def test_train_keras_takes_the_mask_options(tmp_path):
     args = ["train", "--framework", "keras", "--epochs", "3", "--data", "embedded"]
     args += ["--limit-train", "1000", "--limit-test", "200", "--out", str(out)]
     args += ["--init", "ERK", "--growth", "momentum_neuron", "--max-density", "0.5"]
-    assert main(args) == 0
+    assert main([*args, "--progress"]) == 2  # no live progress line in the Keras job
+    assert main([*args, "--no-progress"]) == 0
     summary = json.loads((out / "summary.json").read_text())
     config = summary["config"]
     assert (config["init"], config["growth"], config["max_density"]) == (
