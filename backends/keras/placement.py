@@ -3,9 +3,9 @@
 A mask update is a few hundred small array operations (counts, selections, boolean algebra) on
 tensors of a few hundred thousand elements. On a CPU, each eager ``keras.ops`` call costs tens of
 microseconds of dispatch (TensorFlow's eager executor, or PyTorch's) and every count is a
-device-to-host read, so the update of LeNet-300-100 takes ~20 ms on ``keras.ops`` against ~3 ms
-when the kernels, masks and momentum are copied to NumPy (a CPU "copy" is a memcpy) and the
-update runs on sparsecore's NumPy reference backend. On an accelerator the opposite holds: the
+device-to-host read, so the update of LeNet-300-100 takes 20 to 35 ms on ``keras.ops`` (TensorFlow)
+against about 4 ms when the kernels, masks and momentum are copied to NumPy (on a CPU a memcpy)
+and the update runs on sparsecore's NumPy reference backend (docs/keras.md, "Overhead"). On an accelerator the opposite holds: the
 tensors stay on the device and ``keras.ops`` (:class:`~.backend.KerasBackend`) avoids moving them.
 
 Both paths give the same masks: the Keras backend is checked against the NumPy reference bit for
