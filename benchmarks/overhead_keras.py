@@ -1,7 +1,7 @@
 """Time per epoch of Keras ``fit`` with and without ``SparseCallback``, interleaved and repeated.
 
 Models: LeNet-300-100 on the Fashion-MNIST training set and LeNet-5 (a small CNN) on a subset of
-it, batch 100, SGD with Nesterov momentum. Three variants share the data and the schedule:
+it, batch 100, SGD with Nesterov momentum. Four variants share the data and the schedule:
 
 - ``dense``: plain Keras;
 - ``masked``: the sparse masks as constraints inside the train step, no callback (the floor of
