@@ -20,8 +20,11 @@ per-repeat ratios, and the ratio of the fastest epochs), for wall time and for t
 this process (less sensitive to other work on a shared machine). CPU only; the spread says how
 much to trust it.
 
-    python benchmarks/overhead_keras.py --repeats 7
-    KERAS_BACKEND=torch python benchmarks/overhead_keras.py --models mlp
+    python benchmarks/overhead_keras.py --repeats 9
+    KERAS_BACKEND=torch OMP_NUM_THREADS=1 python benchmarks/overhead_keras.py --repeats 7
+
+(``OMP_NUM_THREADS=1`` for PyTorch on a loaded machine: its OpenMP threads spin at barriers while
+descheduled, which made a dense epoch ten times slower there and the ratios meaningless.)
 """
 
 from __future__ import annotations
