@@ -334,7 +334,7 @@ class SparseTraining:
             if cfg.reset_optimizer_state:
                 self._reset_state(t.param, old ^ new)
             old.copy_(new)
-            keep.copy_(new)
+            _copy_mask_into(keep, old)
         # Newly inactive weights become 0; newly active ones were 0 already (inactive before).
         self._apply_masks(exact=False)
         if self._router is not None:
@@ -474,7 +474,7 @@ class SparseTraining:
         self._schedule = self.config.schedule()
         for cur, keep, m in zip(self.masks, self._keep, masks):
             cur.copy_(m.to(cur.device))
-            keep.copy_(cur)
+            _copy_mask_into(keep, cur)
         for cur_own, o in zip(self._own, own):
             if cur_own is not None:
                 cur_own.copy_(o.to(cur_own.device))
@@ -521,6 +521,12 @@ class SparseTraining:
             f"SparseTraining({len(self.names)} sparse layers, density {self.density():.4f}, "
             f"step {self.steps}, {len(self.history)} updates)"
         )
+
+
+def _copy_mask_into(keep: torch.Tensor, mask: torch.Tensor) -> None:
+    """``keep[:] = mask`` as 0/1 values: converting the mask's bytes is several times faster on
+    CPU than converting from bool."""
+    keep.copy_(mask.view(torch.uint8) if mask.is_contiguous() else mask)
 
 
 def _broadcast_masks(masks: list[torch.Tensor]) -> list[torch.Tensor]:

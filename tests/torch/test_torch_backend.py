@@ -229,3 +229,17 @@ def test_large_layer_selection_equals_reference(kind, k):
         a = get_backend("numpy").select(x, mask, k, **kw)
         b = TorchBackend().select(torch.from_numpy(x), torch.from_numpy(mask), k, **kw)
         np.testing.assert_array_equal(a, b.numpy())
+
+
+@pytest.mark.parametrize(
+    "n", [1, 7, 2040, 2041, 65535, 65536, 65537, 81600, 81613, 235200, 10**6 + 3]
+)
+@pytest.mark.parametrize("p", [0.0, 0.05, 0.5, 1.0])
+def test_count_is_exact_on_every_layout(n: int, p: float) -> None:
+    """The word-wise count (large contiguous masks) equals a plain count: chunk edges, tails,
+    views that do not start on an 8-byte boundary, strided views."""
+    g = torch.Generator().manual_seed(n)
+    be = TorchBackend()
+    mask = torch.rand(n + 5, generator=g) < p
+    for view in (mask[:n], mask[3 : n + 3], mask[::2]):
+        assert be.count(view) == int(torch.count_nonzero(view))
