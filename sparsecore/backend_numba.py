@@ -325,12 +325,8 @@ def _sample_bounds(bits, mask, p, k, samples):  # pragma: no cover - jitted
             keys[m] = _key(b, p)
             m += 1
     rank = k * samples / n  # expected number of selected positions in the sample
-    spread = SPREAD * np.sqrt(rank * max(0.0, 1.0 - rank / samples)) + 2.0
-    hi_rank = np.int64(np.floor(rank - spread))  # ranks count from the best (largest) key
-    lo_rank = np.int64(np.ceil(rank + spread))
-    hi = _kth_largest(keys, m, hi_rank) if 0 <= hi_rank < m else ~np.uint64(0)
-    lo = _kth_largest(keys, m, lo_rank) if lo_rank < m else np.uint64(0)
-    return lo, hi
+    hi, hi_found, lo, lo_found = _rank_interval(keys, m, rank, _spread(rank, samples, SPREAD, 2.0))
+    return (lo if lo_found else np.uint64(0)), (hi if hi_found else ~np.uint64(0))
 
 
 @_jit(nogil=True)
@@ -639,6 +635,13 @@ def _chunk_decide(
 
 
 @_jit(nogil=True)
+def _spread(rank, population, sigmas, slack):  # pragma: no cover - jitted
+    """Half-width of a sampled rank interval: ``sigmas`` standard deviations of the binomial count
+    of selected positions among ``population`` sampled ones (expected ``rank``), plus ``slack``."""
+    return sigmas * np.sqrt(rank * max(0.0, 1.0 - rank / population)) + slack
+
+
+@_jit(nogil=True)
 def _rank_interval(keys, n, rank, spread):  # pragma: no cover - jitted
     """Keys at ranks ``floor(rank - spread)`` and ``ceil(rank + spread)`` of ``keys[:n]`` (0 =
     largest); a rank out of range gives ``-1`` in the found-flags."""
@@ -688,7 +691,7 @@ def _fused_bounds(
         plo, phi, cut = top, top, top
     else:
         rank = r * samples / n
-        spread = sigmas * np.sqrt(rank * max(0.0, 1.0 - rank / samples)) + slack
+        spread = _spread(rank, samples, sigmas, slack)
         low, low_found, high, high_found = _rank_interval(wkey, na, rank, spread)
         plo = ~low if low_found else np.uint64(0)
         phi = (~high) + np.uint64(1) if high_found else top
@@ -706,7 +709,7 @@ def _fused_bounds(
         glo, ghi = np.uint64(0), np.uint64(0)
     else:
         rank = g * samples / n
-        spread = sigmas * np.sqrt(rank * max(0.0, 1.0 - rank / samples)) + slack
+        spread = _spread(rank, samples, sigmas, slack)
         high, high_found, low, low_found = _rank_interval(gkey, nc, rank, spread)
         ghi = high + np.uint64(1) if high_found else top
         glo = low if low_found else np.uint64(0)
@@ -755,7 +758,7 @@ def _refine_bounds(
                 npk += c & np.uint64(pm >= glo) & np.uint64(pm < ghi)
     if 0 < r < nnz and active > 0:
         rank = r * active / nnz
-        spread = sigmas * np.sqrt(rank * max(0.0, 1.0 - rank / active)) + slack
+        spread = _spread(rank, active, sigmas, slack)
         low, low_found, high, high_found = _rank_interval(
             kept_w, np.int64(nw), rank - below, spread
         )
@@ -766,7 +769,7 @@ def _refine_bounds(
     free = n - (nnz - r)
     if 0 < g < free and cands > 0:
         rank = g * cands / free
-        spread = sigmas * np.sqrt(rank * max(0.0, 1.0 - rank / cands)) + slack
+        spread = _spread(rank, cands, sigmas, slack)
         high, high_found, low, low_found = _rank_interval(
             kept_p, np.int64(npk), rank - above, spread
         )
