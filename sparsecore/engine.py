@@ -20,7 +20,15 @@ from .errors import NonFiniteError, SparseCoreError
 from .hashing import HashKey
 from .init import layer_counts
 from .layers import Layer
-from .modes import GROWTH, IMPORTANCE, NEEDS_GRAD, NEEDS_MOMENTUM, PRUNE, lookup, round_half_even
+from .modes import (
+    GROWTH,
+    IMPORTANCE,
+    NEEDS_GRAD,
+    NEEDS_MOMENTUM,
+    PRUNE,
+    lookup,
+    magnitude_prune_count,
+)
 from .redistribute import capacities, importance_shares, split_budget
 from .report import LayerReport, UpdateReport
 
@@ -270,7 +278,7 @@ def _fused_update(
         _check_scores(layers, scores, plan.redistribution)
         shares = importance_shares(scores, sizes)
         pruned_counts = [
-            min(round_half_even(plan.prune_rate * n), max(0, n - floor_l))
+            magnitude_prune_count(plan.prune_rate, n, max(0, n - floor_l))
             for n, floor_l in zip(nnz, plan.floors(sizes))
         ]
         kept = [n - r for n, r in zip(nnz, pruned_counts)]

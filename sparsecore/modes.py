@@ -118,13 +118,18 @@ def nonzero_importance(backend: ArrayBackend, layer: Layer, nnz: int) -> float:
 # -- pruning ----------------------------------------------------------------------------------
 
 
+def magnitude_prune_count(rate: float, nnz: int, max_prune: int) -> int:
+    """How many of ``nnz`` active weights magnitude pruning removes: ``round_half_even(rate *
+    nnz)``, at most ``max_prune`` (what ``min_density`` allows)."""
+    return min(round_half_even(rate * nnz), max_prune)
+
+
 @register_prune("magnitude")
 def magnitude_prune(
     backend: ArrayBackend, layer: Layer, rate: float, max_prune: int, key: HashKey
 ) -> Any:
     """Remove ``round_half_even(rate * nnz)`` active weights, smallest ``|w|`` first."""
-    nnz = backend.count(layer.mask)
-    r = min(round_half_even(rate * nnz), max_prune)
+    r = magnitude_prune_count(rate, backend.count(layer.mask), max_prune)
     return backend.select(
         layer.weight, layer.mask, r, among_active=True, largest=False, magnitude=True, key=key
     )
