@@ -43,7 +43,7 @@ from sparsecore.report import UpdateReport
 from .constraint import SparseMask
 from .discovery import SparseWeight, find_sparse_weights
 from .momentum import MomentumReader, optimizer_slots
-from .placement import UPDATE_BACKENDS, as_update_array, resolve_update_backend
+from .placement import as_update_array, check_update_backend, resolve_update_backend
 
 __all__ = ["SparseCallback"]
 
@@ -120,10 +120,7 @@ class SparseCallback(keras.callbacks.Callback):
                 f"{option_names()} and include, exclude, dense_first, dense_last, embeddings, "
                 f"update_backend"
             )
-        if update_backend not in UPDATE_BACKENDS:
-            raise SparseCoreError(
-                f"update_backend must be one of {list(UPDATE_BACKENDS)}, got {update_backend!r}"
-            )
+        check_update_backend(update_backend)
         self.update_backend = update_backend
         self.config = SparseConfig(**options)
         if self.config.growth in NEEDS_GRAD["growth"]:

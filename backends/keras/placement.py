@@ -25,7 +25,13 @@ from keras import ops
 from sparsecore.backend import ArrayBackend, get_backend
 from sparsecore.errors import SparseCoreError
 
-__all__ = ["UPDATE_BACKENDS", "as_update_array", "on_host", "resolve_update_backend"]
+__all__ = [
+    "UPDATE_BACKENDS",
+    "as_update_array",
+    "check_update_backend",
+    "on_host",
+    "resolve_update_backend",
+]
 
 #: Values of ``SparseCallback(update_backend=...)``.
 UPDATE_BACKENDS = ("auto", "numpy", "keras")
@@ -46,12 +52,17 @@ def on_host(variable: Any) -> bool:
     return "cpu" in str(kind).lower()
 
 
-def resolve_update_backend(choice: str, variables: Sequence[Any]) -> ArrayBackend:
-    """The backend a mask update runs on: ``'auto'`` picks NumPy when every variable is on the CPU."""
+def check_update_backend(choice: str) -> None:
+    """Raise :class:`SparseCoreError` naming the value unless it is one of :data:`UPDATE_BACKENDS`."""
     if choice not in UPDATE_BACKENDS:
         raise SparseCoreError(
             f"update_backend must be one of {list(UPDATE_BACKENDS)}, got {choice!r}"
         )
+
+
+def resolve_update_backend(choice: str, variables: Sequence[Any]) -> ArrayBackend:
+    """The backend a mask update runs on: ``'auto'`` picks NumPy when every variable is on the CPU."""
+    check_update_backend(choice)
     if choice == "auto":
         choice = "numpy" if all(on_host(v) for v in variables) else "keras"
     return get_backend(choice)
