@@ -243,3 +243,39 @@ def test_count_is_exact_on_every_layout(n: int, p: float) -> None:
     mask = torch.rand(n + 5, generator=g) < p
     for view in (mask[:n], mask[3 : n + 3], mask[::2]):
         assert be.count(view) == int(torch.count_nonzero(view))
+
+
+@settings(max_examples=15, deadline=None)
+@given(
+    seed=st.integers(0, 2**31 - 1),
+    n=st.integers(1 << 16, 150_000),
+    values=st.sampled_from(["normal", "few", "ints", "zeros"]),
+    mask_kind=st.sampled_from(["random", "blocks", "every_other_stride"]),
+    density=st.sampled_from([0.02, 0.1, 0.5]),
+    k_frac=st.sampled_from([0.0005, 0.01, 0.1, 0.2, 0.6]),
+    among_active=st.booleans(),
+    largest=st.booleans(),
+)
+def test_large_layer_selection_with_any_mask_layout_equals_reference(
+    seed, n, values, mask_kind, density, k_frac, among_active, largest
+):
+    """Layers of 2**16 positions and more take the shortlist paths (a gathered set of few
+    candidates, or a sampled bound for a small k of many); masks laid out in blocks or on the
+    sample's own stride make the sampled bound miss, which must fall back, not go wrong."""
+    rng = np.random.default_rng(seed)
+    x = _values(rng, (n,), values, np.float32)
+    if mask_kind == "random":
+        mask = rng.random(n) < density
+    elif mask_kind == "blocks":  # the inactive positions are one contiguous run
+        mask = np.zeros(n, dtype=bool)
+        mask[: int(density * n)] = True
+        mask = np.roll(mask, int(rng.integers(n)))
+    else:  # active exactly on the positions a strided sample reads
+        mask = np.zeros(n, dtype=bool)
+        mask[:: n // 4096] = True
+    candidates = int(mask.sum()) if among_active else int((~mask).sum())
+    k = int(k_frac * candidates)
+    kw = dict(among_active=among_active, largest=largest, magnitude=True, key=HashKey(5, 1, 0))
+    a = get_backend("numpy").select(x, mask, k, **kw)
+    b = TorchBackend().select(torch.from_numpy(x), torch.from_numpy(mask), k, **kw)
+    np.testing.assert_array_equal(a, b.numpy())
