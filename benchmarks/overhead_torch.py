@@ -1,14 +1,17 @@
 """Overhead of ``sparsecore.torch.attach`` on a CPU training epoch, and its peak memory.
 
-For each model (LeNet-300-100 and LeNet-5 on Fashion-MNIST) five loops run interleaved, in a
+For each model (LeNet-300-100 and LeNet-5 on Fashion-MNIST) six loops run interleaved, in a
 fresh random order every round: the plain loop (dense SGD with momentum, no sparsecore), the same
 loop after ``attach(model, optimizer)`` (the optimizer-momentum path) and after ``attach(model)``
 (the library's own gradient EMA, found through the global optimizer hook), both with mask updates
-every 100 steps (the default); and two breakdowns of the optimizer path: ``attach_static`` (no
-mask update: the per-step re-masking alone) and ``attach_epoch_end`` (one update per epoch, at its
-end, the paper's schedule). The figure is the epoch time with attach divided by the
+every 100 steps (the default); and three breakdowns of the optimizer path: ``attach_static`` (no
+mask update: the per-step re-masking alone), ``attach_epoch_end`` (one update per epoch, at its
+end, the paper's schedule) and ``attach_unfused`` (``fused_sgd=False``: SGD's own step followed
+by the re-masking multiply, instead of the fused step of :mod:`sparsecore.torch.fused_step`). The figure is the epoch time with attach divided by the
 plain epoch time of the same round; we print the median ratio and its spread (min..max) over the
-rounds. Each configuration starts from the same weights. Times are taken both as this process's
+rounds. Each configuration starts from the same weights. The time spent inside the adapter's
+per-step routine is measured in separate instrumented epochs (``--share-rounds``), so the clock
+calls around it do not count against the ratios. Times are taken both as this process's
 CPU time (``time.process_time``, with one torch thread: far less sensitive to other jobs on a
 shared machine) and as wall time. Peak memory: each configuration runs a short loop in a fresh
 subprocess, with the peak resident set reset just before it; the extra tensors the adapter keeps
@@ -38,13 +41,21 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-CONFIGS = ("plain", "attach_optimizer", "attach_own", "attach_static", "attach_epoch_end")
+CONFIGS = (
+    "plain",
+    "attach_optimizer",
+    "attach_own",
+    "attach_static",
+    "attach_epoch_end",
+    "attach_unfused",
+)
 #: Mask updates per epoch of each attached configuration (``steps`` steps per epoch).
 UPDATES = {
     "attach_optimizer": lambda steps: steps // 100,
     "attach_own": lambda steps: steps // 100,
     "attach_static": lambda steps: 0,
     "attach_epoch_end": lambda steps: 1,
+    "attach_unfused": lambda steps: steps // 100,
 }
 MODELS = {"lenet300": 60000, "lenet5": 10000}  # images per measured epoch
 
@@ -71,9 +82,13 @@ def _model(name: str) -> nn.Module:
 
 
 def _epoch(
-    name: str, config: str, x: torch.Tensor, y: torch.Tensor, batch: int
+    name: str, config: str, x: torch.Tensor, y: torch.Tensor, batch: int, instrument: bool = False
 ) -> tuple[float, float, float]:
-    """One epoch under ``config``: (wall s, CPU s of this process, s inside the adapter's hook)."""
+    """One epoch under ``config``: (wall s, CPU s of this process, s inside the adapter's hook).
+
+    The hook time is measured only with ``instrument`` (its clock calls cost a few microseconds
+    a step, which would count against the ratio); otherwise it is 0.
+    """
     import sparsecore.torch as st
 
     model = _model(name).to(x.device)
@@ -93,19 +108,27 @@ def _epoch(
         sparse = st.attach(
             model, opt, update_every=None, update_at_epoch_end=True, total_steps=10 * steps
         )
+    elif config == "attach_unfused":  # SGD's own step, then the re-masking multiply
+        sparse = st.attach(model, opt, update_every=100, total_steps=10 * steps, fused_sgd=False)
     hook_time = [0.0]
-    if sparse is not None:
+    if sparse is not None and instrument:
         # Time spent inside the adapter's per-step routine (mask updates included), measured in
         # the same run as the epoch, so other jobs on the machine hardly disturb the share.
+        # The fused SGD step (sparsecore.torch.fused_step) counts too, although it replaces SGD's
+        # own update of the sparse weights.
         clock = time.perf_counter if cuda else time.process_time
-        inner = sparse._after_step
 
-        def timed() -> None:
-            t0 = clock()
-            inner()
-            hook_time[0] += clock() - t0
+        def timed(inner: Any) -> Any:
+            def run(*args: Any) -> Any:
+                t0 = clock()
+                out = inner(*args)
+                hook_time[0] += clock() - t0
+                return out
 
-        sparse._after_step = timed  # type: ignore[method-assign]
+            return run
+
+        for method in ("_take_sgd_step", "_finish_sgd_step", "_after_step"):
+            setattr(sparse, method, timed(getattr(sparse, method)))
     if cuda:
         torch.cuda.synchronize()
     start, start_cpu = time.perf_counter(), time.process_time()
@@ -181,6 +204,9 @@ def _spread(values: list[float]) -> dict[str, float]:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument(
+        "--share-rounds", type=int, default=3, help="instrumented epochs per configuration"
+    )
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--batch", type=int, default=100)
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
@@ -213,9 +239,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             order = list(CONFIGS)
             rng.shuffle(order)
             for config in order:
-                w, c, h = _epoch(name, config, x, y, args.batch)
+                w, c, _ = _epoch(name, config, x, y, args.batch)
                 wall[config].append(w)
                 cpu[config].append(c)
+        # The hook's share of the epoch, in separate instrumented epochs (not in the ratios).
+        for _ in range(args.share_rounds):
+            for config in CONFIGS[1:]:
+                w, c, h = _epoch(name, config, x, y, args.batch, instrument=True)
                 hook_share[config].append(h / (w if args.device == "cuda" else c))
         memory = {}
         # memory of the two paths (the breakdown configurations keep the same tensors)

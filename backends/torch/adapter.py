@@ -4,7 +4,9 @@ How it hooks into training:
 
 - With an optimizer, ``attach`` registers a step post-hook on it. After every optimizer step the
   hook re-applies the masks in place (weights outside the mask become exactly 0) and, when the
-  schedule says so, runs a mask update. Steps are optimizer steps actually taken: gradient
+  schedule says so, runs a mask update. For ``torch.optim.SGD`` on CPU the re-masking is fused
+  into the SGD update itself, bit for bit as SGD followed by masking (``fused_sgd``,
+  :mod:`sparsecore.torch.fused_step`). Steps are optimizer steps actually taken: gradient
   accumulation counts one step per ``optimizer.step()``; a step that ``torch.amp.GradScaler``
   skips (non-finite gradients) never reaches the optimizer, so it is no step and changes nothing.
 - Without an optimizer, the library keeps its own gradient EMA as the momentum and listens to
@@ -25,7 +27,10 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.optim.optimizer import register_optimizer_step_post_hook
+from torch.optim.optimizer import (
+    register_optimizer_step_post_hook,
+    register_optimizer_step_pre_hook,
+)
 
 from sparsecore.config import SparseConfig, option_names
 from sparsecore.engine import SparseEngine
@@ -33,6 +38,7 @@ from sparsecore.errors import NonFiniteError, SparseCoreError
 from sparsecore.layers import Layer
 from sparsecore.report import UpdateReport
 
+from . import fused_step as fs
 from . import momentum as mom
 from .backend import TorchBackend
 from .selection import Selectors, Target, select_targets
@@ -58,6 +64,7 @@ def attach(
     dense_first: bool = False,
     dense_last: bool = False,
     kernels: str | None = None,
+    fused_sgd: bool = True,
     **options: Any,
 ) -> SparseTraining:
     """Make ``model`` train sparse from now on; returns the :class:`SparseTraining` handle.
@@ -71,6 +78,9 @@ def attach(
     ``update_at_epoch_end=False``). ``include``/``exclude``/``dense_first``/``dense_last``: which
     parameters are sparse (:mod:`sparsecore.torch.selection`). ``kernels``: ``None`` (dense
     computation on masked weights) or ``'cpu'``/``'cuda'``/``'auto'`` (sparse kernels).
+    ``fused_sgd``: for ``torch.optim.SGD`` steps of sparse CPU float32/float64 parameters, run
+    SGD's update and the re-masking as one loop (same results bit for bit, about half the memory
+    traffic; :mod:`sparsecore.torch.fused_step`); ``False`` keeps SGD's own step plus a multiply.
 
     Everything is checked before the model is touched: a bad option, a model without sparse
     parameters, an optimizer that does not hold them, or a model already attached raises
@@ -85,7 +95,9 @@ def attach(
         _check_optimizer(optimizer, targets)
     if kernels not in KERNEL_CHOICES:
         raise SparseCoreError(f"kernels must be one of {list(KERNEL_CHOICES)}, got {kernels!r}")
-    return SparseTraining(model, optimizer, config, targets, kernels=kernels)
+    if not isinstance(fused_sgd, bool):
+        raise SparseCoreError(f"fused_sgd must be True or False, got {fused_sgd!r}")
+    return SparseTraining(model, optimizer, config, targets, kernels=kernels, fused_sgd=fused_sgd)
 
 
 def _make_config(options: dict[str, Any]) -> SparseConfig:
@@ -93,7 +105,7 @@ def _make_config(options: dict[str, Any]) -> SparseConfig:
     if unknown:
         raise SparseCoreError(
             f"unknown attach option(s) {unknown}; options are {option_names()} and include, "
-            f"exclude, dense_first, dense_last, kernels"
+            f"exclude, dense_first, dense_last, kernels, fused_sgd"
         )
     if options.get("growth") == "none":
         options = dict(options, growth="momentum", update_every=None, update_at_epoch_end=False)
@@ -143,6 +155,7 @@ class SparseTraining:
         targets: list[Target],
         *,
         kernels: str | None = None,
+        fused_sgd: bool = True,
     ) -> None:
         self.model = model
         self.optimizer = optimizer
@@ -200,25 +213,85 @@ class SparseTraining:
         _ATTACHED_MODELS[model] = handle_ref
         for t in targets:
             _ATTACHED_PARAMS[id(t.param)] = handle_ref
+        self._fused_sgd = fused_sgd
+        self._taken: list[tuple[int, torch.Tensor]] = []  # gradients held over an SGD step
+        self._sgd_groups: list[dict[str, Any] | None] | None = None  # the driver's, per target
         self._hooks: list[Any] = []
         if optimizer is not None:
+            self._hooks.append(optimizer.register_step_pre_hook(self._before_optimizer_step))
             self._hooks.append(optimizer.register_step_post_hook(self._on_optimizer_step))
         else:
+            self._hooks.append(register_optimizer_step_pre_hook(self._before_any_optimizer_step))
             self._hooks.append(register_optimizer_step_post_hook(self._on_any_optimizer_step))
         self._set_gradient_window()
 
     # -- hooks and steps ----------------------------------------------------------------------
+    def _before_optimizer_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        self._take_sgd_step(optimizer, args, kwargs)
+
     def _on_optimizer_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
-        self._after_step()
+        self._after_step(self._finish_sgd_step(optimizer))
+
+    def _before_any_optimizer_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        if self._drives(optimizer):
+            self._take_sgd_step(optimizer, args, kwargs)
 
     def _on_any_optimizer_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        if self._drives(optimizer):
+            self._after_step(self._finish_sgd_step(optimizer))
+
+    def _drives(self, optimizer: Any) -> bool:
+        """Without an optimizer given: the first optimizer that steps the model drives the steps."""
         if self._driver is None:
             first = self.targets[0].param
             if not any(p is first for g in optimizer.param_groups for p in g["params"]):
-                return
+                return False
             self._driver = id(optimizer)
-        if id(optimizer) == self._driver:
-            self._after_step()
+        return id(optimizer) == self._driver
+
+    def _take_sgd_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        """Before an SGD step: hold back the gradients of the parameters the fused loop updates.
+
+        SGD skips a parameter whose ``grad`` is None; :meth:`_finish_sgd_step` then updates it
+        and puts its gradient back (:mod:`sparsecore.torch.fused_step`).
+        """
+        self._give_back_grads()  # only if the previous step raised between the two hooks
+        if not self._fused_sgd or self._detached or not fs.optimizer_fusable(optimizer):
+            return
+        # The hooks see step's own arguments: (optimizer, closure=None).
+        if (len(args) > 1 and args[1] is not None) or kwargs.get("closure") is not None:
+            return  # a closure recomputes the gradients inside the step
+        if self._sgd_groups is None:
+            self._sgd_groups = [mom.group_of(optimizer, t.param) for t in self.targets]
+        for i, (t, group) in enumerate(zip(self.targets, self._sgd_groups)):
+            if group is not None and fs.group_fusable(group) and fs.param_fusable(t.param):
+                grad = t.param.grad
+                assert grad is not None
+                self._taken.append((i, grad))
+                t.param.grad = None
+
+    def _finish_sgd_step(self, optimizer: Any) -> set[int]:
+        """After the SGD step: the fused update of the held-back parameters, which also folds
+        their gradients into the own momentum where there is one; their indices."""
+        if not self._taken:
+            return set()
+        assert self._sgd_groups is not None
+        done = set()
+        own_weight = 1.0 - self.config.momentum_beta
+        with torch.no_grad():
+            for i, grad in self._taken:
+                t, group, own = self.targets[i], self._sgd_groups[i], self._own[i]
+                assert group is not None
+                state = optimizer.state[t.param] if group.get("momentum", 0.0) != 0.0 else {}
+                fs.masked_sgd_step(t.param, grad, self.masks[i], state, group, own, own_weight)
+                done.add(i)
+        self._give_back_grads()
+        return done
+
+    def _give_back_grads(self) -> None:
+        for i, grad in self._taken:
+            self.targets[i].param.grad = grad
+        self._taken.clear()
 
     def step(self) -> None:
         """One training step done, for loops that update weights without ``torch.optim``.
@@ -257,23 +330,30 @@ class SparseTraining:
         return None  # pragma: no cover
 
     @torch.no_grad()
-    def _after_step(self) -> None:
+    def _after_step(self, masked: set[int] | None = None) -> None:
+        """Per optimizer step; ``masked``: targets whose fused SGD step has re-masked them."""
         if self._detached:
             return
         self.steps += 1
-        self._fold_own_momentum()
+        self._fold_own_momentum(masked or ())
         if self._schedule.due(self.steps):
             self._update(self.steps)  # masks exactly first
-        else:
+        elif not masked:
             self._apply_masks(exact=False)
+        elif len(masked) < len(self.targets):
+            rest = [i for i in range(len(self.targets)) if i not in masked]
+            torch._foreach_mul_(
+                [self.targets[i].param for i in rest], [self._keep[i] for i in rest]
+            )
         self._set_gradient_window()
 
-    def _fold_own_momentum(self) -> None:
-        """``P <- beta * P + (1 - beta) * g`` for the layers on the library's own momentum."""
+    def _fold_own_momentum(self, folded: Any = ()) -> None:
+        """``P <- beta * P + (1 - beta) * g`` (``torch.lerp``) for the layers on the library's own
+        momentum, except those in ``folded`` (their fused SGD step did it)."""
         beta = self.config.momentum_beta
         bufs, grads = [], []
-        for t, own in zip(self.targets, self._own):
-            if own is None:
+        for i, (t, own) in enumerate(zip(self.targets, self._own)):
+            if own is None or i in folded:
                 continue
             grad = t.param.grad
             if grad is None:
@@ -503,6 +583,7 @@ class SparseTraining:
         for h in self._hooks:
             h.remove()
         self._hooks.clear()
+        self._give_back_grads()
         if self._router is not None:
             self._router.remove()
             self._router = None
