@@ -904,18 +904,55 @@ def _run(
     layer, whose parallel regions cost milliseconds each while other processes held the cores.
     The pool has as many workers as chunks, at most ``numba.get_num_threads()``.
     """
-    global _pool, _pool_size
     calls = [
         (*args, *(() if per_span is None else (per_span[c],)), start, stop)
         for c, (start, stop) in enumerate(spans)
     ]
     if len(calls) == 1:
         return [kernel(*calls[0])]
-    if _pool is None or _pool_size < len(calls):
-        _pool = ThreadPoolExecutor(max_workers=len(calls), thread_name_prefix="sparsecore")
-        _pool_size = len(calls)
-    futures = [_pool.submit(kernel, *call) for call in calls]
+    pool = _pool_for(len(calls))
+    futures = [pool.submit(kernel, *call) for call in calls]
     return [f.result() for f in futures]
+
+
+def _pool_for(workers: int) -> ThreadPoolExecutor:
+    global _pool, _pool_size
+    if _pool is None or _pool_size < workers:
+        _pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="sparsecore")
+        _pool_size = workers
+    return _pool
+
+
+def _bins(sizes: Sequence[int], threads: int) -> list[list[int]]:
+    """Indices of ``sizes`` split into at most ``threads`` groups of about equal total size
+    (largest first, each to the lightest group so far), each group in ascending index order."""
+    loads = [0] * max(1, threads)
+    groups: list[list[int]] = [[] for _ in loads]
+    for i in sorted(range(len(sizes)), key=lambda i: -sizes[i]):
+        lightest = loads.index(min(loads))
+        loads[lightest] += sizes[i]
+        groups[lightest].append(i)
+    return [sorted(g) for g in groups if g]
+
+
+def _map_layers(work: Callable[[int], Any], sizes: Sequence[int]) -> list[Any]:
+    """``[work(i) for i in range(len(sizes))]``, whole layers spread over the threads.
+
+    For the per-layer steps that run on one thread (the sampled bounds, the resolution, and
+    every pass of a small layer): most of ResNet-50's layers are too small to split, so on
+    their own these steps would leave the other cores idle. One task per thread, each a group
+    of layers of about equal total size; ``work`` must not use the pool itself.
+    """
+    groups = _bins(sizes, numba.get_num_threads())
+    if len(groups) <= 1:
+        return [work(i) for i in range(len(sizes))]
+    pool = _pool_for(len(groups))
+    futures = [pool.submit(lambda g: [(i, work(i)) for i in g], g) for g in groups]
+    out: list[Any] = [None] * len(sizes)
+    for f in futures:
+        for i, result in f.result():
+            out[i] = result
+    return out
 
 
 def _flat(x: Any) -> np.ndarray:
@@ -1165,21 +1202,42 @@ class NumbaBackend(NumpyBackend):
     def fused_scan(self, layers: Sequence[Layer], *, source: str | None) -> list[LayerScan] | None:
         if not all(_fused_dtype(layer) for layer in layers):
             return None
-        scans = []
-        for layer in layers:
+
+        def scan(i: int, split: bool) -> LayerScan:
+            layer = layers[i]
             mask = _flat(layer.mask)
-            nnz, active, total, finite = self._scan(_flat(layer.momentum), mask)
+            nnz, active, total, finite = self._scan(_flat(layer.momentum), mask, split)
             if source == "weight":
-                nnz, active, total, weight_finite = self._scan(_flat(layer.weight), mask)
+                nnz, active, total, weight_finite = self._scan(_flat(layer.weight), mask, split)
                 finite = finite and weight_finite
             elif source is None:
                 active = total = 0.0
-            scans.append(LayerScan(nnz, active, total, finite))
-        return scans
+            return LayerScan(nnz, active, total, finite)
 
-    def _scan(self, x: np.ndarray, mask: np.ndarray) -> tuple[int, float, float, bool]:
+        return self._per_layer(scan, layers)
+
+    def _per_layer(self, work: Callable[[int, bool], Any], layers: Sequence[Layer]) -> list[Any]:
+        """``[work(i, split) for each layer i]``: a layer holding more than a 2 * threads-th
+        of all weights is split into chunks run on every thread (``split=True``), one after
+        another; the others go whole, grouped, to the threads at once (:func:`_map_layers`)."""
+        sizes = [int(np.size(layer.mask)) for layer in layers]
+        big = sum(sizes) // (2 * numba.get_num_threads())
+        out: list[Any] = [None] * len(layers)
+        small = [i for i, n in enumerate(sizes) if n <= big]
+        for i, n in enumerate(sizes):
+            if n > big:
+                out[i] = work(i, True)
+        for i, result in zip(
+            small, _map_layers(lambda j: work(small[j], False), [sizes[i] for i in small])
+        ):
+            out[i] = result
+        return out
+
+    def _scan(
+        self, x: np.ndarray, mask: np.ndarray, split: bool = True
+    ) -> tuple[int, float, float, bool]:
         """Pass 1 over one array: nnz, the two float64 |x| sums, and whether all are finite."""
-        spans = _spans(x.size, self.min_chunk)
+        spans = _spans(x.size, self.min_chunk) if split else [(0, x.size)]
         if x.dtype == np.float16:
             parts = _run(_chunk_scan_half, spans, x.view(np.uint16), mask)
         else:
@@ -1198,19 +1256,41 @@ class NumbaBackend(NumpyBackend):
         grow_counts: Sequence[int],
         keys: Sequence[HashKey],
     ) -> list[FusedLayer] | None:
-        out = []
         with self._buffers.update():
-            for layer, n_active, r, g, key in zip(layers, nnz, prune_counts, grow_counts, keys):
-                result = self._fused_layer(layer, int(n_active), int(r), int(g), key)
-                if result is None:
-                    return None
-                out.append(result)
+
+            def decide(i: int, split: bool) -> tuple[Any, ...] | None:
+                return self._fused_layer(
+                    layers[i], int(nnz[i]), int(prune_counts[i]), int(grow_counts[i]), keys[i],
+                    split,
+                )  # fmt: skip
+
+            decided = self._per_layer(decide, layers)
+            if any(d is None for d in decided):
+                return None
+            out = []
+            # The counters and the exact fallback (which uses every thread) run here, after.
+            for layer, d, r, g, key in zip(layers, decided, prune_counts, grow_counts, keys):
+                assert d is not None
+                path, lost, gained, new_mask, new_weight, w, p, mask = d
+                self.fused_paths[path] += 1
+                if path in ("prune_miss", "grow_miss"):  # select this layer exactly
+                    lost, gained = self._select_layer(
+                        w, p, mask, int(r), int(g), key, new_mask, new_weight
+                    )
+                shape = np.shape(layer.mask)
+                out.append(
+                    FusedLayer(new_mask.reshape(shape), new_weight.reshape(shape), lost, gained)
+                )
         return out
 
     def _fused_layer(
-        self, layer: Layer, nnz: int, r: int, g: int, key: HashKey
-    ) -> FusedLayer | None:
-        """Pass 2 and the resolution for one layer; None if a weight is NaN or Inf."""
+        self, layer: Layer, nnz: int, r: int, g: int, key: HashKey, split: bool = True
+    ) -> tuple[Any, ...] | None:
+        """Pass 2 and the resolution for one layer: (path, lost, gained, new mask, new weights,
+        and the flat weight, momentum and mask for a fallback); None if a weight is NaN or Inf.
+        Path: ``fused_paths``' name for the way taken; on ``prune_miss`` / ``grow_miss`` the
+        sampled interval missed and the caller selects the layer exactly. ``split``: pass 2 in
+        chunks on every thread (else this thread alone: it may be a pool thread)."""
         w, p, mask = _flat(layer.weight), _flat(layer.momentum), _flat(layer.mask)
         n = w.size
         wbits = w.view(_UINT_OF_SIZE[w.dtype.itemsize])
@@ -1232,7 +1312,7 @@ class NumbaBackend(NumpyBackend):
         new_mask = self._buffers.take(n, np.dtype(bool))
         new_weight = self._buffers.take(n, w.dtype)
         new_bits = new_weight.view(wbits.dtype)
-        spans = _spans(n, self.min_chunk)
+        spans = _spans(n, self.min_chunk) if split else [(0, n)]
         records = self._records(n)
         parts = [records[start:stop] for start, stop in spans]
         counts = _run(
@@ -1252,15 +1332,14 @@ class NumbaBackend(NumpyBackend):
             )  # fmt: skip
             lost += int(more_lost)
             gained += int(more_gained)
-            self.fused_paths["resolved"] += status == 0
-        elif status == 0:  # nothing left open: the sure counts must be exact
-            status = 0 if gdef == g else -2
-            self.fused_paths["decided"] += status == 0
-        if status != 0:  # the sampled interval missed: select this layer exactly
-            self.fused_paths["prune_miss" if status == -1 else "grow_miss"] += 1
-            lost, gained = self._select_layer(w, p, mask, r, g, key, new_mask, new_weight)
-        shape = np.shape(layer.mask)
-        return FusedLayer(new_mask.reshape(shape), new_weight.reshape(shape), lost, gained)
+            path = "resolved"
+        else:  # nothing left open: the sure counts must be exact
+            path = "decided"
+            if status == 0 and gdef != g:
+                status = -2
+        if status != 0:
+            path = "prune_miss" if status == -1 else "grow_miss"
+        return path, lost, gained, new_mask, new_weight, w, p, mask
 
     def _records(self, n: int) -> np.ndarray:
         """Scratch room for ``n`` undecided positions, kept per thread between layers and
