@@ -27,7 +27,9 @@ Kernels read raw bits (``uint16``/``uint32``/``uint64`` views), so float16, floa
 uint32 hashes share three specialisations per kernel, compiled lazily on first use. Compiled code
 is cached on disk (``cache=True``) where a cache directory is writable, and silently not otherwise.
 Large layers are cut into one chunk per thread, run on a small thread pool (the kernels release the
-GIL); see :func:`_run` for why not ``prange``.
+GIL); see :func:`_run` for why not ``prange``. The fused update also spreads whole layers over the
+threads (:func:`_map_layers`): most layers of a real network are too small to cut, and their
+per-layer steps would otherwise run one after another on one core.
 """
 
 from __future__ import annotations
