@@ -159,7 +159,9 @@ def _extra_bytes(name: str, config: str) -> int:
 
     model = _model(name)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    sparse = st.attach(model, opt if config == "attach_optimizer" else None, total_steps=100)
+    sparse = st.attach(
+        model, None if config == "attach_own" else opt, total_steps=100, fused_sgd=False
+    )
     tensors = [*sparse.masks, *sparse._keep, *(o for o in sparse._own if o is not None)]
     sparse.detach()
     return sum(t.numel() * t.element_size() for t in tensors)
@@ -248,8 +250,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 w, c, h = _epoch(name, config, x, y, args.batch, instrument=True)
                 hook_share[config].append(h / (w if args.device == "cuda" else c))
         memory = {}
-        # memory of the two paths (the breakdown configurations keep the same tensors)
-        for config in [] if args.no_memory or args.device != "cpu" else CONFIGS[:3]:
+        # memory of the two paths (the breakdown configurations keep the same tensors), and of
+        # the optimizer path unfused: the fused step loads Numba once per process
+        memory_configs = [*CONFIGS[:3], "attach_unfused"]
+        for config in [] if args.no_memory or args.device != "cpu" else memory_configs:
             before, peak = _peak_rss_child(name, config, args.threads, args.memory_steps)
             memory[config] = {
                 "rss_before_kib": before,
