@@ -279,3 +279,17 @@ def test_large_layer_selection_with_any_mask_layout_equals_reference(
     a = get_backend("numpy").select(x, mask, k, **kw)
     b = TorchBackend().select(torch.from_numpy(x), torch.from_numpy(mask), k, **kw)
     np.testing.assert_array_equal(a, b.numpy())
+
+
+@pytest.mark.parametrize("n", [2 * 16384, 2 * 16384 + 1, 235_207, 1_000_003])
+@pytest.mark.parametrize("masked", [True, False])
+def test_large_abs_sum_is_a_float64_sum(n, masked):
+    """Large CPU tensors are summed in chunks (no whole float64 copy): still a float64 sum."""
+    rng = np.random.default_rng(n)
+    x = (rng.standard_normal(n) * rng.choice([1e-30, 1.0, 1e30], size=n)).astype(np.float32)
+    mask = rng.random(n) < 0.3 if masked else None
+    expected = get_backend("numpy").abs_sum(x, mask)
+    got = TorchBackend().abs_sum(
+        torch.from_numpy(x), None if mask is None else torch.from_numpy(mask)
+    )
+    assert math.isclose(got, expected, rel_tol=1e-12)
