@@ -109,12 +109,59 @@ def _sentinel(scores: torch.Tensor, largest: bool) -> torch.Tensor:
     return torch.tensor(value, dtype=scores.dtype, device=scores.device)
 
 
+_NARROW_MIN = 1 << 15  # from this many values on, the k-th best is bracketed by a sample first
+
+
 def _kth_best(values: torch.Tensor, k: int, largest: bool) -> torch.Tensor:
-    """The k-th best of ``values`` (0-d tensor): ``topk`` for a small k, else ``kthvalue``."""
+    """The k-th best of ``values`` (0-d tensor), exactly: ``topk`` for a small k, else
+    ``kthvalue``; on many values a sample first narrows the search (:func:`_bracketed`)."""
+    if values.numel() >= _NARROW_MIN:
+        found = _bracketed(values, k, largest)
+        if found is not None:
+            return found
     if k <= values.numel() // 8:
         top = torch.topk(values, k, largest=largest, sorted=False).values
         return top.min() if largest else top.max()
     return torch.kthvalue(values, values.numel() - k + 1 if largest else k).values
+
+
+def _bracketed(values: torch.Tensor, k: int, largest: bool) -> torch.Tensor | None:
+    """The k-th best of many ``values``, selected among the few inside a sampled bracket.
+
+    ``kthvalue`` over millions of values that are no longer in cache costs about 12 ns each on
+    a CPU; two comparisons and a gather cost a few. A strided sample of about 4096 values gives
+    two bounds that should enclose the k-th best (its rank in the sample, give or take four
+    standard deviations of a binomial count and 8). If the values strictly better than the better
+    bound number fewer than k, and those inside the bracket make up the rest, the k-th best is
+    the right one among the inside values: exact whatever the sample. Otherwise None, and the
+    caller selects over all values.
+    """
+    n = values.numel()
+    sample = values[:: max(1, n // 4096)]
+    m = sample.numel()
+    rank = k * m / n  # expected rank of the k-th best in the sample, best = 1
+    spread = 4.0 * math.sqrt(rank * max(0.0, 1.0 - rank / m)) + 8.0
+    best_rank = max(1, math.floor(rank - spread))
+    worst_rank = min(m, math.ceil(rank + spread))
+
+    # the i-th best of the sample is its (m - i + 1)-th smallest when largest
+    def nth_best(i: int) -> torch.Tensor:
+        return torch.kthvalue(sample, m - i + 1 if largest else i).values
+
+    better, worse = nth_best(best_rank), nth_best(worst_rank)
+    if largest:
+        n_better = _count_true(values > better)
+        inside = values[(values <= better) & (values >= worse)]
+    else:
+        n_better = _count_true(values < better)
+        inside = values[(values >= better) & (values <= worse)]
+    need = k - n_better
+    if not 1 <= need <= inside.numel():
+        return None
+    if need <= inside.numel() // 8:
+        top = torch.topk(inside, need, largest=largest, sorted=False).values
+        return top.min() if largest else top.max()
+    return torch.kthvalue(inside, inside.numel() - need + 1 if largest else need).values
 
 
 def _shortlist(

@@ -293,3 +293,32 @@ def test_large_abs_sum_is_a_float64_sum(n, masked):
         torch.from_numpy(x), None if mask is None else torch.from_numpy(mask)
     )
     assert math.isclose(got, expected, rel_tol=1e-12)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    seed=st.integers(0, 2**31 - 1),
+    n=st.integers(1 << 15, 120_000),
+    kind=st.sampled_from(["normal", "ints", "zeros", "sample_misses"]),
+    k_frac=st.floats(0.0, 1.0),
+    largest=st.booleans(),
+)
+def test_kth_best_of_many_values_is_exact(seed, n, kind, k_frac, largest):
+    """From 2**15 values on, the k-th best is searched inside a sampled bracket first; whatever
+    the sample (ties everywhere, or the strided sample seeing only outliers), it is exact."""
+    from sparsecore.torch.backend import _kth_best
+
+    rng = np.random.default_rng(seed)
+    if kind == "ints":
+        x = rng.integers(0, 4, size=n).astype(np.float32)
+    elif kind == "zeros":
+        x = np.zeros(n, dtype=np.float32)
+    elif kind == "sample_misses":  # every value the strided sample reads is an outlier
+        x = rng.random(n).astype(np.float32)
+        x[:: max(1, n // 4096)] = 1e6 if largest else -1e6
+    else:
+        x = rng.standard_normal(n).astype(np.float32)
+    k = min(n, max(1, int(k_frac * n)))
+    values = torch.from_numpy(x)
+    expected = np.sort(x)[::-1][k - 1] if largest else np.sort(x)[k - 1]
+    assert float(_kth_best(values, k, largest)) == float(expected)
