@@ -8,6 +8,8 @@ import itertools
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as hs
 from torch import nn
 
 import sparsecore.torch as st
@@ -252,3 +254,42 @@ def test_without_numba_steps_take_the_plain_path(tmp_path):
     out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "ok"
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    seed=hs.integers(0, 2**31 - 1),
+    n=hs.integers(1, 300),
+    lr=hs.floats(1e-6, 10.0),
+    momentum=hs.one_of(hs.just(0.0), hs.floats(0.01, 0.999)),
+    weight_decay=hs.one_of(hs.just(0.0), hs.floats(1e-6, 0.1)),
+    dampening=hs.one_of(hs.just(0.0), hs.floats(0.0, 0.9)),
+    nesterov=hs.booleans(),
+    float64=hs.booleans(),
+    scale=hs.sampled_from([1e-30, 1e-3, 1.0, 1e20]),
+)
+def test_kernel_equals_sgd_for_any_hyperparameters(
+    seed, n, lr, momentum, weight_decay, dampening, nesterov, float64, scale
+):
+    """Arbitrary learning rates, momenta, decays and dampenings (rounded to the weights' dtype
+    the way PyTorch rounds them), gradients from subnormal to huge: still bit for bit."""
+    if nesterov and (momentum == 0.0 or dampening != 0.0):
+        nesterov = False
+    dtype = torch.float64 if float64 else torch.float32
+    options = dict(momentum=momentum, weight_decay=weight_decay, dampening=dampening)
+    gen = torch.Generator().manual_seed(seed)
+    mask = torch.rand(n, generator=gen) < 0.5
+    start = torch.randn(n, generator=gen, dtype=dtype) * mask
+    ref = start.clone().requires_grad_()
+    opt = torch.optim.SGD([ref], lr=lr, nesterov=nesterov, **options)
+    mine, state = start.clone(), {}
+    for _ in range(2):
+        grad = torch.randn(n, generator=gen, dtype=dtype) * scale
+        ref.grad = grad.clone()
+        opt.step()
+        with torch.no_grad():
+            ref.mul_(mask)
+        fs.masked_sgd_step(mine, grad, mask, state, dict(lr=lr, nesterov=nesterov, **options))
+        assert torch.equal(mine, ref.detach())
+        if momentum:
+            assert torch.equal(state["momentum_buffer"], opt.state[ref]["momentum_buffer"])
