@@ -116,27 +116,33 @@ def masked_sgd_step(
     The caller guarantees what :func:`param_fusable` checks; ``mask`` is a contiguous boolean
     tensor of ``param``'s shape on the CPU.
     """
+    k = _kernels()
     momentum = float(group.get("momentum", 0.0))
     weight_decay = float(group.get("weight_decay", 0.0))
     flags = 0
     buf = None
     if momentum != 0.0:
-        flags |= _MOMENTUM
+        flags |= k.MOMENTUM
         buf = state.get("momentum_buffer")
         if buf is None:
             buf = torch.empty_like(param, memory_format=torch.contiguous_format)
             state["momentum_buffer"] = buf
-            flags |= _FIRST
+            flags |= k.FIRST
         if group.get("nesterov", False):
-            flags |= _NESTEROV
+            flags |= k.NESTEROV
     if weight_decay != 0.0:
-        flags |= _WEIGHT_DECAY
+        flags |= k.WEIGHT_DECAY
+    own_coeff = 0.0
     if own is not None:
-        flags |= _OWN
+        # torch.lerp rounds the weight to the dtype, then uses w (|w| < 0.5) or w - 1, which is
+        # exact in that dtype for w in [0.5, 2] (Sterbenz), so computing it in double is too
+        w = float(np.float32(own_weight)) if param.dtype == torch.float32 else float(own_weight)
+        small = abs(w) < 0.5
+        own_coeff = w if small else w - 1.0
+        flags |= k.OWN | (k.SMALL_OWN_WEIGHT if small else 0)
     p_ptr = param.data_ptr()
-    # The scalars go in as C doubles and are rounded to the parameter's dtype inside, exactly
-    # as PyTorch rounds a Python float ``alpha`` for a float32 tensor.
-    _kernels()[param.dtype](
+    loop = k.MASKED_SGD_FLOAT32 if param.dtype == torch.float32 else k.MASKED_SGD_FLOAT64
+    loop(
         p_ptr,
         grad.data_ptr(),
         p_ptr if buf is None else buf.data_ptr(),
@@ -147,100 +153,19 @@ def masked_sgd_step(
         momentum,
         1.0 - float(group.get("dampening", 0.0)),
         p_ptr if own is None else own.data_ptr(),
-        own_weight,
+        own_coeff,
         flags,
     )
 
 
-_MOMENTUM, _FIRST, _NESTEROV, _WEIGHT_DECAY, _OWN = 1, 2, 4, 8, 16
-_KERNELS: dict[torch.dtype, Any] = {}
-
-
-def _kernels() -> dict[torch.dtype, Any]:
-    """The compiled loops by dtype, built on first use (Numba is imported only then).
+def _kernels() -> Any:
+    """The compiled loops (:mod:`sparsecore.torch.fused_step_kernels`), imported on first use so
+    that Numba is loaded only when a fused step runs.
 
     They are C callables (``numba.cfunc``) called through ctypes with the tensors' data
     pointers: a call costs about a microsecond, where a jitted function's dispatcher spends
     several checking a dozen arguments, which on a small model is as long as the loop itself.
     """
-    if not _KERNELS:
-        _KERNELS.update(_build_kernels())
-    return _KERNELS
+    from . import fused_step_kernels
 
-
-def _build_kernels() -> dict[torch.dtype, Any]:
-    import ctypes
-
-    import numba
-    from llvmlite import ir
-    from numba import types
-    from numba.extending import intrinsic
-
-    @intrinsic
-    def fma(typingctx: Any, a: Any, b: Any, c: Any) -> Any:
-        """a * b + c with one rounding (LLVM's llvm.fma: exact in software where no FMA unit)."""
-        if not (isinstance(a, types.Float) and a == b == c):
-            return None
-
-        def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
-            ty = args[0].type
-            fn = builder.module.declare_intrinsic("llvm.fma", [ty], ir.FunctionType(ty, [ty] * 3))
-            return builder.call(fn, args)
-
-        return a(a, b, c), codegen
-
-    def build(nptype: Any, nbtype: Any) -> Any:
-        ptr = types.CPointer(nbtype)
-        sig = types.void(
-            ptr, ptr, ptr, types.CPointer(types.uint8), types.int64,
-            types.float64, types.float64, types.float64, types.float64,
-            ptr, types.float64, types.int64,
-        )  # fmt: skip
-
-        def loop(
-            p_ptr, g_ptr, b_ptr, keep_ptr, n, neg_lr_, wd_, momentum_, damp1_, o_ptr, w_, flags
-        ):  # pragma: no cover - compiled
-            p = numba.carray(p_ptr, n)
-            g = numba.carray(g_ptr, n)
-            buf = numba.carray(b_ptr, n)
-            keep = numba.carray(keep_ptr, n)
-            own = numba.carray(o_ptr, n)
-            neg_lr, wd, momentum = nptype(neg_lr_), nptype(wd_), nptype(momentum_)
-            damp1, zero = nptype(damp1_), nptype(0.0)
-            has_momentum, first = (flags & 1) != 0, (flags & 2) != 0
-            nesterov, has_wd, has_own = (flags & 4) != 0, (flags & 8) != 0, (flags & 16) != 0
-            # torch.lerp(own, grad, w): own + w * (grad - own) as one fused multiply-add for
-            # w < 0.5, else grad + (w - 1) * (grad - own), with w rounded to the dtype first.
-            w = nptype(w_)
-            small_w = abs(w) < nptype(0.5)
-            w_coeff = w if small_w else w - nptype(1.0)
-            for i in range(n):
-                d = g[i]
-                if has_own:
-                    o = own[i]
-                    own[i] = fma(w_coeff, d - o, o if small_w else d)
-                if has_wd:  # grad.add(param, alpha=weight_decay)
-                    d = fma(p[i], wd, d)
-                if has_momentum:
-                    if first:  # buf = grad.clone()
-                        b = d
-                    else:  # buf.mul_(momentum).add_(grad, alpha=1 - dampening)
-                        b = fma(d, damp1, buf[i] * momentum)
-                    buf[i] = b
-                    d = fma(b, momentum, d) if nesterov else b  # grad.add(buf, alpha=momentum)
-                # param.add_(grad, alpha=-lr), then +0 outside the mask
-                p[i] = fma(d, neg_lr, p[i]) if keep[i] else zero
-
-        try:
-            compiled = numba.cfunc(sig, nopython=True, cache=True)(loop)
-        except RuntimeError:  # Numba found no writable cache location
-            compiled = numba.cfunc(sig, nopython=True, cache=False)(loop)
-        fn = compiled.ctypes
-        fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] + [ctypes.c_double] * 4
-        fn.argtypes += [ctypes.c_void_p, ctypes.c_double, ctypes.c_int64]
-        return fn
-
-    return {
-        torch.float32: build(np.float32, types.float32),
-        torch.float64: build(np.float64, types.float64),
-    }
+    return fused_step_kernels
