@@ -293,3 +293,23 @@ def test_kernel_equals_sgd_for_any_hyperparameters(
         assert torch.equal(mine, ref.detach())
         if momentum:
             assert torch.equal(state["momentum_buffer"], opt.state[ref]["momentum_buffer"])
+
+
+def test_a_cpu_whose_sgd_rounds_differently_turns_the_fused_step_off(monkeypatch):
+    """The once-per-process self-check compares the loop with PyTorch's own SGD arithmetic; a
+    loop that rounds differently (simulated: one ulp off) switches fusion off, with a warning."""
+    exact = fs.masked_sgd_step
+
+    def one_ulp_off(param, *args, **kwargs):
+        exact(param, *args, **kwargs)
+        param.copy_(torch.nextafter(param, torch.full_like(param, torch.inf)))
+
+    assert fs._self_check() is None
+    monkeypatch.setattr(fs, "masked_sgd_step", one_ulp_off)
+    assert "rounds differently" in fs._self_check()
+    monkeypatch.setattr(fs, "_AVAILABLE", None)
+    with pytest.warns(RuntimeWarning, match="fused SGD .* is off .*rounds differently"):
+        assert not fs.available()
+    model, opt, sparse, fused_steps = _run("sgd", True, momentum=0.9)
+    assert fused_steps == 0
+    _same((model, opt, sparse, fused_steps), _run("sgd", False, momentum=0.9))
