@@ -88,8 +88,8 @@ def _self_check() -> str | None:
     for dtype in _FLOATS:
         mask = torch.rand(67, generator=gen) < 0.5
         ref = torch.randn(67, generator=gen, dtype=dtype) * mask
-        mine, state = ref.clone(), {}
-        buf = None
+        mine, state = ref.clone(), dict[str, Any]()
+        buf: torch.Tensor | None = None
         for _ in range(2):
             grad = torch.randn(67, generator=gen, dtype=dtype)
             d = grad.add(ref, alpha=weight_decay)
@@ -99,6 +99,7 @@ def _self_check() -> str | None:
                 buf.mul_(momentum).add_(d, alpha=1 - dampening)
             ref.add_(buf, alpha=-lr).mul_(mask)
             masked_sgd_step(mine, grad, mask, state, group)
+        assert buf is not None
         if not (torch.equal(mine, ref) and torch.equal(state["momentum_buffer"], buf)):
             return f"PyTorch's {dtype} SGD arithmetic rounds differently on this CPU"
     return None
