@@ -1,13 +1,16 @@
 """Overhead of ``sparsecore.torch.attach`` on a CPU training epoch, and its peak memory.
 
-For each model (LeNet-300-100 and LeNet-5 on Fashion-MNIST) six loops run interleaved, in a
+For each model (LeNet-300-100 and LeNet-5 on Fashion-MNIST) eight loops run interleaved, in a
 fresh random order every round: the plain loop (dense SGD with momentum, no sparsecore), the same
 loop after ``attach(model, optimizer)`` (the optimizer-momentum path) and after ``attach(model)``
 (the library's own gradient EMA, found through the global optimizer hook), both with mask updates
 every 100 steps (the default); and three breakdowns of the optimizer path: ``attach_static`` (no
 mask update: the per-step re-masking alone), ``attach_epoch_end`` (one update per epoch, at its
 end, the paper's schedule) and ``attach_unfused`` (``fused_sgd=False``: SGD's own step followed
-by the re-masking multiply, instead of the fused step of :mod:`sparsecore.torch.fused_step`). The figure is the epoch time with attach divided by the
+by the re-masking multiply, instead of the fused step of :mod:`sparsecore.torch.fused_step`).
+A seventh and eighth loop use Adam (lr 1e-3) instead: ``plain_adam`` and ``attach_adam``
+(``attach(model, optimizer)``, Adam's ``exp_avg`` as the momentum; Adam steps are never fused),
+and ``attach_adam`` is compared with ``plain_adam``. The figure is the epoch time with attach divided by the
 plain epoch time of the same round; we print the median ratio and its spread (min..max) over the
 rounds. Each configuration starts from the same weights. The time spent inside the adapter's
 per-step routine is measured in separate instrumented epochs (``--share-rounds``), so the clock
@@ -48,7 +51,12 @@ CONFIGS = (
     "attach_static",
     "attach_epoch_end",
     "attach_unfused",
+    "plain_adam",
+    "attach_adam",
 )
+#: The configurations with sparsecore, and the plain loop each one is compared with.
+ATTACHED = tuple(c for c in CONFIGS if c.startswith("attach"))
+BASELINE = {c: "plain_adam" if c.endswith("_adam") else "plain" for c in ATTACHED}
 #: Mask updates per epoch of each attached configuration (``steps`` steps per epoch).
 UPDATES = {
     "attach_optimizer": lambda steps: steps // 100,
@@ -56,6 +64,7 @@ UPDATES = {
     "attach_static": lambda steps: 0,
     "attach_epoch_end": lambda steps: 1,
     "attach_unfused": lambda steps: steps // 100,
+    "attach_adam": lambda steps: steps // 100,
 }
 MODELS = {"lenet300": 60000, "lenet5": 10000}  # images per measured epoch
 
@@ -92,7 +101,11 @@ def _epoch(
     import sparsecore.torch as st
 
     model = _model(name).to(x.device)
-    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    opt: torch.optim.Optimizer
+    if config.endswith("_adam"):
+        opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    else:
+        opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     sparse = None
     steps = x.shape[0] // batch
     cuda = x.device.type == "cuda"
@@ -110,6 +123,8 @@ def _epoch(
         )
     elif config == "attach_unfused":  # SGD's own step, then the re-masking multiply
         sparse = st.attach(model, opt, update_every=100, total_steps=10 * steps, fused_sgd=False)
+    elif config == "attach_adam":  # Adam's exp_avg as the momentum; Adam is never fused
+        sparse = st.attach(model, opt, update_every=100, total_steps=10 * steps)
     hook_time = [0.0]
     if sparse is not None and instrument:
         # Time spent inside the adapter's per-step routine (mask updates included), measured in
@@ -246,7 +261,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 cpu[config].append(c)
         # The hook's share of the epoch, in separate instrumented epochs (not in the ratios).
         for _ in range(args.share_rounds):
-            for config in CONFIGS[1:]:
+            for config in ATTACHED:
                 w, c, h = _epoch(name, config, x, y, args.batch, instrument=True)
                 hook_share[config].append(h / (w if args.device == "cuda" else c))
         memory = {}
@@ -269,7 +284,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "plain_epoch_cpu_s": _spread(cpu["plain"]),
             "overhead_cpu": {},
             "overhead_wall": {},
-            "hook_share": {c: _spread(hook_share[c]) for c in CONFIGS[1:]},
+            "plain_adam_epoch_cpu_s": _spread(cpu["plain_adam"]),
+            "hook_share": {c: _spread(hook_share[c]) for c in ATTACHED},
             "memory": memory,
         }
         print(
@@ -277,7 +293,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             f"{entry['plain_epoch_cpu_s']['median']:.2f} s CPU / "
             f"{entry['plain_epoch_wall_s']['median']:.2f} s wall (median of {args.rounds})"
         )
-        for config in CONFIGS[1:]:
+        for config in ATTACHED:
             share = hook_share[config]
             print(
                 f"  {config:18s} time inside the adapter's step hook: median "
@@ -285,7 +301,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 f"(min {100 * min(share):.2f}%, max {100 * max(share):.2f}%)"
             )
             for label, times in (("cpu", cpu), ("wall", wall)):
-                ratios = [t / p for t, p in zip(times[config], times["plain"])]
+                base = times[BASELINE[config]]
+                ratios = [t / p for t, p in zip(times[config], base)]
                 entry[f"overhead_{label}"][config] = _spread(ratios)
                 print(
                     f"  {config:18s} {label:4s} time ratio median {statistics.median(ratios):.3f} "
