@@ -222,6 +222,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument(
+        "--configs",
+        nargs="+",
+        default=[c for c in ATTACHED],
+        choices=list(ATTACHED),
+        help="attached configurations to run (each with its plain loop); default: all",
+    )
+    parser.add_argument(
         "--share-rounds", type=int, default=3, help="instrumented epochs per configuration"
     )
     parser.add_argument("--threads", type=int, default=1)
@@ -249,11 +256,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         x, y, described = _data(MODELS[name])
         x, y = x.to(args.device), y.to(args.device)
         _epoch(name, "attach_optimizer", x[:2000], y[:2000], args.batch)  # warm-up
-        wall: dict[str, list[float]] = {c: [] for c in CONFIGS}
-        cpu: dict[str, list[float]] = {c: [] for c in CONFIGS}
-        hook_share: dict[str, list[float]] = {c: [] for c in CONFIGS}
+        attached = [c for c in ATTACHED if c in args.configs]
+        configs = [c for c in CONFIGS if c in attached or c in {BASELINE[a] for a in attached}]
+        wall: dict[str, list[float]] = {c: [] for c in configs}
+        cpu: dict[str, list[float]] = {c: [] for c in configs}
+        hook_share: dict[str, list[float]] = {c: [] for c in configs}
         for _ in range(args.rounds):
-            order = list(CONFIGS)
+            order = list(configs)
             rng.shuffle(order)
             for config in order:
                 w, c, _ = _epoch(name, config, x, y, args.batch)
@@ -261,13 +270,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 cpu[config].append(c)
         # The hook's share of the epoch, in separate instrumented epochs (not in the ratios).
         for _ in range(args.share_rounds):
-            for config in ATTACHED:
+            for config in attached:
                 w, c, h = _epoch(name, config, x, y, args.batch, instrument=True)
                 hook_share[config].append(h / (w if args.device == "cuda" else c))
         memory = {}
         # memory of the two paths (the breakdown configurations keep the same tensors), and of
         # the optimizer path unfused: the fused step loads Numba once per process
-        memory_configs = [*CONFIGS[:3], "attach_unfused"]
+        memory_configs = [
+            c for c in ("plain", "attach_optimizer", "attach_own", "attach_unfused") if c in configs
+        ]
         for config in [] if args.no_memory or args.device != "cpu" else memory_configs:
             before, peak = _peak_rss_child(name, config, args.threads, args.memory_steps)
             memory[config] = {
@@ -276,24 +287,25 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 "training_peak_growth_kib": peak - before,
                 "adapter_tensor_bytes": _extra_bytes(name, config),
             }
+        baselines = [c for c in configs if c.startswith("plain")]
         entry: dict[str, Any] = {
             "data": described,
             "steps_per_epoch": x.shape[0] // args.batch,
             "mask_updates_per_epoch": (x.shape[0] // args.batch) // 100,
-            "plain_epoch_wall_s": _spread(wall["plain"]),
-            "plain_epoch_cpu_s": _spread(cpu["plain"]),
+            **{f"{b}_epoch_wall_s": _spread(wall[b]) for b in baselines},
+            **{f"{b}_epoch_cpu_s": _spread(cpu[b]) for b in baselines},
             "overhead_cpu": {},
             "overhead_wall": {},
-            "plain_adam_epoch_cpu_s": _spread(cpu["plain_adam"]),
-            "hook_share": {c: _spread(hook_share[c]) for c in ATTACHED},
+            "hook_share": {c: _spread(hook_share[c]) for c in attached},
             "memory": memory,
         }
-        print(
-            f"{name}: {described}, {entry['steps_per_epoch']} steps/epoch, plain epoch "
-            f"{entry['plain_epoch_cpu_s']['median']:.2f} s CPU / "
-            f"{entry['plain_epoch_wall_s']['median']:.2f} s wall (median of {args.rounds})"
-        )
-        for config in ATTACHED:
+        for b in baselines:
+            print(
+                f"{name}: {described}, {entry['steps_per_epoch']} steps/epoch, {b} epoch "
+                f"{entry[f'{b}_epoch_cpu_s']['median']:.2f} s CPU / "
+                f"{entry[f'{b}_epoch_wall_s']['median']:.2f} s wall (median of {args.rounds})"
+            )
+        for config in attached:
             share = hook_share[config]
             print(
                 f"  {config:18s} time inside the adapter's step hook: median "
