@@ -1,6 +1,6 @@
 """Overhead of ``sparsecore.torch.attach`` on a CPU training epoch, and its peak memory.
 
-For each model (LeNet-300-100 and LeNet-5 on Fashion-MNIST) eight loops run interleaved, in a
+For each model (LeNet-300-100 and LeNet-5 on Fashion-MNIST) ten loops run interleaved, in a
 fresh random order every round: the plain loop (dense SGD with momentum, no sparsecore), the same
 loop after ``attach(model, optimizer)`` (the optimizer-momentum path) and after ``attach(model)``
 (the library's own gradient EMA, found through the global optimizer hook), both with mask updates
@@ -8,9 +8,12 @@ every 100 steps (the default); and three breakdowns of the optimizer path: ``att
 mask update: the per-step re-masking alone), ``attach_epoch_end`` (one update per epoch, at its
 end, the paper's schedule) and ``attach_unfused`` (``fused_sgd=False``: SGD's own step followed
 by the re-masking multiply, instead of the fused step of :mod:`sparsecore.torch.fused_step`).
-A seventh and eighth loop use Adam (lr 1e-3) instead: ``plain_adam`` and ``attach_adam``
+Two loops use Adam (lr 1e-3) instead: ``plain_adam`` and ``attach_adam``
 (``attach(model, optimizer)``, Adam's ``exp_avg`` as the momentum; Adam steps are never fused),
-and ``attach_adam`` is compared with ``plain_adam``. The figure is the epoch time with attach divided by the
+and ``attach_adam`` is compared with ``plain_adam``. The last pair runs SGD without momentum
+(``plain_nomomentum``, and ``attach_own_nomomentum`` = ``attach(model)``): the setting the
+own-momentum path is for, where the library's EMA is the only momentum; in ``attach_own`` the
+loop's SGD keeps a momentum buffer as well, so that row pays for two. The figure is the epoch time with attach divided by the
 plain epoch time of the same round; we print the median ratio and its spread (min..max) over the
 rounds. Each configuration starts from the same weights. The time spent inside the adapter's
 per-step routine is measured in separate instrumented epochs (``--share-rounds``), so the clock
@@ -53,10 +56,15 @@ CONFIGS = (
     "attach_unfused",
     "plain_adam",
     "attach_adam",
+    "plain_nomomentum",
+    "attach_own_nomomentum",
 )
 #: The configurations with sparsecore, and the plain loop each one is compared with.
 ATTACHED = tuple(c for c in CONFIGS if c.startswith("attach"))
-BASELINE = {c: "plain_adam" if c.endswith("_adam") else "plain" for c in ATTACHED}
+BASELINE = {
+    c: "plain_" + c.rsplit("_", 1)[1] if c.endswith(("_adam", "_nomomentum")) else "plain"
+    for c in ATTACHED
+}
 #: Mask updates per epoch of each attached configuration (``steps`` steps per epoch).
 UPDATES = {
     "attach_optimizer": lambda steps: steps // 100,
@@ -65,6 +73,7 @@ UPDATES = {
     "attach_epoch_end": lambda steps: 1,
     "attach_unfused": lambda steps: steps // 100,
     "attach_adam": lambda steps: steps // 100,
+    "attach_own_nomomentum": lambda steps: steps // 100,
 }
 MODELS = {"lenet300": 60000, "lenet5": 10000}  # images per measured epoch
 
@@ -104,6 +113,8 @@ def _epoch(
     opt: torch.optim.Optimizer
     if config.endswith("_adam"):
         opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    elif config.endswith("_nomomentum"):
+        opt = torch.optim.SGD(model.parameters(), lr=0.01)
     else:
         opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     sparse = None
@@ -125,6 +136,8 @@ def _epoch(
         sparse = st.attach(model, opt, update_every=100, total_steps=10 * steps, fused_sgd=False)
     elif config == "attach_adam":  # Adam's exp_avg as the momentum; Adam is never fused
         sparse = st.attach(model, opt, update_every=100, total_steps=10 * steps)
+    elif config == "attach_own_nomomentum":  # SGD without momentum: the own EMA is the only one
+        sparse = st.attach(model, update_every=100, total_steps=10 * steps)
     hook_time = [0.0]
     if sparse is not None and instrument:
         # Time spent inside the adapter's per-step routine (mask updates included), measured in
