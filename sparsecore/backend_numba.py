@@ -1273,9 +1273,10 @@ class NumbaBackend(NumpyBackend):
             # The counters and the exact fallback (which uses every thread) run here, after.
             for layer, d, r, g, key in zip(layers, decided, prune_counts, grow_counts, keys):
                 assert d is not None
-                path, lost, gained, new_mask, new_weight, w, p, mask = d
+                path, lost, gained, new_mask, new_weight = d
                 self.fused_paths[path] += 1
                 if path in ("prune_miss", "grow_miss"):  # select this layer exactly
+                    w, p, mask = _flat(layer.weight), _flat(layer.momentum), _flat(layer.mask)
                     lost, gained = self._select_layer(
                         w, p, mask, int(r), int(g), key, new_mask, new_weight
                     )
@@ -1288,8 +1289,8 @@ class NumbaBackend(NumpyBackend):
     def _fused_layer(
         self, layer: Layer, nnz: int, r: int, g: int, key: HashKey, split: bool = True
     ) -> tuple[Any, ...] | None:
-        """Pass 2 and the resolution for one layer: (path, lost, gained, new mask, new weights,
-        and the flat weight, momentum and mask for a fallback); None if a weight is NaN or Inf.
+        """Pass 2 and the resolution for one layer: (path, lost, gained, new mask, new weights);
+        None if a weight is NaN or Inf.
         Path: ``fused_paths``' name for the way taken; on ``prune_miss`` / ``grow_miss`` the
         sampled interval missed and the caller selects the layer exactly. ``split``: pass 2 in
         chunks on every thread (else this thread alone: it may be a pool thread)."""
@@ -1341,7 +1342,7 @@ class NumbaBackend(NumpyBackend):
                 status = -2
         if status != 0:
             path = "prune_miss" if status == -1 else "grow_miss"
-        return path, lost, gained, new_mask, new_weight, w, p, mask
+        return path, lost, gained, new_mask, new_weight
 
     def _records(self, n: int) -> np.ndarray:
         """Scratch room for ``n`` undecided positions, kept per thread between layers and
