@@ -119,6 +119,11 @@ def _kth_best(values: torch.Tensor, k: int, largest: bool) -> torch.Tensor:
         found = _bracketed(values, k, largest)
         if found is not None:
             return found
+    return _kth_selected(values, k, largest)
+
+
+def _kth_selected(values: torch.Tensor, k: int, largest: bool) -> torch.Tensor:
+    """The k-th best of ``values`` by one selection over all of them."""
     if k <= values.numel() // 8:
         top = torch.topk(values, k, largest=largest, sorted=False).values
         return top.min() if largest else top.max()
@@ -158,10 +163,7 @@ def _bracketed(values: torch.Tensor, k: int, largest: bool) -> torch.Tensor | No
     need = k - n_better
     if not 1 <= need <= inside.numel():
         return None
-    if need <= inside.numel() // 8:
-        top = torch.topk(inside, need, largest=largest, sorted=False).values
-        return top.min() if largest else top.max()
-    return torch.kthvalue(inside, inside.numel() - need + 1 if largest else need).values
+    return _kth_selected(inside, need, largest)
 
 
 def _shortlist(
