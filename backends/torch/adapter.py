@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import warnings
 import weakref
+from collections.abc import Collection
 from typing import Any
 
 import torch
@@ -338,16 +339,11 @@ class SparseTraining:
         self._fold_own_momentum(masked or ())
         if self._schedule.due(self.steps):
             self._update(self.steps)  # masks exactly first
-        elif not masked:
-            self._apply_masks(exact=False)
-        elif len(masked) < len(self.targets):
-            rest = [i for i in range(len(self.targets)) if i not in masked]
-            torch._foreach_mul_(
-                [self.targets[i].param for i in rest], [self._keep[i] for i in rest]
-            )
+        else:  # the targets a fused SGD step updated are masked already
+            self._apply_masks(exact=False, skip=masked or ())
         self._set_gradient_window()
 
-    def _fold_own_momentum(self, folded: Any = ()) -> None:
+    def _fold_own_momentum(self, folded: Collection[int] = ()) -> None:
         """``P <- beta * P + (1 - beta) * g`` (``torch.lerp``) for the layers on the library's own
         momentum, except those in ``folded`` (their fused SGD step did it)."""
         beta = self.config.momentum_beta
@@ -439,8 +435,8 @@ class SparseTraining:
         )
 
     @torch.no_grad()
-    def _apply_masks(self, exact: bool = True) -> None:
-        """Zero the weights outside the masks.
+    def _apply_masks(self, exact: bool = True, skip: Collection[int] = ()) -> None:
+        """Zero the weights outside the masks, except in the targets ``skip`` (by index).
 
         ``exact``: ``masked_fill_`` (+0 everywhere outside, whatever was there); otherwise the
         fast multiply by the 0/1 mask, which leaves +-0 for finite weights (NaN for an infinite
@@ -450,8 +446,12 @@ class SparseTraining:
         if exact:
             for t, m in zip(self.targets, self.masks):
                 t.param.masked_fill_(~m, 0)
-        else:
-            torch._foreach_mul_([t.param for t in self.targets], self._keep)
+            return
+        rest = [i for i in range(len(self.targets)) if i not in skip]
+        if rest:
+            torch._foreach_mul_(
+                [self.targets[i].param for i in rest], [self._keep[i] for i in rest]
+            )
 
     def _set_gradient_window(self) -> None:
         """Sparse kernels: dense weight gradients only in the window before the next update."""
