@@ -62,8 +62,9 @@ CONFIGS = (
 #: The configurations with sparsecore, and the plain loop each one is compared with.
 ATTACHED = tuple(c for c in CONFIGS if c.startswith("attach"))
 BASELINE = {
-    c: "plain_" + c.rsplit("_", 1)[1] if c.endswith(("_adam", "_nomomentum")) else "plain"
-    for c in ATTACHED
+    **dict.fromkeys(ATTACHED, "plain"),
+    "attach_adam": "plain_adam",
+    "attach_own_nomomentum": "plain_nomomentum",
 }
 #: Mask updates per epoch of each attached configuration (``steps`` steps per epoch).
 UPDATES = {
