@@ -1,7 +1,9 @@
 """TorchBackend equals the NumPy reference: importance to 1e-12 relative, masks bit for bit.
 
 Inputs are tie-heavy on purpose (small integer weights, all-zero or integer momentum, float16),
-because ties at the selection boundary are where a backend most easily differs.
+because ties at the selection boundary are where a backend most easily differs. The whole-update
+property test and the large-layer paths (shortlists, sampled brackets, word-wise counts, chunked
+sums) also run on CUDA where a GPU is present: the same code takes other kernels there.
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ PRUNES = ["magnitude", "SET"]
 GROWTHS = ["momentum", "random", "gradient", "momentum_neuron"]
 REDISTRIBUTIONS = ["momentum", "magnitude", "nonzero", "none"]
 DTYPES = {"float16": np.float16, "float32": np.float32, "float64": np.float64}
+
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
 
 SHAPES = [(6, 5), (4, 2, 3, 3), (9, 4), (3, 7, 2), (1, 12)]
 
@@ -56,14 +60,14 @@ def layer_sets(draw):
     return layers
 
 
-def _to_torch(layers):
+def _to_torch(layers, device="cpu"):
     return [
         Layer(
             layer.name,
-            torch.from_numpy(layer.weight),
-            torch.from_numpy(layer.mask),
-            torch.from_numpy(layer.momentum),
-            torch.from_numpy(layer.grad),
+            torch.from_numpy(layer.weight).to(device),
+            torch.from_numpy(layer.mask).to(device),
+            torch.from_numpy(layer.momentum).to(device),
+            torch.from_numpy(layer.grad).to(device),
             axis=layer.axis,
         )
         for layer in layers
@@ -79,7 +83,8 @@ def _to_torch(layers):
     rate=st.sampled_from([0.0, 0.2, 0.5, 1.0]),
     u=st.integers(1, 50),
 )
-def test_update_equals_numpy_reference(layers, prune, growth, redistribution, rate, u):
+@pytest.mark.parametrize("device", DEVICES)
+def test_update_equals_numpy_reference(device, layers, prune, growth, redistribution, rate, u):
     kwargs = dict(
         prune_rate=rate,
         update_index=u,
@@ -89,10 +94,11 @@ def test_update_equals_numpy_reference(layers, prune, growth, redistribution, ra
         redistribution=redistribution,
     )
     ref = update(layers, backend="numpy", **kwargs)
-    out = update(_to_torch(layers), backend=TorchBackend(), **kwargs)
+    out = update(_to_torch(layers, device), backend=TorchBackend(), **kwargs)
     for a, b, layer in zip(ref.masks, out.masks, layers):
         assert isinstance(b, torch.Tensor) and b.dtype == torch.bool
-        np.testing.assert_array_equal(a, b.numpy(), err_msg=layer.name)
+        assert b.device.type == device
+        np.testing.assert_array_equal(a, b.cpu().numpy(), err_msg=layer.name)
     for ra, rb in zip(ref.report.layers, out.report.layers):
         assert (ra.pruned, ra.grown, ra.net_pruned, ra.net_grown) == (
             rb.pruned,
@@ -207,7 +213,8 @@ def test_apply_keeps_weights_bit_for_bit_and_zeroes_the_rest():
 
 @pytest.mark.parametrize("kind", ["normal", "ints", "zeros", "spiky", "float16"])
 @pytest.mark.parametrize("k", [1, 37, 2000, 9000])
-def test_large_layer_selection_equals_reference(kind, k):
+@pytest.mark.parametrize("device", DEVICES)
+def test_large_layer_selection_equals_reference(device, kind, k):
     """Layers of >= 2**16 positions take the sampled-bound path of the boundary search."""
     rng = np.random.default_rng(k)
     shape = (300, 260)
@@ -227,20 +234,22 @@ def test_large_layer_selection_equals_reference(kind, k):
     for largest in (True, False):
         kw = dict(among_active=False, largest=largest, magnitude=True, key=key)
         a = get_backend("numpy").select(x, mask, k, **kw)
-        b = TorchBackend().select(torch.from_numpy(x), torch.from_numpy(mask), k, **kw)
-        np.testing.assert_array_equal(a, b.numpy())
+        t_x, t_mask = torch.from_numpy(x).to(device), torch.from_numpy(mask).to(device)
+        b = TorchBackend().select(t_x, t_mask, k, **kw)
+        np.testing.assert_array_equal(a, b.cpu().numpy())
 
 
 @pytest.mark.parametrize(
     "n", [1, 7, 2040, 2041, 65535, 65536, 65537, 81600, 81613, 235200, 10**6 + 3]
 )
 @pytest.mark.parametrize("p", [0.0, 0.05, 0.5, 1.0])
-def test_count_is_exact_on_every_layout(n: int, p: float) -> None:
+@pytest.mark.parametrize("device", DEVICES)
+def test_count_is_exact_on_every_layout(device: str, n: int, p: float) -> None:
     """The word-wise count (large contiguous masks) equals a plain count: chunk edges, tails,
     views that do not start on an 8-byte boundary, strided views."""
     g = torch.Generator().manual_seed(n)
     be = TorchBackend()
-    mask = torch.rand(n + 5, generator=g) < p
+    mask = (torch.rand(n + 5, generator=g) < p).to(device)
     for view in (mask[:n], mask[3 : n + 3], mask[::2]):
         assert be.count(view) == int(torch.count_nonzero(view))
 
@@ -256,8 +265,9 @@ def test_count_is_exact_on_every_layout(n: int, p: float) -> None:
     among_active=st.booleans(),
     largest=st.booleans(),
 )
+@pytest.mark.parametrize("device", DEVICES)
 def test_large_layer_selection_with_any_mask_layout_equals_reference(
-    seed, n, values, mask_kind, density, k_frac, among_active, largest
+    device, seed, n, values, mask_kind, density, k_frac, among_active, largest
 ):
     """Layers of 2**16 positions and more take the shortlist paths (a gathered set of few
     candidates, or a sampled bound for a small k of many); masks laid out in blocks or on the
@@ -277,20 +287,23 @@ def test_large_layer_selection_with_any_mask_layout_equals_reference(
     k = int(k_frac * candidates)
     kw = dict(among_active=among_active, largest=largest, magnitude=True, key=HashKey(5, 1, 0))
     a = get_backend("numpy").select(x, mask, k, **kw)
-    b = TorchBackend().select(torch.from_numpy(x), torch.from_numpy(mask), k, **kw)
-    np.testing.assert_array_equal(a, b.numpy())
+    b = TorchBackend().select(
+        torch.from_numpy(x).to(device), torch.from_numpy(mask).to(device), k, **kw
+    )
+    np.testing.assert_array_equal(a, b.cpu().numpy())
 
 
 @pytest.mark.parametrize("n", [2 * 16384, 2 * 16384 + 1, 235_207, 1_000_003])
 @pytest.mark.parametrize("masked", [True, False])
-def test_large_abs_sum_is_a_float64_sum(n, masked):
+@pytest.mark.parametrize("device", DEVICES)
+def test_large_abs_sum_is_a_float64_sum(device, n, masked):
     """Large CPU tensors are summed in chunks (no whole float64 copy): still a float64 sum."""
     rng = np.random.default_rng(n)
     x = (rng.standard_normal(n) * rng.choice([1e-30, 1.0, 1e30], size=n)).astype(np.float32)
     mask = rng.random(n) < 0.3 if masked else None
     expected = get_backend("numpy").abs_sum(x, mask)
     got = TorchBackend().abs_sum(
-        torch.from_numpy(x), None if mask is None else torch.from_numpy(mask)
+        torch.from_numpy(x).to(device), None if mask is None else torch.from_numpy(mask).to(device)
     )
     assert math.isclose(got, expected, rel_tol=1e-12)
 
@@ -303,7 +316,8 @@ def test_large_abs_sum_is_a_float64_sum(n, masked):
     k_frac=st.floats(0.0, 1.0),
     largest=st.booleans(),
 )
-def test_kth_best_of_many_values_is_exact(seed, n, kind, k_frac, largest):
+@pytest.mark.parametrize("device", DEVICES)
+def test_kth_best_of_many_values_is_exact(device, seed, n, kind, k_frac, largest):
     """From 2**15 values on, the k-th best is searched inside a sampled bracket first; whatever
     the sample (ties everywhere, or the strided sample seeing only outliers), it is exact."""
     from sparsecore.torch.backend import _kth_best
@@ -319,6 +333,6 @@ def test_kth_best_of_many_values_is_exact(seed, n, kind, k_frac, largest):
     else:
         x = rng.standard_normal(n).astype(np.float32)
     k = min(n, max(1, int(k_frac * n)))
-    values = torch.from_numpy(x)
+    values = torch.from_numpy(x).to(device)
     expected = np.sort(x)[::-1][k - 1] if largest else np.sort(x)[k - 1]
     assert float(_kth_best(values, k, largest)) == float(expected)
