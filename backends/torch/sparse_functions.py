@@ -24,13 +24,14 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-import numba
 import numpy as np
 import torch
 from torch.nn import functional as F
 
 from sparsecore import cpu_kernels as K
 from sparsecore.structures import ConvCSR, LinearCSR, build_conv_csr, build_linear_csr
+
+from .threads import kernel_threads
 
 __all__ = [
     "ConvLayerState",
@@ -41,21 +42,6 @@ __all__ = [
 ]
 
 SUPPORTED_DTYPES = (torch.float32, torch.float64)
-
-
-def kernel_threads() -> int:
-    """Thread count for the Numba kernels: PyTorch's intra-op count, within Numba's pool.
-
-    Starting Numba's OpenMP pool resets the process-wide OpenMP thread count, which is also
-    PyTorch's; PyTorch's setting is read first and put back if it changed.
-    """
-    want = torch.get_num_threads()
-    n = max(1, min(want, int(getattr(numba.config, "NUMBA_NUM_THREADS", 1))))
-    if numba.get_num_threads() != n:
-        numba.set_num_threads(n)
-    if torch.get_num_threads() != want:
-        torch.set_num_threads(want)
-    return n
 
 
 @dataclass(eq=False)
