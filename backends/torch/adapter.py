@@ -24,6 +24,7 @@ from __future__ import annotations
 import warnings
 import weakref
 from collections.abc import Collection
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -34,15 +35,17 @@ from torch.optim.optimizer import (
 )
 
 from sparsecore.config import SparseConfig, option_names
-from sparsecore.engine import SparseEngine
+from sparsecore.engine import SparseEngine, UpdateResult
 from sparsecore.errors import NonFiniteError, SparseCoreError
 from sparsecore.layers import Layer
 from sparsecore.report import UpdateReport
 
 from . import fused_step as fs
+from . import host_update as hu
 from . import momentum as mom
 from .backend import TorchBackend
 from .selection import Selectors, Target, select_targets
+from .threads import kernel_threads
 
 KERNEL_CHOICES = (None, "cpu", "cuda", "auto")
 STATE_FORMAT = "sparsecore.torch/1"
@@ -54,6 +57,7 @@ _ATTACHED_MODELS: weakref.WeakKeyDictionary[nn.Module, Any] = weakref.WeakKeyDic
 _ATTACHED_PARAMS: dict[int, Any] = {}
 
 _BACKEND = TorchBackend()
+_UNSET: Any = object()
 
 
 def attach(
@@ -66,6 +70,7 @@ def attach(
     dense_last: bool = False,
     kernels: str | None = None,
     fused_sgd: bool = True,
+    update_backend: str = "auto",
     **options: Any,
 ) -> SparseTraining:
     """Make ``model`` train sparse from now on; returns the :class:`SparseTraining` handle.
@@ -82,6 +87,11 @@ def attach(
     ``fused_sgd``: for ``torch.optim.SGD`` steps of sparse CPU float32/float64 parameters, run
     SGD's update and the re-masking as one loop (same results bit for bit, about half the memory
     traffic; :mod:`sparsecore.torch.fused_step`); ``False`` keeps SGD's own step plus a multiply.
+    ``update_backend``: what computes the mask updates. ``'auto'`` runs them through the Numba
+    backend on NumPy views when every array is a CPU tensor in float16/32/64 (the same masks bit
+    for bit, in about half the time; :mod:`sparsecore.torch.host_update`) and through the torch
+    backend otherwise; ``'torch'`` always uses the torch backend; ``'numba'`` requires the Numba
+    path.
 
     Everything is checked before the model is touched: a bad option, a model without sparse
     parameters, an optimizer that does not hold them, or a model already attached raises
@@ -98,7 +108,39 @@ def attach(
         raise SparseCoreError(f"kernels must be one of {list(KERNEL_CHOICES)}, got {kernels!r}")
     if not isinstance(fused_sgd, bool):
         raise SparseCoreError(f"fused_sgd must be True or False, got {fused_sgd!r}")
-    return SparseTraining(model, optimizer, config, targets, kernels=kernels, fused_sgd=fused_sgd)
+    _check_update_backend(update_backend, targets)
+    return SparseTraining(
+        model,
+        optimizer,
+        config,
+        targets,
+        kernels=kernels,
+        fused_sgd=fused_sgd,
+        update_backend=update_backend,
+    )
+
+
+def _check_update_backend(update_backend: Any, targets: list[Target]) -> None:
+    if update_backend not in hu.UPDATE_BACKENDS:
+        raise SparseCoreError(
+            f"update_backend must be one of {list(hu.UPDATE_BACKENDS)}, got {update_backend!r}"
+        )
+    if update_backend != "numba":
+        return
+    problem = (
+        next(
+            (
+                f"layer {t.name!r} is {t.param.dtype} on {t.param.device}; it needs a CPU tensor in "
+                f"float16, float32 or float64"
+                for t in targets
+                if t.param.device.type != "cpu" or t.param.dtype not in hu.VIEWABLE_DTYPES
+            ),
+            None,
+        )
+        or hu.numba_backend()[1]
+    )
+    if problem is not None:
+        raise SparseCoreError(f"update_backend='numba' cannot be used: {problem}")
 
 
 def _make_config(options: dict[str, Any]) -> SparseConfig:
@@ -106,7 +148,7 @@ def _make_config(options: dict[str, Any]) -> SparseConfig:
     if unknown:
         raise SparseCoreError(
             f"unknown attach option(s) {unknown}; options are {option_names()} and include, "
-            f"exclude, dense_first, dense_last, kernels, fused_sgd"
+            f"exclude, dense_first, dense_last, kernels, fused_sgd, update_backend"
         )
     if options.get("growth") == "none":
         options = dict(options, growth="momentum", update_every=None, update_at_epoch_end=False)
@@ -157,6 +199,7 @@ class SparseTraining:
         *,
         kernels: str | None = None,
         fused_sgd: bool = True,
+        update_backend: str = "auto",
     ) -> None:
         self.model = model
         self.optimizer = optimizer
@@ -215,7 +258,11 @@ class SparseTraining:
         for t in targets:
             _ATTACHED_PARAMS[id(t.param)] = handle_ref
         self._fused_sgd = fused_sgd
-        self._taken: list[tuple[int, torch.Tensor]] = []  # gradients held over an SGD step
+        self._update_backend = update_backend
+        self._last_update_backend: str | None = None
+        # gradients held over an SGD step, with their group's options
+        self._taken: list[tuple[int, torch.Tensor, fs.GroupPlan]] = []
+        self._param_plans: list[fs.ParamPlan | None] = [None] * len(targets)
         self._sgd_groups: list[dict[str, Any] | None] | None = None  # the driver's, per target
         self._hooks: list[Any] = []
         if optimizer is not None:
@@ -254,7 +301,8 @@ class SparseTraining:
         """Before an SGD step: hold back the gradients of the parameters the fused loop updates.
 
         SGD skips a parameter whose ``grad`` is None; :meth:`_finish_sgd_step` then updates it
-        and puts its gradient back (:mod:`sparsecore.torch.fused_step`).
+        and puts its gradient back (:mod:`sparsecore.torch.fused_step`). Each group's options are
+        read once here and kept with the gradients, so the loop sees this step's learning rate.
         """
         self._give_back_grads()  # only if the previous step raised between the two hooks
         if not self._fused_sgd or self._detached or not fs.optimizer_fusable(optimizer):
@@ -264,11 +312,17 @@ class SparseTraining:
             return  # a closure recomputes the gradients inside the step
         if self._sgd_groups is None:
             self._sgd_groups = [mom.group_of(optimizer, t.param) for t in self.targets]
+        plans: dict[int, fs.GroupPlan | None] = {}
         for i, (t, group) in enumerate(zip(self.targets, self._sgd_groups)):
-            if group is not None and fs.group_fusable(group) and fs.param_fusable(t.param):
+            if group is None:
+                continue
+            plan = plans.get(id(group), _UNSET)
+            if plan is _UNSET:
+                plan = plans[id(group)] = fs.plan_group(group) if fs.group_fusable(group) else None
+            if plan is not None and fs.param_fusable(t.param):
                 grad = t.param.grad
                 assert grad is not None
-                self._taken.append((i, grad))
+                self._taken.append((i, grad, plan))
                 t.param.grad = None
 
     def _finish_sgd_step(self, optimizer: Any) -> set[int]:
@@ -276,21 +330,23 @@ class SparseTraining:
         their gradients into the own momentum where there is one; their indices."""
         if not self._taken:
             return set()
-        assert self._sgd_groups is not None
         done = set()
-        own_weight = 1.0 - self.config.momentum_beta
+        state = optimizer.state
         with torch.no_grad():
-            for i, grad in self._taken:
-                t, group, own = self.targets[i], self._sgd_groups[i], self._own[i]
-                assert group is not None
-                state = optimizer.state[t.param] if group.get("momentum", 0.0) != 0.0 else {}
-                fs.masked_sgd_step(t.param, grad, self.masks[i], state, group, own, own_weight)
+            for i, grad, group_plan in self._taken:
+                param = self.targets[i].param
+                plan = self._param_plans[i]
+                if plan is None or not plan.valid_for(param, self.masks[i], self._own[i]):
+                    plan = self._param_plans[i] = fs.plan_param(
+                        param, self.masks[i], self._own[i], 1.0 - self.config.momentum_beta
+                    )
+                fs.run_planned(plan, group_plan, grad, state[param] if group_plan.momentum else {})
                 done.add(i)
         self._give_back_grads()
         return done
 
     def _give_back_grads(self) -> None:
-        for i, grad in self._taken:
+        for i, grad, _ in self._taken:
             self.targets[i].param.grad = grad
         self._taken.clear()
 
@@ -396,7 +452,7 @@ class SparseTraining:
             rate = cfg.prune_rate
         self._apply_masks(exact=False)
         try:
-            result = self.engine.update(self._layers(), step, backend=_BACKEND, prune_rate=rate)
+            result = self._engine_update(step, rate)
         except Exception:
             self._apply_masks(exact=True)  # +0 outside the masks even where weights overflowed
             raise
@@ -416,6 +472,30 @@ class SparseTraining:
         if self._router is not None:
             self._router.refresh()
         return report
+
+    def _engine_update(self, step: int, rate: float | None) -> UpdateResult:
+        """The engine's update of the current layers: through the Numba backend on NumPy views
+        where that applies (:mod:`sparsecore.torch.host_update`), else through the torch backend.
+        The masks come back as tensors either way."""
+        layers = self._layers()
+        numba_backend = None
+        if self._update_backend != "torch" and hu.why_not_viewable(layers) is None:
+            numba_backend = hu.numba_backend()[0]
+        if numba_backend is None:
+            self._last_update_backend = _BACKEND.name
+            return self.engine.update(layers, step, backend=_BACKEND, prune_rate=rate)
+        self._last_update_backend = numba_backend.name
+        kernel_threads()  # Numba's pool as large as PyTorch's, PyTorch's count kept
+        engine = self.engine
+        # The engine keeps its ever-active masks in its backend's arrays; this handle keeps tensors.
+        engine.ever_active = hu.as_arrays(engine.ever_active)
+        try:
+            result = engine.update(
+                hu.numpy_views(layers), step, backend=numba_backend, prune_rate=rate
+            )
+        finally:
+            engine.ever_active = hu.as_tensors(engine.ever_active)
+        return replace(result, masks=hu.as_tensors(result.masks), weights=None)
 
     def _reset_state(self, param: torch.Tensor, changed: torch.Tensor) -> None:
         i = next(i for i, t in enumerate(self.targets) if t.param is param)
@@ -491,6 +571,12 @@ class SparseTraining:
         if name not in self.names:
             raise SparseCoreError(f"no sparse parameter {name!r}; sparse parameters: {self.names}")
         return self.masks[self.names.index(name)]
+
+    @property
+    def last_update_backend(self) -> str | None:
+        """The array backend that computed the last mask update: ``'numba'`` (CPU tensors read
+        as NumPy views) or ``'torch'``; None before the first update."""
+        return self._last_update_backend
 
     @property
     def kernel_router(self) -> Any:

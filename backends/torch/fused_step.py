@@ -32,7 +32,7 @@ ordinary SGD.
 from __future__ import annotations
 
 import warnings
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -133,6 +133,119 @@ def param_fusable(param: torch.Tensor) -> bool:
     )
 
 
+class GroupPlan(NamedTuple):
+    """A parameter group's SGD options as the loop takes them (read once per step)."""
+
+    neg_lr: float
+    weight_decay: float
+    momentum: float
+    damp1: float  # 1 - dampening
+    flags: int  # MOMENTUM, NESTEROV, WEIGHT_DECAY
+
+
+def plan_group(group: dict[str, Any]) -> GroupPlan:
+    """The loop's view of a group that :func:`group_fusable` accepted."""
+    k = _kernels()
+    momentum = float(group.get("momentum", 0.0))
+    weight_decay = float(group.get("weight_decay", 0.0))
+    flags = 0
+    if momentum != 0.0:
+        flags |= k.MOMENTUM
+        if group.get("nesterov", False):
+            flags |= k.NESTEROV
+    if weight_decay != 0.0:
+        flags |= k.WEIGHT_DECAY
+    damp1 = 1.0 - float(group.get("dampening", 0.0))
+    return GroupPlan(-float(group["lr"]), weight_decay, momentum, damp1, flags)
+
+
+class ParamPlan(NamedTuple):
+    """What stays the same for one parameter from step to step: its loop, pointers and own
+    momentum coefficient. Valid while the parameter, mask and own tensors are these ones."""
+
+    param: torch.Tensor
+    mask: torch.Tensor
+    own: torch.Tensor | None
+    loop: Any
+    p_ptr: int
+    mask_ptr: int
+    n: int
+    own_ptr: int
+    own_coeff: float
+    own_flags: int
+
+    def valid_for(self, param: torch.Tensor, mask: torch.Tensor, own: torch.Tensor | None) -> bool:
+        """Whether the plan still describes these tensors (``param.data`` may have been
+        replaced since, which moves its memory)."""
+        return (
+            self.param is param
+            and self.mask is mask
+            and self.own is own
+            and self.p_ptr == param.data_ptr()
+        )
+
+
+def plan_param(
+    param: torch.Tensor,
+    mask: torch.Tensor,
+    own: torch.Tensor | None = None,
+    own_weight: float = 0.0,
+) -> ParamPlan:
+    """The plan of ``param`` (see :func:`masked_sgd_step` for the arguments)."""
+    k = _kernels()
+    own_coeff, own_flags = 0.0, 0
+    if own is not None:
+        # torch.lerp rounds the weight to the dtype, then uses w (|w| < 0.5) or w - 1, which is
+        # exact in that dtype for w in [0.5, 2] (Sterbenz), so computing it in double is too
+        w = float(np.float32(own_weight)) if param.dtype == torch.float32 else float(own_weight)
+        small = abs(w) < 0.5
+        own_coeff = w if small else w - 1.0
+        own_flags = k.OWN | (k.SMALL_OWN_WEIGHT if small else 0)
+    p_ptr = param.data_ptr()
+    return ParamPlan(
+        param,
+        mask,
+        own,
+        k.MASKED_SGD_FLOAT32 if param.dtype == torch.float32 else k.MASKED_SGD_FLOAT64,
+        p_ptr,
+        mask.data_ptr(),
+        param.numel(),
+        p_ptr if own is None else own.data_ptr(),
+        own_coeff,
+        own_flags,
+    )
+
+
+def run_planned(
+    plan: ParamPlan, group: GroupPlan, grad: torch.Tensor, state: dict[str, Any]
+) -> None:
+    """One fused step of ``plan``'s parameter with gradient ``grad`` (see
+    :func:`masked_sgd_step`); ``state`` is ``optimizer.state[param]``."""
+    flags = group.flags | plan.own_flags
+    b_ptr = plan.p_ptr  # not read without momentum
+    if group.momentum != 0.0:
+        buf = state.get("momentum_buffer")
+        if buf is None:
+            buf = torch.empty_like(plan.param, memory_format=torch.contiguous_format)
+            state["momentum_buffer"] = buf
+            flags |= _FIRST
+        b_ptr = buf.data_ptr()
+    plan.loop(
+        plan.p_ptr,
+        grad.data_ptr(),
+        b_ptr,
+        plan.mask_ptr,
+        plan.n,
+        group.neg_lr,
+        group.weight_decay,
+        group.momentum,
+        group.damp1,
+        plan.own_ptr,
+        plan.own_coeff,
+        flags,
+    )
+
+
 def masked_sgd_step(
     param: torch.Tensor,
     grad: torch.Tensor,
@@ -149,48 +262,14 @@ def masked_sgd_step(
     ``own``: the library's own gradient average of ``param`` (same dtype), folded in the same
     loop as ``torch.lerp(own, grad, own_weight)`` computes it, bit for bit.
     The caller guarantees what :func:`param_fusable` checks; ``mask`` is a contiguous boolean
-    tensor of ``param``'s shape on the CPU.
+    tensor of ``param``'s shape on the CPU. Training loops keep the plans between steps instead
+    (:func:`plan_param`, :func:`plan_group`, :func:`run_planned`): this call builds both each time.
     """
-    k = _kernels()
-    momentum = float(group.get("momentum", 0.0))
-    weight_decay = float(group.get("weight_decay", 0.0))
-    flags = 0
-    buf = None
-    if momentum != 0.0:
-        flags |= k.MOMENTUM
-        buf = state.get("momentum_buffer")
-        if buf is None:
-            buf = torch.empty_like(param, memory_format=torch.contiguous_format)
-            state["momentum_buffer"] = buf
-            flags |= k.FIRST
-        if group.get("nesterov", False):
-            flags |= k.NESTEROV
-    if weight_decay != 0.0:
-        flags |= k.WEIGHT_DECAY
-    own_coeff = 0.0
-    if own is not None:
-        # torch.lerp rounds the weight to the dtype, then uses w (|w| < 0.5) or w - 1, which is
-        # exact in that dtype for w in [0.5, 2] (Sterbenz), so computing it in double is too
-        w = float(np.float32(own_weight)) if param.dtype == torch.float32 else float(own_weight)
-        small = abs(w) < 0.5
-        own_coeff = w if small else w - 1.0
-        flags |= k.OWN | (k.SMALL_OWN_WEIGHT if small else 0)
-    p_ptr = param.data_ptr()
-    loop = k.MASKED_SGD_FLOAT32 if param.dtype == torch.float32 else k.MASKED_SGD_FLOAT64
-    loop(
-        p_ptr,
-        grad.data_ptr(),
-        p_ptr if buf is None else buf.data_ptr(),
-        mask.data_ptr(),
-        param.numel(),
-        -float(group["lr"]),
-        weight_decay,
-        momentum,
-        1.0 - float(group.get("dampening", 0.0)),
-        p_ptr if own is None else own.data_ptr(),
-        own_coeff,
-        flags,
-    )
+    run_planned(plan_param(param, mask, own, own_weight), plan_group(group), grad, state)
+
+
+_KERNELS: Any = None
+_FIRST = 2  # fused_step_kernels.FIRST, without importing Numba to read it
 
 
 def _kernels() -> Any:
@@ -201,6 +280,10 @@ def _kernels() -> Any:
     pointers: a call costs about a microsecond, where a jitted function's dispatcher spends
     several checking a dozen arguments, which on a small model is as long as the loop itself.
     """
-    from . import fused_step_kernels
+    global _KERNELS
+    if _KERNELS is None:
+        from . import fused_step_kernels
 
-    return fused_step_kernels
+        assert fused_step_kernels.FIRST == _FIRST
+        _KERNELS = fused_step_kernels
+    return _KERNELS

@@ -1,0 +1,159 @@
+"""Mask updates of CPU parameters through the Numba backend (``update_backend='auto'``): the same
+training, bit for bit, as with the torch backend, in every mode; the choice falls back where it
+must, says why where it was asked for, and leaves PyTorch's thread count alone."""
+
+from __future__ import annotations
+
+import io
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import sparsecore.torch as st
+from sparsecore.errors import SparseCoreError
+
+MODES = [
+    dict(),  # the paper's: magnitude pruning, momentum growth and redistribution
+    dict(prune="SET", growth="random", redistribution="none"),
+    dict(growth="gradient", redistribution="magnitude", init="ERK"),
+    dict(growth="momentum_neuron", redistribution="nonzero", prune_schedule="linear"),
+]
+
+
+def _model(dtype: torch.dtype = torch.float32) -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(1, 6, 3),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(6 * 6 * 6, 40),
+        nn.ReLU(),
+        nn.Linear(40, 5),
+    ).to(dtype)
+
+
+def _attach(backend: str, own: bool, dtype=torch.float32, **options):
+    model = _model(dtype)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4)
+    kw = dict(density=0.2, update_every=3, total_steps=30, update_backend=backend)
+    sparse = st.attach(model, None if own else opt, **{**kw, **options})
+    return model, opt, sparse
+
+
+def _train(model, opt, steps: int, gen: torch.Generator | None = None) -> None:
+    gen = gen or torch.Generator().manual_seed(3)
+    dtype = next(model.parameters()).dtype
+    for _ in range(steps):
+        x = torch.randn(8, 1, 8, 8, generator=gen).to(dtype)
+        y = torch.randint(0, 5, (8,), generator=gen)
+        opt.zero_grad()
+        F.cross_entropy(model(x).float(), y).backward()
+        opt.step()
+
+
+def _assert_same(a, b) -> None:
+    (ma, oa, sa), (mb, ob, sb) = a, b
+    for pa, pb in zip(ma.parameters(), mb.parameters()):
+        assert torch.equal(pa, pb)
+        for key, value in oa.state[pa].items():
+            assert torch.equal(value, ob.state[pb][key]), key
+    for x, y in zip(sa.masks, sb.masks):
+        assert torch.equal(x, y)
+    for x, y in zip(sa._own, sb._own):
+        assert (x is None and y is None) or torch.equal(x, y)
+    assert [r.to_dict() for r in sa.history] == [r.to_dict() for r in sb.history]
+    for x, y in zip(sa.engine.ever_active, sb.engine.ever_active):
+        assert isinstance(x, torch.Tensor) and torch.equal(x, y)
+
+
+@pytest.mark.parametrize("own", [False, True], ids=["optimizer_momentum", "own_momentum"])
+@pytest.mark.parametrize("mode", MODES, ids=lambda m: "-".join(map(str, m.values())) or "paper")
+def test_numba_updates_train_exactly_as_torch_updates(mode, own):
+    runs = []
+    for backend in ("auto", "torch"):
+        run = _attach(backend, own, **mode)
+        _train(run[0], run[1], 14)
+        runs.append(run)
+    assert runs[0][2].last_update_backend == "numba"
+    assert runs[1][2].last_update_backend == "torch"
+    assert len(runs[0][2].history) == 4
+    _assert_same(runs[0], runs[1])
+
+
+def test_float16_cpu_weights_take_the_numba_path():
+    """float16 weights with the float32 own momentum the adapter keeps for them."""
+    runs = [_attach(backend, True, torch.float16) for backend in ("numba", "torch")]
+    for model, opt, _ in runs:
+        _train(model, opt, 7)
+    assert runs[0][2].last_update_backend == "numba"
+    _assert_same(runs[0], runs[1])
+
+
+def test_bfloat16_weights_fall_back_to_the_torch_backend_and_numba_says_why():
+    model, opt, sparse = _attach("auto", True, torch.bfloat16)
+    _train(model, opt, 4)
+    assert sparse.last_update_backend == "torch" and len(sparse.history) == 1
+    model = _model(torch.bfloat16)
+    with pytest.raises(
+        SparseCoreError, match=r"update_backend='numba'.*'0.weight' is torch.bfloat16"
+    ):
+        st.attach(model, update_backend="numba")
+    st.attach(model).detach()  # the refused attach changed nothing
+
+
+def test_update_backend_must_be_known():
+    with pytest.raises(SparseCoreError, match=r"update_backend must be one of .*got 'cupy'"):
+        st.attach(_model(), update_backend="cupy")
+
+
+def test_checkpoint_from_the_numba_path_resumes_on_the_torch_path():
+    reference = _attach("auto", False)
+    _train(reference[0], reference[1], 14)
+
+    gen = torch.Generator().manual_seed(3)  # the uninterrupted run's batches, in two halves
+    model, opt, sparse = _attach("auto", False)
+    _train(model, opt, 7, gen)
+    state = sparse.state_dict()
+    assert all(isinstance(e, torch.Tensor) for e in state["engine"]["ever_active"])
+    buffer = io.BytesIO()
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "sparse": state}, buffer)
+    buffer.seek(0)
+    saved = torch.load(buffer)
+    model, opt, sparse = _attach("torch", False)
+    model.load_state_dict(saved["model"])
+    opt.load_state_dict(saved["opt"])
+    sparse.load_state_dict(saved["sparse"])
+    _train(model, opt, 7, gen)
+    assert sparse.last_update_backend == "torch" and len(sparse.history) == 4
+    for x, y in zip(sparse.masks, reference[2].masks):
+        assert torch.equal(x, y)
+    for pa, pb in zip(model.parameters(), reference[0].parameters()):
+        assert torch.equal(pa, pb)
+
+
+def test_numba_updates_leave_the_torch_thread_count_alone():
+    """Starting Numba's threads resets the OpenMP count PyTorch uses; the update puts it back
+    (a fresh process: Numba starts its threads once per process)."""
+    code = (
+        "import torch, torch.nn.functional as F, numba\n"
+        "torch.set_num_threads(1)\n"
+        "import sparsecore.torch as st\n"
+        "model = torch.nn.Sequential(torch.nn.Linear(30, 20), torch.nn.ReLU(), "
+        "torch.nn.Linear(20, 3))\n"
+        "opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)\n"
+        "sparse = st.attach(model, opt, density=0.3, update_every=2, total_steps=10)\n"
+        "for _ in range(4):\n"
+        "    opt.zero_grad()\n"
+        "    F.cross_entropy(model(torch.randn(8, 30)), torch.zeros(8, dtype=torch.long))"
+        ".backward()\n"
+        "    opt.step()\n"
+        "print(sparse.last_update_backend, len(sparse.history), torch.get_num_threads(), "
+        "numba.get_num_threads())\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["numba", "2", "1", "1"]
