@@ -332,16 +332,16 @@ class SparseTraining:
             return set()
         done = set()
         state = optimizer.state
-        with torch.no_grad():
-            for i, grad, group_plan in self._taken:
-                param = self.targets[i].param
-                plan = self._param_plans[i]
-                if plan is None or not plan.valid_for(param, self.masks[i], self._own[i]):
-                    plan = self._param_plans[i] = fs.plan_param(
-                        param, self.masks[i], self._own[i], 1.0 - self.config.momentum_beta
-                    )
-                fs.run_planned(plan, group_plan, grad, state[param] if group_plan.momentum else {})
-                done.add(i)
+        # The loop writes through data pointers: no autograd op runs, so no no_grad is needed.
+        for i, grad, group_plan in self._taken:
+            param = self.targets[i].param
+            plan = self._param_plans[i]
+            if plan is None or not plan.valid_for(param, self.masks[i], self._own[i]):
+                plan = self._param_plans[i] = fs.plan_param(
+                    param, self.masks[i], self._own[i], 1.0 - self.config.momentum_beta
+                )
+            fs.run_planned(plan, group_plan, grad, state[param] if group_plan.momentum else {})
+            done.add(i)
         self._give_back_grads()
         return done
 
@@ -386,17 +386,23 @@ class SparseTraining:
                 return t.name
         return None  # pragma: no cover
 
-    @torch.no_grad()
     def _after_step(self, masked: set[int] | None = None) -> None:
-        """Per optimizer step; ``masked``: targets whose fused SGD step has re-masked them."""
+        """Per optimizer step; ``masked``: targets whose fused SGD step has re-masked them (and
+        folded their gradients into the own momentum)."""
         if self._detached:
             return
         self.steps += 1
-        self._fold_own_momentum(masked or ())
-        if self._schedule.due(self.steps):
-            self._update(self.steps)  # masks exactly first
-        else:  # the targets a fused SGD step updated are masked already
-            self._apply_masks(exact=False, skip=masked or ())
+        done = masked or ()
+        due = self._schedule.due(self.steps)
+        # When a fused step did everything and no update is due, there is nothing left to do:
+        # even entering no_grad would cost more than the rest of this routine.
+        if due or len(done) < len(self.targets):
+            with torch.no_grad():
+                self._fold_own_momentum(done)
+                if due:
+                    self._update(self.steps)  # masks exactly first
+                else:  # the targets a fused SGD step updated are masked already
+                    self._apply_masks(exact=False, skip=done)
         self._set_gradient_window()
 
     def _fold_own_momentum(self, folded: Collection[int] = ()) -> None:

@@ -119,16 +119,20 @@ def group_fusable(group: dict[str, Any]) -> bool:
 
 
 def param_fusable(param: torch.Tensor) -> bool:
-    """Whether this parameter and its current gradient can take the fused step now."""
+    """Whether this parameter and its current gradient can take the fused step now.
+
+    Runs for every sparse parameter at every step, so it reads the cheapest attributes
+    (``is_cpu`` rather than ``device.type``; dtypes are singletons, so ``is`` compares them).
+    """
     grad = param.grad
     return (
-        param.device.type == "cpu"
+        grad is not None
+        and param.is_cpu
         and param.dtype in _FLOATS
         and param.is_contiguous()
-        and grad is not None
+        and grad.is_cpu
+        and grad.dtype is param.dtype
         and not grad.is_sparse
-        and grad.dtype == param.dtype
-        and grad.device == param.device
         and grad.is_contiguous()
     )
 
