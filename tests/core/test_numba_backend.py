@@ -27,10 +27,10 @@ REFERENCE = NumpyBackend()
 # Each variant forces one selection path on arrays of a few hundred elements.
 VARIANTS = {
     "default": NumbaBackend(),
-    "sampled_chunked": NumbaBackend(small_layer=0, min_chunk=64),
-    "histogram_chunked": NumbaBackend(sampled=False, small_layer=0, min_chunk=64),
+    "sampled_chunked": NumbaBackend(small_layer=0, min_chunk=64, parallel_min=0),
+    "histogram_chunked": NumbaBackend(sampled=False, small_layer=0, min_chunk=64, parallel_min=0),
     # the generic engine path for every mode (magnitude + momentum otherwise runs fused)
-    "generic_chunked": NumbaBackend(fused=False, small_layer=0, min_chunk=64),
+    "generic_chunked": NumbaBackend(fused=False, small_layer=0, min_chunk=64, parallel_min=0),
 }
 DTYPES = [np.float16, np.float32, np.float64]
 PRUNE = ["magnitude", "SET"]
@@ -293,7 +293,7 @@ def test_abs_sum_and_counts_match(dtype):
     x = rng.standard_normal((70, 300)).astype(dtype)
     x[0, :5] = [-0.0, 0.0, 1.0, -1.0, 0.0]
     mask = rng.random(x.shape) < 0.3
-    backend = NumbaBackend(min_chunk=1024)
+    backend = NumbaBackend(min_chunk=1024, parallel_min=0)
     for m in (mask, None):
         want = REFERENCE.abs_sum(x, m)
         assert math.isclose(backend.abs_sum(x, m), want, rel_tol=1e-12)
@@ -307,7 +307,7 @@ def test_abs_sum_and_counts_match(dtype):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
 def test_all_finite(dtype, bad):
-    backend = NumbaBackend(min_chunk=256)
+    backend = NumbaBackend(min_chunk=256, parallel_min=0)
     x = np.linspace(-3, 3, 5000).astype(dtype)
     assert backend.all_finite(x)
     x[4321] = bad
@@ -325,14 +325,14 @@ def test_apply_keeps_bits_and_zeroes_with_positive_zero():
         old[0, 0] = True
         new = rng.random(w.shape) < 0.5
         new[0, 0] = True
-        got = NumbaBackend(min_chunk=256).apply(w, old, new)
+        got = NumbaBackend(min_chunk=256, parallel_min=0).apply(w, old, new)
         want = np.where(old & new, w, np.zeros((), dtype=w.dtype))
         assert np.array_equal(got.view(np.uint8), want.view(np.uint8))
         assert np.signbit(got[0, 0]) and not np.signbit(got[~(old & new)]).any()
 
 
 def test_position_hash_and_and_not_match():
-    backend = NumbaBackend(min_chunk=256)
+    backend = NumbaBackend(min_chunk=256, parallel_min=0)
     like = np.empty((33, 77), dtype=np.float32)
     key = HashKey(123, 4, 5)
     assert np.array_equal(backend.position_hash(key, like), REFERENCE.position_hash(key, like))

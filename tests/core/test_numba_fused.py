@@ -30,11 +30,11 @@ REFERENCE = NumpyBackend()
 VARIANTS = {
     "default": NumbaBackend(),
     # several chunks per layer, and the refining dense sample on small layers
-    "chunked_dense": NumbaBackend(min_chunk=64, dense_min=64),
+    "chunked_dense": NumbaBackend(min_chunk=64, dense_min=64, parallel_min=0),
     # no sample: every candidate is left to the resolution
-    "open": NumbaBackend(sampled=False, min_chunk=64),
+    "open": NumbaBackend(sampled=False, min_chunk=64, parallel_min=0),
     # zero-width intervals: the sample misses most of the time and the exact fallback runs
-    "narrow": NumbaBackend(spread=(0.0, 0.0), min_chunk=64, dense_min=64),
+    "narrow": NumbaBackend(spread=(0.0, 0.0), min_chunk=64, dense_min=64, parallel_min=0),
 }
 DTYPES = [np.float16, np.float32, np.float64]
 REDISTRIBUTION = ["momentum", "magnitude", "nonzero", "none"]
@@ -177,7 +177,7 @@ def test_any_interval_gives_the_exact_result(data, choice, rate):
     def guess(*args: Any) -> tuple[int, int, int, int]:
         return bounds
 
-    backend = NumbaBackend(min_chunk=64)
+    backend = NumbaBackend(min_chunk=64, parallel_min=0)
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(bn, "_fused_bounds", guess)
         assert_same_as_reference(layers, backend, exact, prune_rate=rate, seed=3)
@@ -195,7 +195,7 @@ def test_every_path_is_taken():
         )
     cases = [
         (NumbaBackend(), 0.0, "decided"),  # nothing pruned, nothing to grow: no boundary
-        (NumbaBackend(min_chunk=64, dense_min=64), 0.5, "resolved"),
+        (NumbaBackend(min_chunk=64, dense_min=64, parallel_min=0), 0.5, "resolved"),
     ]
     for backend, rate, path in cases:
         assert_same_as_reference(layers, backend, False, prune_rate=rate)
@@ -206,7 +206,7 @@ def test_every_path_is_taken():
         "grow_miss": (0, top, top, top),  # no growth candidate left open: too few
     }
     for path, bounds in misses.items():
-        backend = NumbaBackend(min_chunk=64)
+        backend = NumbaBackend(min_chunk=64, parallel_min=0)
         with pytest.MonkeyPatch.context() as patch:
             patch.setattr(bn, "_fused_bounds", lambda *args, b=bounds: b)
             assert_same_as_reference(layers, backend, False, prune_rate=0.5)
