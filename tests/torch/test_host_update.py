@@ -157,3 +157,25 @@ def test_numba_updates_leave_the_torch_thread_count_alone():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["numba", "2", "1", "1"]
+
+
+def test_torch_updates_without_fused_steps_never_load_numba():
+    """The documented way to keep Numba (about 110 MiB) out of a process."""
+    code = (
+        "import sys, torch, torch.nn.functional as F\n"
+        "import sparsecore.torch as st\n"
+        "model = torch.nn.Sequential(torch.nn.Linear(30, 20), torch.nn.ReLU(), "
+        "torch.nn.Linear(20, 3))\n"
+        "opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)\n"
+        "sparse = st.attach(model, opt, density=0.3, update_every=2, total_steps=10, "
+        "update_backend='torch', fused_sgd=False)\n"
+        "for _ in range(4):\n"
+        "    opt.zero_grad()\n"
+        "    F.cross_entropy(model(torch.randn(8, 30)), torch.zeros(8, dtype=torch.long))"
+        ".backward()\n"
+        "    opt.step()\n"
+        "print(sparse.last_update_backend, len(sparse.history), 'numba' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["torch", "2", "False"]
