@@ -13,6 +13,10 @@ How it hooks into training:
   every ``torch.optim`` optimizer (a global step post-hook): the first optimizer that steps the
   model's sparse parameters drives the same per-step routine. Loops that update weights without a
   ``torch.optim`` optimizer call :meth:`SparseTraining.step` after each update instead.
+- Mask updates of CPU tensors run through the Numba backend on NumPy views of the tensors (the
+  same masks as the torch backend, bit for bit, in about half the time;
+  :mod:`sparsecore.torch.host_update`); updates of CUDA or bfloat16 tensors run through the torch
+  backend on the tensors' device.
 - Masks are boolean tensors on the parameters' devices, updated in place, so a model compiled
   with ``torch.compile`` never sees a new tensor and never recompiles because of a mask update.
 - Distributed (``torch.distributed`` initialised, world size > 1): every rank computes the

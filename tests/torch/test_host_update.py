@@ -102,7 +102,7 @@ def test_bfloat16_weights_fall_back_to_the_torch_backend_and_numba_says_why():
         SparseCoreError, match=r"update_backend='numba'.*'0.weight' is torch.bfloat16"
     ):
         st.attach(model, update_backend="numba")
-    st.attach(model).detach()  # the refused attach changed nothing
+    st.attach(model, total_steps=10).detach()  # the refused attach changed nothing
 
 
 def test_update_backend_must_be_known():
