@@ -135,47 +135,44 @@ def test_checkpoint_from_the_numba_path_resumes_on_the_torch_path():
         assert torch.equal(pa, pb)
 
 
-def test_numba_updates_leave_the_torch_thread_count_alone():
-    """Starting Numba's threads resets the OpenMP count PyTorch uses; the update puts it back
-    (a fresh process: Numba starts its threads once per process)."""
+def _train_in_fresh_process(setup: str, attach_options: str, report: str) -> list[str]:
+    """Four SGD steps of a small model attached with ``attach_options`` (two mask updates), in
+    a new interpreter: what ``report`` (an expression list) prints, split into words."""
     code = (
-        "import torch, torch.nn.functional as F, numba\n"
-        "torch.set_num_threads(1)\n"
+        "import sys, torch, torch.nn.functional as F\n"
+        f"{setup}\n"
         "import sparsecore.torch as st\n"
         "model = torch.nn.Sequential(torch.nn.Linear(30, 20), torch.nn.ReLU(), "
         "torch.nn.Linear(20, 3))\n"
         "opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)\n"
-        "sparse = st.attach(model, opt, density=0.3, update_every=2, total_steps=10)\n"
+        "sparse = st.attach(model, opt, density=0.3, update_every=2, total_steps=10"
+        f"{attach_options})\n"
         "for _ in range(4):\n"
         "    opt.zero_grad()\n"
         "    F.cross_entropy(model(torch.randn(8, 30)), torch.zeros(8, dtype=torch.long))"
         ".backward()\n"
         "    opt.step()\n"
-        "print(sparse.last_update_backend, len(sparse.history), torch.get_num_threads(), "
-        "numba.get_num_threads())\n"
+        f"print(sparse.last_update_backend, len(sparse.history), {report})\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
-    assert out.stdout.split() == ["numba", "2", "1", "1"]
+    return out.stdout.split()
+
+
+def test_numba_updates_leave_the_torch_thread_count_alone():
+    """Starting Numba's threads resets the OpenMP count PyTorch uses; the update puts it back
+    (a fresh process: Numba starts its threads once per process)."""
+    words = _train_in_fresh_process(
+        "import numba; torch.set_num_threads(1)",
+        "",
+        "torch.get_num_threads(), numba.get_num_threads()",
+    )
+    assert words == ["numba", "2", "1", "1"]
 
 
 def test_torch_updates_without_fused_steps_never_load_numba():
     """The documented way to keep Numba (about 110 MiB) out of a process."""
-    code = (
-        "import sys, torch, torch.nn.functional as F\n"
-        "import sparsecore.torch as st\n"
-        "model = torch.nn.Sequential(torch.nn.Linear(30, 20), torch.nn.ReLU(), "
-        "torch.nn.Linear(20, 3))\n"
-        "opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)\n"
-        "sparse = st.attach(model, opt, density=0.3, update_every=2, total_steps=10, "
-        "update_backend='torch', fused_sgd=False)\n"
-        "for _ in range(4):\n"
-        "    opt.zero_grad()\n"
-        "    F.cross_entropy(model(torch.randn(8, 30)), torch.zeros(8, dtype=torch.long))"
-        ".backward()\n"
-        "    opt.step()\n"
-        "print(sparse.last_update_backend, len(sparse.history), 'numba' in sys.modules)\n"
+    words = _train_in_fresh_process(
+        "", ", update_backend='torch', fused_sgd=False", "'numba' in sys.modules"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.split() == ["torch", "2", "False"]
+    assert words == ["torch", "2", "False"]
