@@ -1,6 +1,6 @@
 """Overhead of ``sparsecore.torch.attach`` on a CPU training epoch, and its peak memory.
 
-For each model (LeNet-300-100 and LeNet-5 on Fashion-MNIST) ten loops run interleaved, in a
+For each model (LeNet-300-100 and LeNet-5 on Fashion-MNIST) eleven loops run interleaved, in a
 fresh random order every round: the plain loop (dense SGD with momentum, no sparsecore), the same
 loop after ``attach(model, optimizer)`` (the optimizer-momentum path) and after ``attach(model)``
 (the library's own gradient EMA, found through the global optimizer hook), both with mask updates
@@ -13,7 +13,9 @@ Two loops use Adam (lr 1e-3) instead: ``plain_adam`` and ``attach_adam``
 and ``attach_adam`` is compared with ``plain_adam``. The last pair runs SGD without momentum
 (``plain_nomomentum``, and ``attach_own_nomomentum`` = ``attach(model)``): the setting the
 own-momentum path is for, where the library's EMA is the only momentum; in ``attach_own`` the
-loop's SGD keeps a momentum buffer as well, so that row pays for two. The figure is the epoch time with attach divided by the
+loop's SGD keeps a momentum buffer as well, so that row pays for two. ``attach_own_torch_update``
+is ``attach_own`` with ``update_backend="torch"``: mask updates on the torch backend instead of
+the Numba one (:mod:`sparsecore.torch.host_update`). The figure is the epoch time with attach divided by the
 plain epoch time of the same round; we print the median ratio and its spread (min..max) over the
 rounds. Each configuration starts from the same weights. The time spent inside the adapter's
 per-step routine is measured in separate instrumented epochs (``--share-rounds``), so the clock
@@ -51,6 +53,7 @@ CONFIGS = (
     "plain",
     "attach_optimizer",
     "attach_own",
+    "attach_own_torch_update",
     "attach_static",
     "attach_epoch_end",
     "attach_unfused",
@@ -70,6 +73,7 @@ BASELINE = {
 UPDATES = {
     "attach_optimizer": lambda steps: steps // 100,
     "attach_own": lambda steps: steps // 100,
+    "attach_own_torch_update": lambda steps: steps // 100,
     "attach_static": lambda steps: 0,
     "attach_epoch_end": lambda steps: 1,
     "attach_unfused": lambda steps: steps // 100,
@@ -125,6 +129,8 @@ def _epoch(
         sparse = st.attach(model, opt, update_every=100, total_steps=10 * steps)
     elif config == "attach_own":
         sparse = st.attach(model, update_every=100, total_steps=10 * steps)
+    elif config == "attach_own_torch_update":  # the own path, updates on the torch backend
+        sparse = st.attach(model, update_every=100, total_steps=10 * steps, update_backend="torch")
     elif config == "attach_static":  # re-masking after each step only, no mask update
         sparse = st.attach(
             model, opt, update_every=None, update_at_epoch_end=False, total_steps=10 * steps
