@@ -107,10 +107,11 @@ def _model(name: str) -> nn.Module:
 def _epoch(
     name: str, config: str, x: torch.Tensor, y: torch.Tensor, batch: int, instrument: bool = False
 ) -> tuple[float, float, float]:
-    """One epoch under ``config``: (wall s, CPU s of this process, s inside the adapter's hook).
+    """One epoch under ``config``: (wall s, CPU s of this process, s inside the adapter's hook,
+    wall s of each mask update).
 
-    The hook time is measured only with ``instrument`` (its clock calls cost a few microseconds
-    a step, which would count against the ratio); otherwise it is 0.
+    The hook and update times are measured only with ``instrument`` (the clock calls cost a few
+    microseconds a step, which would count against the ratio); otherwise 0 and [].
     """
     import sparsecore.torch as st
 
@@ -146,6 +147,7 @@ def _epoch(
     elif config == "attach_own_nomomentum":  # SGD without momentum: the own EMA is the only one
         sparse = st.attach(model, update_every=100, total_steps=10 * steps)
     hook_time = [0.0]
+    update_times: list[float] = []
     if sparse is not None and instrument:
         # Time spent inside the adapter's per-step routine (mask updates included), measured in
         # the same run as the epoch, so other jobs on the machine hardly disturb the share.
@@ -164,6 +166,18 @@ def _epoch(
 
         for method in ("_take_sgd_step", "_finish_sgd_step", "_after_step"):
             setattr(sparse, method, timed(getattr(sparse, method)))
+        # Each mask update on its own (wall time: what one update costs inside training).
+        inner_update = sparse._update
+
+        def timed_update(step: int) -> Any:
+            t0 = time.perf_counter()
+            out = inner_update(step)
+            if cuda:
+                torch.cuda.synchronize()
+            update_times.append(time.perf_counter() - t0)
+            return out
+
+        sparse._update = timed_update  # type: ignore[method-assign]
     if cuda:
         torch.cuda.synchronize()
     start, start_cpu = time.perf_counter(), time.process_time()
@@ -183,7 +197,7 @@ def _epoch(
     if sparse is not None:
         assert len(sparse.history) == UPDATES[config](steps), "mask updates did not run as set"
         sparse.detach()
-    return elapsed, elapsed_cpu, hook_time[0]
+    return elapsed, elapsed_cpu, hook_time[0], update_times
 
 
 def _extra_bytes(name: str, config: str) -> int:
@@ -281,18 +295,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         wall: dict[str, list[float]] = {c: [] for c in configs}
         cpu: dict[str, list[float]] = {c: [] for c in configs}
         hook_share: dict[str, list[float]] = {c: [] for c in configs}
+        update_ms: dict[str, list[float]] = {c: [] for c in configs}
         for _ in range(args.rounds):
             order = list(configs)
             rng.shuffle(order)
             for config in order:
-                w, c, _ = _epoch(name, config, x, y, args.batch)
+                w, c, _, _ = _epoch(name, config, x, y, args.batch)
                 wall[config].append(w)
                 cpu[config].append(c)
         # The hook's share of the epoch, in separate instrumented epochs (not in the ratios).
         for _ in range(args.share_rounds):
             for config in attached:
-                w, c, h = _epoch(name, config, x, y, args.batch, instrument=True)
+                w, c, h, u = _epoch(name, config, x, y, args.batch, instrument=True)
                 hook_share[config].append(h / (w if args.device == "cuda" else c))
+                update_ms[config] += [1e3 * t for t in u]
         memory = {}
         # memory of the two paths (the breakdown configurations keep the same tensors), and of
         # the optimizer path unfused: the fused step loads Numba once per process
@@ -317,6 +333,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "overhead_cpu": {},
             "overhead_wall": {},
             "hook_share": {c: _spread(hook_share[c]) for c in attached},
+            "mask_update_ms": {c: _spread(update_ms[c]) for c in attached if update_ms[c]},
             "memory": memory,
         }
         for b in baselines:
@@ -332,6 +349,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 f"{100 * statistics.median(share):.2f}% of the epoch "
                 f"(min {100 * min(share):.2f}%, max {100 * max(share):.2f}%)"
             )
+            if update_ms[config]:
+                u = update_ms[config]
+                print(
+                    f"  {config:18s} one mask update: median {statistics.median(u):.2f} ms "
+                    f"(min {min(u):.2f}, max {max(u):.2f}; {len(u)} updates)"
+                )
             for label, times in (("cpu", cpu), ("wall", wall)):
                 base = times[BASELINE[config]]
                 ratios = [t / p for t, p in zip(times[config], base)]

@@ -2,9 +2,9 @@
 
 Why: on a CPU, the torch backend's mask update is many small tensor operations per layer, each
 with its own dispatch, and boolean passes that write one byte at a time. The Numba backend does
-the same update in two compiled passes per layer and spreads the layers over threads: on
-LeNet-300-100 an update takes about 1.3 ms instead of 2.9 ms (``benchmarks/overhead_torch.py``
-measures it inside training). Both backends give the NumPy reference's masks bit for bit (the core
+the same update in two compiled passes per layer (and spreads large updates over threads):
+inside LeNet-300-100 training an update takes about 1.5 ms instead of 3.3 ms
+(``benchmarks/overhead_torch.py`` prints both, and what they do to an epoch). Both backends give the NumPy reference's masks bit for bit (the core
 and torch test suites prove each against it), so the choice changes no result, only the time.
 
 How: ``Tensor.numpy()`` of a CPU tensor is a view of the same memory, so the weights, momentum
