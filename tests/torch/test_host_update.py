@@ -84,6 +84,31 @@ def test_numba_updates_train_exactly_as_torch_updates(mode, own):
     _assert_same(runs[0], runs[1])
 
 
+def test_channels_last_conv_weights_give_the_same_masks():
+    """A channels-last convolution weight is not contiguous: its NumPy view is strided, and
+    both backends must still number its positions in the same (logical) order."""
+    runs = []
+    for backend in ("auto", "torch"):
+        torch.manual_seed(0)
+        model = nn.Sequential(
+            nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 6 * 6, 5)
+        ).to(memory_format=torch.channels_last)
+        opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+        sparse = st.attach(
+            model, opt, density=0.2, update_every=3, total_steps=30, update_backend=backend
+        )
+        assert not sparse.targets[0].param.is_contiguous()
+        gen = torch.Generator().manual_seed(3)
+        for _ in range(7):
+            x = torch.randn(8, 3, 8, 8, generator=gen).to(memory_format=torch.channels_last)
+            opt.zero_grad()
+            F.cross_entropy(model(x), torch.randint(0, 5, (8,), generator=gen)).backward()
+            opt.step()
+        runs.append((model, opt, sparse))
+    assert runs[0][2].last_update_backend == "numba" and len(runs[0][2].history) == 2
+    _assert_same(runs[0], runs[1])
+
+
 def test_float16_cpu_weights_take_the_numba_path():
     """float16 weights with the float32 own momentum the adapter keeps for them."""
     runs = [_attach(backend, True, torch.float16) for backend in ("numba", "torch")]
