@@ -223,7 +223,8 @@ def test_fused_sgd_must_be_a_bool():
 
 
 def test_without_numba_steps_take_the_plain_path(tmp_path):
-    """Numba is optional for the core: where it is missing, training is unchanged but unfused."""
+    """Numba is optional for the core: where it is missing, training is unchanged but unfused,
+    and the mask updates run on the torch backend."""
     script = tmp_path / "no_numba.py"
     script.write_text(
         "import sys, warnings\n"
@@ -242,7 +243,7 @@ def test_without_numba_steps_take_the_plain_path(tmp_path):
         "        F.cross_entropy(model(torch.randn(8, 12)), torch.zeros(8, dtype=torch.long))"
         ".backward()\n"
         "        opt.step()\n"
-        "assert len(sparse.history) == 2\n"
+        "assert len(sparse.history) == 2 and sparse.last_update_backend == 'torch'\n"
         "assert all(not t.param.detach()[~m].any() for t, m in zip(sparse.targets, sparse.masks))\n"
         "messages = [str(w.message) for w in caught if 'fused SGD' in str(w.message)]\n"
         "assert len(messages) == 1 and 'import of numba' in messages[0], messages\n"
