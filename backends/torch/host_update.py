@@ -64,6 +64,8 @@ def why_not_viewable(layers: Sequence[Layer]) -> str | None:
                 continue
             if array.device.type != "cpu":
                 return f"layer {layer.name!r}: {label} is on {array.device}, not the CPU"
+            if array.layout != torch.strided:
+                return f"layer {layer.name!r}: {label} is a {array.layout} tensor"
             if label != "mask" and array.dtype not in VIEWABLE_DTYPES:
                 return f"layer {layer.name!r}: {label} is {array.dtype} (NumPy has no such type)"
     return None

@@ -201,3 +201,28 @@ def test_torch_updates_without_fused_steps_never_load_numba():
         "", ", update_backend='torch', fused_sgd=False", "'numba' in sys.modules"
     )
     assert words == ["torch", "2", "False"]
+
+
+@pytest.mark.parametrize(
+    "which, tensor, reason",
+    [
+        ("grad", torch.zeros(4, 3).to_sparse(), "gradient is a torch.sparse_coo tensor"),
+        (
+            "momentum",
+            torch.zeros(4, 3, dtype=torch.bfloat16),
+            "momentum is torch.bfloat16 (NumPy has no such type)",
+        ),
+        ("weight", torch.zeros(4, 3, device="meta"), "weight is on meta, not the CPU"),
+        ("grad", None, None),
+    ],
+)
+def test_only_dense_cpu_tensors_of_numpy_types_take_the_numba_path(which, tensor, reason):
+    from sparsecore.layers import Layer
+    from sparsecore.torch import host_update as hu
+
+    arrays = dict(weight=torch.zeros(4, 3), momentum=torch.zeros(4, 3), grad=torch.zeros(4, 3))
+    arrays[which] = tensor
+    layer = Layer("fc", arrays["weight"], torch.zeros(4, 3, dtype=torch.bool),
+                  momentum=arrays["momentum"], grad=arrays["grad"])  # fmt: skip
+    problem = hu.why_not_viewable([layer])
+    assert problem == (None if reason is None else f"layer 'fc': {reason}")
