@@ -317,13 +317,21 @@ class SparseTraining:
         if self._sgd_groups is None:
             self._sgd_groups = [mom.group_of(optimizer, t.param) for t in self.targets]
         plans: dict[int, fs.GroupPlan | None] = {}
+        state = optimizer.state
         for i, (t, group) in enumerate(zip(self.targets, self._sgd_groups)):
             if group is None:
                 continue
             plan = plans.get(id(group), _UNSET)
             if plan is _UNSET:
                 plan = plans[id(group)] = fs.plan_group(group) if fs.group_fusable(group) else None
-            if plan is not None and fs.param_fusable(t.param):
+            if (
+                plan is not None
+                and fs.param_fusable(t.param)
+                and (
+                    not plan.momentum
+                    or fs.buffer_fusable(state.get(t.param, {}).get("momentum_buffer"), t.param)
+                )
+            ):
                 grad = t.param.grad
                 assert grad is not None
                 self._taken.append((i, grad, plan))
@@ -489,8 +497,12 @@ class SparseTraining:
         The masks come back as tensors either way."""
         layers = self._layers()
         numba_backend = None
-        if self._update_backend != "torch" and hu.why_not_viewable(layers) is None:
-            numba_backend = hu.numba_backend()[0]
+        if self._update_backend != "torch":
+            problem = hu.why_not_viewable(layers)
+            if problem is None:
+                numba_backend = hu.numba_backend()[0]
+            elif self._update_backend == "numba":
+                raise SparseCoreError(f"update_backend='numba' cannot be used: {problem}")
         if numba_backend is None:
             self._last_update_backend = _BACKEND.name
             return self.engine.update(layers, step, backend=_BACKEND, prune_rate=rate)

@@ -137,6 +137,19 @@ def param_fusable(param: torch.Tensor) -> bool:
     )
 
 
+def buffer_fusable(buf: torch.Tensor | None, param: torch.Tensor) -> bool:
+    """Whether SGD's ``momentum_buffer`` of ``param`` can be written by the loop: none yet, or a
+    dense contiguous CPU tensor of the parameter's shape and dtype (the loop writes it through
+    a pointer, so anything else, say a buffer cast to another dtype, takes the plain path)."""
+    return buf is None or (
+        buf.is_cpu
+        and buf.dtype is param.dtype
+        and buf.shape == param.shape
+        and buf.layout == torch.strided
+        and buf.is_contiguous()
+    )
+
+
 class GroupPlan(NamedTuple):
     """A parameter group's SGD options as the loop takes them (read once per step)."""
 

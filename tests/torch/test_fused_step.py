@@ -314,3 +314,29 @@ def test_a_cpu_whose_sgd_rounds_differently_turns_the_fused_step_off(monkeypatch
     model, opt, sparse, fused_steps = _run("sgd", True, momentum=0.9)
     assert fused_steps == 0
     _same((model, opt, sparse, fused_steps), _run("sgd", False, momentum=0.9))
+
+
+@pytest.mark.parametrize(
+    "recast",
+    [lambda b: b.double(), lambda b: b.t().contiguous().t() if b.dim() == 2 else b],
+    ids=["float64_buffer", "transposed_buffer"],
+)
+def test_a_momentum_buffer_the_loop_cannot_write_takes_the_plain_path(recast):
+    """The loop writes SGD's buffer through a pointer: a buffer of another dtype or layout
+    (replaced by the user, say) must go through SGD's own step, with the same results."""
+    runs = []
+    for fused in (True, False):
+        model = _mlp()
+        opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+        sparse = st.attach(model, opt, density=0.2, update_every=4, total_steps=20, fused_sgd=fused)
+        _train(model, opt, 1, sparse=sparse)
+        for state in opt.state.values():
+            state["momentum_buffer"] = recast(state["momentum_buffer"])
+        _train(model, opt, 6, sparse=sparse)
+        runs.append((model, opt, sparse))
+    (ma, oa, _), (mb, ob, _) = runs
+    for pa, pb in zip(ma.parameters(), mb.parameters()):
+        assert torch.equal(pa, pb)
+        buf_a, buf_b = oa.state[pa]["momentum_buffer"], ob.state[pb]["momentum_buffer"]
+        assert buf_a.dtype == buf_b.dtype and buf_a.stride() == buf_b.stride()
+        assert torch.equal(buf_a, buf_b)

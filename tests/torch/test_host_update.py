@@ -226,3 +226,22 @@ def test_only_dense_cpu_tensors_of_numpy_types_take_the_numba_path(which, tensor
                   momentum=arrays["momentum"], grad=arrays["grad"])  # fmt: skip
     problem = hu.why_not_viewable([layer])
     assert problem == (None if reason is None else f"layer 'fc': {reason}")
+
+
+def test_numba_asked_for_raises_when_an_update_cannot_take_it():
+    """SGD's momentum buffers cast to bfloat16 beside float32 weights: 'auto' updates on the
+    torch backend, 'numba' says why it cannot."""
+    for backend in ("auto", "numba"):
+        model = _model()
+        opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+        sparse = st.attach(model, opt, density=0.2, update_every=2, total_steps=10,
+                           update_backend=backend)  # fmt: skip
+        _train(model, opt, 1)
+        for state in opt.state.values():
+            state["momentum_buffer"] = state["momentum_buffer"].to(torch.bfloat16)
+        if backend == "auto":
+            _train(model, opt, 1)
+            assert sparse.last_update_backend == "torch" and len(sparse.history) == 1
+        else:
+            with pytest.raises(SparseCoreError, match=r"'numba' cannot be used: .*bfloat16"):
+                _train(model, opt, 1)
