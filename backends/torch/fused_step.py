@@ -199,6 +199,7 @@ class ParamPlan(NamedTuple):
             and self.mask is mask
             and self.own is own
             and self.p_ptr == param.data_ptr()
+            and self.n == param.numel()
         )
 
 
