@@ -18,7 +18,8 @@ library's back (``param.data.copy_(...)``) is cleaned on the next step, as with 
 
 When it applies (everything else takes the plain path: SGD's own step, then the multiply):
 ``type(optimizer) is torch.optim.SGD`` (a subclass may change the step), a parameter on the CPU
-in float32 or float64 with a dense contiguous gradient of its dtype, a group with a float
+in float32 or float64 with a dense contiguous gradient of its dtype and no momentum buffer yet or
+one of its own dtype and layout (the loop writes it through a pointer), a group with a float
 learning rate, ``maximize=False``, ``differentiable=False`` and no ``fused`` kernel, and a step
 called without a closure (a closure recomputes the gradients inside the step).
 
