@@ -247,7 +247,7 @@ def run_planned(
         if buf is None:
             buf = torch.empty_like(plan.param, memory_format=torch.contiguous_format)
             state["momentum_buffer"] = buf
-            flags |= _FIRST
+            flags |= _kernels().FIRST
         b_ptr = buf.data_ptr()
     plan.loop(
         plan.p_ptr,
@@ -288,7 +288,6 @@ def masked_sgd_step(
 
 
 _KERNELS: Any = None
-_FIRST = 2  # fused_step_kernels.FIRST, without importing Numba to read it
 
 
 def _kernels() -> Any:
@@ -303,6 +302,5 @@ def _kernels() -> Any:
     if _KERNELS is None:
         from . import fused_step_kernels
 
-        assert fused_step_kernels.FIRST == _FIRST
         _KERNELS = fused_step_kernels
     return _KERNELS
