@@ -131,23 +131,26 @@ def param_fusable(param: torch.Tensor) -> bool:
         and param.is_cpu
         and param.dtype in _FLOATS
         and param.is_contiguous()
-        and grad.is_cpu
-        and grad.dtype is param.dtype
-        and not grad.is_sparse
-        and grad.is_contiguous()
+        and _laid_out_like(grad, param)
     )
 
 
 def buffer_fusable(buf: torch.Tensor | None, param: torch.Tensor) -> bool:
     """Whether SGD's ``momentum_buffer`` of ``param`` can be written by the loop: none yet, or a
-    dense contiguous CPU tensor of the parameter's shape and dtype (the loop writes it through
-    a pointer, so anything else, say a buffer cast to another dtype, takes the plain path)."""
-    return buf is None or (
-        buf.is_cpu
-        and buf.dtype is param.dtype
-        and buf.shape == param.shape
-        and buf.layout == torch.strided
-        and buf.is_contiguous()
+    tensor laid out like the parameter (the loop writes it through a pointer, so anything
+    else, say a buffer cast to another dtype, takes the plain path)."""
+    return buf is None or _laid_out_like(buf, param)
+
+
+def _laid_out_like(t: torch.Tensor, param: torch.Tensor) -> bool:
+    """Whether the loop can read or write ``t`` element for element with ``param`` (a contiguous
+    CPU parameter): a dense contiguous CPU tensor of its dtype and shape."""
+    return (
+        t.is_cpu
+        and t.dtype is param.dtype
+        and t.layout == torch.strided
+        and t.is_contiguous()
+        and t.shape == param.shape
     )
 
 
