@@ -131,18 +131,15 @@ def _check_update_backend(update_backend: Any, targets: list[Target]) -> None:
         )
     if update_backend != "numba":
         return
-    problem = (
-        next(
-            (
-                f"layer {t.name!r} is {t.param.dtype} on {t.param.device}; it needs a CPU tensor in "
-                f"float16, float32 or float64"
-                for t in targets
-                if t.param.device.type != "cpu" or t.param.dtype not in hu.VIEWABLE_DTYPES
-            ),
-            None,
-        )
-        or hu.numba_backend()[1]
+    problem = next(
+        (
+            f"layer {t.name!r}: weight {why}"
+            for t in targets
+            if (why := hu.why_not_viewable_tensor(t.param)) is not None
+        ),
+        None,
     )
+    problem = problem or hu.numba_backend()[1]
     if problem is not None:
         raise SparseCoreError(f"update_backend='numba' cannot be used: {problem}")
 

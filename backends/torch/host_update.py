@@ -33,7 +33,7 @@ from sparsecore.layers import Layer
 #: ``attach(update_backend=...)`` choices.
 UPDATE_BACKENDS = ("auto", "torch", "numba")
 
-#: Parameter dtypes NumPy can view.
+#: Float dtypes NumPy can view.
 VIEWABLE_DTYPES = (torch.float16, torch.float32, torch.float64)
 
 _NUMBA: ArrayBackend | None = None
@@ -60,14 +60,21 @@ def why_not_viewable(layers: Sequence[Layer]) -> str | None:
             ("momentum", layer.momentum),
             ("gradient", layer.grad),
         ):
-            if array is None:
-                continue
-            if array.device.type != "cpu":
-                return f"layer {layer.name!r}: {label} is on {array.device}, not the CPU"
-            if array.layout != torch.strided:
-                return f"layer {layer.name!r}: {label} is a {array.layout} tensor"
-            if label != "mask" and array.dtype not in VIEWABLE_DTYPES:
-                return f"layer {layer.name!r}: {label} is {array.dtype} (NumPy has no such type)"
+            problem = None if array is None else why_not_viewable_tensor(array, label != "mask")
+            if problem is not None:
+                return f"layer {layer.name!r}: {label} {problem}"
+    return None
+
+
+def why_not_viewable_tensor(t: torch.Tensor, floating: bool = True) -> str | None:
+    """None if ``t`` can be read in place as NumPy (a dense CPU tensor; with ``floating``, in
+    float16, float32 or float64), else why not, as a predicate ("is on cuda:0, not the CPU")."""
+    if t.device.type != "cpu":
+        return f"is on {t.device}, not the CPU"
+    if t.layout != torch.strided:
+        return f"is a {t.layout} tensor"
+    if floating and t.dtype not in VIEWABLE_DTYPES:
+        return f"is {t.dtype} (NumPy has no such type)"
     return None
 
 
