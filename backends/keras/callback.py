@@ -15,9 +15,10 @@ How it works:
   backend (``keras.ops``, on the tensors' device); see :mod:`.placement`. Under a
   ``tf.distribute`` strategy this runs once, in cross-replica context, and the assignments go to
   every replica, so all replicas hold the same masks.
-- The masks and the engine state live in the constraints' configs, so ``model.save()``,
-  ``ModelCheckpoint`` and ``keras.models.load_model`` carry them; a new ``SparseCallback`` given a
-  loaded model continues the run (same masks, same update counter, same schedule).
+- The masks and the engine state are saved with the constraints' weights entries (their configs
+  hold only small metadata), so ``model.save()``, ``ModelCheckpoint`` and
+  ``keras.models.load_model`` carry them; a new ``SparseCallback`` given a loaded model continues
+  the run (same masks, same update counter, same schedule).
 """
 
 from __future__ import annotations
@@ -68,6 +69,24 @@ def _zero_where(changed: Any, slot: Any, backend: ArrayBackend) -> Any:
         value[changed] = 0
         return value
     return ops.where(changed, ops.zeros_like(slot), slot)
+
+
+def _restore_engine(
+    engine: SparseEngine,
+    state: dict[str, Any],
+    config: SparseConfig,
+    constraints: Sequence[SparseMask],
+    backend: ArrayBackend,
+) -> None:
+    """Put a saved engine state, and the constraints' ever-active positions, into ``engine``."""
+    engine.load_state_dict(state)
+    engine.config = config
+    saved_ever = [c.ever_active for c in constraints]
+    if any(e is not None for e in saved_ever):
+        engine.ever_active = [
+            _from_host(e if e is not None else c.mask_numpy(), backend)
+            for e, c in zip(saved_ever, constraints)
+        ]
 
 
 def _host_mask(x: Any) -> np.ndarray:
@@ -260,14 +279,9 @@ class SparseCallback(keras.callbacks.Callback):
         names = [w.name for w in weights] if state is None else list(state["names"])
         engine = SparseEngine(config, names, [w.shape for w in weights], [w.axis for w in weights])
         if state is not None:
-            engine.load_state_dict(state)
-            engine.config = config
-            saved_ever = [c.snapshot()[1] for c in constraints]
-            if any(e is not None for e in saved_ever):
-                engine.ever_active = [
-                    _from_host(e if e is not None else c.mask_numpy(), backend)
-                    for e, c in zip(saved_ever, constraints)
-                ]
+            for c in constraints:
+                c.snapshot()  # the live values, if another callback still runs them
+            _restore_engine(engine, state, config, constraints, backend)
             counts = [int(c.mask_numpy().sum()) for c in constraints]
             if sum(counts) != engine.target:
                 raise SparseCoreError(
@@ -357,13 +371,35 @@ class SparseCallback(keras.callbacks.Callback):
 
     # -- the engine state kept in the constraints ---------------------------------------------
     def _store_state(self) -> None:
-        """Let the constraints read the live engine state whenever the model is saved.
+        """Let the constraints read the live engine state whenever the model is saved, and tell
+        the callback when ``load_weights`` refills them.
 
-        The state is serialised on demand (in ``get_config``), not after every update, so a long
-        history costs nothing until a checkpoint is written.
+        The state is serialised on demand (when Keras saves the constraint's entry), not after
+        every update, so a long history costs nothing until a checkpoint is written.
         """
         for c in self.constraints:
             c.provider = self._provide_state
+            c.on_load = self._constraint_loaded
+
+    def _constraint_loaded(self, constraint: SparseMask) -> None:
+        """``model.load_weights`` refilled a constraint of this run: continue the saved run.
+
+        The first weight's entry carries the engine state (checked against the options given,
+        as on resume); each entry carries its weight's ever-active positions.
+        """
+        engine, backend = self.engine, self._backend
+        if engine is None or backend is None:
+            return
+        state = constraint.state
+        if constraint.index == 0 and state is not None:
+            config = self._resumed_config(state)
+            _restore_engine(engine, state, config, self.constraints, backend)
+            # as on resume: the next fit() sets the length of training unless it was given
+            self._total_from_fit = "total_steps" not in self._given and bool(
+                state.get("keras", {}).get("total_steps_from_fit", True)
+            )
+        elif engine.ever_active is not None and constraint.ever_active is not None:
+            engine.ever_active[constraint.index] = _from_host(constraint.ever_active, backend)
 
     def _provide_state(self, index: int) -> tuple[dict[str, Any] | None, np.ndarray | None]:
         assert self.engine is not None
