@@ -26,7 +26,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import keras
@@ -183,6 +183,45 @@ class SparseCallback(keras.callbacks.Callback):
         """Active fraction over all sparse weights (exactly ``N / sum n_l``)."""
         masks = list(self.masks().values())
         return sum(int(m.sum()) for m in masks) / sum(m.size for m in masks)
+
+    def summary(self, print_fn: Callable[[str], Any] | None = None) -> None:
+        """Print a per-layer table, like Keras' ``model.summary()``: shape, size, active weights,
+        density, ever-active fraction, what the last mask update pruned and regrew and the
+        weight's share of its regrowth budget, and the total. The same renderer as the table of
+        ``sparsecore report`` (:mod:`sparsecore.layer_table`). ``print_fn`` gets each line
+        (default ``print``)."""
+        from sparsecore.layer_table import summary_text
+
+        engine = self.engine
+        if engine is None:
+            raise SparseCoreError(
+                "SparseCallback is not attached to a model yet: call fit() or attach(model) first"
+            )
+        masks = [c.mask_numpy() for c in self.constraints]
+        text = summary_text(
+            "SparseCallback",
+            engine.history,
+            shapes=dict(zip(engine.names, engine.shapes)),
+            nnz={n: int(m.sum()) for n, m in zip(engine.names, masks)},
+            step=self._step_or_none(),
+        )
+        for line in text.splitlines():
+            (print_fn or print)(line)
+
+    def __repr__(self) -> str:
+        if self.engine is None:
+            return f"SparseCallback(not attached, density {self.config.density:g})"
+        return (
+            f"SparseCallback({len(self.weights)} sparse weights, density "
+            f"{self.density():.4f}, {len(self.history)} updates)"
+        )
+
+    def _step_or_none(self) -> int | None:
+        optimizer = getattr(self._attached_to, "optimizer", None)
+        try:
+            return None if optimizer is None else int(ops.convert_to_numpy(optimizer.iterations))
+        except (TypeError, ValueError, AttributeError):  # a JAX variable mid-epoch holds no value
+            return None
 
     # -- attaching ----------------------------------------------------------------------------
     def attach(self, model: Any | None = None) -> None:
