@@ -41,6 +41,7 @@ from sparsecore.layers import Layer
 from sparsecore.modes import NEEDS_GRAD, NEEDS_MOMENTUM
 from sparsecore.report import UpdateReport
 
+from . import jax_step
 from .constraint import SparseMask
 from .discovery import SparseWeight, find_sparse_weights
 from .momentum import MomentumReader, optimizer_slots
@@ -68,7 +69,12 @@ def _zero_where(changed: Any, slot: Any, backend: ArrayBackend) -> Any:
         value = np.array(ops.convert_to_numpy(slot), copy=True)
         value[changed] = 0
         return value
-    return ops.where(changed, ops.zeros_like(slot), slot)
+    value = slot.value  # the tensor: jax.numpy takes no Keras variable
+    return ops.where(changed, ops.zeros_like(value), value)
+
+
+def _is_jax() -> bool:
+    return bool(keras.backend.backend() == "jax")
 
 
 def _restore_engine(
@@ -164,6 +170,7 @@ class SparseCallback(keras.callbacks.Callback):
         self._backend: ArrayBackend | None = None
         self._attached_to: Any = None
         self._total_from_fit = "total_steps" not in options
+        self._recompile_after_update = False
 
     # -- public views -------------------------------------------------------------------------
     @property
@@ -217,6 +224,7 @@ class SparseCallback(keras.callbacks.Callback):
         )
 
     def _step_or_none(self) -> int | None:
+        self._sync_jax_state()
         optimizer = getattr(self._attached_to, "optimizer", None)
         try:
             return None if optimizer is None else int(ops.convert_to_numpy(optimizer.iterations))
@@ -242,6 +250,8 @@ class SparseCallback(keras.callbacks.Callback):
             self._attach(self.model, steps_known=True)
         elif self.engine is not None:
             self._check_steps_per_execution(self.model, self.engine.config)
+            if _is_jax():  # compile() since the last fit gave the model Keras' own step
+                self._prepare_train_function(self.model)
         self._fit_starting = True
 
     def _total_steps(self, first_epoch: int = 0) -> int | None:
@@ -342,13 +352,14 @@ class SparseCallback(keras.callbacks.Callback):
                 w.variable.assign(c(ops.copy(w.variable)))
                 w.variable.constraint = c
                 setattr(w.layer, w.constraint_attr, c)  # so that get_config() saves it
-            self._rebuild_train_function(model)
         self.weights, self.constraints, self.engine = weights, constraints, engine
         self._reader = reader
         self._backend = backend
         self._total_from_fit = total_from_fit
         self._attached_to = model
         self._store_state()
+        if not resume or _is_jax():
+            self._prepare_train_function(model)
 
     @staticmethod
     def _scope(model: Any) -> Any:
@@ -357,9 +368,24 @@ class SparseCallback(keras.callbacks.Callback):
             return strategy.scope()
         return contextlib.nullcontext()
 
+    def _prepare_train_function(self, model: Any) -> None:
+        """Make the model's train step apply the current masks.
+
+        A train function traced before the constraints existed would not apply them, so it is
+        rebuilt. On JAX the compiled step gets the masks as arguments (:mod:`.jax_step`); where
+        that is not possible it is recompiled after every mask update instead.
+        """
+        self._recompile_after_update = False
+        if _is_jax():
+            if jax_step.is_installed(model, self.constraints) or jax_step.needs_nothing(model):
+                return
+            if jax_step.install(model, self.constraints):
+                return
+            self._recompile_after_update = True
+        self._rebuild_train_function(model)
+
     @staticmethod
     def _rebuild_train_function(model: Any) -> None:
-        # A train function traced before the constraints existed would not apply them.
         make = getattr(model, "make_train_function", None)
         if getattr(model, "train_function", None) is not None and make is not None:
             make(force=True)
@@ -513,6 +539,7 @@ class SparseCallback(keras.callbacks.Callback):
         """Run one mask update now (the schedule calls this; tests and users may too)."""
         if self.engine is None or self._reader is None or self._backend is None:
             raise SparseCoreError("SparseCallback is not attached to a model yet")
+        self._sync_jax_state()
         step = self._step() if step is None else step
         engine, config, be = self.engine, self.engine.config, self._backend
         needs_momentum = self._needs_momentum(config)
@@ -545,7 +572,24 @@ class SparseCallback(keras.callbacks.Callback):
                     )
                     for slot in optimizer_slots(optimizer, w.variable):
                         slot.assign(_zero_where(changed, slot, be))
+            if self._recompile_after_update:
+                # the compiled JAX step holds the masks it was traced with (see jax_step)
+                self._rebuild_train_function(self._attached_to)
         return result.report
+
+    def _sync_jax_state(self) -> None:
+        """On JAX, bring the variables up to date with the training state before reading them.
+
+        During an epoch Keras' JAX trainer keeps weights, optimizer slots and step counter in a
+        state outside the variables (their values are dropped), and writes it back only at the
+        epoch's end. ``jax_state_sync()`` writes it back now; the trainer then reads the
+        variables again before its next step, so the masks, weights and momentum this update
+        reads are the ones training reached, and what it assigns is what training continues
+        with. A no-op on the other backends, and when nothing is pending.
+        """
+        sync = getattr(self._attached_to, "jax_state_sync", None)
+        if _is_jax() and callable(sync):
+            sync()
 
     def epoch_logs(self) -> dict[str, float]:
         """The values added to ``logs`` at each epoch end."""

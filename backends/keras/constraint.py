@@ -42,6 +42,8 @@ from keras import ops
 
 from sparsecore.errors import SparseCoreError
 
+from .jax_step import traced_masks
+
 try:  # the base class Keras' saving walks; private, hence guarded
     from keras.src.saving.keras_saveable import KerasSaveable
 except ImportError as err:  # pragma: no cover - depends on the installed Keras
@@ -147,10 +149,15 @@ class SparseMask(keras.constraints.Constraint, KerasSaveable):
 
     def __call__(self, w: Any) -> Any:
         dtype = keras.backend.standardize_dtype(w.dtype)
+        # A JAX train step traced by jax_step passes the masks in; elsewhere the variables'
+        # tensors are read (``.value``: jax.numpy takes no Keras variable).
+        traced = traced_masks(self)
         if self.keep is not None and _BITS.get(dtype) == self.keep.dtype:
-            bits = ops.bitwise_and(ops.view(w, self.keep.dtype), self.keep)
+            keep = self.keep.value if traced is None else traced[0]
+            bits = ops.bitwise_and(ops.view(w, self.keep.dtype), keep)
             return ops.view(bits, dtype)
-        return ops.where(self.mask, w, ops.zeros_like(w))
+        mask = self.mask.value if traced is None else traced[1]
+        return ops.where(mask, w, ops.zeros_like(w))
 
     def assign(self, mask: Any) -> None:
         """Set a new mask (boolean tensor or array of the weight's shape) in both its forms."""

@@ -10,13 +10,20 @@ from pathlib import Path
 from typing import Any
 
 
-def run_python(code: str, folder: Any, *, sparsecore: bool = True, timeout: int = 300) -> Any:
+def run_python(
+    code: str,
+    folder: Any,
+    *,
+    sparsecore: bool = True,
+    timeout: int = 300,
+    env: dict[str, str] | None = None,
+) -> Any:
     """Run ``code`` in a fresh Python process (same environment, so the same Keras backend) and
     return the JSON it prints last. ``sparsecore=False`` runs it on a ``sys.path`` from which sparsecore cannot be
     imported: every path entry that holds it is replaced by a copy of the folder (symbolic
     links) without it, and ``site`` is not run, so neither ``.pth`` files nor the editable
-    install's finder can bring it back."""
-    env = dict(os.environ)
+    install's finder can bring it back. ``env`` adds or replaces environment variables."""
+    env = {**os.environ, **(env or {})}
     cmd = [sys.executable]
     if not sparsecore:
         cmd.append("-S")

@@ -15,6 +15,7 @@ import sparsecore
 from sparsecore import HashKey, Layer
 from sparsecore.backend_numpy import NumpyBackend
 from sparsecore.keras import KerasBackend
+from sparsecore.keras.backend import wide_scope
 
 KB = KerasBackend()
 NB = NumpyBackend()
@@ -26,7 +27,9 @@ REDISTRIBUTION = ["momentum", "magnitude", "nonzero", "none"]
 
 
 def _tensor(x: np.ndarray):
-    return ops.convert_to_tensor(x)
+    # float64 inputs stay float64 on JAX too (as in a model trained with jax_enable_x64)
+    with wide_scope():
+        return ops.convert_to_tensor(x)
 
 
 def _host(x) -> np.ndarray:

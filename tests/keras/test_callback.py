@@ -7,7 +7,7 @@ import math
 import keras
 import numpy as np
 import pytest
-from helpers_keras import BatchChecker, data, host, mlp
+from helpers_keras import BatchChecker, data, host, mlp, sync_jax_state
 
 import sparsecore
 from sparsecore.keras import SparseCallback, SparseMask
@@ -376,6 +376,7 @@ class _BeginChecker(keras.callbacks.Callback):
         self.totals: list[int] = []
 
     def on_train_batch_begin(self, batch, logs=None):
+        sync_jax_state(self.model)
         total = 0
         for w, c in zip(self.sparse.weights, self.sparse.constraints):
             mask = c.mask_numpy()

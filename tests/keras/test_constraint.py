@@ -11,9 +11,17 @@ from keras import ops
 
 import sparsecore
 from sparsecore.keras import SparseMask
+from sparsecore.keras.backend import wide_scope
 from sparsecore.keras.constraint import pack_mask
 
 DTYPES = ["float16", "float32", "float64"]
+
+
+@pytest.fixture(autouse=True)
+def _float64_on_jax():
+    # float64 weights on JAX need its 64-bit mode, as a float64 model would
+    with wide_scope():
+        yield
 
 
 def _weights(dtype: str, shape=(7, 5), seed=0) -> np.ndarray:
