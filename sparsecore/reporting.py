@@ -17,6 +17,7 @@ from typing import Any, TextIO
 
 from .errors import SparseCoreError
 from .layer_table import REPORT_COLUMNS, format_rows, layer_stats, render
+from .recipe import plural
 from .telemetry import RunRecord, load_run, write_tensorboard
 
 __all__ = ["build_parser", "flops_rows", "format_table", "main", "write_plots"]
@@ -105,7 +106,7 @@ def format_table(record: RunRecord, baseline: RunRecord | None = None) -> str:
     if cfg and cfg.get("density") is not None and meta.get("method") != "dense":
         head.append(f"target density {cfg['density']:g}")
     if cfg and cfg.get("epochs") is not None:
-        head.append(f"{cfg['epochs']} epochs")
+        head.append(plural(int(cfg["epochs"]), "epoch"))
     lines.append("run: " + (", ".join(head) if head else "(no metadata)"))
     totals = record.totals()
     skipped = totals["skipped_updates"]
