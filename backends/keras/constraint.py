@@ -137,9 +137,8 @@ class SparseMask(keras.constraints.Constraint, KerasSaveable):
         if isinstance(ever_active, str):
             ever_active = unpack_mask(ever_active, self.shape)
         self.ever_active = None if ever_active is None else np.asarray(ever_active, dtype=bool)
-        if isinstance(state, str):
-            state = json.loads(state)
-        self.state: dict[str, Any] | None = None if state is None else dict(state)
+        loaded = json.loads(state) if isinstance(state, str) else state
+        self.state: dict[str, Any] | None = None if loaded is None else dict(loaded)
         # Set by SparseCallback: gives the live (engine state, ever-active mask) of this weight.
         self.provider: Callable[[int], tuple[dict[str, Any] | None, np.ndarray | None]] | None = (
             None
