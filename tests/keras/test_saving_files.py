@@ -108,8 +108,9 @@ def test_the_config_holds_small_metadata_and_the_weights_file_the_masks(saved):
     assert abs(sizes["wide"] - sizes["narrow"]) < 50
 
 
-def test_a_fresh_process_without_the_import_fails_briefly_naming_sparsecore(saved):
-    folder, _ = saved
+def test_a_fresh_process_fails_briefly_without_the_import_and_loads_with_it(saved):
+    folder, runs = saved
+    path, cb = runs["narrow"]
     code = f"""
 import json, sys, keras
 out = {{}}
@@ -120,6 +121,17 @@ for tag in ("narrow", "wide"):
     except Exception as err:
         out[tag] = str(err)
 out["modules"] = sorted(m for m in sys.modules if m.startswith("sparsecore"))
+import sparsecore.keras  # now the same file loads
+model = keras.models.load_model({str(path)!r})
+masks, kernels = {{}}, {{}}
+for layer in model.layers:
+    c = layer.kernel.constraint
+    assert isinstance(c, sparsecore.keras.SparseMask), type(c)
+    masks[c.name] = c.mask_numpy().tolist()
+    kernels[c.name] = keras.ops.convert_to_numpy(layer.kernel).tolist()
+state, ever = model.layers[0].kernel.constraint.snapshot()
+out.update(masks=masks, kernels=kernels, updates=state["updates"],
+           steps=[r["step"] for r in state["history"]], ever=ever.tolist())
 print(json.dumps(out))
 """
     out = run_python(code, folder)
@@ -132,27 +144,7 @@ print(json.dumps(out))
     reason = narrow.split("Exception encountered:")[-1]
     assert "sparsecore.keras" in reason and len(reason) < 400, reason
     assert abs(len(wide) - len(narrow)) < 100
-
-
-def test_a_fresh_process_with_the_import_loads_masks_and_state(saved):
-    folder, runs = saved
-    path, cb = runs["narrow"]
-    code = f"""
-import json, numpy as np, keras
-import sparsecore.keras
-model = keras.models.load_model({str(path)!r})
-masks = {{}}
-for layer in model.layers:
-    c = layer.kernel.constraint
-    assert isinstance(c, sparsecore.keras.SparseMask), type(c)
-    masks[c.name] = c.mask_numpy().tolist()
-kernels = {{layer.kernel.constraint.name: keras.ops.convert_to_numpy(layer.kernel).tolist()
-           for layer in model.layers}}
-state, ever = model.layers[0].kernel.constraint.snapshot()
-print(json.dumps({{"masks": masks, "kernels": kernels, "updates": state["updates"],
-                  "steps": [r["step"] for r in state["history"]], "ever": ever.tolist()}}))
-"""
-    out = run_python(code, folder)
+    # with the import: the masks, kernels, engine state and ever-active positions of the run
     expected = np.load(folder / "narrow.npz")
     for name, mask in out["masks"].items():
         assert np.array_equal(np.array(mask), expected[f"mask/{name}"]), name
