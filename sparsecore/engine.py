@@ -31,6 +31,7 @@ from .modes import (
 )
 from .redistribute import capacities, importance_shares, split_budget
 from .report import LayerReport, UpdateReport
+from .validation import check_integer, check_real, check_shape
 
 
 @dataclass(frozen=True)
@@ -83,7 +84,9 @@ def update(
     masks and the report are those of the generic path.
     """
     be = _resolve_backend(layers, backend)
-    _check_update_args(prune_rate, update_index, max_density, min_density)
+    prune_rate, update_index, seed, max_density, min_density, step = _check_update_args(
+        prune_rate, update_index, seed, max_density, min_density, step
+    )
     prune_fn = lookup(PRUNE, "prune", prune)
     growth_fn = lookup(GROWTH, "growth", growth)
     importance_fn = (
@@ -411,18 +414,23 @@ def check_layers(
 
 
 def _check_update_args(
-    prune_rate: float, update_index: int, max_density: float, min_density: float
-) -> None:
-    if not (isinstance(prune_rate, (int, float)) and 0.0 <= prune_rate <= 1.0):
-        raise SparseCoreError(f"prune rate must lie in [0, 1], got {prune_rate!r}")
-    if not isinstance(update_index, int) or update_index < 1:
-        raise SparseCoreError(
-            f"update_index must be an integer >= 1 (0 is the initial mask), got {update_index!r}"
-        )
-    if not 0.0 < max_density <= 1.0:
-        raise SparseCoreError(f"max_density must lie in (0, 1], got {max_density!r}")
-    if not 0.0 <= min_density <= max_density:
-        raise SparseCoreError(f"min_density must lie in [0, max_density], got {min_density!r}")
+    prune_rate: Any, update_index: Any, seed: Any, max_density: Any, min_density: Any, step: Any
+) -> tuple[float, int, int, float, float, int | None]:
+    """The update's options as plain Python values; a bad one raises naming it and its range."""
+    rate = check_real("prune rate", prune_rate, low=0.0, high=1.0)
+    index = check_integer(
+        "update_index", update_index, minimum=1, what="an integer >= 1 (0 is the initial mask)"
+    )
+    seed = check_integer("seed", seed, minimum=0)
+    max_density = check_real("max_density", max_density, low=0.0, high=1.0, low_open=True)
+    min_density = check_real(
+        f"min_density (at most max_density={max_density:g})",
+        min_density,
+        low=0.0,
+        high=max_density,
+    )
+    step = None if step is None else check_integer("step", step, minimum=0)
+    return rate, index, seed, max_density, min_density, step
 
 
 def _resolve_backend(layers: Sequence[Layer], backend: ArrayBackend | str | None) -> ArrayBackend:
@@ -463,12 +471,16 @@ class SparseEngine:
                 f"got {len(names)} names, {len(shapes)} shapes and "
                 f"{'no' if axes is None else len(axes)} axes; they must match"
             )
+        if not all(isinstance(n, str) for n in names):
+            raise SparseCoreError(f"layer names must be strings, got {list(names)}")
         if len(set(names)) != len(names):
             raise SparseCoreError(f"layer names must be unique, got {list(names)}")
+        if not isinstance(config, SparseConfig):
+            raise SparseCoreError(f"config must be a SparseConfig, got {type(config).__name__}")
         self.config = config
         self.names = list(names)
-        self.shapes = [tuple(int(d) for d in s) for s in shapes]
-        self.axes = [0] * len(names) if axes is None else [int(a) for a in axes]
+        self.shapes = [check_shape(f"layer {n!r}", s) for n, s in zip(names, shapes)]
+        self.axes = [0] * len(names) if axes is None else list(axes)
         self.counts = layer_counts(
             self.shapes,
             config.density,
@@ -477,6 +489,7 @@ class SparseEngine:
             max_density=config.max_density,
             min_density=config.min_density,
         )
+        self.axes = [int(a) for a in self.axes]  # checked by layer_counts
         self.target = sum(self.counts)
         self.updates = 0
         self.history: list[UpdateReport] = []
