@@ -31,6 +31,7 @@ from .modes import (
 )
 from .redistribute import capacities, importance_shares, split_budget
 from .report import LayerReport, UpdateReport
+from .saved_state import EngineState, read_engine_state
 from .validation import check_integer, check_real, check_shape
 
 
@@ -607,26 +608,30 @@ class SparseEngine:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore :meth:`state_dict` output; checks it belongs to the same layers first."""
-        try:
-            names = list(state["names"])
-            shapes = [tuple(int(d) for d in s) for s in state["shapes"]]
-            target = int(state["target"])
-            updates = int(state["updates"])
-            history = [UpdateReport.from_dict(r) for r in state["history"]]
-            config = SparseConfig.from_dict(state["config"])
-        except (KeyError, TypeError, ValueError) as err:
-            raise SparseCoreError(f"not a sparsecore engine state: {err}") from err
-        if names != self.names or shapes != self.shapes:
-            raise SparseCoreError(
-                f"engine state is for layers {list(zip(names, shapes))}, not "
-                f"{list(zip(self.names, self.shapes))}"
+        """Restore :meth:`state_dict` output: all or nothing.
+
+        The whole state is checked first (:func:`sparsecore.saved_state.read_engine_state`): it
+        must be for these layers (names, shapes, output axes), at this density and target, with
+        every field present, of its type and consistent with the others. A bad one raises
+        :class:`SparseCoreError` naming it, and the engine is left exactly as it was. The saved
+        config replaces this engine's (a restore continues the saved run).
+        """
+        self.restore(
+            read_engine_state(
+                state,
+                names=self.names,
+                shapes=self.shapes,
+                axes=self.axes,
+                config=self.config,
+                target=self.target,
             )
-        if target != self.target and config.density == self.config.density:
-            raise SparseCoreError(f"engine state keeps {target} weights, this engine {self.target}")
-        self.config = config
-        self.target = target
-        self.updates = updates
-        self.history = history
-        ever = state.get("ever_active")
-        self.ever_active = None if ever is None else list(ever)
+        )
+
+    def restore(self, checked: EngineState) -> None:
+        """Take a state that :func:`~sparsecore.saved_state.read_engine_state` has checked (for
+        adapters that check their own fields too before they change anything)."""
+        self.config = checked.config
+        self.target = checked.target
+        self.updates = checked.updates
+        self.history = list(checked.history)
+        self.ever_active = None if checked.ever_active is None else list(checked.ever_active)

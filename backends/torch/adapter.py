@@ -41,8 +41,10 @@ from torch.optim.optimizer import (
 from sparsecore.config import SparseConfig, option_names
 from sparsecore.engine import SparseEngine, UpdateResult
 from sparsecore.errors import NonFiniteError, SparseCoreError
+from sparsecore.init import layer_counts
 from sparsecore.layers import Layer
 from sparsecore.report import UpdateReport
+from sparsecore.saved_state import EngineState, StateFields, expected_counts, read_engine_state
 
 from . import fused_step as fs
 from . import host_update as hu
@@ -53,6 +55,17 @@ from .threads import kernel_threads
 
 KERNEL_CHOICES = (None, "cpu", "cuda", "auto")
 STATE_FORMAT = "sparsecore.torch/1"
+#: The fields of :meth:`SparseTraining.state_dict`, all required, no other allowed.
+STATE_FIELDS = (
+    "format",
+    "names",
+    "masks",
+    "own_momentum",
+    "steps",
+    "epochs",
+    "steps_per_epoch",
+    "engine",
+)
 
 # Models and parameters currently under an attached SparseTraining (weak: never keep a model alive).
 _ATTACHED_MODELS: weakref.WeakKeyDictionary[nn.Module, Any] = weakref.WeakKeyDictionary()
@@ -621,36 +634,19 @@ class SparseTraining:
 
     @torch.no_grad()
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore :meth:`state_dict` output; checks everything before changing anything."""
+        """Restore :meth:`state_dict` output: all or nothing.
+
+        The whole state is checked first: every field present and of its type, masks and own
+        momentum of the parameters' shapes, the engine state (:meth:`SparseEngine.load_state_dict`'s
+        checks) for these parameters at this density, and the fields consistent with each other
+        (the masks hold what the last update left, inside the ever-active masks). A bad one raises
+        :class:`SparseCoreError` naming it, and masks, weights, counters, history and momentum
+        stay exactly as they were. The saved sparse options replace those given to ``attach``.
+        """
         self._check_live()
-        if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
-            raise SparseCoreError(
-                f"not a sparsecore.torch state (format {state.get('format') if isinstance(state, dict) else type(state).__name__!r})"
-            )
-        if list(state["names"]) != self.names:
-            raise SparseCoreError(
-                f"state is for sparse parameters {list(state['names'])}, this model has {self.names}"
-            )
+        checked = self._read_state(state)
         masks, own = state["masks"], state["own_momentum"]
-        for name, m, cur, o, cur_own in zip(self.names, masks, self.masks, own, self._own):
-            if tuple(m.shape) != tuple(cur.shape) or m.dtype != torch.bool:
-                raise SparseCoreError(
-                    f"layer {name!r}: saved mask {tuple(m.shape)} {m.dtype} does not fit "
-                    f"{tuple(cur.shape)} torch.bool"
-                )
-            if (o is None) != (cur_own is None) or (
-                o is not None and cur_own is not None and o.shape != cur_own.shape
-            ):
-                raise SparseCoreError(
-                    f"layer {name!r}: saved own momentum does not match this attach (was the "
-                    f"optimizer kind changed?)"
-                )
-        total = sum(int(m.sum()) for m in masks)
-        if total != self.engine.target:
-            raise SparseCoreError(
-                f"saved masks hold {total} active weights, this run keeps {self.engine.target}"
-            )
-        self.engine.load_state_dict(state["engine"])
+        self.engine.restore(checked)
         if self.engine.ever_active is not None:
             self.engine.ever_active = [
                 e.to(m.device) for e, m in zip(self.engine.ever_active, self.masks)
@@ -665,11 +661,90 @@ class SparseTraining:
                 cur_own.copy_(o.to(cur_own.device))
         self.steps = int(state["steps"])
         self.epochs = int(state["epochs"])
-        self._steps_per_epoch = state.get("steps_per_epoch")
+        self._steps_per_epoch = (
+            None if state["steps_per_epoch"] is None else int(state["steps_per_epoch"])
+        )
         self._apply_masks()
         if self._router is not None:
             self._router.refresh()
         self._set_gradient_window()
+
+    def _read_state(self, state: Any) -> EngineState:
+        """Check a saved state against this handle (changes nothing); its engine part, parsed."""
+        if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+            found = state.get("format") if isinstance(state, dict) else type(state).__name__
+            raise SparseCoreError(
+                f"not a sparsecore.torch state (field 'format' is {found!r}, expected "
+                f"{STATE_FORMAT!r})"
+            )
+        f = StateFields("sparsecore.torch state", "")
+        f.keys(state, "", STATE_FIELDS)
+        names = f.sequence(state["names"], "names")
+        if names != self.names:
+            raise f.error("names", f"is {names!r}, this model's sparse parameters are {self.names}")
+        n = len(self.names)
+        masks = f.sequence(state["masks"], "masks", n)
+        own = f.sequence(state["own_momentum"], "own_momentum", n)
+        for i, (t, m, o, cur_own) in enumerate(zip(self.targets, masks, own, self._own)):
+            shape = tuple(t.param.shape)
+            if not isinstance(m, torch.Tensor) or m.dtype != torch.bool or m.shape != shape:
+                raise f.error(f"masks[{i}]", f"must be a torch.bool tensor of shape {shape} "
+                              f"(layer {t.name!r}), got {_describe(m)}")  # fmt: skip
+            if cur_own is None and o is not None:
+                raise f.error(
+                    f"own_momentum[{i}]",
+                    f"is a tensor, but layer {t.name!r} takes its momentum from the optimizer "
+                    f"here (was the optimizer changed?)",
+                )
+            if cur_own is not None and (
+                not isinstance(o, torch.Tensor) or not o.is_floating_point() or o.shape != shape
+            ):
+                raise f.error(
+                    f"own_momentum[{i}]",
+                    f"must be a floating-point tensor of shape {shape} (layer {t.name!r} keeps "
+                    f"its own momentum here), got {_describe(o)}",
+                )
+        steps = f.integer(state["steps"], "steps")
+        epochs = f.integer(state["epochs"], "epochs")
+        per_epoch = f.integer(state["steps_per_epoch"], "steps_per_epoch", 1, nullable=True)
+        if per_epoch is not None and (epochs == 0 or per_epoch > steps):
+            raise f.error(
+                "steps_per_epoch",
+                f"is {per_epoch}, but the state has taken {steps} steps in {epochs} epochs",
+            )
+        engine = self.engine
+        checked = read_engine_state(
+            state["engine"],
+            names=engine.names,
+            shapes=engine.shapes,
+            axes=engine.axes,
+            config=engine.config,
+            target=engine.target,
+            owner="sparsecore.torch state",
+            prefix="engine.",
+        )
+        last_step = max((r.step for r in checked.history if r.step is not None), default=0)
+        if last_step > steps:
+            raise f.error("steps", f"is {steps}, before the last update's step {last_step}")
+        cfg = checked.config
+        initial = layer_counts(
+            engine.shapes,
+            cfg.density,
+            cfg.init,
+            axes=engine.axes,
+            max_density=cfg.max_density,
+            min_density=cfg.min_density,
+        )
+        want, source = expected_counts(checked.history, initial)
+        counts = [int(m.sum()) for m in masks]
+        if counts != want:
+            raise f.error("masks", f"hold {counts} active weights, {source} gives {want}")
+        for i, (m, e) in enumerate(zip(masks, checked.ever_active or [])):
+            if bool((m & ~e.to(m.device)).any()):
+                raise f.error(
+                    f"engine.ever_active[{i}]", f"leaves out active positions of masks[{i}]"
+                )
+        return checked
 
     def export(self) -> dict[str, Any]:
         """The model's weights with every sparse weight as a ``torch.sparse_csr`` tensor.
@@ -707,6 +782,12 @@ class SparseTraining:
             f"SparseTraining({len(self.names)} sparse layers, density {self.density():.4f}, "
             f"step {self.steps}, {len(self.history)} updates)"
         )
+
+
+def _describe(x: Any) -> str:
+    if isinstance(x, torch.Tensor):
+        return f"a {x.dtype} tensor of shape {tuple(x.shape)}"
+    return repr(x) if x is None or isinstance(x, (str, int, float)) else type(x).__name__
 
 
 def _copy_mask_into(keep: torch.Tensor, mask: torch.Tensor) -> None:
