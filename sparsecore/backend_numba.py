@@ -528,7 +528,7 @@ def _chunk_scan(x, mask, start, stop):  # pragma: no cover - jitted
     total = 0.0
     for i in range(x_.size):
         a = abs(np.float64(x_[i]))
-        m = np.uint8(m_[i] != 0)
+        m = m_[i] != 0
         nnz += m
         active += a * np.float64(m)
         total += a
@@ -547,7 +547,7 @@ def _chunk_scan_half(bits, mask, start, stop):  # pragma: no cover - jitted
     for i in range(b_.size):
         b = np.uint64(b_[i])
         a = _half_abs(b)
-        m = np.uint8(m_[i] != 0)
+        m = m_[i] != 0
         nnz += m
         active += a * np.float64(m)
         total += a
