@@ -141,7 +141,9 @@ def test_load_state_dict_rejects_foreign_state():
         nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3)), total_steps=10, density=0.5
     )
     masks = [m.clone() for m in sparse.masks]
-    with pytest.raises(SparseCoreError, match="does not fit"):
+    with pytest.raises(
+        SparseCoreError, match=r"field .masks\[1\]. must be a torch.bool tensor of shape \(2, 8\)"
+    ):
         sparse.load_state_dict(other.state_dict())
     with pytest.raises(SparseCoreError, match="not a sparsecore.torch state"):
         sparse.load_state_dict({"masks": []})
