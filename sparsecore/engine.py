@@ -525,46 +525,81 @@ class SparseEngine:
         """Run mask update ``u = updates + 1`` on ``layers`` (in the engine's layer order).
 
         With ``on_nonfinite='skip'`` a NaN/Inf input records a skipped update and returns the
-        masks unchanged instead of raising.
+        masks unchanged instead of raising. The same as :meth:`propose` then :meth:`commit`.
+        """
+        try:
+            proposal = self.propose(layers, step, backend=backend, prune_rate=prune_rate)
+        except NonFiniteError as err:
+            if self.config.on_nonfinite != "skip":
+                raise
+            return UpdateResult([layer.mask for layer in layers], self.record_skip(step, str(err)))
+        return self.commit(layers, proposal, backend=backend)
+
+    def propose(
+        self,
+        layers: Sequence[Layer],
+        step: int,
+        *,
+        backend: ArrayBackend | str | None = None,
+        prune_rate: float | None = None,
+    ) -> UpdateResult:
+        """Compute mask update ``u = updates + 1`` without recording it: the engine is unchanged.
+
+        Raises :class:`NonFiniteError` for NaN/Inf input whatever ``on_nonfinite`` says (the
+        caller decides). Distributed adapters propose on every rank, agree, and then
+        :meth:`commit` the same masks and report everywhere.
         """
         be = _resolve_backend(layers, backend)
         self._check_match(be, layers)
         rate = self.prune_rate(step) if prune_rate is None else prune_rate
         cfg = self.config
-        try:
-            result = update(
-                layers,
-                prune_rate=rate,
-                update_index=self.updates + 1,
-                seed=cfg.seed,
-                prune=cfg.prune,
-                growth=cfg.growth,
-                redistribution=cfg.redistribution,
-                max_density=cfg.max_density,
-                min_density=cfg.min_density,
-                step=step,
-                backend=be,
-            )
-        except NonFiniteError as err:
-            if cfg.on_nonfinite != "skip":
-                raise
-            return UpdateResult([layer.mask for layer in layers], self.record_skip(step, str(err)))
-        self.updates += 1
-        ever = self.ever_active or [layer.mask for layer in layers]
-        self.ever_active = [be.logical_or(e, m) for e, m in zip(ever, result.masks)]
-        ever_counts = [be.count(e) for e in self.ever_active]
-        report = UpdateReport(
-            update=result.report.update,
+        return update(
+            layers,
             prune_rate=rate,
-            layers=result.report.layers,
+            update_index=self.updates + 1,
+            seed=cfg.seed,
+            prune=cfg.prune,
+            growth=cfg.growth,
+            redistribution=cfg.redistribution,
+            max_density=cfg.max_density,
+            min_density=cfg.min_density,
             step=step,
+            backend=be,
+        )
+
+    def commit(
+        self,
+        layers: Sequence[Layer],
+        proposal: UpdateResult,
+        *,
+        backend: ArrayBackend | str | None = None,
+    ) -> UpdateResult:
+        """Record a proposed update of ``layers`` (their masks before it): the update counter,
+        the ever-active masks and the history entry (the proposal's report with the ever-active
+        counts). Returns the proposal with that report."""
+        be = _resolve_backend(layers, backend)
+        if proposal.report.update != self.updates + 1:
+            raise SparseCoreError(
+                f"the proposal is update {proposal.report.update}, the engine expects "
+                f"{self.updates + 1}"
+            )
+        ever = self.ever_active or [layer.mask for layer in layers]
+        ever = [be.logical_or(e, m) for e, m in zip(ever, proposal.masks)]
+        ever_counts = [be.count(e) for e in ever]
+        report = UpdateReport(
+            update=proposal.report.update,
+            prune_rate=proposal.report.prune_rate,
+            layers=proposal.report.layers,
+            step=proposal.report.step,
             extra={
                 "ever_active": ever_counts,
                 "ever_active_fraction": sum(ever_counts) / sum(math.prod(s) for s in self.shapes),
             },
         )
+        self.updates += 1
+        self.ever_active = ever
         self.history.append(report)
-        return UpdateResult(result.masks, report, result.weights)
+        return UpdateResult(proposal.masks, report, proposal.weights)
 
     def record_skip(self, step: int, reason: str) -> UpdateReport:
         """Record that the update due after ``step`` was skipped, and why (e.g. inf gradients)."""

@@ -19,8 +19,10 @@ How it hooks into training:
   backend on the tensors' device.
 - Masks are boolean tensors on the parameters' devices, updated in place, so a model compiled
   with ``torch.compile`` never sees a new tensor and never recompiles because of a mask update.
-- Distributed (``torch.distributed`` initialised, world size > 1): every rank computes the
-  update, then rank 0's masks are broadcast, so all ranks hold identical masks by construction.
+- Distributed (``torch.distributed`` initialised, world size > 1): every rank checks its inputs
+  and computes the update, the ranks agree on update, skip or error in one small all-reduce
+  (:mod:`sparsecore.torch.agreement`), then rank 0's masks and report are broadcast and
+  recorded everywhere, so all ranks hold identical masks and histories by construction.
 """
 
 from __future__ import annotations
@@ -43,9 +45,11 @@ from sparsecore.engine import SparseEngine, UpdateResult
 from sparsecore.errors import NonFiniteError, SparseCoreError
 from sparsecore.init import layer_counts
 from sparsecore.layers import Layer
+from sparsecore.modes import NEEDS_GRAD, NEEDS_MOMENTUM
 from sparsecore.report import UpdateReport
 from sparsecore.saved_state import EngineState, StateFields, expected_counts, read_engine_state
 
+from . import agreement
 from . import fused_step as fs
 from . import host_update as hu
 from . import momentum as mom
@@ -391,10 +395,19 @@ class SparseTraining:
                 "optimizer's steps already drive the masks (calling step() would count twice)"
             )
         bad = self._nonfinite_grad()
+        if agreement.world_size() > 1:  # every rank counts this step, or none does
+            codes = [3 if t.name == bad else 0 for t in self.targets]
+            verdict = agreement.agree(
+                self.steps + 1, codes, failed=False, device=self.masks[0].device
+            )
+            where = verdict.nonfinite
+            bad = None if where is None else f"rank {where[0]}: layer {self.names[where[1]]!r}"
+        elif bad is not None:
+            bad = f"layer {bad!r}"
         if bad is not None:
             with torch.no_grad():
                 self._apply_masks()
-            reason = f"layer {bad!r}: gradient contains NaN or Inf at step {self.steps + 1}"
+            reason = f"{bad}: gradient contains NaN or Inf at step {self.steps + 1}"
             if self.config.on_nonfinite == "raise":
                 raise NonFiniteError(
                     reason + "; the step was not counted (masks and momentum unchanged)"
@@ -487,13 +500,15 @@ class SparseTraining:
         if cfg.total_steps is None and cfg.prune_schedule != "constant":
             rate = cfg.prune_rate
         self._apply_masks()
-        result = self._engine_update(step, rate)
+        if agreement.world_size() > 1:
+            result = self._agreed_update(step, rate)
+        else:
+            result = self._engine_update(step, rate)
         report = result.report
         if report.skipped:
             self._warn_skip(report)
             return report
-        new_masks = _broadcast_masks(result.masks)
-        for t, old, keep, new in zip(self.targets, self.masks, self._keep, new_masks):
+        for t, old, keep, new in zip(self.targets, self.masks, self._keep, result.masks):
             if cfg.reset_optimizer_state:
                 self._reset_state(t.param, old ^ new)
             old.copy_(new)
@@ -504,18 +519,78 @@ class SparseTraining:
             self._router.refresh()
         return report
 
+    def _numba_for(self, layers: list[Layer]) -> Any:
+        """The Numba backend when this update runs on NumPy views of the tensors, else None."""
+        if self._update_backend == "torch":
+            return None
+        problem = hu.why_not_viewable(layers)
+        if problem is None:
+            return hu.numba_backend()[0]
+        if self._update_backend == "numba":
+            raise SparseCoreError(f"update_backend='numba' cannot be used: {problem}")
+        return None
+
+    def _agreed_update(self, step: int, rate: float | None) -> UpdateResult:
+        """A mask update in a distributed job: every rank checks its inputs and proposes the
+        update, the ranks agree in one all-reduce (:mod:`sparsecore.torch.agreement`), then all
+        skip, all raise, or all record rank 0's masks and report."""
+        layers = self._layers()
+        cfg = self.config
+        codes = agreement.nonfinite_codes(
+            layers,
+            momentum=cfg.redistribution in NEEDS_MOMENTUM["importance"]
+            or cfg.growth in NEEDS_MOMENTUM["growth"],
+            grad=cfg.growth in NEEDS_GRAD["growth"],
+        )
+        proposal: UpdateResult | None = None
+        error: Exception | None = None
+        if not any(codes):
+            try:
+                proposal = self._propose(layers, step, rate)
+            except Exception as err:  # every rank must learn of it before anyone broadcasts
+                error = err
+        verdict = agreement.agree(
+            step, codes, failed=error is not None, device=self.masks[0].device
+        )
+        if verdict.nonfinite is not None:
+            rank, j, label = verdict.nonfinite
+            reason = (
+                f"rank {rank}: layer {self.names[j]!r}: {label} contains NaN or Inf; the mask "
+                f"update was not made on any of the {verdict.world} ranks"
+            )
+            if cfg.on_nonfinite == "raise":
+                raise NonFiniteError(reason + " (nothing changed)")
+            return UpdateResult(list(self.masks), self.engine.record_skip(step, reason))
+        if verdict.failed:
+            if error is not None:
+                raise error
+            raise SparseCoreError(
+                f"the mask update after step {step} failed on rank(s) {verdict.failed}; it was "
+                f"not made on any rank (nothing changed)"
+            )
+        assert proposal is not None
+        masks, report = agreement.broadcast_result(proposal.masks, proposal.report)
+        return self.engine.commit(layers, UpdateResult(masks, report), backend=_BACKEND)
+
+    def _propose(self, layers: list[Layer], step: int, rate: float | None) -> UpdateResult:
+        """The engine's proposal for this update (nothing recorded), masks as tensors."""
+        numba_backend = self._numba_for(layers)
+        if numba_backend is None:
+            self._last_update_backend = _BACKEND.name
+            return self.engine.propose(layers, step, backend=_BACKEND, prune_rate=rate)
+        self._last_update_backend = numba_backend.name
+        kernel_threads()
+        result = self.engine.propose(
+            hu.numpy_views(layers), step, backend=numba_backend, prune_rate=rate
+        )
+        return replace(result, masks=hu.as_tensors(result.masks), weights=None)
+
     def _engine_update(self, step: int, rate: float | None) -> UpdateResult:
         """The engine's update of the current layers: through the Numba backend on NumPy views
         where that applies (:mod:`sparsecore.torch.host_update`), else through the torch backend.
         The masks come back as tensors either way."""
         layers = self._layers()
-        numba_backend = None
-        if self._update_backend != "torch":
-            problem = hu.why_not_viewable(layers)
-            if problem is None:
-                numba_backend = hu.numba_backend()[0]
-            elif self._update_backend == "numba":
-                raise SparseCoreError(f"update_backend='numba' cannot be used: {problem}")
+        numba_backend = self._numba_for(layers)
         if numba_backend is None:
             self._last_update_backend = _BACKEND.name
             return self.engine.update(layers, step, backend=_BACKEND, prune_rate=rate)
@@ -798,20 +873,6 @@ def _copy_mask_into(keep: torch.Tensor, mask: torch.Tensor) -> None:
     """``keep[:] = mask`` as 0/1 values: converting the mask's bytes is several times faster on
     CPU than converting from bool."""
     keep.copy_(mask.view(torch.uint8) if mask.is_contiguous() else mask)
-
-
-def _broadcast_masks(masks: list[torch.Tensor]) -> list[torch.Tensor]:
-    """In a distributed job, every rank takes rank 0's masks (identical by construction)."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return masks
-    out = []
-    for m in masks:
-        buf = m.to(torch.uint8)
-        dist.broadcast(buf, src=0)
-        out.append(buf.to(torch.bool))
-    return out
 
 
 def _build_router(kernels: str, targets: list[Target], masks: list[torch.Tensor]) -> Any:
