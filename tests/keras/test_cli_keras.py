@@ -78,3 +78,30 @@ def test_train_keras_takes_the_mask_options(tmp_path):
         assert max(epoch["layer_densities"].values()) <= 0.5
     assert summary["epochs"][-1]["layer_densities"]["fc3/kernel"] == 0.5
     assert summary["final_measured_density"] == 0.05
+
+
+def test_train_keras_checks_out_and_images_before_training(tmp_path, capsys):
+    """--out naming a file, or images of another size: one line, exit 2, before any training;
+    a finished run's folder holds model, summary and run record of the same commit."""
+    (tmp_path / "file").write_text("x")
+    base = ["train", "--framework", "keras", "--epochs", "1", "--data", "embedded"]
+    assert main([*base, "--out", str(tmp_path / "file")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].endswith(
+        "file: is a file, not a folder (--out names the run folder)"
+    )
+    assert main([*base, "--out", str(tmp_path / "file" / "sub")]) == 2
+    assert "is a file, not a folder" in capsys.readouterr().err
+
+    from sparsecore.datasets import FASHION_MNIST_FILES, write_idx
+
+    data = tmp_path / "fm32"
+    data.mkdir()
+    for key, stem in FASHION_MNIST_FILES.items():
+        n = 100 if "train" in key else 20
+        write_idx(data / stem, np.zeros((n, 32, 32) if "images" in key else n, dtype=np.uint8))
+    args = ["train", "--framework", "keras", "--data", str(data), "--out", str(tmp_path / "r")]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "images are 32x32 pixels; model lenet300 takes 28x28" in err[0]
+    assert not (tmp_path / "r").exists()
