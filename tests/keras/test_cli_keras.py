@@ -105,3 +105,35 @@ def test_train_keras_checks_out_and_images_before_training(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "images are 32x32 pixels; model lenet300 takes 28x28" in err[0]
     assert not (tmp_path / "r").exists()
+
+
+def test_train_keras_ctrl_c_says_nothing_was_saved(tmp_path):
+    """A real SIGINT in the middle of the Keras job (sent when epoch 1's line is written):
+    TrainingInterrupted says where it stopped (the command prints it and exits with 130, as the
+    PyTorch job's tests check), and the run folder gets nothing."""
+    import io
+    import os
+    import signal
+
+    import pytest
+
+    from sparsecore.datasets import load_embedded_fashion_mnist
+    from sparsecore.keras.train import KerasTrainConfig, run_training
+    from sparsecore.recipe import TrainingInterrupted
+
+    class CtrlCAfterEpochOne(io.StringIO):
+        def write(self, text: str) -> int:
+            if text.startswith("epoch 1/"):
+                os.kill(os.getpid(), signal.SIGINT)
+            return super().write(text)
+
+    cfg = KerasTrainConfig(epochs=5, limit_train=200, limit_test=50)
+    out = tmp_path / "run"
+    with pytest.raises(TrainingInterrupted) as info:
+        run_training(
+            cfg, dataset=load_embedded_fashion_mnist(), out_dir=out, stream=CtrlCAfterEpochOne()
+        )
+    assert info.value.message() == (
+        "interrupted in epoch 2; this job writes its results when it ends, so nothing was saved"
+    )
+    assert not (out / "summary.json").exists()

@@ -118,7 +118,7 @@ def test_the_saved_state_loads(setup):
     other.detach()
 
 
-@settings(max_examples=60)
+@settings(max_examples=30)
 @given(data=st.data())
 def test_any_corrupted_field_is_refused_and_changes_nothing(setup, data):
     _refused_and_unchanged(setup, data.draw(st.sampled_from(setup[1])))

@@ -66,7 +66,7 @@ def _step(model, opt, sparse, bad: float | None) -> None:
         sparse.step()
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=15, deadline=None)
 @given(
     path=st.sampled_from(PATHS),
     dtype=st.sampled_from([torch.float32, torch.float64, torch.bfloat16]),
