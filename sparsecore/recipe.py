@@ -35,6 +35,22 @@ IMAGE_SHAPE = (28, 28)
 
 R = TypeVar("R", bound="Recipe")
 
+# The type each numeric or boolean option must have; _OPTIONAL ones may also be None.
+_TYPES = {
+    **dict.fromkeys(
+        ("epochs", "batch_size", "seed", "update_every", "limit_train", "limit_test",
+         "eval_batch_size"),
+        "int",
+    ),
+    **dict.fromkeys(
+        ("density", "lr", "momentum", "weight_decay", "lr_decay_factor", "prune_rate",
+         "max_density", "min_density", "stop_at"),
+        "real",
+    ),
+    **dict.fromkeys(("nesterov", "dense_first", "dense_last", "scale_init"), "flag"),
+}  # fmt: skip
+_OPTIONAL = ("update_every", "limit_train", "limit_test", "stop_at")
+
 
 class TrainingInterrupted(KeyboardInterrupt):
     """Ctrl-C during a training job: which epoch it stopped in, the last epoch saved, where.
@@ -110,6 +126,7 @@ class Recipe:
             raise ValueError(f"unknown model {self.model!r}; choose one of {', '.join(models)}")
         if self.method not in METHODS:
             raise ValueError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
+        self._check_types()
         checks: list[tuple[str, Any, bool]] = [
             ("density", self.density, 0.0 < self.density <= 1.0),
             ("epochs", self.epochs, self.epochs >= 1),
@@ -132,6 +149,27 @@ class Recipe:
             if not ok:
                 raise ValueError(f"invalid {name}: {value!r}")
         self._check_mask_options()
+
+    def _check_types(self) -> None:
+        """Integers, numbers and flags of the type they must be (a boolean is not a number, and
+        2.5 epochs is not a number of epochs), so that the range checks compare numbers."""
+        from .validation import is_integer, is_real
+
+        for f in fields(self):
+            value = getattr(self, f.name)
+            kind = _TYPES.get(f.name)
+            if value is None and f.name in _OPTIONAL:
+                continue
+            if kind == "int" and not is_integer(value):
+                raise ValueError(f"invalid {f.name}: {value!r} (an integer)")
+            if kind == "real" and not is_real(value):
+                raise ValueError(f"invalid {f.name}: {value!r} (a number)")
+            if kind == "flag" and not isinstance(value, bool):
+                raise ValueError(f"invalid {f.name}: {value!r} (True or False)")
+        if not isinstance(self.lr_decay_at, (tuple, list)) or not all(
+            is_real(x) for x in self.lr_decay_at
+        ):
+            raise ValueError(f"invalid lr_decay_at: {self.lr_decay_at!r} (fractions of training)")
 
     def _check_mask_options(self) -> None:
         from .modes import GROWTH, IMPORTANCE

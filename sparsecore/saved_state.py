@@ -64,7 +64,9 @@ class StateFields:
     def error(self, path: str, problem: str) -> SparseCoreError:
         return SparseCoreError(f"{self.name(path)} {problem}")
 
-    def keys(self, data: Any, path: str, required: Sequence[str], optional: Sequence[str] = ()):
+    def keys(
+        self, data: Any, path: str, required: Sequence[str], optional: Sequence[str] = ()
+    ) -> None:
         """``data`` must be a dict holding every ``required`` key, and no key outside both."""
         where = path or "(the state itself)"
         if not isinstance(data, dict):

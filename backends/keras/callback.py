@@ -143,6 +143,12 @@ class SparseCallback(keras.callbacks.Callback):
                 f"update_backend"
             )
         check_update_backend(update_backend)
+        for flag, value in (
+            ("dense_first", dense_first),
+            ("dense_last", dense_last),
+            ("embeddings", embeddings),
+        ):
+            check_flag(flag, value)  # a string such as "no" would be true
         self.update_backend = update_backend
         self.config = SparseConfig(**options)
         if self.config.growth in NEEDS_GRAD["growth"]:

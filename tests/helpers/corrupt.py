@@ -66,12 +66,17 @@ def corruptions(
 
 
 def _bad_array(x: Any, how: str) -> Any:
+    """``x`` one element short (another shape), or in an integer dtype (a wrong one for masks
+    and for floating-point arrays alike)."""
+    if hasattr(x, "clone"):  # a torch tensor
+        import torch
+
+        if how == "shape":
+            return x.reshape(-1)[:-1].clone()
+        return x.to(torch.uint8 if x.dtype == torch.bool else torch.int64)
     if how == "shape":
-        return x.reshape(-1)[:-1].clone() if hasattr(x, "clone") else x.reshape(-1)[:-1].copy()
-    kind = str(x.dtype)
-    if "bool" in kind:
-        return x.to(dtype=__import__("torch").uint8) if hasattr(x, "clone") else x.astype("uint8")
-    return x.to(dtype=__import__("torch").int64) if hasattr(x, "clone") else x.astype("int64")
+        return x.reshape(-1)[:-1].copy()
+    return x.astype("uint8" if x.dtype == bool else "int64")
 
 
 def _replacement(old: Any, how: str) -> Any:

@@ -43,6 +43,8 @@ def _unchanged(model: nn.Module, snap: dict[str, torch.Tensor]) -> bool:
         ({"seed": 1.5}, r"seed must be an integer >= 0, got 1.5"),
         ({"update_every": True}, r"update_every must be a positive integer or None, got True"),
         ({"density": 0.005}, r"keeps round\(0.005 \* 64\) = 0 active weights"),
+        ({"dense_first": "no"}, r"dense_first must be True or False, got 'no'"),
+        ({"dense_last": 1}, r"dense_last must be True or False, got 1"),
     ],
 )
 def test_bad_options(kwargs, message):
