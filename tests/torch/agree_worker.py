@@ -10,6 +10,8 @@ a rank left waiting in a collective fails the test instead of hanging it. Scenar
   raises the same NonFiniteError (none waits for the others).
 - ``manual``: no optimizer, the loop calls sparse.step(); a NaN gradient on rank 1 only: no rank
   counts that step, and the ranks stay in step.
+- ``fail``: a growth mode that fails on rank 1 only: rank 1 raises its own error, rank 0 an
+  error naming rank 1, and neither records an update.
 """
 
 from __future__ import annotations
@@ -116,6 +118,37 @@ def manual_scenario(rank: int, st) -> dict:
     return out
 
 
+def fail_scenario(rank: int, st) -> dict:
+    import sparsecore
+    from sparsecore.modes import GROWTH
+
+    @sparsecore.register_growth("fails_on_rank_1")
+    def _growth(backend, layer, mask, k, key):
+        if dist.get_rank() == 1:
+            raise RuntimeError("growth failed here")
+        return GROWTH["momentum"](backend, layer, mask, k, key)
+
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    sparse = st.attach(
+        model, opt, density=0.2, update_every=2, total_steps=40, growth="fails_on_rank_1"
+    )
+    g = torch.Generator().manual_seed(4000 + rank)
+    error = None
+    for _ in range(2):
+        x, y = _batch(g)
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        try:
+            opt.step()
+        except Exception as err:
+            error = f"{type(err).__name__}: {err}"
+    out = _summary(sparse)
+    out["error"] = error
+    sparse.detach()
+    return out
+
+
 def main() -> None:
     rank, world, init_file, out_file = (
         int(sys.argv[1]),
@@ -137,6 +170,7 @@ def main() -> None:
         "skip": skip_scenario(rank, st),
         "raise": raise_scenario(rank, st),
         "manual": manual_scenario(rank, st),
+        "fail": fail_scenario(rank, st),
     }
     with open(out_file, "w") as f:
         json.dump(results, f)

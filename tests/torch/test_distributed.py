@@ -93,3 +93,12 @@ def test_ranks_agree_on_skip_raise_and_uncounted_steps(tmp_path):
         and "rank 1: layer '0.weight': gradient" in (manual_a["history"][0]["reason"])
     )
     assert manual_a["masks"] == manual_b["masks"]
+
+    fail_a, fail_b = a["fail"], b["fail"]
+    assert fail_a["error"] == (
+        "SparseCoreError: the mask update after step 2 failed on rank(s) [1]; it was not made on "
+        "any rank (nothing changed)"
+    )
+    assert fail_b["error"] == "RuntimeError: growth failed here"
+    assert fail_a["history"] == fail_b["history"] == []
+    assert fail_a["masks"] == fail_b["masks"]
