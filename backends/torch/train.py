@@ -422,7 +422,14 @@ def run_training(
 ) -> TrainResult:
     """Train ``cfg.model`` on Fashion-MNIST with ``cfg.method``; write checkpoints and summaries.
 
-    ``resume`` continues a run from its checkpoint (the checkpoint's config must equal ``cfg``).
+    ``data``: a folder of Fashion-MNIST IDX files, ``"embedded"`` for the shipped subset, or None
+    (the default search; on a resume, the data the checkpoint records); ``dataset`` an
+    :class:`ImageDataset` instead. ``out_dir`` is written as a run folder that always holds one
+    epoch's files (:mod:`sparsecore.rundir`).
+    ``resume`` continues a run from its checkpoint: ``cfg`` must equal the checkpoint's config
+    except for a larger ``epochs``, which extends the run, and the data must be the checkpoint's
+    (same fingerprint); otherwise :class:`ResumeError` lists each difference. Ctrl-C raises
+    :class:`TrainingInterrupted` saying what was saved.
     ``progress`` defaults to a live indicator only when ``stream`` is a terminal.
     ``stop_after`` ends the process after that epoch (checkpoint written) without changing the
     schedule, so the run can be resumed later, e.g. to fit a time-limited job.
@@ -504,9 +511,10 @@ def run_training(
     start_epoch = 1
     if ckpt is not None:
         assert ckpt_path is not None
-        if sparse is not None and ckpt["sparse"] is not None and cfg.epochs != saved.epochs:
+        engine_state = (ckpt["sparse"] or {}).get("engine")
+        if sparse is not None and isinstance(engine_state, dict) and cfg.epochs != saved.epochs:
             # extending: the saved masks, counters and history, with this run's update schedule
-            ckpt["sparse"]["engine"]["config"] = sparse.config.to_dict()
+            engine_state["config"] = sparse.config.to_dict()
         _restore(ckpt_path, ckpt, model, optimizer, scheduler, sparse, steps_per_epoch)
         epochs_done = list(ckpt["metrics"])
         mask_updates = list(ckpt["mask_updates"])
