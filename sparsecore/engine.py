@@ -538,7 +538,7 @@ class SparseEngine:
         self.updates += 1
         ever = self.ever_active or [layer.mask for layer in layers]
         self.ever_active = [be.logical_or(e, m) for e, m in zip(ever, result.masks)]
-        ever_counts = [be.count(e) for e in self.ever_active]
+        ever_counts = be.counts(self.ever_active)
         report = UpdateReport(
             update=result.report.update,
             prune_rate=rate,
@@ -572,7 +572,7 @@ class SparseEngine:
                     f"layer {layer.name!r}: mask shape {be.shape(layer.mask)} differs from the "
                     f"engine's {shape}"
                 )
-        total = sum(be.count(layer.mask) for layer in layers)
+        total = sum(be.counts([layer.mask for layer in layers]))
         if total != self.target:
             raise SparseCoreError(
                 f"the masks hold {total} active weights but this run keeps exactly "

@@ -13,13 +13,15 @@ is exact, so order and ties are those of the original values.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import torch
 
-from sparsecore.backend import ArrayBackend, Sign
+from sparsecore.backend import ArrayBackend, FusedLayer, LayerScan, Sign
 from sparsecore.hashing import MASK32, MUL1, MUL2, HashKey
+from sparsecore.layers import Layer
 
 _HALF = (torch.float16, torch.bfloat16)
 
@@ -67,6 +69,11 @@ def _count_true(mask: torch.Tensor) -> int:
     if full < n:
         total = total + flat[full:].sum(dtype=torch.int32)
     return int(total)
+
+
+def _counts_in_one_read(masks: Sequence[torch.Tensor]) -> list[int]:
+    """The number of True entries of each mask (all on one device), brought back together."""
+    return [int(c) for c in torch.stack([m.sum() for m in masks]).tolist()]
 
 
 _SUM_CHUNK = 1 << 14  # float64 copy of a chunk: at least 128 KiB
@@ -256,9 +263,31 @@ def select_flat(
 
 
 class TorchBackend(ArrayBackend):
-    """:class:`~sparsecore.backend.ArrayBackend` on ``torch.Tensor`` (any device, any float dtype)."""
+    """:class:`~sparsecore.backend.ArrayBackend` on ``torch.Tensor`` (any device, any float dtype).
+
+    It offers the engine's fused update (magnitude pruning with momentum growth, any built-in
+    redistribution) as a *packed* update: all layers in flat buffers, each stage one set of
+    tensor operations for every layer, two host reads per update
+    (:mod:`sparsecore.torch.packed_update`). Masks, weights and reports are the generic path's,
+    bit for bit.
+    """
 
     name = "torch"
+    supports_fused_update = True
+
+    def __init__(self, *, fused: bool | None = None, max_chunk: int = 4096) -> None:
+        """``fused``: when the packed update runs. None (the default): for CUDA tensors only;
+        on CPUs the per-layer path, with its shortlists of few candidates, is faster (and
+        ``attach`` runs CPU updates through Numba anyway). True: on any device, CPU included
+        (what the CPU tests use); False: never. ``max_chunk``: the longest row of the packed
+        matrix (a power of two); tests make it small so that layers span many rows.
+        """
+        if max_chunk < 1 or max_chunk & (max_chunk - 1):
+            raise ValueError(f"max_chunk must be a power of two, got {max_chunk}")
+        self.fused = fused
+        self.max_chunk = max_chunk
+        #: How many fused updates the packed path completed (tests and benchmarks read it).
+        self.packed_updates = 0
 
     def owns(self, x: Any) -> bool:
         return isinstance(x, torch.Tensor)
@@ -370,6 +399,60 @@ class TorchBackend(ArrayBackend):
         out = torch.zeros(flat.shape, dtype=torch.bool, device=x.device)
         out[ids.gather(1, order)[take]] = True
         return out.reshape(x.shape)
+
+    # -- the fused update, packed ------------------------------------------------------------
+    def packs(self, layers: Sequence[Layer]) -> bool:
+        """Does the packed update take these layers? All arrays on one device (a CUDA device
+        unless ``fused=True``), strided, in float16/bfloat16/float32/float64 (masks boolean),
+        every layer smaller than 2**31 positions."""
+        from .packed_update import FLOATS, MAX_LAYER
+
+        if self.fused is False:
+            return False
+        device = layers[0].mask.device
+        if self.fused is None and device.type != "cuda":
+            return False
+        for layer in layers:
+            arrays = (layer.weight, layer.mask, layer.momentum)
+            if layer.momentum is None or any(
+                not isinstance(a, torch.Tensor) or a.device != device or a.layout != torch.strided
+                for a in arrays
+            ):
+                return False
+            if layer.mask.dtype != torch.bool or layer.mask.numel() >= MAX_LAYER:
+                return False
+            if layer.weight.dtype not in FLOATS or layer.momentum.dtype not in FLOATS:
+                return False
+        return True
+
+    def fused_scan(self, layers: Sequence[Layer], *, source: str | None) -> list[LayerScan] | None:
+        if not self.packs(layers):
+            return None
+        from . import packed_update
+
+        return packed_update.scan(layers, source, self.max_chunk)
+
+    def fused_prune_regrow(
+        self,
+        layers: Sequence[Layer],
+        nnz: Sequence[int],
+        prune_counts: Sequence[int],
+        grow_counts: Sequence[int],
+        keys: Sequence[HashKey],
+    ) -> list[FusedLayer] | None:
+        from . import packed_update
+
+        out = packed_update.prune_regrow(layers, prune_counts, grow_counts, keys, self.max_chunk)
+        if out is not None:
+            self.packed_updates += 1
+        return out
+
+    def counts(self, masks: Sequence[Any]) -> list[int]:
+        """Every mask's count; off the CPU, in one host read instead of one per mask."""
+        devices = {m.device for m in masks}
+        if len(devices) != 1 or next(iter(devices)).type == "cpu":
+            return [_count_true(m) for m in masks]
+        return _counts_in_one_read(masks)
 
     def position_hash(self, key: HashKey, like: Any) -> Any:
         ids = torch.arange(like.numel(), device=like.device, dtype=torch.int64)
