@@ -275,16 +275,27 @@ class TorchBackend(ArrayBackend):
     name = "torch"
     supports_fused_update = True
 
-    def __init__(self, *, fused: bool | None = None, max_chunk: int = 4096) -> None:
+    def __init__(
+        self, *, fused: bool | None = None, max_packed: int = 1 << 26, max_chunk: int = 4096
+    ) -> None:
         """``fused``: when the packed update runs. None (the default): for CUDA tensors only;
         on CPUs the per-layer path, with its shortlists of few candidates, is faster (and
         ``attach`` runs CPU updates through Numba anyway). True: on any device, CPU included
-        (what the CPU tests use); False: never. ``max_chunk``: the longest row of the packed
-        matrix (a power of two); tests make it small so that layers span many rows.
+        (what the CPU tests use); False: never.
+
+        ``max_packed``: the most weights packed together. The packed update needs about 40
+        bytes of scratch memory per float32 weight at its peak (42 measured over ResNet-50 on a
+        CPU), so a larger model is taken in groups of consecutive layers of at most this many
+        weights (a larger layer alone), each group costing two more host reads; the default,
+        2**26, keeps the scratch under 3 GB and takes ResNet-50 (25.5M weights) in one group. ``max_chunk``: the longest row of the
+        packed matrix (a power of two); tests make both small to reach every path.
         """
         if max_chunk < 1 or max_chunk & (max_chunk - 1):
             raise ValueError(f"max_chunk must be a power of two, got {max_chunk}")
+        if max_packed < 1:
+            raise ValueError(f"max_packed must be positive, got {max_packed}")
         self.fused = fused
+        self.max_packed = max_packed
         self.max_chunk = max_chunk
         #: How many fused updates the packed path completed (tests and benchmarks read it).
         self.packed_updates = 0
@@ -425,12 +436,27 @@ class TorchBackend(ArrayBackend):
                 return False
         return True
 
+    def groups(self, layers: Sequence[Layer]) -> list[slice]:
+        """Consecutive layers packed together: at most ``max_packed`` weights (or one layer)."""
+        out, start, total = [], 0, 0
+        for i, layer in enumerate(layers):
+            n = layer.mask.numel()
+            if i > start and total + n > self.max_packed:
+                out.append(slice(start, i))
+                start, total = i, 0
+            total += n
+        out.append(slice(start, len(layers)))
+        return out
+
     def fused_scan(self, layers: Sequence[Layer], *, source: str | None) -> list[LayerScan] | None:
         if not self.packs(layers):
             return None
         from . import packed_update
 
-        return packed_update.scan(layers, source, self.max_chunk)
+        out: list[LayerScan] = []
+        for group in self.groups(layers):
+            out += packed_update.scan(layers[group], source, self.max_chunk)
+        return out
 
     def fused_prune_regrow(
         self,
@@ -442,9 +468,15 @@ class TorchBackend(ArrayBackend):
     ) -> list[FusedLayer] | None:
         from . import packed_update
 
-        out = packed_update.prune_regrow(layers, prune_counts, grow_counts, keys, self.max_chunk)
-        if out is not None:
-            self.packed_updates += 1
+        out: list[FusedLayer] = []
+        for group in self.groups(layers):
+            part = packed_update.prune_regrow(
+                layers[group], prune_counts[group], grow_counts[group], keys[group], self.max_chunk
+            )
+            if part is None:  # a NaN/Inf weight: nothing was changed
+                return None
+            out += part
+        self.packed_updates += 1
         return out
 
     def counts(self, masks: Sequence[Any]) -> list[int]:

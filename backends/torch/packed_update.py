@@ -36,6 +36,8 @@ How (the engine's fused capability, :meth:`sparsecore.backend.ArrayBackend.fused
 
 Every layer's arrays must be on one device; layers are float16, bfloat16, float32 or float64
 (weights and momentum may differ; values are widened exactly to the widest type present).
+Scratch memory peaks at about 40 bytes per float32 weight; :class:`TorchBackend` calls these
+functions on groups of layers of at most ``max_packed`` weights (two host reads per group).
 """
 
 from __future__ import annotations
@@ -49,10 +51,8 @@ import numpy as np
 import torch
 
 from sparsecore.backend import FusedLayer, LayerScan
-from sparsecore.hashing import MASK32, HashKey
+from sparsecore.hashing import MASK32, MUL1, MUL2, HashKey
 from sparsecore.layers import Layer
-
-from .backend import _mix32
 
 DIGIT_BITS = 16
 BUCKETS = 1 << DIGIT_BITS
@@ -198,9 +198,15 @@ def magnitude_bits(x: torch.Tensor) -> torch.Tensor:
 
 def inverted_hash(layout: Layout, prefixes: torch.Tensor) -> torch.Tensor:
     """``2**32 - 1 - hash`` of every packed position (its bits in an int32): smaller first."""
-    ids = layout.row_first + layout.columns  # position in its layer
-    hashes = _mix32(ids ^ prefixes[layout.row_layer].reshape(-1, 1))
-    return (MASK32 - hashes).to(torch.int32)
+    x = layout.row_first + layout.columns  # position in its layer
+    x ^= prefixes[layout.row_layer].reshape(-1, 1)
+    # hashing.mix32 in place (one int64 temporary at a time, not one per step)
+    x ^= x >> 16
+    x.mul_(MUL1).bitwise_and_(MASK32)
+    x ^= x >> 15
+    x.mul_(MUL2).bitwise_and_(MASK32)
+    x ^= x >> 16
+    return x.neg_().add_(MASK32).to(torch.int32)
 
 
 def _digit(word: torch.Tensor, width: int, shift: int) -> torch.Tensor:
@@ -310,20 +316,25 @@ def prune_regrow(
     )
     inverted = inverted_hash(layout, budgets[2])
     w_bits = magnitude_bits(weight)
+    not_finite = (w_bits >= _INF_BITS[weight.dtype]).any()
     pruned = select_smallest(
         [(w_bits, _WIDTH[weight.dtype]), (inverted, 32)], mask, budgets[0], layout
     )
+    del w_bits  # scratch goes as soon as it is done with: the peak is a few words per weight
     kept = mask & ~pruned
     p_width = _WIDTH[momentum.dtype]
-    grow_key = ((1 << (p_width - 1)) - 1) - magnitude_bits(momentum)  # largest |p| first
+    grow_key = magnitude_bits(momentum)
+    grow_key.neg_().add_((1 << (p_width - 1)) - 1)  # largest |p| first
+    del momentum
     grown = select_smallest(
         [(grow_key, p_width), (inverted, 32)], layout.valid() & ~kept, budgets[1], layout
     )
+    del grow_key, inverted
     new_mask = kept | grown
     new_weight = torch.where(
         mask & new_mask, weight, torch.zeros((), dtype=weight.dtype, device=weight.device)
     )
-    not_finite = (w_bits >= _INF_BITS[weight.dtype]).any()
+    del weight
     host = read(
         [
             per_layer((mask & ~new_mask).sum(dim=1), layout),

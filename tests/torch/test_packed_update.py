@@ -48,9 +48,10 @@ SETTINGS = settings(
 )
 
 
-def backend_for(device: str, max_chunk: int = pu.MAX_CHUNK) -> TorchBackend:
+def backend_for(device: str, max_chunk: int = pu.MAX_CHUNK, max_packed: int = 1 << 26) -> Any:
     """The packed path on ``device``: the default choice on CUDA, forced on the CPU."""
-    return TorchBackend(fused=True if device == "cpu" else None, max_chunk=max_chunk)
+    fused = True if device == "cpu" else None
+    return TorchBackend(fused=fused, max_chunk=max_chunk, max_packed=max_packed)
 
 
 # -- inputs: torch layers and their NumPy twins ----------------------------------------------------
@@ -173,9 +174,10 @@ def assert_same_as_reference(
     seed=st.integers(0, 2**31 - 1),
     update_index=st.integers(1, 50),
     max_chunk=st.sampled_from([4096, 16, 1]),
+    max_packed=st.sampled_from([1 << 26, 300]),
 )
 def test_packed_update_equals_numpy(
-    device, data, redistribution, rate, densities, seed, update_index, max_chunk
+    device, data, redistribution, rate, densities, seed, update_index, max_chunk, max_packed
 ):
     torch_layers, numpy_layers, exact = data.draw(layer_sets(device))
     min_density, max_density = densities
@@ -183,7 +185,7 @@ def test_packed_update_equals_numpy(
         prune_rate=rate, update_index=update_index, seed=seed, redistribution=redistribution,
         min_density=min_density, max_density=max_density,
     )  # fmt: skip
-    backend = backend_for(device, max_chunk)
+    backend = backend_for(device, max_chunk, max_packed)  # 300: layers in several groups
     try:
         sc.update(numpy_layers, backend=REFERENCE, **options)
     except SparseCoreError as err:  # e.g. max_density leaves no room: same error, same message
@@ -325,9 +327,19 @@ def test_which_updates_take_the_packed_path():
     assert not packed.packs(meta)
 
 
-def test_max_chunk_must_be_a_power_of_two():
+def test_options_are_checked():
     with pytest.raises(ValueError, match="power of two"):
         TorchBackend(max_chunk=12)
+    with pytest.raises(ValueError, match="positive"):
+        TorchBackend(max_packed=0)
+
+
+def test_groups_hold_at_most_max_packed_weights_or_one_layer():
+    layers = [sc.Layer(f"l{i}", torch.zeros(n), torch.zeros(n, dtype=torch.bool)) for i, n in
+              enumerate([5, 5, 20, 3, 3, 3])]  # fmt: skip
+    groups = TorchBackend(max_packed=10).groups(layers)
+    assert groups == [slice(0, 2), slice(2, 3), slice(3, 6)]
+    assert TorchBackend().groups(layers) == [slice(0, 6)]
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -396,6 +408,13 @@ def counted_reads() -> Iterator[dict[str, Any]]:
     out["syncing"] = mode.syncing
 
 
+def sct_attach(model: torch.nn.Module, optimizer: Any, **options: Any) -> Any:
+    """``attach`` at density 0.2 with a mask update every third step."""
+    import sparsecore.torch as sct
+
+    return sct.attach(model, optimizer, density=0.2, update_every=3, total_steps=100, **options)
+
+
 def many_layers(count: int) -> list[sc.Layer]:
     rng = np.random.default_rng(count)
     layers = []
@@ -411,10 +430,16 @@ def many_layers(count: int) -> list[sc.Layer]:
 def test_an_update_reads_the_host_twice_whatever_the_number_of_layers(count):
     layers = many_layers(count)
     backend = TorchBackend(fused=True)
-    sc.update(layers, prune_rate=0.5, backend=backend)  # the layout is built (and cached) once
     with counted_reads() as seen:
         sc.update(layers, prune_rate=0.5, backend=backend)
     assert seen == {"reads": 2, "syncing": []}
+    # groups of at most max_packed weights: two reads per group
+    grouped = TorchBackend(fused=True, max_packed=sum(x.mask.numel() for x in layers) // 3 + 1)
+    groups = len(grouped.groups(layers))
+    assert groups == 1 if count == 1 else groups >= 3
+    with counted_reads() as seen:
+        sc.update(layers, prune_rate=0.5, backend=grouped)
+    assert seen == {"reads": 2 * groups, "syncing": []}
 
     engine = sc.SparseEngine(sc.SparseConfig(density=0.2), [x.name for x in layers],
                              [tuple(x.mask.shape) for x in layers])  # fmt: skip
@@ -429,17 +454,14 @@ def test_an_update_reads_the_host_twice_whatever_the_number_of_layers(count):
 def test_an_attach_update_reads_the_host_four_times(monkeypatch):
     """Inside training, through the adapter (the packed path forced on CPU tensors, as CUDA
     tensors get it): the optimizer step that runs a mask update reads the host four times."""
-    import sparsecore.torch as sct
     from sparsecore.torch import adapter
 
     packed = TorchBackend(fused=True)
     monkeypatch.setattr(adapter, "_BACKEND", packed)
     torch.manual_seed(0)
-    layers = [torch.nn.Linear(20, 20) for _ in range(12)]
-    model = torch.nn.Sequential(*layers)
+    model = torch.nn.Sequential(*(torch.nn.Linear(20, 20) for _ in range(12)))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    sparse = sct.attach(model, optimizer, density=0.2, update_every=3, update_backend="torch",
-                        fused_sgd=False, total_steps=100)  # fmt: skip
+    sparse = sct_attach(model, optimizer, update_backend="torch", fused_sgd=False)
     x = torch.randn(8, 20)
     for step in range(1, 7):
         optimizer.zero_grad()
@@ -478,3 +500,22 @@ def test_a_cuda_update_synchronises_four_times():
     ]
     assert result.weights is not None and backend.packed_updates == 2
     assert len(syncs) <= 4, "\n".join(syncs)
+
+
+@pytest.mark.gpu
+def test_attach_on_cuda_takes_the_packed_path():
+    from sparsecore.torch import adapter
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(*(torch.nn.Linear(20, 20) for _ in range(3))).cuda()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    sparse = sct_attach(model, optimizer)
+    before = adapter._BACKEND.packed_updates
+    x = torch.randn(8, 20, device="cuda")
+    for _ in range(6):
+        optimizer.zero_grad()
+        model(x).square().mean().backward()
+        optimizer.step()
+    assert adapter._BACKEND.packed_updates == before + 2 and len(sparse.history) == 2
+    assert sparse.last_update_backend == "torch"
+    assert sum(int(sparse.mask(f"{i}.weight").sum()) for i in range(3)) == round(0.2 * 1200)
