@@ -16,7 +16,8 @@
 #  4. the mask update over ResNet-50: time, launches, host synchronisations, peak memory, per
 #     candidate (benchmarks/mask_update_gpu.py), with a per-operation profile.
 # A failing stage does not stop the later ones; the exit status is that of the GPU tests.
-# GPU_CHECK_STAGES=bench runs the install and stage 4 only.
+# GPU_CHECK_STAGES=bench runs the install and stage 4 only; GPU_CHECK_BENCH_ARGS adds options to
+# the benchmark (a dry run on a CPU machine: GPU_CHECK_BENCH_ARGS="--layers 6 --repeats 1").
 set -u
 OUT=${OUT:-/tmp/sparsecore-gpu-check}
 PY=${PYTHON:-python3}
@@ -67,8 +68,10 @@ if [ "${GPU_CHECK_STAGES:-all}" != bench ]; then
 fi
 
 stage "mask update on the GPU (ResNet-50)"
+# shellcheck disable=SC2086  # the extra arguments are words on purpose
 timeout 200 "$PY" benchmarks/mask_update_gpu.py --repeats 9 --json "$OUT/mask_update_gpu.json" \
-  --profile-table "$OUT/mask_update_gpu_profile.txt" 2>&1 | tee "$OUT/mask_update_gpu.txt"
+  --profile-table "$OUT/mask_update_gpu_profile.txt" ${GPU_CHECK_BENCH_ARGS:-} 2>&1 \
+  | tee "$OUT/mask_update_gpu.txt"
 stage done
 return "$status"
 }
