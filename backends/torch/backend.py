@@ -8,6 +8,10 @@ agree bit for bit.
 
 Half-precision scores (float16, bfloat16) are widened to float32 before selection: the conversion
 is exact, so order and ties are those of the original values.
+
+That is the generic, per-layer path: it reads counts back to the host several times per layer.
+On CUDA tensors the engine's fused update (the paper's modes) runs instead as one packed update
+of all layers, with two host reads (:mod:`sparsecore.torch.packed_update`).
 """
 
 from __future__ import annotations
@@ -267,9 +271,9 @@ class TorchBackend(ArrayBackend):
 
     It offers the engine's fused update (magnitude pruning with momentum growth, any built-in
     redistribution) as a *packed* update: all layers in flat buffers, each stage one set of
-    tensor operations for every layer, two host reads per update
-    (:mod:`sparsecore.torch.packed_update`). Masks, weights and reports are the generic path's,
-    bit for bit.
+    tensor operations for every layer, two host reads per update (per group of ``max_packed``
+    weights; :mod:`sparsecore.torch.packed_update`). Masks, weights and reports are the generic
+    path's, bit for bit.
     """
 
     name = "torch"
@@ -287,8 +291,10 @@ class TorchBackend(ArrayBackend):
         bytes of scratch memory per float32 weight at its peak (42 measured over ResNet-50 on a
         CPU), so a larger model is taken in groups of consecutive layers of at most this many
         weights (a larger layer alone), each group costing two more host reads; the default,
-        2**26, keeps the scratch under 3 GB and takes ResNet-50 (25.5M weights) in one group. ``max_chunk``: the longest row of the
-        packed matrix (a power of two); tests make both small to reach every path.
+        2**26, keeps the scratch under 3 GB and takes ResNet-50 (25.5M weights) in one group.
+
+        ``max_chunk``: the longest row of the packed matrix (a power of two). Tests make both
+        small to reach every path.
         """
         if max_chunk < 1 or max_chunk & (max_chunk - 1):
             raise ValueError(f"max_chunk must be a power of two, got {max_chunk}")
