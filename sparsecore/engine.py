@@ -585,7 +585,7 @@ class SparseEngine:
             )
         ever = self.ever_active or [layer.mask for layer in layers]
         ever = [be.logical_or(e, m) for e, m in zip(ever, proposal.masks)]
-        ever_counts = [be.count(e) for e in ever]
+        ever_counts = be.counts(ever)
         report = UpdateReport(
             update=proposal.report.update,
             prune_rate=proposal.report.prune_rate,
@@ -621,7 +621,7 @@ class SparseEngine:
                     f"layer {layer.name!r}: mask shape {be.shape(layer.mask)} differs from the "
                     f"engine's {shape}"
                 )
-        total = sum(be.count(layer.mask) for layer in layers)
+        total = sum(be.counts([layer.mask for layer in layers]))
         if total != self.target:
             raise SparseCoreError(
                 f"the masks hold {total} active weights but this run keeps exactly "
