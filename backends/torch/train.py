@@ -581,6 +581,10 @@ def run_training(
             scheduler.step()
 
             test_loss, test_acc = evaluate(model, x_test, y_test, cfg.eval_batch_size)
+            if not math.isfinite(test_loss):  # the weights diverged though the batches did not
+                raise FloatingPointError(
+                    f"test loss became {test_loss} after epoch {epoch} (lr {lr:g}); lower --lr"
+                )
             measured = weight_densities(model)
             if sparse is not None:
                 layer_dens = {k: float(v) for k, v in sparse.layer_densities().items()}

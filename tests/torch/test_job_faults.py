@@ -143,6 +143,12 @@ def test_images_of_the_wrong_size_for_the_model(tmp_path, capsys):
 def test_a_diverging_loss_ends_in_one_line(tmp_path, capsys):
     assert _train(tmp_path / "r", "--epochs", "1", "--lr", "1e20", "--method", "dense") == 2
     assert "training loss became" in _one_error_line(capsys)
+    # finite (huge) training losses but weights that make the test loss NaN: refused too, where
+    # the run used to be reported as completed with a NaN test loss
+    assert _train(tmp_path / "r2", "--epochs", "1", "--lr", "1e6", "--method", "dense") == 2
+    assert _one_error_line(capsys).endswith(
+        "test loss became nan after epoch 1 (lr 1e+06); lower --lr"
+    )
 
 
 def test_ctrl_c_before_the_first_checkpoint(tmp_path, capsys, monkeypatch):
