@@ -157,7 +157,11 @@ def build_parser() -> argparse.ArgumentParser:
         "(default: /usr/share/datasets/fashion-mnist if present, else the embedded subset)",
     )
     train.add_argument("--out", help="run folder (default runs/MODEL-METHOD[-dDENSITY]-seedSEED)")
-    train.add_argument("--resume", help="checkpoint file or run folder to continue from")
+    train.add_argument(
+        "--resume",
+        help="run folder (or checkpoint file) to continue from; its options and data are reused, "
+        "and --epochs N with a larger N extends the run",
+    )
     train.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
     train.add_argument("--threads", type=int, help="torch CPU threads")
     train.add_argument(
@@ -201,8 +205,9 @@ def _default_out(cfg: Any) -> Path:
 
 def _train_keras(given: dict[str, Any]) -> int:
     """``--framework keras``: the Keras job (sparsecore.keras.train), same options and outputs."""
-    from sparsecore.datasets import DatasetError, load_embedded_fashion_mnist
+    from sparsecore.datasets import load_embedded_fashion_mnist
     from sparsecore.recipe import DEFAULT_LR
+    from sparsecore.rundir import check_run_folder
 
     torch_only = {"resume", "stop_after", "progress", "tensorboard"}
     if not given.get("progress", True):
@@ -224,8 +229,13 @@ def _train_keras(given: dict[str, Any]) -> int:
         options = {k: v for k, v in given.items() if k in config_keys}
         options.setdefault("lr", DEFAULT_LR.get(options.get("model", "lenet300"), 0.1))
         _announce(options, KERAS_MODELS, "keras", "Keras")
-
-        from sparsecore.keras.train import KerasTrainConfig, run_training
+        try:
+            from sparsecore.keras.train import KerasTrainConfig, run_training
+        except ImportError as err:
+            raise ValueError(
+                f"--framework keras needs Keras 3 and a backend for it (pip install "
+                f"'sparsecore[keras]'): {err}"
+            ) from None
 
         cfg = KerasTrainConfig.from_options(options)
         cfg.validate()
@@ -234,6 +244,7 @@ def _train_keras(given: dict[str, Any]) -> int:
             if "out" in given
             else _default_out(cfg).with_name(_default_out(cfg).name + "-keras")
         )
+        check_run_folder(out)
         if (out / "summary.json").exists() and not given.get("overwrite", False):
             print(
                 f"sparsecore train: {out} already holds a run; pass --overwrite to replace it, "
@@ -251,10 +262,31 @@ def _train_keras(given: dict[str, Any]) -> int:
             threads=given.get("threads"),
             announce=False,
         )
-    except (ValueError, FileNotFoundError, DatasetError) as exc:
+    except BaseException as exc:
+        return _failure(exc)
+    return 0
+
+
+def _failure(exc: BaseException) -> int:
+    """The exit status and one message for what ended a training job early.
+
+    Ctrl-C: what was saved and how to continue (130). Something the user can fix (an option, a
+    file, the data, a checkpoint, a folder, a learning rate that makes the loss diverge): one
+    line naming it (2). Anything else is a bug and keeps its traceback.
+    """
+    from sparsecore.recipe import TrainingInterrupted
+
+    if isinstance(exc, TrainingInterrupted):
+        print(f"sparsecore train: {exc.message()}", file=sys.stderr)
+        return 130
+    if isinstance(exc, KeyboardInterrupt):
+        print("sparsecore train: interrupted before the first epoch; nothing was written",
+              file=sys.stderr)  # fmt: skip
+        return 130
+    if isinstance(exc, (ValueError, OSError, FloatingPointError)):
         print(f"sparsecore train: error: {exc}", file=sys.stderr)
         return 2
-    return 0
+    raise exc
 
 
 def _announce(options: dict[str, Any], models: Sequence[str], framework: str, name: str) -> None:
@@ -278,8 +310,8 @@ def _say(line: str, stream: TextIO | None = None) -> None:
 def _train(args: argparse.Namespace) -> int:
     if vars(args).pop("framework", "torch") == "keras":
         return _train_keras(vars(args))
-    from sparsecore.datasets import DatasetError, load_embedded_fashion_mnist
     from sparsecore.recipe import DEFAULT_LR
+    from sparsecore.rundir import check_run_folder
 
     given = vars(args)
     config_keys = {dest for _, dest, _ in _CONFIG_OPTIONS + _MASK_OPTIONS}
@@ -298,6 +330,7 @@ def _train(args: argparse.Namespace) -> int:
             CHECKPOINT_NAME,
             TrainConfig,
             load_checkpoint_config,
+            run_folder_of,
             run_training,
         )
 
@@ -305,10 +338,11 @@ def _train(args: argparse.Namespace) -> int:
             cfg, ckpt_path = load_checkpoint_config(resume)
             for key, value in overrides.items():
                 setattr(cfg, key, value)  # a differing value is reported by run_training
-            out = Path(given["out"]) if "out" in given else ckpt_path.parent
+            out = Path(given["out"]) if "out" in given else run_folder_of(ckpt_path)
         else:
             cfg = TrainConfig(**overrides)
             out = Path(given["out"]) if "out" in given else _default_out(cfg)
+            check_run_folder(out)
             if (out / CHECKPOINT_NAME).exists() and not given.get("overwrite", False):
                 print(
                     f"sparsecore train: {out} already holds a run; pass --resume {out} to "
@@ -316,12 +350,9 @@ def _train(args: argparse.Namespace) -> int:
                     file=sys.stderr,
                 )
                 return 2
-        data = given.get("data")
-        dataset = load_embedded_fashion_mnist() if data == "embedded" else None
         run_training(
             cfg,
-            data=None if data == "embedded" else data,
-            dataset=dataset,
+            data=given.get("data"),
             out_dir=out,
             resume=resume,
             threads=given.get("threads"),
@@ -330,9 +361,8 @@ def _train(args: argparse.Namespace) -> int:
             tensorboard=given.get("tensorboard"),
             announce=resume is not None,  # a new run's first line is out already
         )
-    except (ValueError, FileNotFoundError, DatasetError) as exc:
-        print(f"sparsecore train: error: {exc}", file=sys.stderr)
-        return 2
+    except BaseException as exc:
+        return _failure(exc)
     return 0
 
 

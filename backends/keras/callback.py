@@ -27,6 +27,7 @@ import contextlib
 import json
 import math
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import keras
@@ -37,9 +38,18 @@ from sparsecore.backend import ArrayBackend
 from sparsecore.config import SparseConfig, option_names
 from sparsecore.engine import SparseEngine
 from sparsecore.errors import SparseCoreError
+from sparsecore.init import layer_counts
 from sparsecore.layers import Layer
 from sparsecore.modes import NEEDS_GRAD, NEEDS_MOMENTUM
 from sparsecore.report import UpdateReport
+from sparsecore.saved_state import (
+    ENGINE_FIELDS,
+    EngineState,
+    StateFields,
+    expected_counts,
+    read_engine_state,
+)
+from sparsecore.validation import check_flag
 
 from . import jax_step
 from .constraint import SparseMask
@@ -48,6 +58,18 @@ from .momentum import MomentumReader, optimizer_slots
 from .placement import as_update_array, check_update_backend, resolve_update_backend
 
 __all__ = ["SparseCallback"]
+
+_SAVED = "saved sparse state"
+
+
+@dataclass(frozen=True)
+class _SavedRun:
+    """The sparse run a loaded model carries, checked: engine names, engine state, and whether
+    ``total_steps`` followed each ``fit``."""
+
+    names: list[str]
+    engine: EngineState
+    total_steps_from_fit: bool
 
 
 def _json_default(value: Any) -> Any:
@@ -75,24 +97,6 @@ def _zero_where(changed: Any, slot: Any, backend: ArrayBackend) -> Any:
 
 def _is_jax() -> bool:
     return bool(keras.backend.backend() == "jax")
-
-
-def _restore_engine(
-    engine: SparseEngine,
-    state: dict[str, Any],
-    config: SparseConfig,
-    constraints: Sequence[SparseMask],
-    backend: ArrayBackend,
-) -> None:
-    """Put a saved engine state, and the constraints' ever-active positions, into ``engine``."""
-    engine.load_state_dict(state)
-    engine.config = config
-    saved_ever = [c.ever_active for c in constraints]
-    if any(e is not None for e in saved_ever):
-        engine.ever_active = [
-            _from_host(e if e is not None else c.mask_numpy(), backend)
-            for e, c in zip(saved_ever, constraints)
-        ]
 
 
 def _host_mask(x: Any) -> np.ndarray:
@@ -146,6 +150,12 @@ class SparseCallback(keras.callbacks.Callback):
                 f"update_backend"
             )
         check_update_backend(update_backend)
+        for flag, value in (
+            ("dense_first", dense_first),
+            ("dense_last", dense_last),
+            ("embeddings", embeddings),
+        ):
+            check_flag(flag, value)  # a string such as "no" would be true
         self.update_backend = update_backend
         self.config = SparseConfig(**options)
         if self.config.growth in NEEDS_GRAD["growth"]:
@@ -163,7 +173,7 @@ class SparseCallback(keras.callbacks.Callback):
             "dense_last": dense_last,
             "embeddings": embeddings,
         }
-        self.engine: SparseEngine | None = None
+        self._engine: SparseEngine | None = None
         self.weights: list[SparseWeight] = []
         self.constraints: list[SparseMask] = []
         self._reader: MomentumReader | None = None
@@ -171,8 +181,19 @@ class SparseCallback(keras.callbacks.Callback):
         self._attached_to: Any = None
         self._total_from_fit = "total_steps" not in options
         self._recompile_after_update = False
+        self._loaded_run_pending = False
 
     # -- public views -------------------------------------------------------------------------
+    @property
+    def engine(self) -> SparseEngine | None:
+        """The run's engine (options, update counter, history); None before attaching."""
+        self._take_over_loaded_run()
+        return self._engine
+
+    @engine.setter
+    def engine(self, engine: SparseEngine | None) -> None:
+        self._engine = engine
+
     @property
     def history(self) -> list[UpdateReport]:
         """Every mask update (and skipped update) of the run so far."""
@@ -300,13 +321,13 @@ class SparseCallback(keras.callbacks.Callback):
                 )
         resume = all(ours)
         config = self.config
-        state: dict[str, Any] | None = None
+        saved: _SavedRun | None = None
         if resume:
             constraints = [c for c in existing if isinstance(c, SparseMask)]
-            state = self._saved_state(weights, constraints)
-            config = self._resumed_config(state)
+            saved = self._read_saved_run(weights, constraints)
+            config = self._resumed_config(saved.engine.config)
         total_from_fit = "total_steps" not in self._given and (
-            state is None or bool(state.get("keras", {}).get("total_steps_from_fit", True))
+            saved is None or saved.total_steps_from_fit
         )
         if total_from_fit and steps_known:
             total = self._total_steps()
@@ -325,18 +346,13 @@ class SparseCallback(keras.callbacks.Callback):
         if self._needs_momentum(config) and not config.schedule().static:
             reader.check()
         backend = resolve_update_backend(self.update_backend, [w.variable for w in weights])
-        names = [w.name for w in weights] if state is None else list(state["names"])
+        names = [w.name for w in weights] if saved is None else saved.names
         engine = SparseEngine(config, names, [w.shape for w in weights], [w.axis for w in weights])
-        if state is not None:
-            for c in constraints:
-                c.snapshot()  # the live values, if another callback still runs them
-            _restore_engine(engine, state, config, constraints, backend)
-            counts = [int(c.mask_numpy().sum()) for c in constraints]
-            if sum(counts) != engine.target:
-                raise SparseCoreError(
-                    f"the saved masks hold {sum(counts)} active weights, the saved run keeps "
-                    f"{engine.target}; the saved model is inconsistent"
-                )
+        if saved is not None:
+            engine.restore(saved.engine)
+            engine.config = config
+            if engine.ever_active is not None:
+                engine.ever_active = [_from_host(e, backend) for e in engine.ever_active]
 
         # 2. Change the model.
         if not resume:
@@ -390,9 +406,11 @@ class SparseCallback(keras.callbacks.Callback):
         if getattr(model, "train_function", None) is not None and make is not None:
             make(force=True)
 
-    def _saved_state(
+    def _read_saved_run(
         self, weights: Sequence[SparseWeight], constraints: Sequence[SparseMask]
-    ) -> dict[str, Any]:
+    ) -> _SavedRun:
+        """Check the run a model carries in its constraints (masks, ever-active masks, the engine
+        state) against the model; changes nothing, raises naming the first bad field."""
         for i, (w, c) in enumerate(zip(weights, constraints)):
             if c.index != i or c.shape != w.shape:
                 raise SparseCoreError(
@@ -406,10 +424,55 @@ class SparseCallback(keras.callbacks.Callback):
                 f"layer {weights[0].name!r} carries a sparsecore mask but no engine state; the "
                 f"model was saved before SparseCallback attached to it"
             )
-        return state
+        f = StateFields(_SAVED, "")
+        f.keys(state, "", [k for k in ENGINE_FIELDS if k != "ever_active"] + ["keras"])
+        f.keys(state["keras"], "keras", ["total_steps_from_fit"])
+        from_fit = check_flag(
+            f.name("keras.total_steps_from_fit"), state["keras"]["total_steps_from_fit"]
+        )
+        names = f.sequence(state["names"], "names", len(weights))
+        mask_names = [c.name for c in constraints]
+        if names != mask_names:
+            raise f.error("names", f"is {names!r}, the saved masks are named {mask_names!r}")
+        masks = [c.mask_numpy() for c in constraints]
+        ever = [c.snapshot()[1] for c in constraints]
+        missing = [w.name for w, e in zip(weights, ever) if e is None]
+        if missing and len(missing) != len(weights):
+            raise f.error("ever_active", f"is saved for some layers but not for {missing}")
+        engine_state = {k: v for k, v in state.items() if k != "keras"}
+        engine_state["ever_active"] = None if missing else ever
+        checked = read_engine_state(
+            engine_state,
+            names=names,
+            shapes=[w.shape for w in weights],
+            axes=[w.axis for w in weights],
+            config=None,
+            target=None,
+            owner=_SAVED,
+        )
+        cfg = checked.config
+        initial = layer_counts(
+            [w.shape for w in weights],
+            cfg.density,
+            cfg.init,
+            axes=[w.axis for w in weights],
+            max_density=cfg.max_density,
+            min_density=cfg.min_density,
+        )
+        want, source = expected_counts(checked.history, initial)
+        counts = [int(m.sum()) for m in masks]
+        if counts != want:
+            raise f.error(
+                "masks", f"hold {counts} active weights (the constraints), {source} gives {want}"
+            )
+        for w, m, e in zip(weights, masks, checked.ever_active or []):
+            if np.any(m & ~e):
+                raise f.error(
+                    "ever_active", f"of layer {w.name!r} leaves out active positions of its mask"
+                )
+        return _SavedRun(names, checked, from_fit)
 
-    def _resumed_config(self, state: dict[str, Any]) -> SparseConfig:
-        saved = SparseConfig.from_dict(state["config"])
+    def _resumed_config(self, saved: SparseConfig) -> SparseConfig:
         diff = {
             k: (getattr(saved, k), v)
             for k, v in self._given.items()
@@ -447,24 +510,31 @@ class SparseCallback(keras.callbacks.Callback):
             c.on_load = self._constraint_loaded
 
     def _constraint_loaded(self, constraint: SparseMask) -> None:
-        """``model.load_weights`` refilled a constraint of this run: continue the saved run.
+        """``model.load_weights`` refilled a constraint of this run with a saved one: the saved
+        run is taken over, checked as a whole as on resume, once every entry is in (the next
+        time the callback needs its engine: :meth:`_take_over_loaded_run`)."""
+        self._loaded_run_pending = True
 
-        The first weight's entry carries the engine state (checked against the options given,
-        as on resume); each entry carries its weight's ever-active positions.
-        """
-        engine, backend = self.engine, self._backend
-        if engine is None or backend is None:
+    def _take_over_loaded_run(self) -> None:
+        if not self._loaded_run_pending or self._engine is None or self._backend is None:
             return
-        state = constraint.state
-        if constraint.index == 0 and state is not None:
-            config = self._resumed_config(state)
-            _restore_engine(engine, state, config, self.constraints, backend)
-            # as on resume: the next fit() sets the length of training unless it was given
-            self._total_from_fit = "total_steps" not in self._given and bool(
-                state.get("keras", {}).get("total_steps_from_fit", True)
-            )
-        elif engine.ever_active is not None and constraint.ever_active is not None:
-            engine.ever_active[constraint.index] = _from_host(constraint.ever_active, backend)
+        self._loaded_run_pending = False
+        live = [c.provider for c in self.constraints]
+        for c in self.constraints:
+            c.provider = None  # read what was loaded, not this callback's engine
+        try:
+            saved = self._read_saved_run(self.weights, self.constraints)
+            config = self._resumed_config(saved.engine.config)
+        finally:
+            for c, provider in zip(self.constraints, live):
+                c.provider = provider
+        engine = self._engine
+        engine.restore(saved.engine)
+        engine.config = config
+        if engine.ever_active is not None:
+            engine.ever_active = [_from_host(e, self._backend) for e in engine.ever_active]
+        # as on resume: the next fit() sets the length of training unless it was given
+        self._total_from_fit = "total_steps" not in self._given and saved.total_steps_from_fit
 
     def _provide_state(self, index: int) -> tuple[dict[str, Any] | None, np.ndarray | None]:
         assert self.engine is not None

@@ -107,3 +107,22 @@ def test_headline_counts_epochs_in_words_and_caveats_catch_a_dense_sparse_run():
     assert Recipe(method="dense", density=1.0).caveats() == []
     (caveat,) = Recipe(method="set", density=1.0).caveats()
     assert "density 1 with method set keeps every weight" in caveat
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("epochs", 2.5, r"invalid epochs: 2.5 \(an integer\)"),
+        ("epochs", True, r"invalid epochs: True \(an integer\)"),
+        ("density", True, r"invalid density: True \(a number\)"),
+        ("lr", "0.1", r"invalid lr: '0.1' \(a number\)"),
+        ("nesterov", "no", r"invalid nesterov: 'no' \(True or False\)"),
+        ("limit_train", 10.0, r"invalid limit_train: 10.0 \(an integer\)"),
+        ("lr_decay_at", (0.5, "x"), r"invalid lr_decay_at"),
+    ],
+)
+def test_options_of_the_wrong_type_are_refused(field, value, message):
+    """The Python API takes no type from argparse: a boolean, a string or 2.5 epochs must give
+    the option's error, not a TypeError later in training."""
+    with pytest.raises(ValueError, match=message):
+        Recipe(**{field: value}).check(["lenet300"])
