@@ -22,6 +22,7 @@ much to trust it.
 
     python benchmarks/overhead_keras.py --repeats 9
     KERAS_BACKEND=torch OMP_NUM_THREADS=1 python benchmarks/overhead_keras.py --repeats 7
+    KERAS_BACKEND=jax JAX_PLATFORMS=cpu python benchmarks/overhead_keras.py --repeats 9
 
 (``OMP_NUM_THREADS=1`` for PyTorch on a loaded machine: its OpenMP threads spin at barriers while
 descheduled, which made a dense epoch ten times slower there and the ratios meaningless.)

@@ -1,7 +1,9 @@
 """The ``sparsecore`` command: ``sparsecore train ...`` and ``sparsecore report ...``.
 
 Torch is imported only when a subcommand needs it, so ``sparsecore --help`` and
-``import sparsecore.cli`` stay light and framework-free.
+``import sparsecore.cli`` stay light and framework-free. ``sparsecore train`` checks its options
+and prints the run's first line before it loads the framework (seconds), so that nothing runs in
+silence.
 """
 
 from __future__ import annotations
@@ -12,11 +14,14 @@ import importlib.util
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
+
+from sparsecore import __version__
+from sparsecore.recipe import KERAS_MODELS, TORCH_MODELS, Recipe
 
 __all__ = ["build_parser", "main"]
 
-_MODELS = ("lenet300", "lenet5", "vgg", "wrn")
+_MODELS = TORCH_MODELS
 _METHODS = ("sparse", "dense", "static", "set")
 
 # Options that define the run (saved in its checkpoint), as (flag, config field, argparse kwargs).
@@ -118,17 +123,25 @@ _CONFIG_FLAGS: list[tuple[str, str, str]] = [
 ]
 
 
+_RECIPE_FIELDS = frozenset(Recipe.__dataclass_fields__)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sparsecore",
         description="Train neural networks that stay sparse from the first step to the last.",
     )
+    parser.add_argument("--version", action="version", version=f"sparsecore {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     train = sub.add_parser(
         "train",
         help="train a model on Fashion-MNIST (dense or sparse)",
         description="Train a model on Fashion-MNIST (the installed copy, or the embedded subset). "
-        "Writes checkpoint.pt, summary.json and mask_updates.json to --out after every epoch.",
+        "After every epoch it writes to --out: checkpoint.pt (everything --resume needs), "
+        "summary.json (options, metrics per epoch, final accuracy), mask_updates.json (one "
+        "record per mask update) and telemetry.json (the run record 'sparsecore report' reads). "
+        "With --framework keras it writes summary.json, model.keras and telemetry.json when the "
+        "run ends. --tensorboard DIR adds TensorBoard event files in DIR.",
         argument_default=argparse.SUPPRESS,
     )
     for flag, dest, kwargs in _CONFIG_OPTIONS + _MASK_OPTIONS:
@@ -210,6 +223,12 @@ def _train_keras(given: dict[str, Any]) -> int:
         )
         return 2
     try:
+        config_keys = {dest for _, dest, _ in _CONFIG_OPTIONS + _MASK_OPTIONS}
+        config_keys |= {d for _, d, _ in _CONFIG_FLAGS}
+        config_keys.add("nesterov")
+        options = {k: v for k, v in given.items() if k in config_keys}
+        options.setdefault("lr", DEFAULT_LR.get(options.get("model", "lenet300"), 0.1))
+        _announce(options, KERAS_MODELS, "keras", "Keras")
         try:
             from sparsecore.keras.train import KerasTrainConfig, run_training
         except ImportError as err:
@@ -218,11 +237,6 @@ def _train_keras(given: dict[str, Any]) -> int:
                 f"'sparsecore[keras]'): {err}"
             ) from None
 
-        config_keys = {dest for _, dest, _ in _CONFIG_OPTIONS + _MASK_OPTIONS}
-        config_keys |= {d for _, d, _ in _CONFIG_FLAGS}
-        config_keys.add("nesterov")
-        options = {k: v for k, v in given.items() if k in config_keys}
-        options.setdefault("lr", DEFAULT_LR.get(options.get("model", "lenet300"), 0.1))
         cfg = KerasTrainConfig.from_options(options)
         cfg.validate()
         out = (
@@ -246,6 +260,7 @@ def _train_keras(given: dict[str, Any]) -> int:
             dataset=dataset,
             out_dir=out,
             threads=given.get("threads"),
+            announce=False,
         )
     except BaseException as exc:
         return _failure(exc)
@@ -274,18 +289,29 @@ def _failure(exc: BaseException) -> int:
     raise exc
 
 
+def _announce(options: dict[str, Any], models: Sequence[str], framework: str, name: str) -> None:
+    """Check the options that need no framework, print the run's first line and the warnings
+    about the options, and say what the next seconds are spent on. Raises ValueError (exit 2,
+    before the framework is loaded) for a bad option."""
+    recipe = Recipe.from_dict({k: v for k, v in options.items() if k in _RECIPE_FIELDS})
+    recipe.check(models, framework=name if framework == "keras" else "")
+    _say(recipe.headline(framework if framework == "keras" else ""))
+    for caveat in recipe.caveats():
+        print(f"sparsecore train: warning: {caveat}", file=sys.stderr)
+    _say(f"loading {name} and the dataset ...")
+
+
+def _say(line: str, stream: TextIO | None = None) -> None:
+    out = sys.stdout if stream is None else stream
+    out.write(line + "\n")
+    out.flush()
+
+
 def _train(args: argparse.Namespace) -> int:
     if vars(args).pop("framework", "torch") == "keras":
         return _train_keras(vars(args))
     from sparsecore.recipe import DEFAULT_LR
     from sparsecore.rundir import check_run_folder
-    from sparsecore.torch.train import (
-        CHECKPOINT_NAME,
-        TrainConfig,
-        load_checkpoint_config,
-        run_folder_of,
-        run_training,
-    )
 
     given = vars(args)
     config_keys = {dest for _, dest, _ in _CONFIG_OPTIONS + _MASK_OPTIONS}
@@ -294,14 +320,26 @@ def _train(args: argparse.Namespace) -> int:
     overrides = {k: v for k, v in given.items() if k in config_keys}
     resume = given.get("resume")
     try:
+        if resume is None:
+            if "lr" not in overrides:
+                overrides["lr"] = DEFAULT_LR.get(overrides.get("model", "lenet300"), 0.1)
+            _announce(overrides, _MODELS, "", "PyTorch")
+        else:
+            _say(f"sparsecore train: resuming {resume}; loading PyTorch ...")
+        from sparsecore.torch.train import (
+            CHECKPOINT_NAME,
+            TrainConfig,
+            load_checkpoint_config,
+            run_folder_of,
+            run_training,
+        )
+
         if resume is not None:
             cfg, ckpt_path = load_checkpoint_config(resume)
             for key, value in overrides.items():
                 setattr(cfg, key, value)  # a differing value is reported by run_training
             out = Path(given["out"]) if "out" in given else run_folder_of(ckpt_path)
         else:
-            if "lr" not in overrides:
-                overrides["lr"] = DEFAULT_LR.get(overrides.get("model", "lenet300"), 0.1)
             cfg = TrainConfig(**overrides)
             out = Path(given["out"]) if "out" in given else _default_out(cfg)
             check_run_folder(out)
@@ -321,6 +359,7 @@ def _train(args: argparse.Namespace) -> int:
             progress=given.get("progress"),
             stop_after=given.get("stop_after"),
             tensorboard=given.get("tensorboard"),
+            announce=resume is not None,  # a new run's first line is out already
         )
     except BaseException as exc:
         return _failure(exc)

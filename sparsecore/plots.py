@@ -24,6 +24,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .telemetry import RunRecord
 
 __all__ = [
+    "accuracy_figure",
     "plot_accuracy",
     "plot_density",
     "plot_ever_active",
@@ -218,6 +219,13 @@ def plot_accuracy(
     record: RunRecord, path: str | os.PathLike[str], baseline: RunRecord | None = None
 ) -> Path:
     """Test accuracy per epoch, against a baseline run (e.g. dense) when one is given."""
+    return _save(accuracy_figure(record, baseline), path)
+
+
+def accuracy_figure(record: RunRecord, baseline: RunRecord | None = None) -> Figure:
+    """The figure of :func:`plot_accuracy` (epochs on a whole-number axis)."""
+    from matplotlib.ticker import MaxNLocator
+
     epochs, acc = _accuracy_series(record)
     if not epochs:
         raise SparseCoreError("accuracy plot: the run has no per-epoch test accuracy")
@@ -233,11 +241,12 @@ def plot_accuracy(
     lo = min(values)
     ax.set_ylim(max(0.0, lo - 0.15 * (max(values) - lo + 1.0)), min(100.0, max(values) + 1.0))
     ax.set_xlabel("epoch")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # no "epoch 1.5"
     ax.set_ylabel("test accuracy (%)")
     ax.set_title(_title(record, "Test accuracy per epoch"))
     ax.grid(True, alpha=0.3)
     ax.legend()
-    return _save(fig, path)
+    return fig
 
 
 def plot_flops(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike[str]) -> Path:

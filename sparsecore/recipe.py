@@ -27,6 +27,10 @@ METHODS = ("sparse", "dense", "static", "set")
 #: at 0.1 on Fashion-MNIST (dense, 2 epochs: 10.00%, loss 2.30) and trains well at 0.01.
 DEFAULT_LR: dict[str, float] = {"lenet300": 0.1, "lenet5": 0.01, "vgg": 0.1, "wrn": 0.1}
 
+#: The models of each job (the Keras job builds the two LeNets only).
+TORCH_MODELS = ("lenet300", "lenet5", "vgg", "wrn")
+KERAS_MODELS = ("lenet300", "lenet5")
+
 #: Normalisation constants of the full Fashion-MNIST training set (pixel / 255).
 FMNIST_MEAN, FMNIST_STD = 0.2860, 0.3530
 
@@ -78,6 +82,11 @@ class TrainingInterrupted(KeyboardInterrupt):
             f"{where}; the last checkpoint is after epoch {self.saved_epoch}; continue with "
             f"`sparsecore train --resume {self.out}`"
         )
+
+
+def plural(count: int, noun: str) -> str:
+    """``"1 epoch"``, ``"20 epochs"``."""
+    return f"{count} {noun}{'' if count == 1 else 's'}"
 
 
 @dataclass
@@ -195,6 +204,26 @@ class Recipe:
             raise ValueError(f"invalid growth: {self.growth!r}; choose one of {', '.join(GROWTH)}")
         if self.stop_at is not None and not 0.0 < self.stop_at <= 1.0:
             raise ValueError(f"invalid stop_at: {self.stop_at!r} (a fraction in (0, 1])")
+
+    def headline(self, framework: str = "") -> str:
+        """The first line a run prints: model, method, density, epochs and seed."""
+        where = f" ({framework})" if framework else ""
+        return (
+            f"sparsecore train{where}: {self.model}, method {self.method}"
+            + (f", density {self.density:g}" if self.method != "dense" else "")
+            + f", {plural(self.epochs, 'epoch')}, seed {self.seed}"
+        )
+
+    def caveats(self) -> list[str]:
+        """Valid choices that are probably not what was meant (the job warns about them)."""
+        out = []
+        if self.method != "dense" and self.density >= 1.0:
+            out.append(
+                f"density {self.density:g} with method {self.method} keeps every weight: the run "
+                f"trains dense and its mask updates change nothing; pass --method dense to say "
+                f"so, or a density below 1"
+            )
+        return out
 
     def sparse_options(
         self, total_steps: int, run_steps: int | None = None

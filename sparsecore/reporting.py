@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from .errors import SparseCoreError
+from .layer_table import REPORT_COLUMNS, format_rows, layer_stats, render
+from .recipe import plural
 from .telemetry import RunRecord, load_run, write_tensorboard
 
 __all__ = ["build_parser", "flops_rows", "format_table", "main", "write_plots"]
@@ -104,7 +106,7 @@ def format_table(record: RunRecord, baseline: RunRecord | None = None) -> str:
     if cfg and cfg.get("density") is not None and meta.get("method") != "dense":
         head.append(f"target density {cfg['density']:g}")
     if cfg and cfg.get("epochs") is not None:
-        head.append(f"{cfg['epochs']} epochs")
+        head.append(plural(int(cfg["epochs"]), "epoch"))
     lines.append("run: " + (", ".join(head) if head else "(no metadata)"))
     totals = record.totals()
     skipped = totals["skipped_updates"]
@@ -114,7 +116,7 @@ def format_table(record: RunRecord, baseline: RunRecord | None = None) -> str:
     )
     if record.applied:
         lines.append("")
-        lines.extend(_layer_table(record, totals))
+        lines.extend(_layer_table(record))
     accs = _accuracy_lines(record, baseline)
     if accs:
         lines.append("")
@@ -126,58 +128,13 @@ def format_table(record: RunRecord, baseline: RunRecord | None = None) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _layer_table(record: RunRecord, totals: dict[str, Any]) -> list[str]:
-    first = record.applied[0]
-    header = (
-        "layer", "size", "nnz", "density", "start", "pruned", "grown", "net pruned",
-        "net grown", "mean share", "ever active",
-    )  # fmt: skip
-    rows: list[tuple[str, ...]] = []
-    for name, info in totals["layers"].items():
-        start = first.layer(name)
-        start_density = (start.nnz - start.grown + start.pruned) / start.size
-        ever = info["ever_active_fraction"]
-        rows.append(
-            (
-                name,
-                str(info["size"]),
-                str(info["nnz"]),
-                f"{100 * info['density']:.2f}%",
-                f"{100 * start_density:.2f}%",
-                str(info["pruned"]),
-                str(info["grown"]),
-                str(info["net_pruned"]),
-                str(info["net_grown"]),
-                f"{100 * info['mean_share']:.1f}%",
-                "-" if ever is None else f"{100 * ever:.2f}%",
-            )
-        )
-    ever = totals["ever_active_fraction"]
-    start_total = sum(
-        first.layer(n).nnz - first.layer(n).grown + first.layer(n).pruned for n in record.layers
-    )
-    rows.append(
-        (
-            "all",
-            str(totals["size"]),
-            str(totals["nnz"]),
-            f"{100 * totals['density']:.2f}%",
-            f"{100 * start_total / totals['size']:.2f}%",
-            str(totals["pruned"]),
-            str(totals["grown"]),
-            str(totals["net_pruned"]),
-            str(totals["net_grown"]),
-            "100.0%",
-            "-" if ever is None else f"{100 * ever:.2f}%",
-        )
-    )
-    table = _format_rows(header, rows)
+def _layer_table(record: RunRecord) -> list[str]:
     note = (
         "density: final fraction of the layer active; start: before the first update; "
         "pruned/grown: summed over all updates (net: positions whose state changed); "
         "mean share: of the regrowth budget; ever active: positions active at any time"
     )
-    return [*table, note]
+    return [*render(layer_stats(record), REPORT_COLUMNS), note]
 
 
 def _accuracy_lines(record: RunRecord, baseline: RunRecord | None) -> list[str]:
@@ -274,18 +231,7 @@ def _flops_table(rows: list[dict[str, Any]]) -> list[str]:
         if sparse
         else "FLOPs of one training step (forward + backward)"
     )
-    return [*_format_rows(header, out), note]
-
-
-def _format_rows(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
-    widths = [max(len(str(c)) for c in col) for col in zip(header, *rows)]
-
-    def fmt(row: Sequence[str]) -> str:
-        cells = [str(row[0]).ljust(widths[0])]
-        cells += [str(c).rjust(w) for c, w in zip(row[1:], widths[1:])]
-        return "  ".join(cells).rstrip()
-
-    return [fmt(header), "  ".join("-" * w for w in widths), *(fmt(r) for r in rows)]
+    return [*format_rows(header, out), note]
 
 
 if __name__ == "__main__":  # pragma: no cover

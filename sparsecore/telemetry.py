@@ -19,6 +19,7 @@ import json
 import math
 import numbers
 import os
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,9 +31,11 @@ from .errors import SparseCoreError
 from .report import UpdateReport
 
 __all__ = [
+    "ACCURACY_KEYS",
     "RECORD_FORMAT",
     "RECORD_VERSION",
     "TELEMETRY_NAME",
+    "TENSORBOARD_EXTRA",
     "LayerUpdate",
     "RunRecord",
     "TelemetryError",
@@ -50,6 +53,8 @@ RECORD_FORMAT = "sparsecore-run"
 RECORD_VERSION = 1
 #: File name of the run record inside a run folder.
 TELEMETRY_NAME = "telemetry.json"
+#: The extra of the sparsecore package that installs a TensorBoard writer (tensorboardX).
+TENSORBOARD_EXTRA = "tensorboard"
 
 # File names the training job writes into a run folder (kept here so the core needs no torch).
 _SUMMARY_NAME = "summary.json"
@@ -162,13 +167,20 @@ class RunRecord:
         meta: Mapping[str, Any] | None = None,
         layers: Mapping[str, int] | None = None,
         source: str = "reports",
+        acc_unit: str = "percent",
     ) -> RunRecord:
         """Build a record from an engine's or adapter's history (``sparse.history``).
 
         ``reports`` may be :class:`UpdateReport` objects or their ``to_dict()`` form (as in the
         training job's ``mask_updates.json``, where each also carries its ``epoch``). ``layers``
         (name -> size) is needed only when every report is a skipped one.
+
+        ``epochs`` are dicts with at least ``epoch``; accuracies (``test_acc``, ``train_acc``)
+        are read in ``acc_unit``: ``"percent"`` (the record's own unit, 0 to 100) or
+        ``"fraction"`` (0 to 1, as Keras and most loops compute them; converted to percent).
+        Percent accuracies that are all at most 1 look like fractions and draw a warning.
         """
+        epochs = _epochs_in_percent(epochs, acc_unit, source)
         updates: list[UpdateRecord] = []
         for i, item in enumerate(reports):
             where = f"{source}: mask update #{i + 1}"
@@ -187,7 +199,7 @@ class RunRecord:
         record = cls(
             layers=sizes,
             updates=updates,
-            epochs=[dict(e) for e in epochs],
+            epochs=epochs,
             flops=None if flops is None else dict(flops),
             meta=dict(meta or {}),
         )
@@ -351,6 +363,43 @@ class RunRecord:
                 raise TelemetryError(
                     f"{source}: epochs[{i}].test_acc must be a percentage in [0, 100], got {acc!r}"
                 )
+
+
+#: Keys of an epoch's metrics that hold an accuracy (converted by ``acc_unit``).
+ACCURACY_KEYS = ("test_acc", "train_acc")
+
+
+def _epochs_in_percent(
+    epochs: Sequence[Mapping[str, Any]], acc_unit: str, source: str
+) -> list[dict[str, Any]]:
+    if acc_unit not in ("percent", "fraction"):
+        raise TelemetryError(
+            f"{source}: acc_unit must be 'percent' or 'fraction', got {acc_unit!r}"
+        )
+    out = [dict(e) for e in epochs]
+    if acc_unit == "fraction":
+        for i, epoch in enumerate(out):
+            for key in ACCURACY_KEYS:
+                value = epoch.get(key)
+                if value is None:
+                    continue
+                if not (_is_number(value) and 0.0 <= float(value) <= 1.0):
+                    raise TelemetryError(
+                        f"{source}: epochs[{i}].{key} must be a fraction in [0, 1] with "
+                        f"acc_unit='fraction', got {value!r}"
+                    )
+                epoch[key] = 100.0 * float(value)
+        return out
+    accs = [e["test_acc"] for e in out if _is_number(e.get("test_acc"))]
+    if accs and max(float(a) for a in accs) <= 1.0:
+        warnings.warn(
+            f"{source}: every test_acc is at most 1 ({', '.join(f'{a:g}' for a in accs[:3])}"
+            f"{', ...' if len(accs) > 3 else ''}); the record keeps accuracies in percent: if "
+            f"these are fractions, pass acc_unit='fraction'",
+            UserWarning,
+            stacklevel=3,
+        )
+    return out
 
 
 # -- loading a run folder --------------------------------------------------------------------------
@@ -726,8 +775,9 @@ def _json_safe(value: Any) -> Any:
 def write_tensorboard(record: RunRecord, logdir: str | os.PathLike[str]) -> Path:
     """Write the record's scalars to TensorBoard event files in ``logdir``.
 
-    Uses ``torch.utils.tensorboard`` when the ``tensorboard`` package is installed, else
-    ``tensorboardX``; both are optional and imported only here. Mask-update scalars are indexed by
+    Uses ``torch.utils.tensorboard`` when the ``tensorboard`` package (and torch) is installed,
+    else ``tensorboardX`` (``pip install "sparsecore[tensorboard]"``); both are optional and
+    imported only here. Mask-update scalars are indexed by
     optimizer step (by update number when steps are unknown); epoch metrics by epoch.
     """
     writer_cls = _summary_writer()
@@ -777,6 +827,6 @@ def _summary_writer() -> Any:
         return WriterX
     except ImportError:
         raise SparseCoreError(
-            "TensorBoard output needs the 'tensorboard' package (with torch) or 'tensorboardX': "
-            "pip install tensorboard"
+            "TensorBoard output needs 'tensorboardX' (or the 'tensorboard' package with torch): "
+            f"pip install 'sparsecore[{TENSORBOARD_EXTRA}]'"
         ) from None

@@ -8,12 +8,19 @@ a stable sort: for each row the k-th best score is found by sorting, everything 
 taken, and among the positions tied with it the ones with the largest hashes are taken. Hashes of
 one layer are distinct (the hash is a bijection of the flat index), so that second cut is exact.
 Scores are compared in float64, which holds every float16/32 value and every 32-bit hash exactly.
+
+JAX computes in 32 bits unless ``jax_enable_x64`` is set, and would silently turn those float64
+sums and int64 hashes into float32/int32 ones (other masks than the reference's). Every method of
+:class:`KerasBackend` therefore runs under JAX's 64-bit mode (:func:`wide_scope`), which changes
+nothing for the user's own arrays and nothing on the other Keras backends.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
+import contextlib
+import functools
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
 
 import keras
 import numpy as np
@@ -22,7 +29,40 @@ from keras import ops
 from sparsecore.backend import ArrayBackend, Sign
 from sparsecore.hashing import MASK32, MUL1, MUL2, HashKey
 
-__all__ = ["KerasBackend"]
+__all__ = ["KerasBackend", "wide_scope"]
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+@contextlib.contextmanager
+def wide_scope() -> Iterator[None]:
+    """Within it, JAX computes with float64 and int64 (``jax_enable_x64``); elsewhere a no-op."""
+    if keras.backend.backend() != "jax":
+        yield
+        return
+    import jax
+
+    if jax.config.read("jax_enable_x64"):
+        yield
+        return
+    enable = getattr(jax, "enable_x64", None)
+    if enable is not None:  # JAX >= 0.6
+        with enable(True):
+            yield
+    else:  # older JAX
+        from jax.experimental import enable_x64
+
+        with enable_x64():
+            yield
+
+
+def _wide(method: _F) -> _F:
+    @functools.wraps(method)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        with wide_scope():
+            return method(*args, **kwargs)
+
+    return run  # type: ignore[return-value]
 
 
 def _to_host(x: Any) -> np.ndarray:
@@ -261,3 +301,13 @@ class KerasBackend(ArrayBackend):
     def apply(self, weight: Any, old_mask: Any, new_mask: Any) -> Any:
         keep = ops.logical_and(old_mask, new_mask)
         return ops.where(keep, weight, ops.zeros_like(weight))
+
+
+def _widen(cls: type) -> None:
+    """Run every public method of ``cls`` under :func:`wide_scope`."""
+    for attr, value in list(vars(cls).items()):
+        if callable(value) and not attr.startswith("_"):
+            setattr(cls, attr, _wide(value))
+
+
+_widen(KerasBackend)

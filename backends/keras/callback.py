@@ -15,9 +15,10 @@ How it works:
   backend (``keras.ops``, on the tensors' device); see :mod:`.placement`. Under a
   ``tf.distribute`` strategy this runs once, in cross-replica context, and the assignments go to
   every replica, so all replicas hold the same masks.
-- The masks and the engine state live in the constraints' configs, so ``model.save()``,
-  ``ModelCheckpoint`` and ``keras.models.load_model`` carry them; a new ``SparseCallback`` given a
-  loaded model continues the run (same masks, same update counter, same schedule).
+- The masks and the engine state are saved with the constraints' weights entries (their configs
+  hold only small metadata), so ``model.save()``, ``ModelCheckpoint`` and
+  ``keras.models.load_model`` carry them; a new ``SparseCallback`` given a loaded model continues
+  the run (same masks, same update counter, same schedule).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -50,6 +51,7 @@ from sparsecore.saved_state import (
 )
 from sparsecore.validation import check_flag
 
+from . import jax_step
 from .constraint import SparseMask
 from .discovery import SparseWeight, find_sparse_weights
 from .momentum import MomentumReader, optimizer_slots
@@ -89,7 +91,12 @@ def _zero_where(changed: Any, slot: Any, backend: ArrayBackend) -> Any:
         value = np.array(ops.convert_to_numpy(slot), copy=True)
         value[changed] = 0
         return value
-    return ops.where(changed, ops.zeros_like(slot), slot)
+    value = slot.value  # the tensor: jax.numpy takes no Keras variable
+    return ops.where(changed, ops.zeros_like(value), value)
+
+
+def _is_jax() -> bool:
+    return bool(keras.backend.backend() == "jax")
 
 
 def _host_mask(x: Any) -> np.ndarray:
@@ -166,15 +173,27 @@ class SparseCallback(keras.callbacks.Callback):
             "dense_last": dense_last,
             "embeddings": embeddings,
         }
-        self.engine: SparseEngine | None = None
+        self._engine: SparseEngine | None = None
         self.weights: list[SparseWeight] = []
         self.constraints: list[SparseMask] = []
         self._reader: MomentumReader | None = None
         self._backend: ArrayBackend | None = None
         self._attached_to: Any = None
         self._total_from_fit = "total_steps" not in options
+        self._recompile_after_update = False
+        self._loaded_run_pending = False
 
     # -- public views -------------------------------------------------------------------------
+    @property
+    def engine(self) -> SparseEngine | None:
+        """The run's engine (options, update counter, history); None before attaching."""
+        self._take_over_loaded_run()
+        return self._engine
+
+    @engine.setter
+    def engine(self, engine: SparseEngine | None) -> None:
+        self._engine = engine
+
     @property
     def history(self) -> list[UpdateReport]:
         """Every mask update (and skipped update) of the run so far."""
@@ -192,6 +211,46 @@ class SparseCallback(keras.callbacks.Callback):
         """Active fraction over all sparse weights (exactly ``N / sum n_l``)."""
         masks = list(self.masks().values())
         return sum(int(m.sum()) for m in masks) / sum(m.size for m in masks)
+
+    def summary(self, print_fn: Callable[[str], Any] | None = None) -> None:
+        """Print a per-layer table, like Keras' ``model.summary()``: shape, size, active weights,
+        density, ever-active fraction, what the last mask update pruned and regrew and the
+        weight's share of its regrowth budget, and the total. The same renderer as the table of
+        ``sparsecore report`` (:mod:`sparsecore.layer_table`). ``print_fn`` gets each line
+        (default ``print``)."""
+        from sparsecore.layer_table import summary_text
+
+        engine = self.engine
+        if engine is None:
+            raise SparseCoreError(
+                "SparseCallback is not attached to a model yet: call fit() or attach(model) first"
+            )
+        masks = [c.mask_numpy() for c in self.constraints]
+        text = summary_text(
+            "SparseCallback",
+            engine.history,
+            shapes=dict(zip(engine.names, engine.shapes)),
+            nnz={n: int(m.sum()) for n, m in zip(engine.names, masks)},
+            step=self._step_or_none(),
+        )
+        for line in text.splitlines():
+            (print_fn or print)(line)
+
+    def __repr__(self) -> str:
+        if self.engine is None:
+            return f"SparseCallback(not attached, density {self.config.density:g})"
+        return (
+            f"SparseCallback({len(self.weights)} sparse weights, density "
+            f"{self.density():.4f}, {len(self.history)} updates)"
+        )
+
+    def _step_or_none(self) -> int | None:
+        self._sync_jax_state()
+        optimizer = getattr(self._attached_to, "optimizer", None)
+        try:
+            return None if optimizer is None else int(ops.convert_to_numpy(optimizer.iterations))
+        except (TypeError, ValueError, AttributeError):  # a JAX variable mid-epoch holds no value
+            return None
 
     # -- attaching ----------------------------------------------------------------------------
     def attach(self, model: Any | None = None) -> None:
@@ -212,6 +271,8 @@ class SparseCallback(keras.callbacks.Callback):
             self._attach(self.model, steps_known=True)
         elif self.engine is not None:
             self._check_steps_per_execution(self.model, self.engine.config)
+            if _is_jax():  # compile() since the last fit gave the model Keras' own step
+                self._prepare_train_function(self.model)
         self._fit_starting = True
 
     def _total_steps(self, first_epoch: int = 0) -> int | None:
@@ -307,13 +368,14 @@ class SparseCallback(keras.callbacks.Callback):
                 w.variable.assign(c(ops.copy(w.variable)))
                 w.variable.constraint = c
                 setattr(w.layer, w.constraint_attr, c)  # so that get_config() saves it
-            self._rebuild_train_function(model)
         self.weights, self.constraints, self.engine = weights, constraints, engine
         self._reader = reader
         self._backend = backend
         self._total_from_fit = total_from_fit
         self._attached_to = model
         self._store_state()
+        if not resume or _is_jax():
+            self._prepare_train_function(model)
 
     @staticmethod
     def _scope(model: Any) -> Any:
@@ -322,9 +384,24 @@ class SparseCallback(keras.callbacks.Callback):
             return strategy.scope()
         return contextlib.nullcontext()
 
+    def _prepare_train_function(self, model: Any) -> None:
+        """Make the model's train step apply the current masks.
+
+        A train function traced before the constraints existed would not apply them, so it is
+        rebuilt. On JAX the compiled step gets the masks as arguments (:mod:`.jax_step`); where
+        that is not possible it is recompiled after every mask update instead.
+        """
+        self._recompile_after_update = False
+        if _is_jax():
+            if jax_step.is_installed(model, self.constraints) or jax_step.needs_nothing(model):
+                return
+            if jax_step.install(model, self.constraints):
+                return
+            self._recompile_after_update = True
+        self._rebuild_train_function(model)
+
     @staticmethod
     def _rebuild_train_function(model: Any) -> None:
-        # A train function traced before the constraints existed would not apply them.
         make = getattr(model, "make_train_function", None)
         if getattr(model, "train_function", None) is not None and make is not None:
             make(force=True)
@@ -422,13 +499,42 @@ class SparseCallback(keras.callbacks.Callback):
 
     # -- the engine state kept in the constraints ---------------------------------------------
     def _store_state(self) -> None:
-        """Let the constraints read the live engine state whenever the model is saved.
+        """Let the constraints read the live engine state whenever the model is saved, and tell
+        the callback when ``load_weights`` refills them.
 
-        The state is serialised on demand (in ``get_config``), not after every update, so a long
-        history costs nothing until a checkpoint is written.
+        The state is serialised on demand (when Keras saves the constraint's entry), not after
+        every update, so a long history costs nothing until a checkpoint is written.
         """
         for c in self.constraints:
             c.provider = self._provide_state
+            c.on_load = self._constraint_loaded
+
+    def _constraint_loaded(self, constraint: SparseMask) -> None:
+        """``model.load_weights`` refilled a constraint of this run with a saved one: the saved
+        run is taken over, checked as a whole as on resume, once every entry is in (the next
+        time the callback needs its engine: :meth:`_take_over_loaded_run`)."""
+        self._loaded_run_pending = True
+
+    def _take_over_loaded_run(self) -> None:
+        if not self._loaded_run_pending or self._engine is None or self._backend is None:
+            return
+        self._loaded_run_pending = False
+        live = [c.provider for c in self.constraints]
+        for c in self.constraints:
+            c.provider = None  # read what was loaded, not this callback's engine
+        try:
+            saved = self._read_saved_run(self.weights, self.constraints)
+            config = self._resumed_config(saved.engine.config)
+        finally:
+            for c, provider in zip(self.constraints, live):
+                c.provider = provider
+        engine = self._engine
+        engine.restore(saved.engine)
+        engine.config = config
+        if engine.ever_active is not None:
+            engine.ever_active = [_from_host(e, self._backend) for e in engine.ever_active]
+        # as on resume: the next fit() sets the length of training unless it was given
+        self._total_from_fit = "total_steps" not in self._given and saved.total_steps_from_fit
 
     def _provide_state(self, index: int) -> tuple[dict[str, Any] | None, np.ndarray | None]:
         assert self.engine is not None
@@ -503,6 +609,7 @@ class SparseCallback(keras.callbacks.Callback):
         """Run one mask update now (the schedule calls this; tests and users may too)."""
         if self.engine is None or self._reader is None or self._backend is None:
             raise SparseCoreError("SparseCallback is not attached to a model yet")
+        self._sync_jax_state()
         step = self._step() if step is None else step
         engine, config, be = self.engine, self.engine.config, self._backend
         needs_momentum = self._needs_momentum(config)
@@ -535,7 +642,24 @@ class SparseCallback(keras.callbacks.Callback):
                     )
                     for slot in optimizer_slots(optimizer, w.variable):
                         slot.assign(_zero_where(changed, slot, be))
+            if self._recompile_after_update:
+                # the compiled JAX step holds the masks it was traced with (see jax_step)
+                self._rebuild_train_function(self._attached_to)
         return result.report
+
+    def _sync_jax_state(self) -> None:
+        """On JAX, bring the variables up to date with the training state before reading them.
+
+        During an epoch Keras' JAX trainer keeps weights, optimizer slots and step counter in a
+        state outside the variables (their values are dropped), and writes it back only at the
+        epoch's end. ``jax_state_sync()`` writes it back now; the trainer then reads the
+        variables again before its next step, so the masks, weights and momentum this update
+        reads are the ones training reached, and what it assigns is what training continues
+        with. A no-op on the other backends, and when nothing is pending.
+        """
+        sync = getattr(self._attached_to, "jax_state_sync", None)
+        if _is_jax() and callable(sync):
+            sync()
 
     def epoch_logs(self) -> dict[str, float]:
         """The values added to ``logs`` at each epoch end."""

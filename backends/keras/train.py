@@ -17,6 +17,7 @@ import os
 import platform
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,12 +27,17 @@ import keras
 import numpy as np
 
 from sparsecore.datasets import ImageDataset, load_fashion_mnist
-from sparsecore.recipe import FMNIST_MEAN, FMNIST_STD, Recipe, TrainingInterrupted
+from sparsecore.recipe import (
+    FMNIST_MEAN,
+    FMNIST_STD,
+    KERAS_MODELS,
+    Recipe,
+    TrainingInterrupted,
+)
 from sparsecore.rundir import RunFolder
 
 __all__ = ["KERAS_MODELS", "KerasTrainConfig", "build_model", "run_training"]
 
-KERAS_MODELS = ("lenet300", "lenet5")
 SUMMARY_NAME = "summary.json"
 MODEL_NAME = "model.keras"
 
@@ -171,12 +177,22 @@ def run_training(
     out_dir: str | os.PathLike[str] | None = None,
     threads: int | None = None,
     stream: TextIO | None = None,
+    announce: bool = True,
 ) -> dict[str, Any]:
-    """Train ``cfg.model`` with ``cfg.method`` in Keras; return (and write) the run summary."""
+    """Train ``cfg.model`` with ``cfg.method`` in Keras; return (and write) the run summary.
+
+    ``announce=False`` leaves out the first line and the warnings about the options, for a
+    caller that printed them already (``sparsecore train`` does, before it loads Keras).
+    """
     from .callback import SparseCallback
 
     cfg.validate()
     stream = stream if stream is not None else sys.stdout
+    if announce:
+        for caveat in cfg.caveats():
+            warnings.warn(caveat, UserWarning, stacklevel=2)
+        stream.write(cfg.headline("keras") + "\n")
+        stream.flush()
     if threads is not None and keras.backend.backend() == "tensorflow":
         import tensorflow as tf
 
@@ -219,11 +235,8 @@ def run_training(
 
     info = dataset.describe()
     stream.write(
-        f"sparsecore train (keras, {keras.backend.backend()} backend): {cfg.model}, method "
-        f"{cfg.method}"
-        + (f", density {cfg.density:g}" if cfg.method != "dense" else "")
-        + f", {cfg.epochs} epochs, seed {cfg.seed}\n"
-        f"dataset: {info['name']} from {info['source']} ({info['train_size']} train / "
+        f"Keras {keras.__version__} on its {keras.backend.backend()} backend; dataset: "
+        f"{info['name']} from {info['source']} ({info['train_size']} train / "
         f"{info['test_size']} test images)\n"
     )
     stream.flush()

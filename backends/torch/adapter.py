@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import warnings
 import weakref
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from dataclasses import replace
 from typing import Any
 
@@ -674,6 +674,24 @@ class SparseTraining:
         if name not in self.names:
             raise SparseCoreError(f"no sparse parameter {name!r}; sparse parameters: {self.names}")
         return self.masks[self.names.index(name)]
+
+    def summary(self, print_fn: Callable[[str], Any] | None = None) -> None:
+        """Print a per-layer table, like Keras' ``model.summary()``: shape, size, active weights,
+        density, ever-active fraction, what the last mask update pruned and regrew and the
+        layer's share of its regrowth budget, and the total. The same renderer as the table of
+        ``sparsecore report`` (:mod:`sparsecore.layer_table`). ``print_fn`` gets each line
+        (default ``print``)."""
+        from sparsecore.layer_table import summary_text
+
+        text = summary_text(
+            "SparseTraining",
+            self.history,
+            shapes={n: tuple(m.shape) for n, m in zip(self.names, self.masks)},
+            nnz={n: int(m.sum()) for n, m in zip(self.names, self.masks)},
+            step=self.steps,
+        )
+        for line in text.splitlines():
+            (print_fn or print)(line)
 
     @property
     def last_update_backend(self) -> str | None:

@@ -21,6 +21,7 @@ import platform
 import random
 import sys
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -419,6 +420,7 @@ def run_training(
     stop_after: int | None = None,
     on_epoch_end: Callable[[dict[str, Any]], None] | None = None,
     tensorboard: str | os.PathLike[str] | None = None,
+    announce: bool = True,
 ) -> TrainResult:
     """Train ``cfg.model`` on Fashion-MNIST with ``cfg.method``; write checkpoints and summaries.
 
@@ -434,9 +436,18 @@ def run_training(
     ``stop_after`` ends the process after that epoch (checkpoint written) without changing the
     schedule, so the run can be resumed later, e.g. to fit a time-limited job.
     ``tensorboard`` names a folder for TensorBoard scalars of the run, written when it ends.
+    ``announce=False`` leaves out the first line (model, method, ...) and the warnings about the
+    options, for a caller that printed them already (``sparsecore train`` does, before it loads
+    PyTorch).
     """
     cfg.validate()
     stream = stream if stream is not None else sys.stdout
+    if announce:
+        if resume is None:
+            for caveat in cfg.caveats():
+                warnings.warn(caveat, UserWarning, stacklevel=2)
+        stream.write(cfg.headline() + "\n")
+        stream.flush()
     if progress is None:
         progress = bool(getattr(stream, "isatty", lambda: False)())
     if stop_after is not None and stop_after < 1:
@@ -532,9 +543,6 @@ def run_training(
 
     data_info = {**dataset.describe(), "fingerprint": fingerprint}
     stream.write(
-        f"sparsecore train: {cfg.model}, method {cfg.method}"
-        + (f", density {cfg.density:g}" if cfg.method != "dense" else "")
-        + f", {cfg.epochs} epoch{'s' if cfg.epochs != 1 else ''}, seed {cfg.seed}\n"
         f"dataset: {data_info['name']} from {data_info['source']} "
         f"({data_info['train_size']} train / {data_info['test_size']} test images)\n"
     )

@@ -96,6 +96,19 @@ def test_sparse_options_are_the_same_keywords_for_both_jobs() -> None:
         SparseConfig(**{k: v for k, v in opts.items() if k not in ("dense_first", "dense_last")})
 
 
+def test_headline_counts_epochs_in_words_and_caveats_catch_a_dense_sparse_run():
+    assert Recipe(epochs=1).headline() == (
+        "sparsecore train: lenet300, method sparse, density 0.05, 1 epoch, seed 0"
+    )
+    assert Recipe(epochs=20, method="dense").headline("keras") == (
+        "sparsecore train (keras): lenet300, method dense, 20 epochs, seed 0"
+    )
+    assert Recipe(density=0.05).caveats() == []
+    assert Recipe(method="dense", density=1.0).caveats() == []
+    (caveat,) = Recipe(method="set", density=1.0).caveats()
+    assert "density 1 with method set keeps every weight" in caveat
+
+
 @pytest.mark.parametrize(
     ("field", "value", "message"),
     [

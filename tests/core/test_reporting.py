@@ -224,3 +224,18 @@ def test_docs_table_is_what_report_prints_for_the_recorded_run():
     # the page leaves out the one-line column legend, which it explains in prose instead
     printed = "\n".join(line for line in printed.splitlines() if not line.startswith("density: "))
     assert shown.strip() == printed.strip()
+
+
+def test_one_epoch_runs_say_1_epoch_and_the_accuracy_axis_has_whole_epochs(tmp_path):
+    from sparsecore.plots import accuracy_figure
+    from sparsecore.reporting import format_table
+
+    run = tmp_path / "run"
+    record_run(run, epochs=1)
+    assert format_table(load_run(run)).splitlines()[0].endswith(", 1 epoch")
+    record_run(run, epochs=3)
+    record = load_run(run)
+    assert format_table(record).splitlines()[0].endswith(", 3 epochs")
+    figure = accuracy_figure(record, load_run(dense_run(tmp_path / "dense", epochs=3)))
+    ticks = [t for t in figure.axes[0].get_xticks() if 1 <= t <= 3]
+    assert ticks and all(float(t).is_integer() for t in ticks)

@@ -310,3 +310,44 @@ def test_numpy_scalar_metrics_are_accepted_and_saved_as_numbers(tmp_path):
     bad = [{"epoch": 1, "test_acc": np.bool_(True)}]
     with pytest.raises(TelemetryError, match="test_acc must be a percentage"):
         RunRecord.from_reports(engine.history, epochs=bad)
+
+
+def test_accuracy_unit_fraction_is_converted_and_percent_fractions_warn():
+    engine, _ = run_engine(updates=2)
+    fractions = [{"epoch": 1, "test_acc": 0.25, "train_acc": 0.5}, {"epoch": 2, "test_acc": 0.8}]
+    record = RunRecord.from_reports(engine.history, epochs=fractions, acc_unit="fraction")
+    assert [e["test_acc"] for e in record.epochs] == [25.0, 80.0]
+    assert record.epochs[0]["train_acc"] == 50.0 and fractions[0]["test_acc"] == 0.25
+    assert record.totals()["final_test_acc"] == 80.0
+    with pytest.warns(UserWarning, match="acc_unit='fraction'"):
+        RunRecord.from_reports(engine.history, epochs=fractions)  # percent by default
+    with pytest.raises(TelemetryError, match=r"epochs\[0\]\.test_acc must be a fraction"):
+        RunRecord.from_reports(
+            engine.history, epochs=[{"epoch": 1, "test_acc": 25.0}], acc_unit="fraction"
+        )
+    with pytest.raises(TelemetryError, match="acc_unit must be"):
+        RunRecord.from_reports(engine.history, epochs=fractions, acc_unit="%")
+
+
+def test_the_tensorboard_extra_installs_a_writer_and_the_error_names_it(monkeypatch):
+    """``pip install "sparsecore[tensorboard]"`` brings a package write_tensorboard can use;
+    without any writer, the error says which extra to install."""
+    import builtins
+    import re
+
+    from sparsecore import telemetry
+
+    pyproject = (Path(__file__).resolve().parents[2] / "pyproject.toml").read_text()
+    extra = re.search(rf"^{telemetry.TENSORBOARD_EXTRA} = \[(.*)\]$", pyproject, flags=re.M)
+    assert extra is not None and '"tensorboardX' in extra.group(1)
+
+    real_import = builtins.__import__
+
+    def no_writers(name, *args, **kwargs):
+        if name.split(".")[0] in ("tensorboard", "tensorboardX", "torch"):
+            raise ImportError(f"no module named {name!r}")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_writers)
+    with pytest.raises(sc.SparseCoreError, match=r"pip install 'sparsecore\[tensorboard\]'"):
+        telemetry.require_tensorboard()

@@ -33,6 +33,13 @@ def mlp(features: int = 12, classes: int = 3, optimizer: Any = None, seed: int =
     return model
 
 
+def sync_jax_state(model: Any) -> None:
+    """On JAX, write fit()'s training state back into the variables so that they can be read
+    during an epoch (Keras' own ``jax_state_sync``; the trainer reads them again afterwards)."""
+    if keras.backend.backend() == "jax":
+        model.jax_state_sync()
+
+
 def host(x: Any) -> np.ndarray:
     return np.asarray(ops.convert_to_numpy(x))
 
@@ -47,6 +54,7 @@ class BatchChecker(keras.callbacks.Callback):
         self.totals: list[int] = []
 
     def on_train_batch_end(self, batch: int, logs: Any = None) -> None:
+        sync_jax_state(self.model)
         total = 0
         for w, c in zip(self.sparse.weights, self.sparse.constraints):
             kernel, mask = host(w.variable), c.mask_numpy()

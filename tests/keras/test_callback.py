@@ -7,7 +7,7 @@ import math
 import keras
 import numpy as np
 import pytest
-from helpers_keras import BatchChecker, data, host, mlp
+from helpers_keras import BatchChecker, data, host, mlp, sync_jax_state
 
 import sparsecore
 from sparsecore.keras import SparseCallback, SparseMask
@@ -30,6 +30,29 @@ def test_default_callback_trains_sparse_with_exact_count():
     assert cb.engine.config.total_steps == 18
     assert all(isinstance(w.variable.constraint, SparseMask) for w in cb.weights)
     assert [w.name for w in cb.weights] == ["fc1/kernel", "fc2/kernel", "out/kernel"]
+
+
+def test_summary_is_a_per_layer_table_and_repr_one_line():
+    x, y = data()
+    model = mlp()
+    cb = SparseCallback(update_every=3)
+    assert repr(cb) == "SparseCallback(not attached, density 0.05)"
+    with pytest.raises(sparsecore.SparseCoreError, match="not attached"):
+        cb.summary()
+    model.fit(x, y, batch_size=16, epochs=2, callbacks=[cb], verbose=0)
+    lines: list[str] = []
+    cb.summary(print_fn=lines.append)
+    assert lines[0].startswith("SparseCallback: 3 sparse weights, ") and "step 12" in lines[0]
+    assert "3 mask updates" in lines[0]  # after steps 3, 6, 9
+    rows = {line.split()[0]: line for line in lines[3:-1]}
+    last = cb.history[-1]
+    for i, (name, mask) in enumerate(cb.masks().items()):
+        cells = rows[name].split()
+        assert f"({mask.shape[0]}, {mask.shape[1]})" in rows[name]
+        assert cells[-7:-4] == [str(mask.size), str(int(mask.sum())), f"{100 * mask.mean():.2f}%"]
+        assert cells[-3:-1] == [str(last.layers[i].pruned), str(last.layers[i].grown)]
+    assert rows["all"].split()[2] == str(cb.engine.target)
+    assert "\n" not in repr(cb) and repr(cb).startswith("SparseCallback(3 sparse weights, density")
 
 
 def test_mask_is_applied_inside_the_train_step_without_the_callback():
@@ -367,6 +390,7 @@ class _BeginChecker(keras.callbacks.Callback):
         self.totals: list[int] = []
 
     def on_train_batch_begin(self, batch, logs=None):
+        sync_jax_state(self.model)
         total = 0
         for w, c in zip(self.sparse.weights, self.sparse.constraints):
             mask = c.mask_numpy()

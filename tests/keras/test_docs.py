@@ -37,5 +37,7 @@ def test_complete_example_runs(tmp_path):
     assert "mask updates: 3" in out
     assert "resumed after 3 mask updates" in out
     assert (tmp_path / "lenet300-sparse.keras").is_file()
+    assert (tmp_path / "lenet300-plain.keras").is_file()
+    assert "fc1/kernel" in out and "(784, 300)" in out  # the summary table
     accuracy = float(out.rsplit("test accuracy", 1)[1])
     assert accuracy > 0.6  # trained, sparse, on real images

@@ -66,3 +66,32 @@ def test_default_attach_uses_paper_defaults():
     assert sparse.density() == pytest.approx(0.05, abs=1e-3)
     assert _outside_mask_zero(sparse)
     sparse.detach()
+
+
+def test_summary_is_a_per_layer_table_and_repr_one_line():
+    model = _mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    sparse = st.attach(model, opt, density=0.1, update_every=5, total_steps=40)
+    x, y = _data()
+    _train(model, opt, 12, x, y)
+    lines: list[str] = []
+    sparse.summary(print_fn=lines.append)
+    assert lines[0].startswith("SparseTraining: 3 sparse weights, ") and "step 12" in lines[0]
+    assert "2 mask updates" in lines[0]
+    rows = {line.split()[0]: line for line in lines[3:-1]}
+    last = sparse.history[-1]
+    for i, name in enumerate(sparse.names):
+        mask = sparse.mask(name)
+        cells = rows[name].split()
+        assert f"({', '.join(str(d) for d in mask.shape)})" in rows[name]
+        assert cells[-7:-4] == [
+            str(mask.numel()),
+            str(int(mask.sum())),
+            f"{100 * mask.float().mean():.2f}%",
+        ]
+        assert cells[-3:-1] == [str(last.layers[i].pruned), str(last.layers[i].grown)]
+    assert rows["all"].split()[1:3] == [
+        str(sum(m.numel() for m in sparse.masks)),
+        str(sparse.engine.target),
+    ]
+    assert "\n" not in repr(sparse) and repr(sparse).startswith("SparseTraining(3 sparse layers")

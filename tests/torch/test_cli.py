@@ -328,3 +328,71 @@ def test_default_learning_rate_follows_the_model(tmp_path):
         out = tmp_path / f"{model}-{len(args)}"
         assert _train(out, "--model", model, "--method", "dense", "--epochs", "1", *args) == 0
         assert _summary(out)["config"]["lr"] == expected
+
+
+def test_version(capsys):
+    import sparsecore
+
+    with pytest.raises(SystemExit) as info:
+        main(["--version"])
+    assert info.value.code == 0
+    assert capsys.readouterr().out.strip() == f"sparsecore {sparsecore.__version__}"
+
+
+def test_train_help_lists_every_file_a_run_writes(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for name in ("checkpoint.pt", "summary.json", "mask_updates.json", "telemetry.json"):
+        assert name in text
+    assert "model.keras" in text  # --framework keras
+
+
+def test_density_one_with_a_sparse_method_warns_that_it_trains_dense(tmp_path, capsys):
+    assert _train(tmp_path / "run", "--density", "1", "--epochs", "1") == 0
+    captured = capsys.readouterr()
+    assert "warning: density 1 with method sparse keeps every weight" in captured.err
+    assert "trains dense" in captured.err
+    assert _train(tmp_path / "dense", "--method", "dense", "--epochs", "1") == 0
+    assert "warning" not in capsys.readouterr().err
+
+
+def test_the_first_line_comes_before_pytorch_is_loaded(tmp_path):
+    """The run's first line, then what is being loaded, are out before ``import torch`` (which
+    takes seconds), and a bad option is refused before it."""
+    code = """
+import builtins, sys
+real = builtins.__import__
+def spy(name, *args, **kwargs):
+    if name == "torch" and "torch" not in sys.modules:
+        print("<torch import>", flush=True)
+    return real(name, *args, **kwargs)
+builtins.__import__ = spy
+from sparsecore.cli import main
+code = main(sys.argv[1:])
+sys.stdout.flush()
+sys.exit(code)
+"""
+    run = ["--data", "embedded", "--epochs", "1", "--limit-train", "200", "--limit-test", "100"]
+    result = subprocess.run(
+        [sys.executable, "-c", code, "train", *run, "--out", str(tmp_path / "run")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[:3] == [
+        "sparsecore train: lenet300, method sparse, density 0.05, 1 epoch, seed 0",
+        "loading PyTorch and the dataset ...",
+        "<torch import>",
+    ]
+    assert lines[3].startswith("dataset: fashion-mnist-subset")
+    bad = subprocess.run(
+        [sys.executable, "-c", code, "train", "--density", "1.5"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert bad.returncode == 2 and "invalid density: 1.5" in bad.stderr
+    assert "<torch import>" not in bad.stdout
