@@ -2,12 +2,21 @@
 
 ``model.fit(x, y, callbacks=[sparsecore.keras.SparseCallback()])`` trains the model's Dense and
 convolution kernels sparse with sparse momentum; see ``docs/keras.md``. Works on the TensorFlow
-and PyTorch backends of Keras 3.
+and PyTorch backends of Keras 3. ``sparsecore.keras.compact(model)`` turns a sparse model into a
+smaller dense one with the same outputs (``docs/compaction.md``).
 """
 
 from .backend import KerasBackend
 from .callback import SparseCallback
+from .compaction import compact
 from .constraint import SparseMask
 from .discovery import SparseWeight, find_sparse_weights
 
-__all__ = ["KerasBackend", "SparseCallback", "SparseMask", "SparseWeight", "find_sparse_weights"]
+__all__ = [
+    "KerasBackend",
+    "SparseCallback",
+    "SparseMask",
+    "SparseWeight",
+    "compact",
+    "find_sparse_weights",
+]
