@@ -78,8 +78,8 @@ def compaction_plan(
 ) -> tuple[CompactionPlan, TracedModel]:
     """The compaction plan of ``model`` (and its trace): what :func:`compact` would keep.
 
-    ``masks`` by module name (``"fc1"``) or weight name (``"fc1.weight"``); other
-    ``nn.Linear``/``nn.Conv2d`` layers use ``weight != 0``. Changes nothing.
+    ``masks`` by module name (``"fc1"``) or weight name (``"fc1.weight"``): a weight counts
+    when it is nonzero and (where a mask is given) active. Changes nothing.
     """
     inputs = _example_inputs(example_input)
     by_module = {k.removesuffix(".weight"): v for k, v in (masks or {}).items()}
@@ -96,8 +96,9 @@ def compact(
 ) -> tuple[nn.Module, CompactionReport]:
     """A smaller plain ``nn.Module`` with the same outputs as ``model``, and what was removed.
 
-    ``model``: a model under :func:`sparsecore.torch.attach` (or its handle), whose masks say
-    which weights are active; or any model, whose zero weights are then taken as inactive.
+    ``model``: a model under :func:`sparsecore.torch.attach` (or its handle), or any model. A
+    weight counts when it is nonzero and, for an attached model, in its mask: an active weight
+    that is exactly 0 adds nothing to the masked computation, so it goes too.
     ``example_input``: a batch the model accepts (a tensor, or a tuple for several inputs); it
     gives every tensor's shape and the check. The model runs once on it in evaluation mode and is
     left exactly as it was (weights, statistics, modes, hooks).
@@ -126,7 +127,10 @@ def compact(
         training=module.training,
     )
     report = _named_report(plan.report(), traced)
-    notes = [f"masks: {'from attach()' if source == 'attach' else 'nonzero weights'}"]
+    notes = [
+        "weights counted: "
+        + ("active in attach()'s masks and nonzero" if source == "attach" else "nonzero")
+    ]
     opaque = [
         name
         for name, role in traced.roles.items()

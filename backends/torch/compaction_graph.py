@@ -223,8 +223,8 @@ def trace_model(
     masks: Mapping[str, torch.Tensor],
 ) -> TracedModel:
     """Trace ``model``, run it once on ``example_inputs`` (evaluation mode, no gradients, every
-    module's mode restored after) and describe every node. ``masks`` by module name; other
-    ``nn.Linear``/``nn.Conv2d`` layers use ``weight != 0``."""
+    module's mode restored after) and describe every node. ``masks`` by module name: a weight
+    counts when it is nonzero and, where a mask is given, active."""
     try:
         gm = fx.symbolic_trace(model)
     except Exception as err:
@@ -393,15 +393,19 @@ class _Classifier:
             or len(node.args) != 1
         ):
             return self.opaque(node)
+        # A weight contributes when it is active and nonzero: an active weight that is exactly
+        # 0 (just regrown, or in a channel whose batch norm and ReLU pass no gradient) adds
+        # nothing to the masked computation.
+        contributes = weight.detach() != 0
         mask = self.masks.get(str(node.target))
-        if mask is None:
-            mask = weight.detach() != 0
-        mask_np = mask.detach().to("cpu", torch.bool).numpy()
-        if mask_np.shape != tuple(weight.shape):
-            raise SparseCoreError(
-                f"mask of layer {node.target!r} has shape {mask_np.shape}, its weight "
-                f"{tuple(weight.shape)}"
-            )
+        if mask is not None:
+            if tuple(mask.shape) != tuple(weight.shape):
+                raise SparseCoreError(
+                    f"mask of layer {node.target!r} has shape {tuple(mask.shape)}, its weight "
+                    f"{tuple(weight.shape)}"
+                )
+            contributes &= mask.detach().to(device=weight.device, dtype=torch.bool)
+        mask_np = contributes.to("cpu").numpy()
         groups = int(getattr(module, "groups", 1))
         uniform = not (isinstance(module, nn.Conv2d) and _zero_padding(module))
         op = self.op(node, "weighted", (x.name,), mask=mask_np, groups=groups, uniform=uniform)
