@@ -75,10 +75,14 @@ def _fresh_copy(module: nn.Module | None) -> nn.Module:
     return new
 
 
-def _without_inplace(module: nn.Module) -> nn.Module:
-    new = copy.deepcopy(module)
+def _side_copy(module: nn.Module) -> nn.Module:
+    """A copy of an elementwise module for side vectors: never in place, its parameters (a
+    one-parameter PReLU) frozen like everything else compaction removes."""
+    new = _fresh_copy(module)
     if getattr(new, "inplace", False):
         new.inplace = False  # type: ignore[assignment]
+    for p in new.parameters():
+        p.requires_grad_(False)
     return new
 
 
@@ -99,6 +103,8 @@ class _Builder:
         self.main: dict[str, Any] = {}
         self.side: dict[str, Side] = {}
         self.ops: dict[str, Op] = {op.name: op for op in traced.ops}
+        tensors = [*traced.graph_module.parameters(), *traced.graph_module.buffers()]
+        self.device = tensors[0].device if tensors else torch.device("cpu")
 
     # -- emitting -----------------------------------------------------------------------------
     def buffer(self, name: str, value: torch.Tensor) -> fx.Node:
@@ -145,7 +151,9 @@ class _Builder:
             return value[torch.as_tensor(pos, device=value.device)].clone()
         if np.array_equal(pos, np.arange(len(self.plan[producer].side))):
             return value
-        index = self.buffer(f"{name}_index", torch.as_tensor(pos, dtype=torch.long))
+        index = self.buffer(
+            f"{name}_index", torch.as_tensor(pos, dtype=torch.long, device=self.device)
+        )
         return self.call("call_function", torch.index_select, (value, 0, index))
 
     def mapped(self, value: Any) -> Any:
@@ -189,8 +197,16 @@ class _Builder:
         gm.graph.eliminate_dead_code()
         gm.graph.lint()
         gm.delete_all_unused_submodules()
+        used = {str(n.target) for n in gm.graph.nodes if n.op == "get_attr"}
+        constants = getattr(gm, "constants", None)
+        if isinstance(constants, nn.Module):  # buffers of code that turned out to be dead
+            for name in [b for b in constants._buffers if f"constants.{b}" not in used]:
+                del constants._buffers[name]
         gm.recompile()
         gm.training = training
+        for module in gm.modules():
+            if type(module) is nn.Module:  # containers made on the way: the model's mode
+                module.training = training
         return gm
 
     def layout(self, node: fx.Node) -> np.ndarray:
@@ -291,7 +307,7 @@ class _Builder:
         """The elementwise operation of ``node`` on a side vector (never in place)."""
         if node.op == "call_module":
             assert role.module is not None
-            module = _without_inplace(role.module)
+            module = _side_copy(role.module)
             if isinstance(value, torch.Tensor):
                 with torch.no_grad():
                     return module(value)
@@ -301,6 +317,13 @@ class _Builder:
             target = target[:-1]
         if node.op == "call_function" and target in (torch.relu_, nn.functional.relu_):
             target = torch.relu
+        args, kwargs = self.replace_arg(node, role.arg, None)
+        if "inplace" in kwargs:
+            kwargs["inplace"] = False
+        reads_graph: list[fx.Node] = []
+        fx.node.map_arg((args, kwargs), reads_graph.append)
+        if isinstance(value, torch.Tensor) and reads_graph:
+            value = self.as_node(value, f"{node.name}_values")  # an argument known at run time
         args, kwargs = self.replace_arg(node, role.arg, value)
         if "inplace" in kwargs:
             kwargs["inplace"] = False

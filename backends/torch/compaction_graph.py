@@ -104,6 +104,11 @@ _ELEMENTWISE_METHODS = {
     "clamp_max_",
     "contiguous",
     "clone",
+    "to",
+    "float",
+    "double",
+    "half",
+    "bfloat16",
 }
 _SCALAR_OPS: set[Callable[..., Any]] = {
     operator.add,
@@ -238,10 +243,15 @@ def trace_model(
     try:
         model.eval()
         with torch.no_grad():
-            ShapeProp(gm).propagate(*example_inputs)
             # the reference is the model's own forward: the trace froze what the forward
             # decided in the mode it was traced in (functional dropout's training argument)
             output = model(*example_inputs)
+            ShapeProp(gm).propagate(*example_inputs)
+    except Exception as err:
+        raise SparseCoreError(
+            f"{type(model).__name__} failed on the example input of shape(s) "
+            f"{[tuple(x.shape) for x in example_inputs]}: {type(err).__name__}: {err}"
+        ) from err
     finally:
         for m, mode in modes.items():
             m.training = mode

@@ -413,3 +413,77 @@ def test_count_flops_counts_the_compact_network() -> None:
     assert layers["fc3"].compact_backward == 2 * layers["fc3"].compact_forward
     plan, _ = compaction_plan(model, x)
     assert plan["fc1"].layout.tolist() == list(range(100, 200))
+
+
+class _ManyOps(nn.Module):
+    """Every kind of operation the trace recognises, around layers with empty units."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.act1 = nn.PReLU()
+        self.c2 = nn.Conv2d(8, 8, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(8)
+        self.pool = nn.AvgPool2d(3, stride=1, padding=1)  # counts the padding: not constant
+        self.drop = nn.Dropout(p=0.0)
+        self.c3 = nn.Conv2d(8, 6, 1)
+        self.fc1 = nn.Linear(6 * 4 * 4, 10)
+        self.bn1 = nn.BatchNorm1d(10)
+        self.fc2 = nn.Linear(10 + 6, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.leaky_relu(self.act1(self.c1(x)), 0.1)
+        y = self.bn(self.c2(y)).relu_()
+        y = self.drop(self.pool(y * 2.0) + 1.0)
+        y = F.gelu(self.c3(F.avg_pool2d(y, 3, 2, 1, count_include_pad=False)))
+        y = F.interpolate(y, scale_factor=1.0)
+        pooled = y.mean((2, 3))
+        flat = torch.relu(self.bn1(self.fc1(y.view(y.shape[0], -1))))
+        return self.fc2(torch.cat([flat, pooled], dim=1))
+
+
+def test_many_operations_compact_exactly() -> None:
+    torch.manual_seed(4)
+    model = _ManyOps()
+    with torch.no_grad():
+        model.c1.weight[:3] = 0  # empty filters: PReLU, leaky ReLU of their bias
+        model.c2.weight[:, 5:] = 0  # unread channels of c1
+        model.c3.weight[:2] = 0
+        model.fc1.weight[:4] = 0
+        model.bn.running_mean.normal_()
+    x = torch.randn(4, 3, 8, 8)
+    small, report = compact(model, x)
+    assert report.layer("c1").removed_out == 6  # 3 empty (folded into c2) + 3 unread
+    assert report.layer("c2").folded == 3
+    # fc1's empty units reach torch.cat, which is not analysed: computed (their bias), not removed
+    assert report.layer("fc1").removed_out == 0 and report.layer("fc1").added == 4
+    assert "kept whole (not analysed): cat" in report.table()
+    assert not any(p.requires_grad for n, p in small.named_parameters() if "constants" in n)
+    for mode in (True, False, True, False):
+        model.train(mode)
+        small.train(mode)
+        assert_same(small(x), model(x), torch.float32, f"training={mode}")
+
+
+class _ViewFlatten(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(2, 6, 3)
+        self.fc = nn.Linear(6 * 4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.relu(self.conv(x)).contiguous()
+        y = y.view(y.shape[0], -1)  # reads the batch size only: no channel needed
+        return self.fc(y.reshape(y.size(0), y.dim() * 12).to(y.dtype))
+
+
+def test_batch_size_queries_need_no_channel() -> None:
+    torch.manual_seed(0)
+    model = _ViewFlatten()
+    with torch.no_grad():
+        model.conv.weight[:2] = 0
+    x = torch.randn(3, 2, 4, 4)
+    small, report = compact(model, x)
+    assert report.layer("conv").removed_out == 2 and report.layer("fc").folded == 8
+    x = torch.randn(5, 2, 4, 4)
+    assert_same(small(x), model(x), torch.float32, "another batch size")
