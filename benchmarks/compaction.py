@@ -214,9 +214,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     dataset = load_fashion_mnist(args.data)
-    load_before = _load()
+    load_before, commit, started = _load(), _commit(), time.strftime("%Y-%m-%d %H:%M")
     print(
-        f"# compaction benchmark: commit {_commit()}, {time.strftime('%Y-%m-%d %H:%M')}, "
+        f"# compaction benchmark: commit {commit}, {started}, "
         f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, load {load_before}"
     )
@@ -257,8 +257,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"# load before {load_before}, after {load_after}")
     if args.json:
         meta = {
-            "commit": _commit(),
-            "date": time.strftime("%Y-%m-%d %H:%M"),
+            "commit": commit,
+            "date": started,
             "machine": platform.platform(),
             "processor": platform.processor() or platform.machine(),
             "cores": os.cpu_count(),
