@@ -177,19 +177,23 @@ def _build(spec: dict) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
 @settings(deadline=None)
 @given(networks())
 def test_compact_equals_masked_model(spec: dict) -> None:
+    """The reference is the masked model computed in float64: in float32 its own rounding can
+    exceed 1e-5 (training-mode batch norm of a constant channel amplifies the rounding of
+    ``value - batch mean`` by ``1 / sqrt(eps)``), which the compact model does not have."""
     model, x, x2 = _build(spec)
-    reference = copy.deepcopy(model)
+    reference = copy.deepcopy(model).double()
     small, report = compact(model, x, padded_constants=spec["padded_constants"])
     dtype = spec["dtype"]
     assert report.max_abs_difference is not None
     for step, mode in enumerate(["train", "train", "eval"]):
         reference.train(mode == "train")
         small.train(mode == "train")
-        assert_same(small(x2 + step), reference(x2 + step), dtype, f"{mode} step {step}")
+        want = reference((x2 + step).double())
+        assert_same(small(x2 + step).double(), want, dtype, f"{mode} step {step}")
     # training-mode steps moved the running statistics (of removed channels too) the same way
     reference.eval()
     small.eval()
-    assert_same(small(x), reference(x), dtype, "eval after training steps")
+    assert_same(small(x).double(), reference(x.double()), dtype, "eval after training steps")
 
 
 def test_models_of_the_training_job_compact_exactly() -> None:
