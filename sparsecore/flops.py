@@ -4,9 +4,13 @@ For each linear or conv2d layer, from its shape, mask and (for convolutions) out
 
 - ``dense``: the layer computed densely, as frameworks do with masked weights;
 - ``sparse``: only the active weights (what the sparse kernels compute);
-- ``compact``: the dense layer after removing the output channels and the input channels that
-  have no active weight (the speedup a dense library could get by shrinking the layer, which
-  is what structured sparsity buys).
+- ``compact``: the dense layer after channel compaction (the speedup a dense library gets by
+  shrinking the layer, which is what structured sparsity buys). On its own, a layer loses the
+  output channels and the input channels that have no active weight. Given the channels a
+  compaction plan keeps (``kept_outputs``/``kept_inputs``, from :mod:`sparsecore.compaction`),
+  it is the shape the compact network really runs, which also counts what other layers make
+  useless: units that nothing downstream reads, input channels that hold a constant (folded
+  into the bias), and the channels a residual addition or a group forces back in.
 
 A multiply-add counts as 2 FLOPs; bias additions and activations are ignored. Forward is one
 product; backward is the input gradient plus the weight gradient (the input gradient is skipped
@@ -96,18 +100,42 @@ class ModelFlops:
         return "\n".join(rows)
 
 
-def _active_channels(mask: npt.NDArray[np.bool_], groups: int) -> int:
-    """Sum over groups of (output channels with a weight) x (input channels with a weight)."""
+def _active_channels(
+    mask: npt.NDArray[np.bool_],
+    groups: int,
+    kept: tuple[npt.NDArray[np.bool_], npt.NDArray[np.bool_]] | None = None,
+) -> int:
+    """Sum over groups of (output channels kept) x (input channels kept): by default those with
+    an active weight, else the given ``(outputs, inputs)`` (boolean, over all channels)."""
     n_out = mask.shape[0]
     per_group = n_out // groups
+    per_in = mask.shape[1]
     total = 0
     for g in range(groups):
-        block = mask[g * per_group : (g + 1) * per_group]
-        axes_out = tuple(range(1, block.ndim))
-        rows = int(np.count_nonzero(block.any(axis=axes_out)))
-        cols = int(np.count_nonzero(block.any(axis=(0, *range(2, block.ndim)))))
+        if kept is not None:
+            rows = int(np.count_nonzero(kept[0][g * per_group : (g + 1) * per_group]))
+            cols = int(np.count_nonzero(kept[1][g * per_in : (g + 1) * per_in]))
+        else:
+            block = mask[g * per_group : (g + 1) * per_group]
+            axes_out = tuple(range(1, block.ndim))
+            rows = int(np.count_nonzero(block.any(axis=axes_out)))
+            cols = int(np.count_nonzero(block.any(axis=(0, *range(2, block.ndim)))))
         total += rows * cols
     return total
+
+
+def _kept_channels(
+    name: str, indices: Sequence[int] | npt.ArrayLike, size: int, what: str
+) -> npt.NDArray[np.bool_]:
+    idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+    if idx.size and (idx.min() < 0 or idx.max() >= size or np.unique(idx).size != idx.size):
+        raise ValueError(
+            f"layer {name!r}: {what} must be distinct channel indices in [0, {size}), got "
+            f"{idx.tolist()}"
+        )
+    out = np.zeros(size, dtype=bool)
+    out[idx] = True
+    return out
 
 
 def layer_flops(
@@ -117,9 +145,15 @@ def layer_flops(
     output_hw: Sequence[int] | None = None,
     groups: int = 1,
     input_grad: bool = True,
+    kept_outputs: Sequence[int] | npt.ArrayLike | None = None,
+    kept_inputs: Sequence[int] | npt.ArrayLike | None = None,
 ) -> LayerFlops:
     """Count the FLOPs of one linear layer (2-D mask ``(out, in)``) or conv2d layer (4-D mask
-    ``(O, C // groups, kh, kw)`` with ``output_hw``) for a batch of ``batch`` samples."""
+    ``(O, C // groups, kh, kw)`` with ``output_hw``) for a batch of ``batch`` samples.
+
+    ``kept_outputs``/``kept_inputs``: the output units and input channels the compact network
+    computes with (both or neither; a compaction plan's ``layout`` and ``in_layout``); without
+    them the compact count removes only this layer's own empty rows and columns."""
     mask = np.asarray(mask)
     if mask.dtype != np.bool_:
         raise TypeError(f"mask of layer {name!r} must have dtype bool, got {mask.dtype}")
@@ -149,7 +183,15 @@ def layer_flops(
     per_mac = 2 * int(batch) * positions
     dense_macs = int(mask.size)
     sparse_macs = int(np.count_nonzero(mask))
-    compact_macs = _active_channels(mask, groups) * taps
+    if (kept_outputs is None) != (kept_inputs is None):
+        raise ValueError(f"layer {name!r}: give both kept_outputs and kept_inputs, or neither")
+    kept = None
+    if kept_outputs is not None and kept_inputs is not None:
+        kept = (
+            _kept_channels(name, kept_outputs, mask.shape[0], "kept_outputs"),
+            _kept_channels(name, kept_inputs, mask.shape[1] * groups, "kept_inputs"),
+        )
+    compact_macs = _active_channels(mask, groups, kept) * taps
     n_back = 2 if input_grad else 1
 
     return LayerFlops(

@@ -2,12 +2,14 @@
 
 ``model.fit(x, y, callbacks=[sparsecore.keras.SparseCallback()])`` trains the model's Dense and
 convolution kernels sparse with sparse momentum; ``strip(model)`` gives the trained model back as
-a plain Keras model; see ``docs/keras.md``. Works on the TensorFlow, PyTorch and JAX backends of
-Keras 3.
+a plain Keras model, and ``compact(model)`` turns a sparse model into a smaller dense one with the
+same outputs (``docs/compaction.md``); see ``docs/keras.md``. Works on the TensorFlow, PyTorch and
+JAX backends of Keras 3.
 """
 
 from .backend import KerasBackend
 from .callback import SparseCallback
+from .compaction import compact
 from .constraint import SparseMask
 from .discovery import SparseWeight, find_sparse_weights
 from .strip import strip
@@ -17,6 +19,7 @@ __all__ = [
     "SparseCallback",
     "SparseMask",
     "SparseWeight",
+    "compact",
     "find_sparse_weights",
     "strip",
 ]

@@ -1,11 +1,13 @@
 """PyTorch adapter and backend for sparsecore (imported as ``sparsecore.torch``).
 
 ``sparse = sparsecore.torch.attach(model, optimizer)`` makes a model train sparse with sparse
-momentum; see :mod:`sparsecore.torch.adapter` and docs/torch.md.
+momentum; see :mod:`sparsecore.torch.adapter` and docs/torch.md. ``sparsecore.torch.compact``
+turns a sparse model into a smaller dense one with the same outputs (docs/compaction.md).
 """
 
 from .adapter import SparseTraining, attach
 from .backend import TorchBackend
+from .compaction import compact
 from .export import export_sparse, load_sparse
 from .selection import Target, select_targets
 
@@ -14,6 +16,7 @@ __all__ = [
     "Target",
     "TorchBackend",
     "attach",
+    "compact",
     "export_sparse",
     "load_sparse",
     "select_targets",

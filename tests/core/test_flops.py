@@ -75,3 +75,26 @@ def test_bad_input(kwargs: dict, error: type[Exception], words: str) -> None:
     with pytest.raises(error, match=words) as info:
         layer_flops("L7", **kwargs)
     assert "L7" in str(info.value)
+
+
+def test_compact_counts_from_a_compaction_plan() -> None:
+    """With the kept channels of a compaction plan, compact FLOPs are those of the kept shape,
+    which can be smaller (units nothing reads) or larger (units an addition forces back) than
+    the layer's own non-empty rows and columns."""
+    mask = np.array([[0, 1, 0, 1], [0, 0, 0, 0], [1, 1, 1, 0]], dtype=bool)
+    own = layer_flops("fc", mask, batch=2)
+    assert own.compact_forward == 2 * 2 * (2 * 4)
+    plan = layer_flops("fc", mask, batch=2, kept_outputs=[2], kept_inputs=[0, 1, 2])
+    assert plan.compact_forward == 2 * 2 * (1 * 3)
+    assert plan.compact_backward == 2 * plan.compact_forward
+    forced = layer_flops("fc", mask, batch=2, kept_outputs=[0, 1, 2], kept_inputs=[0, 1, 2, 3])
+    assert forced.compact_forward == forced.dense_forward
+    conv = np.ones((4, 2, 3, 3), dtype=bool)  # groups=2: 2 outs x 2 ins each
+    grouped = layer_flops(
+        "conv", conv, batch=1, output_hw=(2, 2), groups=2, kept_outputs=[2, 3], kept_inputs=[2, 3]
+    )
+    assert grouped.compact_forward == 2 * 4 * (2 * 2) * 9  # one group of 2 x 2 kept
+    with pytest.raises(ValueError, match="both"):
+        layer_flops("fc", mask, batch=2, kept_outputs=[0])
+    with pytest.raises(ValueError, match="kept_inputs"):
+        layer_flops("fc", mask, batch=2, kept_outputs=[0], kept_inputs=[4])
