@@ -201,6 +201,15 @@ class ArrayBackend(abc.ABC):
         Returns a new array; adapters that update parameters in place do so themselves.
         """
 
+    def signed_fill(self, x: Any, where: Any, value: float, key: HashKey) -> Any:
+        """A copy of ``x`` with the positions where ``where`` is True set to ``+value`` or
+        ``-value`` in ``x``'s dtype: ``+value`` where the position hash of ``key`` is odd.
+
+        The values of weights grown into dead units (ALGORITHM.md, "Dead units"): random signs
+        that every backend draws identically.
+        """
+        raise NotImplementedError(f"backend {self.name!r} does not implement signed_fill")
+
 
 _REGISTRY: dict[str, ArrayBackend] = {}
 _FACTORIES: list[tuple[str, str, str]] = [

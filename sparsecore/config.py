@@ -1,7 +1,10 @@
 """Every option of sparse training, defined once for the core and all adapters.
 
 ``sparsecore.torch.attach(model, **options)`` and ``sparsecore.keras.SparseCallback(**options)``
-take exactly these names with these meanings; the defaults are the paper's.
+take exactly these names with these meanings, plus ``recipe``: a named set of defaults
+(:data:`RECIPES`). The library's defaults were chosen by measurement on real training scripts
+(docs/results.md, "Defaults chosen on real clients"); ``recipe="paper"`` gives the sparse momentum
+paper's choices, which were the defaults before.
 """
 
 from __future__ import annotations
@@ -16,6 +19,22 @@ from .schedules import PRUNE_SCHEDULES, UpdateSchedule, prune_rate_at
 
 ADAM_MOMENTUM = ("exp_avg", "normalized")
 ON_NONFINITE = ("raise", "skip")
+
+#: Named sets of defaults; options given explicitly win over the recipe's. ``"default"`` is the
+#: library's defaults (the field defaults of :class:`SparseConfig`); ``"paper"`` is Dettmers &
+#: Zettlemoyer's recipe: uniform initial densities, growth by momentum over the whole layer, and
+#: dead units left as they are (weights always grown at 0).
+RECIPES: dict[str, dict[str, Any]] = {
+    "default": {},
+    "paper": {
+        "init": "uniform",
+        "prune": "magnitude",
+        "growth": "momentum",
+        "redistribution": "momentum",
+        "cover_units": False,
+        "revive_dead_units": False,
+    },
+}
 
 
 @dataclass(frozen=True)
@@ -33,7 +52,10 @@ class SparseConfig:
     exp_avg / (sqrt(exp_avg_sq) + eps)), ``momentum_beta`` for the library's own gradient EMA when
     the optimizer keeps no momentum; ``reset_optimizer_state`` zeroes optimizer state at positions
     whose mask changed. ``on_nonfinite``: ``raise`` (default) or ``skip`` an update that would
-    read NaN/Inf. ``seed`` fixes initial masks, random growth and tie-breaking.
+    read NaN/Inf. ``seed`` fixes initial masks, random growth and tie-breaking. Dead units
+    (:mod:`sparsecore.units`): ``cover_units`` gives every output unit an initial weight where
+    the budget allows; ``revive_dead_units`` regrows units without weights or gradient with
+    non-zero weights. :meth:`from_options` also takes ``recipe`` (:data:`RECIPES`).
     """
 
     density: float = 0.05
@@ -55,6 +77,8 @@ class SparseConfig:
     reset_optimizer_state: bool = False
     on_nonfinite: str = "raise"
     seed: int = 0
+    cover_units: bool = False
+    revive_dead_units: bool = False
 
     def __post_init__(self) -> None:
         self._validate()
@@ -89,6 +113,9 @@ class SparseConfig:
             raise SparseCoreError(f"momentum_beta must lie in [0, 1), got {self.momentum_beta!r}")
         if not isinstance(self.seed, int) or self.seed < 0:
             raise SparseCoreError(f"seed must be an integer >= 0, got {self.seed!r}")
+        for name in ("cover_units", "revive_dead_units", "reset_optimizer_state"):
+            if not isinstance(getattr(self, name), bool):
+                raise SparseCoreError(f"{name} must be True or False, got {getattr(self, name)!r}")
         # update_every, stop_at and total_steps are validated by the schedule. A missing
         # total_steps for a decaying prune rate is reported when the first update needs it,
         # since adapters may learn the training length late (Keras knows it at fit time).
@@ -126,13 +153,31 @@ class SparseConfig:
         return asdict(self)
 
     @classmethod
+    def from_options(cls, recipe: str = "default", **options: Any) -> SparseConfig:
+        """The options of ``recipe`` (:data:`RECIPES`), overridden by those given explicitly."""
+        if recipe not in RECIPES:
+            raise SparseCoreError(f"recipe must be one of {sorted(RECIPES)}, got {recipe!r}")
+        unknown = set(options) - {f.name for f in fields(cls)}
+        if unknown:
+            raise SparseCoreError(
+                f"unknown option(s) {sorted(unknown)}; options are {option_names()}"
+            )
+        return cls(**{**RECIPES[recipe], **options})
+
+    @classmethod
     def from_dict(cls, data: dict[str, Any]) -> SparseConfig:
-        return cls().replace(**data)
+        """Read :meth:`to_dict` output. Options added since the state was saved take the value
+        that reproduces the saved run (see :data:`_ADDED_OPTIONS`), not today's default."""
+        return cls().replace(**{**_ADDED_OPTIONS, **data})
+
+
+#: Options added after configs were first saved, with the value that behaves as before them.
+_ADDED_OPTIONS: dict[str, Any] = {"cover_units": False, "revive_dead_units": False}
 
 
 def option_names() -> list[str]:
-    """Names of all options, for adapters that forward keyword arguments."""
-    return [f.name for f in fields(SparseConfig)]
+    """Names of all options (``recipe`` included), for adapters that forward keyword arguments."""
+    return [f.name for f in fields(SparseConfig)] + ["recipe"]
 
 
 def _choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:

@@ -4,7 +4,9 @@ RUN is a run folder of ``sparsecore train`` or a JSON run record (see :mod:`spar
 The table lists, per sparse layer, its final active count and density, the weights pruned and
 regrown over the run (gross and net), its mean share of the regrowth budget and the fraction of
 its positions that were ever active; FLOP and kernel-time accounting is added when the run
-recorded it. Plots go to ``--plots DIR`` (default: ``RUN/report``).
+recorded it. Plots go to ``--plots DIR`` (default: ``RUN/report``). The table also gives each
+layer's dead output units at the last update, and a warning names every layer most of whose units
+were dead then.
 """
 
 from __future__ import annotations
@@ -18,7 +20,14 @@ from typing import Any, TextIO
 from .errors import SparseCoreError
 from .telemetry import RunRecord, load_run, write_tensorboard
 
-__all__ = ["build_parser", "flops_rows", "format_table", "main", "write_plots"]
+__all__ = [
+    "build_parser",
+    "dead_unit_warnings",
+    "flops_rows",
+    "format_table",
+    "main",
+    "write_plots",
+]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -130,7 +139,7 @@ def _layer_table(record: RunRecord, totals: dict[str, Any]) -> list[str]:
     first = record.applied[0]
     header = (
         "layer", "size", "nnz", "density", "start", "pruned", "grown", "net pruned",
-        "net grown", "mean share", "ever active",
+        "net grown", "mean share", "ever active", "dead units",
     )  # fmt: skip
     rows: list[tuple[str, ...]] = []
     for name, info in totals["layers"].items():
@@ -150,6 +159,7 @@ def _layer_table(record: RunRecord, totals: dict[str, Any]) -> list[str]:
                 str(info["net_grown"]),
                 f"{100 * info['mean_share']:.1f}%",
                 "-" if ever is None else f"{100 * ever:.2f}%",
+                _dead_cell(info),
             )
         )
     ever = totals["ever_active_fraction"]
@@ -169,15 +179,49 @@ def _layer_table(record: RunRecord, totals: dict[str, Any]) -> list[str]:
             str(totals["net_grown"]),
             "100.0%",
             "-" if ever is None else f"{100 * ever:.2f}%",
+            _dead_cell(_dead_total(totals["layers"].values())),
         )
     )
     table = _format_rows(header, rows)
     note = (
         "density: final fraction of the layer active; start: before the first update; "
         "pruned/grown: summed over all updates (net: positions whose state changed); "
-        "mean share: of the regrowth budget; ever active: positions active at any time"
+        "mean share: of the regrowth budget; ever active: positions active at any time; "
+        "dead units: output units with no active weight or no gradient at the last update"
     )
-    return [*table, note]
+    return [*table, note, *dead_unit_warnings(record)]
+
+
+def _dead_cell(info: Mapping[str, Any]) -> str:
+    if info.get("dead_units") is None or not info.get("units"):
+        return "-"
+    return f"{info['dead_units']}/{info['units']}"
+
+
+def _dead_total(layers: Any) -> dict[str, Any]:
+    infos = list(layers)
+    if any(i.get("dead_units") is None or not i.get("units") for i in infos):
+        return {}
+    return {
+        "dead_units": sum(i["dead_units"] for i in infos),
+        "units": sum(i["units"] for i in infos),
+    }
+
+
+def dead_unit_warnings(record: RunRecord) -> list[str]:
+    """One warning line per layer most of whose output units were dead at the last update."""
+    if not record.applied:
+        return []
+    lines = []
+    for layer in record.applied[-1].layers:
+        fraction = layer.dead_fraction
+        if fraction is not None and fraction > 0.5:
+            lines.append(
+                f"warning: layer {layer.name!r}: {layer.dead_units} of {layer.units} output "
+                f"units were dead at the last mask update (no active weight, or no gradient); "
+                f"revive_dead_units=True regrows them (docs/algorithm.md, 'Dead units')"
+            )
+    return lines
 
 
 def _accuracy_lines(record: RunRecord, baseline: RunRecord | None) -> list[str]:

@@ -25,6 +25,7 @@ How it hooks into training:
 
 from __future__ import annotations
 
+import logging
 import warnings
 import weakref
 from collections.abc import Collection
@@ -62,6 +63,7 @@ _ATTACHED_PARAMS: dict[int, Any] = {}
 
 _BACKEND = TorchBackend()
 _UNSET: Any = object()
+_LOG = logging.getLogger("sparsecore")
 
 
 def attach(
@@ -153,7 +155,7 @@ def _make_config(options: dict[str, Any]) -> SparseConfig:
         )
     if options.get("growth") == "none":
         options = dict(options, growth="momentum", update_every=None, update_at_epoch_end=False)
-    return SparseConfig(**options)
+    return SparseConfig.from_options(**options)
 
 
 def _check_not_attached(model: nn.Module, targets: list[Target]) -> None:
@@ -223,6 +225,7 @@ class SparseTraining:
         self._own: list[torch.Tensor | None] = [
             mom.own_buffer(t.param) if k == mom.OWN else None for t, k in zip(targets, self._kinds)
         ]
+        self._momentum_source = mom.describe(self._kinds, optimizer, config.momentum_beta)
         if config.schedule().total_steps is None and config.prune_schedule != "constant":
             warnings.warn(
                 f"prune_schedule={config.prune_schedule!r} decays the prune rate over the training "
@@ -273,6 +276,7 @@ class SparseTraining:
             self._hooks.append(register_optimizer_step_pre_hook(self._before_any_optimizer_step))
             self._hooks.append(register_optimizer_step_post_hook(self._on_any_optimizer_step))
         self._set_gradient_window()
+        _LOG.info("sparsecore: sparse momentum reads %s", self._momentum_source)
 
     # -- hooks and steps ----------------------------------------------------------------------
     def _before_optimizer_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
@@ -482,8 +486,13 @@ class SparseTraining:
                 self._reset_state(t.param, old ^ new)
             old.copy_(new)
             _copy_mask_into(keep, old)
-        # Newly inactive weights become 0; newly active ones were 0 already (inactive before).
+        # Newly inactive weights become 0; newly active ones were 0 already (inactive before),
+        # except those grown into dead units, which start at +-scale (sparsecore.units).
         self._apply_masks(exact=False)
+        if result.revived is not None and result.weights is not None:
+            for t, fresh, weight in zip(self.targets, result.revived, result.weights):
+                if fresh is not None:
+                    t.param.copy_(weight)
         if self._router is not None:
             self._router.refresh()
         return report
@@ -514,7 +523,14 @@ class SparseTraining:
             )
         finally:
             engine.ever_active = hu.as_tensors(engine.ever_active)
-        return replace(result, masks=hu.as_tensors(result.masks), weights=None)
+        if result.revived is None:
+            return replace(result, masks=hu.as_tensors(result.masks), weights=None)
+        return replace(
+            result,
+            masks=hu.as_tensors(result.masks),
+            weights=hu.as_tensors(result.weights),
+            revived=hu.as_tensors(result.revived),
+        )
 
     def _reset_state(self, param: torch.Tensor, changed: torch.Tensor) -> None:
         i = next(i for i, t in enumerate(self.targets) if t.param is param)
@@ -590,6 +606,13 @@ class SparseTraining:
         if name not in self.names:
             raise SparseCoreError(f"no sparse parameter {name!r}; sparse parameters: {self.names}")
         return self.masks[self.names.index(name)]
+
+    @property
+    def momentum_source(self) -> str:
+        """Where the momentum the mask updates read comes from, in words: the optimizer's buffer
+        (``momentum_buffer``, ``exp_avg``) or the library's own gradient average when the
+        optimizer keeps none (Adadelta, Adagrad, SGD without momentum, ...) or none is given."""
+        return self._momentum_source
 
     @property
     def last_update_backend(self) -> str | None:

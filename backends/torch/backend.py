@@ -388,3 +388,8 @@ class TorchBackend(ArrayBackend):
         return torch.where(
             old_mask & new_mask, weight, torch.zeros((), dtype=weight.dtype, device=weight.device)
         )
+
+    def signed_fill(self, x: Any, where: Any, value: float, key: HashKey) -> Any:
+        odd = (self.position_hash(key, x) & 1).to(torch.bool)
+        magnitude = torch.tensor(value, dtype=x.dtype, device=x.device)
+        return torch.where(where, torch.where(odd, magnitude, -magnitude), x)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import keras
@@ -193,25 +194,65 @@ def test_unknown_option_and_gradient_growth_are_refused():
         SparseCallback(growth="gradient")
 
 
+class _KernelRecorder(keras.callbacks.Callback):
+    """The kernels after every batch (host copies)."""
+
+    def __init__(self, sparse):
+        super().__init__()
+        self.sparse = sparse
+        self.kernels = []
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.kernels.append([host(w.variable).copy() for w in self.sparse.weights])
+
+
 @pytest.mark.parametrize(
-    "optimizer,match",
+    "optimizer,name",
     [
-        (lambda: keras.optimizers.SGD(0.1), "SGD has momentum=0"),
-        (lambda: keras.optimizers.Adagrad(0.1), "Adagrad keeps no momentum"),
-        (lambda: keras.optimizers.RMSprop(0.01), "RMSprop has momentum=0"),
+        (lambda: keras.optimizers.SGD(0.1), "SGD"),
+        (lambda: keras.optimizers.Adagrad(0.1), "Adagrad"),
+        (lambda: keras.optimizers.RMSprop(0.01), "RMSprop"),
     ],
 )
-def test_optimizer_without_momentum_is_refused(optimizer, match):
+def test_optimizer_without_momentum_uses_the_own_gradient_average(optimizer, name, caplog):
     x, y = data()
     model = mlp(optimizer=optimizer())
-    kernels = [host(layer.kernel).copy() for layer in model.layers]
-    with pytest.raises(sparsecore.SparseCoreError, match=match):
-        model.fit(x, y, epochs=1, callbacks=[SparseCallback()], verbose=0)
-    _unchanged(model, kernels)
-    # modes that need no momentum work with such an optimizer
-    cb = SparseCallback(growth="random", redistribution="nonzero", update_every=2)
-    model.fit(x, y, batch_size=32, epochs=1, callbacks=[cb], verbose=0)
-    assert len(cb.history) == 1
+    cb = SparseCallback(density=0.3, update_every=4)
+    with caplog.at_level("INFO", logger="sparsecore"):
+        model.fit(x, y, batch_size=16, epochs=2, callbacks=[cb], verbose=0)
+    source = f"the library's own gradient average (beta 0.9): {name} keeps no momentum"
+    assert cb.momentum_source == source
+    assert [r.getMessage() for r in caplog.records].count(
+        f"sparsecore: sparse momentum reads {source}"
+    ) == 1
+    assert len(cb.history) == 2 and all(r.total_nnz == cb.engine.target for r in cb.history)
+    own = [host(cb._reader.read(w.variable, w.name)) for w in cb.weights]
+    masks = cb.masks()
+    # dense gradients: the average reaches inactive positions, where regrowth looks
+    inactive = [(p, ~masks[w.name]) for p, w in zip(own, cb.weights) if not masks[w.name].all()]
+    assert inactive and all(np.any(p[free] != 0) for p, free in inactive)
+
+
+def test_own_average_is_the_gradient_ema_of_the_keras_steps():
+    """With plain SGD, each step moves an active weight by -lr * gradient, so the own average at
+    active positions can be rebuilt from the kernels: P = sum_t beta^(T-t) (1 - beta) g_t."""
+    x, y = data()
+    lr, beta = 0.1, 0.8
+    model = mlp(optimizer=keras.optimizers.SGD(lr))
+    cb = SparseCallback(density=0.5, update_every=1000, momentum_beta=beta)  # no update
+    cb.attach(model)
+    start = [host(w.variable).copy() for w in cb.weights]
+    recorder = _KernelRecorder(cb)
+    model.fit(x, y, batch_size=32, epochs=1, shuffle=False, callbacks=[cb, recorder], verbose=0)
+    assert len(recorder.kernels) == 3
+    for i, w in enumerate(cb.weights):
+        mask = cb.masks()[w.name]
+        kernels = [start[i]] + [k[i] for k in recorder.kernels]
+        expected = np.zeros_like(start[i], dtype=np.float64)
+        for before, after in itertools.pairwise(kernels):
+            expected = beta * expected + (1 - beta) * (before - after) / lr
+        own = host(cb._reader.read(w.variable, w.name))
+        np.testing.assert_allclose(own[mask], expected[mask], rtol=2e-3, atol=1e-6)
 
 
 def test_model_without_prunable_layers():
@@ -311,11 +352,15 @@ def test_sparsifying_a_model_that_was_already_trained_dense():
 
 def test_takes_exactly_the_sparse_config_options():
     defaults = sparsecore.SparseConfig().to_dict()
-    assert set(defaults) == set(sparsecore.option_names())
+    assert set(defaults) | {"recipe"} == set(sparsecore.option_names())
     cb = SparseCallback(**defaults)
     assert cb.config == sparsecore.SparseConfig()
     custom = {"density": 0.3, "init": "ERK", "prune_rate": 0.4, "seed": 9, "max_density": 0.9}
     assert SparseCallback(**custom).config == sparsecore.SparseConfig(**custom)
+    paper = SparseCallback(recipe="paper", density=0.3).config
+    assert paper == sparsecore.SparseConfig(density=0.3, **sparsecore.config.RECIPES["paper"])
+    with pytest.raises(sparsecore.SparseCoreError, match="recipe must be one of"):
+        SparseCallback(recipe="papr")
 
 
 @pytest.mark.parametrize(

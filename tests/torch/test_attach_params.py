@@ -138,6 +138,46 @@ def test_importance_reads_the_right_momentum(make_opt, kind):
         assert layer.importance == pytest.approx(expected, rel=1e-12)
 
 
+@pytest.mark.parametrize(
+    ("make_opt", "source"),
+    [
+        (lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9), "SGD's momentum buffer"),
+        (lambda p: torch.optim.Adam(p, lr=0.01), "Adam's first moment (exp_avg)"),
+        (
+            lambda p: torch.optim.Adadelta(p, lr=1.0),
+            "the library's own gradient average (beta 0.9): Adadelta keeps no momentum",
+        ),
+        (
+            lambda p: torch.optim.SGD(p, lr=0.1),
+            "the library's own gradient average (beta 0.9): SGD keeps no momentum",
+        ),
+        (None, "the library's own gradient average (beta 0.9): no optimizer given"),
+    ],
+)
+def test_the_momentum_source_is_named_once_and_readable(make_opt, source, caplog):
+    model = _mlp()
+    opt = None if make_opt is None else make_opt(model.parameters())
+    with caplog.at_level("INFO", logger="sparsecore"):
+        sparse = st.attach(model, opt, density=0.3, total_steps=30)
+    assert sparse.momentum_source.startswith(source)
+    logged = [r.getMessage() for r in caplog.records if r.name == "sparsecore"]
+    assert logged == [f"sparsecore: sparse momentum reads {sparse.momentum_source}"]
+    sparse.detach()
+
+
+def test_mixed_momentum_sources_are_named_per_layer_count():
+    model = _mlp()
+    opt = torch.optim.SGD(
+        [{"params": [model[0].weight], "momentum": 0.9}, {"params": [model[2].weight]}],
+        lr=0.1,
+    )
+    sparse = st.attach(model, opt, density=0.3, total_steps=30)
+    assert sparse.momentum_source == (
+        "SGD's momentum buffer (momentum_buffer) for 1 of 2 sparse layers; the library's own "
+        "gradient average (beta 0.9): SGD keeps no momentum for 1 of 2 sparse layers"
+    )
+
+
 def test_momentum_at_inactive_positions_keeps_accumulating():
     model = _mlp()
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
