@@ -7,7 +7,7 @@ momentum; see :mod:`sparsecore.torch.adapter` and docs/torch.md.
 from .adapter import SparseTraining, attach
 from .backend import TorchBackend
 from .export import export_sparse, load_sparse
-from .selection import Target, select_targets
+from .selection import Target, register_layer_type, select_targets
 
 __all__ = [
     "SparseTraining",
@@ -16,5 +16,6 @@ __all__ = [
     "attach",
     "export_sparse",
     "load_sparse",
+    "register_layer_type",
     "select_targets",
 ]
