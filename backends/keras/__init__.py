@@ -8,6 +8,13 @@ and PyTorch backends of Keras 3.
 from .backend import KerasBackend
 from .callback import SparseCallback
 from .constraint import SparseMask
-from .discovery import SparseWeight, find_sparse_weights
+from .discovery import SparseWeight, find_sparse_weights, register_layer_type
 
-__all__ = ["KerasBackend", "SparseCallback", "SparseMask", "SparseWeight", "find_sparse_weights"]
+__all__ = [
+    "KerasBackend",
+    "SparseCallback",
+    "SparseMask",
+    "SparseWeight",
+    "find_sparse_weights",
+    "register_layer_type",
+]
