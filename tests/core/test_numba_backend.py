@@ -98,6 +98,7 @@ def layer_sets(draw):
         mask = (rng.random(shape) < density) if 0 < density < 1 else np.full(shape, density > 0)
         weight = draw(values(size, dtype)).reshape(shape) * mask
         momentum = draw(values(size, dtype)).reshape(shape)
+        momentum[rng.random(rows) < 0.3] = 0  # silent (dead) units
         grad = draw(values(size, dtype)).reshape(shape)
         layers.append(sc.Layer(f"layer{i}", weight, mask, momentum, grad))
     return layers
@@ -120,8 +121,13 @@ def assert_same_update(layers, variant, **options):
             want.net_pruned,
             want.net_grown,
         )
-    applied = sc.apply_masks(layers, got.masks, backend=variant)
-    reference = sc.apply_masks(layers, got.masks, backend=REFERENCE)
+        assert (have.units, have.dead_units, have.revived) == (
+            want.units,
+            want.dead_units,
+            want.revived,
+        )
+    applied = sc.new_weights(layers, got, backend=variant)
+    reference = sc.new_weights(layers, expected, backend=REFERENCE)
     for have, want in zip(applied, reference):
         assert have.dtype == want.dtype
         assert np.array_equal(have.view(np.uint8), want.view(np.uint8))  # bit for bit, +0.0
@@ -137,9 +143,10 @@ def assert_same_update(layers, variant, **options):
     rate=st.sampled_from([0.0, 0.1, 0.5, 0.97, 1.0]),
     seed=st.integers(0, 2**31 - 1),
     update_index=st.integers(1, 50),
+    revive=st.booleans(),
 )
 def test_update_equals_numpy(
-    variant, layers, prune, growth, redistribution, rate, seed, update_index
+    variant, layers, prune, growth, redistribution, rate, seed, update_index, revive
 ):
     assert_same_update(
         layers,
@@ -150,6 +157,7 @@ def test_update_equals_numpy(
         prune=prune,
         growth=growth,
         redistribution=redistribution,
+        revive_dead_units=revive,
     )
 
 
