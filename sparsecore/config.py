@@ -59,9 +59,9 @@ class SparseConfig:
     """
 
     density: float = 0.05
-    init: str = "uniform"
+    init: str = "ER"
     prune: str = "magnitude"
-    growth: str = "momentum"
+    growth: str = "momentum_neuron"
     redistribution: str = "momentum"
     prune_rate: float = 0.5
     prune_rate_min: float = 0.005
@@ -77,8 +77,8 @@ class SparseConfig:
     reset_optimizer_state: bool = False
     on_nonfinite: str = "raise"
     seed: int = 0
-    cover_units: bool = False
-    revive_dead_units: bool = False
+    cover_units: bool = True
+    revive_dead_units: bool = True
 
     def __post_init__(self) -> None:
         self._validate()

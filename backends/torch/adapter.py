@@ -42,8 +42,10 @@ from torch.optim.optimizer import (
 from sparsecore.config import SparseConfig, option_names
 from sparsecore.engine import SparseEngine, UpdateResult
 from sparsecore.errors import NonFiniteError, SparseCoreError
+from sparsecore.hashing import HashKey
 from sparsecore.layers import Layer
 from sparsecore.report import UpdateReport
+from sparsecore.units import revival_scale
 
 from . import fused_step as fs
 from . import host_update as hu
@@ -481,18 +483,21 @@ class SparseTraining:
             self._warn_skip(report)
             return report
         new_masks = _broadcast_masks(result.masks)
+        revived = _broadcast_revived(result.revived, [t.param for t in self.targets])
         for t, old, keep, new in zip(self.targets, self.masks, self._keep, new_masks):
             if cfg.reset_optimizer_state:
                 self._reset_state(t.param, old ^ new)
             old.copy_(new)
             _copy_mask_into(keep, old)
         # Newly inactive weights become 0; newly active ones were 0 already (inactive before),
-        # except those grown into dead units, which start at +-scale (sparsecore.units).
+        # except those grown into dead units, which start at +-scale (sparsecore.units): the
+        # same values on every rank, from the position hash of this update.
         self._apply_masks(exact=False)
-        if result.revived is not None and result.weights is not None:
-            for t, fresh, weight in zip(self.targets, result.revived, result.weights):
-                if fresh is not None:
-                    t.param.copy_(weight)
+        for i, (t, fresh) in enumerate(zip(self.targets, revived or ())):
+            if fresh is not None:
+                scale = revival_scale(tuple(t.param.shape), t.axis)
+                key = HashKey(cfg.seed, report.update, i)
+                t.param.copy_(_BACKEND.signed_fill(t.param.detach(), fresh, scale, key))
         if self._router is not None:
             self._router.refresh()
         return report
@@ -736,6 +741,37 @@ def _copy_mask_into(keep: torch.Tensor, mask: torch.Tensor) -> None:
     """``keep[:] = mask`` as 0/1 values: converting the mask's bytes is several times faster on
     CPU than converting from bool."""
     keep.copy_(mask.view(torch.uint8) if mask.is_contiguous() else mask)
+
+
+def _broadcast_revived(
+    revived: list[Any] | None, params: list[torch.Tensor]
+) -> list[Any] | None:
+    """In a distributed job, rank 0's positions grown into dead units (None where it has none).
+
+    Ranks whose momentum differs may disagree on them; the weights must follow rank 0's masks.
+    """
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return revived
+    device = params[0].device
+    has = [0 if revived is None or r is None else 1 for r in (revived or [None] * len(params))]
+    flags = torch.tensor(has, dtype=torch.uint8, device=device)
+    dist.broadcast(flags, src=0)
+    out: list[Any] = []
+    for i, param in enumerate(params):
+        if not int(flags[i]):  # rank 0 revived nothing in this layer
+            out.append(None)
+            continue
+        local = None if revived is None else revived[i]
+        buf = (
+            torch.zeros(param.shape, dtype=torch.uint8, device=param.device)
+            if local is None
+            else local.to(torch.uint8)
+        )
+        dist.broadcast(buf, src=0)
+        out.append(buf.to(torch.bool))
+    return out
 
 
 def _broadcast_masks(masks: list[torch.Tensor]) -> list[torch.Tensor]:

@@ -69,7 +69,9 @@ def _snapshot(cb, model, reader_kind: str):
 def test_update_reads_optimizer_momentum_and_equals_numpy_reference(optimizer, adam_momentum):
     x, y = data()
     model = mlp(optimizer=optimizer())
-    cb = SparseCallback(update_every=None, density=0.2, seed=5, adam_momentum=adam_momentum)
+    cb = SparseCallback(
+        update_every=None, density=0.2, seed=5, adam_momentum=adam_momentum, recipe="paper"
+    )
     model.fit(x, y, batch_size=16, epochs=2, callbacks=[cb], verbose=0)
     slots = [cb._reader.read(w.variable, w.name) for w in cb.weights]
     assert all(np.any(host(s) != 0) for s in slots), "momentum must be read from the slots"
@@ -78,7 +80,6 @@ def test_update_reads_optimizer_momentum_and_equals_numpy_reference(optimizer, a
     assert any(np.any(layer.momentum[~layer.mask] != 0) for layer in layers)
     rate = 0.3
     ref = sparsecore.update(layers, prune_rate=rate, update_index=1, seed=5)
-    report = cb.update_masks(step=12) if False else None
     cb.engine.config = cb.engine.config.replace(prune_schedule="constant", prune_rate=rate)
     report = cb.update_masks(step=12)
     assert report.update == 1
@@ -192,6 +193,39 @@ def test_unknown_option_and_gradient_growth_are_refused():
         SparseCallback(densty=0.1)
     with pytest.raises(sparsecore.SparseCoreError, match="growth='momentum'"):
         SparseCallback(growth="gradient")
+
+
+def test_dead_units_are_revived_with_the_engines_weights():
+    """The default options: a layer with dead units gets weights grown into them at +-scale,
+    exactly the NumPy reference's new weights."""
+    x, y = data()
+    model = mlp(optimizer=keras.optimizers.Adam(1e-2))
+    cb = SparseCallback(update_every=None, density=0.1, seed=2)
+    model.fit(x, y, batch_size=16, epochs=2, callbacks=[cb], verbose=0)
+    layers = _snapshot(cb, model, "exp_avg")
+    layers[1].momentum[:, :4] = 0  # fc2's first four units get no gradient: dead
+    config = cb.engine.config.replace(prune_schedule="constant", prune_rate=0.3)
+    ref = sparsecore.update(
+        layers, prune_rate=0.3, update_index=1, seed=2, growth=config.growth,
+        revive_dead_units=True,
+    )  # fmt: skip
+    assert ref.report.layers[1].dead_units >= 4 and ref.report.layers[1].revived > 0
+    reader = cb._reader
+    reader.read = lambda variable, name: next(  # the same momentum as the reference
+        layer.momentum for layer, w in zip(layers, cb.weights) if w.variable is variable
+    )
+    cb.engine.config = config
+    report = cb.update_masks(step=12)
+    assert [r.revived for r in report.layers] == [r.revived for r in ref.report.layers]
+    for new, w, c, mask in zip(
+        sparsecore.new_weights(layers, ref), cb.weights, cb.constraints, ref.masks
+    ):
+        assert np.array_equal(c.mask_numpy(), mask)
+        assert np.array_equal(host(w.variable).view(np.uint32), new.view(np.uint32)), w.name
+    scale = np.float32(1 / math.sqrt(32))  # fc2 kernel (32, 16): 32 inputs per unit
+    fc2 = host(cb.weights[1].variable)
+    fresh = ref.masks[1] & ~layers[1].mask & (np.abs(fc2) == scale)
+    assert fresh.sum() == ref.report.layers[1].revived
 
 
 class _KernelRecorder(keras.callbacks.Callback):

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import sparsecore.torch as st
+from sparsecore import SparseConfig, SparseCoreError
 
 
 def _mlp() -> nn.Module:
@@ -56,13 +57,29 @@ def test_masks_after_every_step_and_updates_on_schedule():
     assert all(layer.importance > 0 for layer in sparse.history[0].layers)
 
 
-def test_default_attach_uses_paper_defaults():
+def test_default_attach_uses_the_library_defaults_and_the_paper_is_one_option_away():
     model = _mlp()
     with pytest.warns(UserWarning, match="total_steps"):
         sparse = st.attach(model)
     cfg = sparse.config
     assert (cfg.density, cfg.prune_rate, cfg.prune_schedule) == (0.05, 0.5, "cosine")
-    assert (cfg.prune, cfg.growth, cfg.redistribution) == ("magnitude", "momentum", "momentum")
+    assert (cfg.prune, cfg.growth, cfg.redistribution) == (
+        "magnitude",
+        "momentum_neuron",
+        "momentum",
+    )
+    assert (cfg.init, cfg.cover_units, cfg.revive_dead_units) == ("ER", True, True)
     assert sparse.density() == pytest.approx(0.05, abs=1e-3)
     assert _outside_mask_zero(sparse)
     sparse.detach()
+    with pytest.warns(UserWarning, match="total_steps"):
+        paper = st.attach(model, recipe="paper").config
+    assert (paper.init, paper.growth, paper.cover_units, paper.revive_dead_units) == (
+        "uniform",
+        "momentum",
+        False,
+        False,
+    )
+    assert paper == SparseConfig.from_options(recipe="paper")
+    with pytest.raises(SparseCoreError, match="recipe must be one of"):
+        st.attach(model, recipe="papers", total_steps=10)
