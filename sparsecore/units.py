@@ -19,14 +19,16 @@ the position hash, not at 0, so the unit computes something and gets a gradient 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import numpy as np
 
 from .backend import ArrayBackend
 from .layers import Layer
 from .redistribute import split_budget
+from .report import UpdateReport
 
-__all__ = ["dead_units", "revival_quotas", "revival_scale"]
+__all__ = ["dead_unit_counts", "dead_units", "revival_quotas", "revival_scale"]
 
 
 def dead_units(backend: ArrayBackend, layer: Layer) -> np.ndarray:
@@ -42,6 +44,25 @@ def dead_units(backend: ArrayBackend, layer: Layer) -> np.ndarray:
     if not (sums > 0).any():
         return empty
     return empty | (sums == 0)
+
+
+def dead_unit_counts(
+    history: Sequence[UpdateReport],
+    masks: Sequence[np.ndarray],
+    names: Sequence[str],
+    axes: Sequence[int],
+) -> dict[str, tuple[int, int]]:
+    """Per layer, ``(dead units, units)`` as the last applied update in ``history`` found them;
+    before any update, the units of the (host) ``masks`` that have no active weight."""
+    last = next((r for r in reversed(history) if not r.skipped), None)
+    if last is not None:
+        return {r.name: (r.dead_units, r.units) for r in last.layers}
+    out = {}
+    for name, mask, axis in zip(names, masks, axes):
+        units = mask.shape[axis]
+        active = np.moveaxis(np.asarray(mask), axis, 0).reshape(units, -1).any(axis=1)
+        out[name] = (int(units - active.sum()), int(units))
+    return out
 
 
 def revival_quotas(budget: int, dead: np.ndarray, free: np.ndarray) -> np.ndarray:

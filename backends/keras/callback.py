@@ -171,6 +171,16 @@ class SparseCallback(keras.callbacks.Callback):
         """Fraction of active positions per sparse weight."""
         return {name: float(m.mean()) for name, m in self.masks().items()}
 
+    def dead_units(self) -> dict[str, tuple[int, int]]:
+        """Per sparse weight, ``(dead output units, output units)`` as the last mask update found
+        them (no active weight, or no gradient: :mod:`sparsecore.units`); before the first
+        update, the units that start without a weight."""
+        from sparsecore.units import dead_unit_counts
+
+        masks = self.masks()
+        axes = [w.axis for w in self.weights]
+        return dead_unit_counts(self.history, list(masks.values()), list(masks), axes)
+
     def density(self) -> float:
         """Active fraction over all sparse weights (exactly ``N / sum n_l``)."""
         masks = list(self.masks().values())

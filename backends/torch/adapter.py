@@ -612,6 +612,15 @@ class SparseTraining:
             raise SparseCoreError(f"no sparse parameter {name!r}; sparse parameters: {self.names}")
         return self.masks[self.names.index(name)]
 
+    def dead_units(self) -> dict[str, tuple[int, int]]:
+        """Per sparse parameter, ``(dead output units, output units)`` as the last mask update
+        found them (no active weight, or no gradient: :mod:`sparsecore.units`); before the first
+        update, the units that start without a weight."""
+        from sparsecore.units import dead_unit_counts
+
+        masks = [m.cpu().numpy() for m in self.masks] if not self.history else []
+        return dead_unit_counts(self.history, masks, self.names, [t.axis for t in self.targets])
+
     @property
     def momentum_source(self) -> str:
         """Where the momentum the mask updates read comes from, in words: the optimizer's buffer
@@ -743,9 +752,7 @@ def _copy_mask_into(keep: torch.Tensor, mask: torch.Tensor) -> None:
     keep.copy_(mask.view(torch.uint8) if mask.is_contiguous() else mask)
 
 
-def _broadcast_revived(
-    revived: list[Any] | None, params: list[torch.Tensor]
-) -> list[Any] | None:
+def _broadcast_revived(revived: list[Any] | None, params: list[torch.Tensor]) -> list[Any] | None:
     """In a distributed job, rank 0's positions grown into dead units (None where it has none).
 
     Ranks whose momentum differs may disagree on them; the weights must follow rank 0's masks.

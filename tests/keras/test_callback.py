@@ -458,3 +458,17 @@ def test_default_schedule_keeps_async_batch_dispatch_and_updates_at_epoch_ends()
     assert hist.history["sparse_updates"] == [2.0, 4.0, 5.0]
     assert len(checker.totals) == 18 and set(checker.totals) == {cb.engine.target}
     assert sum(r.totals()["net_pruned"] for r in cb.history) > 0
+
+
+def test_dead_units_are_readable_on_the_callback():
+    x, y = data()
+    model = mlp()
+    cb = SparseCallback(density=0.05, update_every=3, recipe="paper")
+    cb.attach(model)
+    masks = cb.masks()
+    assert cb.dead_units() == {
+        name: (int((~m.any(axis=0)).sum()), m.shape[-1]) for name, m in masks.items()
+    }
+    model.fit(x, y, batch_size=16, epochs=1, callbacks=[cb], verbose=0)
+    last = cb.history[-1]
+    assert cb.dead_units() == {r.name: (r.dead_units, r.units) for r in last.layers}

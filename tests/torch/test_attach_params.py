@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import sparsecore.torch as st
-from sparsecore import SparseCoreError
+from sparsecore import DeadUnitsWarning, SparseCoreError
 
 
 class Zoo(nn.Module):
@@ -339,3 +339,17 @@ def test_growth_gradient_reads_dense_gradient():
     x, y = _data()
     _steps(model, opt, 4, x, y)
     assert len(sparse.history) == 2 and sparse.history[-1].totals()["grown"] > 0
+
+
+def test_dead_units_are_readable_on_the_handle():
+    model = _mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    with pytest.warns(DeadUnitsWarning, match="'0.weight': 1[89] of 24 output units start"):
+        sparse = st.attach(model, opt, density=0.02, update_every=2, total_steps=20, recipe="paper")
+    before = sparse.dead_units()
+    empty = [int((~sparse.mask(n).any(dim=1)).sum()) for n in sparse.names]
+    assert before == {n: (e, m.shape[0]) for n, e, m in zip(sparse.names, empty, sparse.masks)}
+    x, y = _data()
+    _steps(model, opt, 2, x, y)
+    last = sparse.last_report
+    assert sparse.dead_units() == {r.name: (r.dead_units, r.units) for r in last.layers}
