@@ -102,6 +102,15 @@ class ArrayBackend(abc.ABC):
     def unit_count(self, mask: Any, axis: int, active: bool) -> np.ndarray:
         """Per output unit, the number of positions where ``mask == active``; a host int64 array."""
 
+    def unit_nonzero(self, x: Any, axis: int) -> np.ndarray:
+        """Per output unit, whether any of its entries is non-zero (True for a boolean mask);
+        a host boolean array. Dead-unit counts read it at every update, so a backend may answer
+        it faster than a sum (the Numba backend stops at the first non-zero entry of each unit).
+        """
+        if self.dtype_kind(x) == "b":
+            return self.unit_count(x, axis, active=True) > 0
+        return self.unit_abs_sum(x, axis) > 0
+
     # -- selection ----------------------------------------------------------------------------
     @abc.abstractmethod
     def select(

@@ -37,13 +37,13 @@ def dead_units(backend: ArrayBackend, layer: Layer) -> np.ndarray:
     Without momentum (modes that do not read it), or when the layer's momentum is 0 everywhere
     (no gradient yet, or no state), only units with no active weight count.
     """
-    empty = backend.unit_count(layer.mask, layer.axis, active=True) == 0
+    empty = ~backend.unit_nonzero(layer.mask, layer.axis)
     if layer.momentum is None:
         return empty
-    sums = backend.unit_abs_sum(layer.momentum, layer.axis)
-    if not (sums > 0).any():
+    moving = backend.unit_nonzero(layer.momentum, layer.axis)
+    if not moving.any():
         return empty
-    return empty | (sums == 0)
+    return empty | ~moving
 
 
 def dead_unit_counts(

@@ -399,3 +399,22 @@ def test_jit_falls_back_quietly_without_a_cache_location():
     exec("def plus_one(x):\n    return x + 1\n", namespace)  # no source file: nowhere to cache
     compiled = bn._jit()(namespace["plus_one"])
     assert compiled(41) == 42
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64, np.bool_])
+def test_unit_nonzero_matches_the_reference_on_every_axis(dtype):
+    """The early-exit scan behind dead-unit counts: -0.0 is zero, any other value is not."""
+    rng = np.random.default_rng(5)
+    numba_backend = NumbaBackend()
+    for shape in [(6, 5), (4, 3, 2, 2), (3, 7), (1, 9)]:
+        x = rng.standard_normal(shape)
+        x[np.abs(x) < 0.9] = 0
+        x[rng.random(shape) < 0.2] = -0.0
+        x = (x != 0) if dtype is np.bool_ else x.astype(dtype)
+        for axis in range(-len(shape), len(shape)):
+            want = REFERENCE.unit_nonzero(x, axis)
+            assert np.array_equal(numba_backend.unit_nonzero(x, axis), want), (shape, axis)
+            strided = np.asfortranarray(x)  # not C-contiguous: the reference's way
+            assert np.array_equal(numba_backend.unit_nonzero(strided, axis), want)
+    zeros = np.zeros((4, 3), dtype=dtype)
+    assert not numba_backend.unit_nonzero(zeros, 0).any()
