@@ -41,6 +41,13 @@ def add_common_args(parser: argparse.ArgumentParser, *, density: float) -> None:
         "--width", type=float, default=1.0, help="multiply every hidden width (narrowed dense)"
     )
     parser.add_argument("--out", default=None, help="write the result JSON here")
+    parser.add_argument(
+        "--data",
+        choices=("debian", "embedded"),
+        default="debian",
+        help="image clients: the full Fashion-MNIST of Debian's dataset-fashion-mnist (the "
+        "study), or the 7,000-image subset shipped with sparsecore (quick checks, tests)",
+    )
 
 
 def sparse_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -57,15 +64,18 @@ def sparse_options(args: argparse.Namespace) -> dict[str, Any]:
     return options
 
 
-def load_images(limit_train: int | None = None) -> tuple[np.ndarray, ...]:
+def load_images(limit_train: int | None = None, source: str = "debian") -> tuple[np.ndarray, ...]:
     """Fashion-MNIST as float32 arrays scaled to [0, 1]: (x_train, y_train, x_test, y_test).
 
-    Read from Debian's ``dataset-fashion-mnist`` (never the embedded subset: the clients are
-    measured on the full data set).
+    ``debian``: Debian's ``dataset-fashion-mnist``, never silently the embedded subset (the
+    clients are measured on the full data set); ``embedded``: the subset shipped with sparsecore.
     """
-    from sparsecore.datasets import load_fashion_mnist
+    from sparsecore.datasets import load_embedded_fashion_mnist, load_fashion_mnist
 
-    data = load_fashion_mnist(allow_embedded=False)
+    if source == "embedded":
+        data = load_embedded_fashion_mnist()
+    else:
+        data = load_fashion_mnist(allow_embedded=False)
     x_train = data.train_images[:limit_train].astype(np.float32) / 255.0
     y_train = data.train_labels[:limit_train].astype(np.int64)
     x_test = data.test_images.astype(np.float32) / 255.0

@@ -73,6 +73,9 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument(
+        "--val-blocks", type=int, default=None, help="validate on the first N blocks (quick runs)"
+    )
     args = parser.parse_args()
     started = time.perf_counter()
     torch.set_num_threads(args.threads)
@@ -83,6 +86,8 @@ def main() -> None:
     train, val = torch.from_numpy(data[:split]), torch.from_numpy(data[split:])
     # validation: every non-overlapping block of the held-out text (fixed, the same for all runs)
     nval = (len(val) - 1) // BLOCK
+    if args.val_blocks is not None:
+        nval = min(nval, args.val_blocks)
     val_x = val[: nval * BLOCK].view(nval, BLOCK)
     val_y = val[1 : nval * BLOCK + 1].view(nval, BLOCK)
 
@@ -118,6 +123,7 @@ def main() -> None:
     history = []
     model.train()
     running = 0.0
+    every = max(1, args.steps // 4)  # validation four times in the run
     for step in range(1, args.steps + 1):
         starts = torch.randint(0, len(train) - BLOCK - 1, (args.batch_size,), generator=gen)
         x = torch.stack([train[s : s + BLOCK] for s in starts.tolist()])
@@ -131,8 +137,8 @@ def main() -> None:
         optimizer.step()
         schedule.step()
         running += loss.item()
-        if step % (args.steps // 4) == 0 or step == args.steps:
-            row = {"step": step, "train_loss": running / (args.steps // 4), "val_loss": val_loss()}
+        if step % every == 0 or step == args.steps:
+            row = {"step": step, "train_loss": running / every, "val_loss": val_loss()}
             running = 0.0
             history.append(row)
             print(f"step {step}/{args.steps} train loss {row['train_loss']:.4f} val loss "

@@ -66,7 +66,7 @@ def main() -> None:
     import keras
 
     keras.utils.set_random_seed(args.seed)
-    x_train, y_train, x_test, y_test = common.load_images(args.limit_train)
+    x_train, y_train, x_test, y_test = common.load_images(args.limit_train, args.data)
     x_train, x_test = x_train[..., None], x_test[..., None]
     y_train_1h = keras.utils.to_categorical(y_train, 10)
     y_test_1h = keras.utils.to_categorical(y_test, 10)

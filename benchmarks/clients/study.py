@@ -133,6 +133,7 @@ def main() -> None:
     parser.add_argument("--report-only", action="store_true")
     args = parser.parse_args()
     root = Path(args.out)
+    root.mkdir(parents=True, exist_ok=True)
     jobs = []
     for seed in args.seeds:  # seeds outer: an interrupted study keeps complete pairs
         for client in args.clients:

@@ -101,7 +101,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
 
-    x_train, y_train, x_test, y_test = common.load_images(args.limit_train)
+    x_train, y_train, x_test, y_test = common.load_images(args.limit_train, args.data)
     norm = lambda a: torch.from_numpy((a - common.FMNIST_MEAN) / common.FMNIST_STD)[:, None]  # noqa: E731
     xtr, ytr = norm(x_train), torch.from_numpy(y_train)
     xte, yte = norm(x_test), torch.from_numpy(y_test)
