@@ -211,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
         model_path = out / f"{method}_model.pt"
         if args.reuse and model_path.is_file():
             model = build_model("lenet5").to(device)
-            model.load_state_dict(torch.load(model_path, map_location=device))
+            model.load_state_dict(torch.load(model_path, map_location=device, weights_only=True))
             record = RunRecord.load(out / f"{method}_run.json")
             log = record.epochs
             print(f"{method}: reusing the model trained earlier in {model_path}")

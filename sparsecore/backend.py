@@ -86,6 +86,11 @@ class ArrayBackend(abc.ABC):
     def count(self, mask: Any) -> int:
         """Number of True entries."""
 
+    def counts(self, masks: Sequence[Any]) -> list[int]:
+        """:meth:`count` of every mask. Backends of a device override it to bring all the
+        counts back in one transfer: the engine counts every layer's mask twice per update."""
+        return [self.count(m) for m in masks]
+
     @abc.abstractmethod
     def count_positive(self, x: Any, mask: Any) -> int:
         """Number of active positions (``mask`` True) whose value is > 0 (SET pruning)."""

@@ -249,7 +249,7 @@ def _chunk_abs_sum(x, mask, use_mask, start, stop):  # pragma: no cover - jitted
     if use_mask:
         m_ = mask[start:stop].view(np.uint8)
         for i in range(x_.size):
-            total += abs(np.float64(x_[i])) * np.float64(m_[i])
+            total += abs(np.float64(x_[i])) * np.float64(m_[i] != 0)
     else:
         for i in range(x_.size):
             total += abs(np.float64(x_[i]))
@@ -264,7 +264,7 @@ def _chunk_abs_sum_half(bits, mask, use_mask, start, stop):  # pragma: no cover 
     if use_mask:
         m_ = mask[start:stop].view(np.uint8)
         for i in range(b_.size):
-            total += _half_abs(np.uint64(b_[i])) * np.float64(m_[i])
+            total += _half_abs(np.uint64(b_[i])) * np.float64(m_[i] != 0)
     else:
         for i in range(b_.size):
             total += _half_abs(np.uint64(b_[i]))
@@ -297,7 +297,7 @@ def _chunk_apply(bits, old_mask, new_mask, out, start, stop):  # pragma: no cove
     n_ = new_mask[start:stop].view(np.uint8)
     o_ = out[start:stop]
     for i in range(b_.size):
-        keep = np.uint64(0) - np.uint64(a_[i] & n_[i])  # all ones or zero
+        keep = np.uint64(0) - np.uint64((a_[i] != 0) & (n_[i] != 0))  # all ones or zero
         o_[i] = np.uint64(b_[i]) & keep
     return 0
 
@@ -308,7 +308,7 @@ def _chunk_and_not(a, b, out, start, stop):  # pragma: no cover - jitted
     b_ = b[start:stop].view(np.uint8)
     o_ = out[start:stop].view(np.uint8)
     for i in range(a_.size):
-        o_[i] = a_[i] & (b_[i] ^ np.uint8(1))
+        o_[i] = np.uint8((a_[i] != 0) & (b_[i] == 0))
     return 0
 
 
@@ -528,7 +528,7 @@ def _chunk_scan(x, mask, start, stop):  # pragma: no cover - jitted
     total = 0.0
     for i in range(x_.size):
         a = abs(np.float64(x_[i]))
-        m = m_[i]
+        m = m_[i] != 0
         nnz += m
         active += a * np.float64(m)
         total += a
@@ -547,7 +547,7 @@ def _chunk_scan_half(bits, mask, start, stop):  # pragma: no cover - jitted
     for i in range(b_.size):
         b = np.uint64(b_[i])
         a = _half_abs(b)
-        m = m_[i]
+        m = m_[i] != 0
         nnz += m
         active += a * np.float64(m)
         total += a
@@ -566,7 +566,7 @@ def _decide_block(w_, p_, m_, f_, o_, bounds, counts):  # pragma: no cover - jit
         wb = np.uint64(w_[i])
         wmag = wb & wmask
         pmag = np.uint64(p_[i]) & pmask
-        m = np.uint64(m_[i])
+        m = np.uint64(m_[i] != 0)
         pdef = m & np.uint64(wmag < plo)
         pund = m & np.uint64(wmag >= plo) & np.uint64(wmag < phi)
         cand = (m ^ one) | pdef  # inactive after pruning, for sure
@@ -963,7 +963,20 @@ def _map_layers(work: Callable[[int], Any], sizes: Sequence[int]) -> list[Any]:
 
 
 def _flat(x: Any) -> np.ndarray:
-    return np.ascontiguousarray(x).reshape(-1)
+    """``x`` as a flat C-order array the kernels can read as raw bits.
+
+    Strided, Fortran-order and 0-d inputs are copied to C order (``ascontiguousarray``), floats
+    in the other byte order are converted to the native one (the kernels read raw bits, which
+    would be byte-swapped otherwise), and read-only arrays are copied, so that one compiled
+    specialisation per dtype serves every input. Boolean masks need nothing: the kernels read
+    any nonzero byte as True, as NumPy does.
+    """
+    a = np.ascontiguousarray(x)
+    if not a.dtype.isnative:
+        a = a.astype(a.dtype.newbyteorder("="))
+    elif not a.flags.writeable:
+        a = a.copy()
+    return a.reshape(-1)
 
 
 def rank_params(
@@ -1150,13 +1163,10 @@ class BufferPool:
 
 
 def _fused_dtype(layer: Layer) -> bool:
-    """Do the fused kernels take this layer (float16/32/64 weight and momentum, native byte
-    order: the kernels read raw bits)?"""
+    """Do the fused kernels take this layer (float16/32/64 weight and momentum; :func:`_flat`
+    brings either byte order to the native one)?"""
     return all(
-        isinstance(x, np.ndarray)
-        and x.dtype.kind == "f"
-        and x.dtype.itemsize in _EXPONENT_MASK
-        and x.dtype.isnative
+        isinstance(x, np.ndarray) and x.dtype.kind == "f" and x.dtype.itemsize in _EXPONENT_MASK
         for x in (layer.weight, layer.momentum)
     )
 
@@ -1514,7 +1524,12 @@ class NumbaBackend(NumpyBackend):
         return out.reshape(shape)
 
     def unit_nonzero(self, x: Any, axis: int) -> np.ndarray:
-        if not (isinstance(x, np.ndarray) and x.flags.c_contiguous):
+        if not (
+            isinstance(x, np.ndarray)
+            and x.flags.c_contiguous
+            and x.dtype.isnative
+            and (x.dtype == np.bool_ or (x.dtype.kind == "f" and x.dtype.itemsize in (2, 4, 8)))
+        ):
             return super().unit_nonzero(x, axis)
         shape = x.shape
         axis %= len(shape)

@@ -154,7 +154,11 @@ def build_parser() -> argparse.ArgumentParser:
         "(default: /usr/share/datasets/fashion-mnist if present, else the embedded subset)",
     )
     train.add_argument("--out", help="run folder (default runs/MODEL-METHOD[-dDENSITY]-seedSEED)")
-    train.add_argument("--resume", help="checkpoint file or run folder to continue from")
+    train.add_argument(
+        "--resume",
+        help="run folder (or checkpoint file) to continue from; its options and data are reused, "
+        "and --epochs N with a larger N extends the run",
+    )
     train.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
     train.add_argument("--threads", type=int, help="torch CPU threads")
     train.add_argument(
@@ -198,8 +202,9 @@ def _default_out(cfg: Any) -> Path:
 
 def _train_keras(given: dict[str, Any]) -> int:
     """``--framework keras``: the Keras job (sparsecore.keras.train), same options and outputs."""
-    from sparsecore.datasets import DatasetError, load_embedded_fashion_mnist
+    from sparsecore.datasets import load_embedded_fashion_mnist
     from sparsecore.recipe import DEFAULT_LR
+    from sparsecore.rundir import check_run_folder
 
     torch_only = {"resume", "stop_after", "progress", "tensorboard"}
     if not given.get("progress", True):
@@ -215,7 +220,13 @@ def _train_keras(given: dict[str, Any]) -> int:
         )
         return 2
     try:
-        from sparsecore.keras.train import KerasTrainConfig, run_training
+        try:
+            from sparsecore.keras.train import KerasTrainConfig, run_training
+        except ImportError as err:
+            raise ValueError(
+                f"--framework keras needs Keras 3 and a backend for it (pip install "
+                f"'sparsecore[keras]'): {err}"
+            ) from None
 
         config_keys = {dest for _, dest, _ in _CONFIG_OPTIONS + _MASK_OPTIONS}
         config_keys |= {d for _, d, _ in _CONFIG_FLAGS}
@@ -229,6 +240,7 @@ def _train_keras(given: dict[str, Any]) -> int:
             if "out" in given
             else _default_out(cfg).with_name(_default_out(cfg).name + "-keras")
         )
+        check_run_folder(out)
         if (out / "summary.json").exists() and not given.get("overwrite", False):
             print(
                 f"sparsecore train: {out} already holds a run; pass --overwrite to replace it, "
@@ -245,21 +257,43 @@ def _train_keras(given: dict[str, Any]) -> int:
             out_dir=out,
             threads=given.get("threads"),
         )
-    except (ValueError, FileNotFoundError, DatasetError) as exc:
+    except BaseException as exc:
+        return _failure(exc)
+    return 0
+
+
+def _failure(exc: BaseException) -> int:
+    """The exit status and one message for what ended a training job early.
+
+    Ctrl-C: what was saved and how to continue (130). Something the user can fix (an option, a
+    file, the data, a checkpoint, a folder, a learning rate that makes the loss diverge): one
+    line naming it (2). Anything else is a bug and keeps its traceback.
+    """
+    from sparsecore.recipe import TrainingInterrupted
+
+    if isinstance(exc, TrainingInterrupted):
+        print(f"sparsecore train: {exc.message()}", file=sys.stderr)
+        return 130
+    if isinstance(exc, KeyboardInterrupt):
+        print("sparsecore train: interrupted before the first epoch; nothing was written",
+              file=sys.stderr)  # fmt: skip
+        return 130
+    if isinstance(exc, (ValueError, OSError, FloatingPointError)):
         print(f"sparsecore train: error: {exc}", file=sys.stderr)
         return 2
-    return 0
+    raise exc
 
 
 def _train(args: argparse.Namespace) -> int:
     if vars(args).pop("framework", "torch") == "keras":
         return _train_keras(vars(args))
-    from sparsecore.datasets import DatasetError, load_embedded_fashion_mnist
     from sparsecore.recipe import DEFAULT_LR
+    from sparsecore.rundir import check_run_folder
     from sparsecore.torch.train import (
         CHECKPOINT_NAME,
         TrainConfig,
         load_checkpoint_config,
+        run_folder_of,
         run_training,
     )
 
@@ -274,12 +308,13 @@ def _train(args: argparse.Namespace) -> int:
             cfg, ckpt_path = load_checkpoint_config(resume)
             for key, value in overrides.items():
                 setattr(cfg, key, value)  # a differing value is reported by run_training
-            out = Path(given["out"]) if "out" in given else ckpt_path.parent
+            out = Path(given["out"]) if "out" in given else run_folder_of(ckpt_path)
         else:
             if "lr" not in overrides:
                 overrides["lr"] = DEFAULT_LR.get(overrides.get("model", "lenet300"), 0.1)
             cfg = TrainConfig(**overrides)
             out = Path(given["out"]) if "out" in given else _default_out(cfg)
+            check_run_folder(out)
             if (out / CHECKPOINT_NAME).exists() and not given.get("overwrite", False):
                 print(
                     f"sparsecore train: {out} already holds a run; pass --resume {out} to "
@@ -287,12 +322,9 @@ def _train(args: argparse.Namespace) -> int:
                     file=sys.stderr,
                 )
                 return 2
-        data = given.get("data")
-        dataset = load_embedded_fashion_mnist() if data == "embedded" else None
         run_training(
             cfg,
-            data=None if data == "embedded" else data,
-            dataset=dataset,
+            data=given.get("data"),
             out_dir=out,
             resume=resume,
             threads=given.get("threads"),
@@ -300,9 +332,8 @@ def _train(args: argparse.Namespace) -> int:
             stop_after=given.get("stop_after"),
             tensorboard=given.get("tensorboard"),
         )
-    except (ValueError, FileNotFoundError, DatasetError) as exc:
-        print(f"sparsecore train: error: {exc}", file=sys.stderr)
-        return 2
+    except BaseException as exc:
+        return _failure(exc)
     return 0
 
 

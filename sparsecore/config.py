@@ -16,6 +16,7 @@ from .errors import SparseCoreError
 from .init import INIT_METHODS
 from .modes import GROWTH, IMPORTANCE, PRUNE
 from .schedules import PRUNE_SCHEDULES, UpdateSchedule, prune_rate_at
+from .validation import check_flag, check_integer, check_real, is_integer
 
 ADAM_MOMENTUM = ("exp_avg", "normalized")
 ON_NONFINITE = ("raise", "skip")
@@ -84,12 +85,45 @@ class SparseConfig:
         self._validate()
 
     def _validate(self) -> None:
-        if (
-            isinstance(self.density, bool)
-            or not isinstance(self.density, (int, float))
-            or not (0.0 < float(self.density) <= 1.0)
-        ):
-            raise SparseCoreError(f"density must lie in (0, 1], got {self.density!r}")
+        """Check every option (a bad one raises naming it, the value and the valid range) and
+        store numbers as plain Python values (a NumPy float32 density becomes a float)."""
+        values: dict[str, Any] = {
+            "density": check_real("density", self.density, low=0.0, high=1.0, low_open=True),
+            "prune_rate": check_real("prune_rate", self.prune_rate, low=0.0, high=1.0),
+            "prune_rate_min": check_real("prune_rate_min", self.prune_rate_min, low=0.0, high=1.0),
+            "max_density": check_real(
+                "max_density", self.max_density, low=0.0, high=1.0, low_open=True
+            ),
+            "momentum_beta": check_real(
+                "momentum_beta", self.momentum_beta, low=0.0, high=1.0, high_open=True
+            ),
+            "seed": check_integer("seed", self.seed, minimum=0),
+            "update_at_epoch_end": check_flag("update_at_epoch_end", self.update_at_epoch_end),
+            "reset_optimizer_state": check_flag(
+                "reset_optimizer_state", self.reset_optimizer_state
+            ),
+            "cover_units": check_flag("cover_units", self.cover_units),
+            "revive_dead_units": check_flag("revive_dead_units", self.revive_dead_units),
+            "update_every": None
+            if self.update_every is None
+            else check_integer(
+                "update_every", self.update_every, minimum=1, what="a positive integer or None"
+            ),
+            "total_steps": None
+            if self.total_steps is None
+            else check_integer(
+                "total_steps", self.total_steps, minimum=1, what="a positive integer"
+            ),
+            "stop_at": _stop_at(self.stop_at),
+        }
+        values["min_density"] = check_real(
+            f"min_density (at most max_density={values['max_density']:g})",
+            self.min_density,
+            low=0.0,
+            high=values["max_density"],
+        )
+        for name, value in values.items():
+            object.__setattr__(self, name, value)  # frozen: the normalised value replaces the given
         _choice("init", self.init, INIT_METHODS)
         _choice("prune", self.prune, tuple(PRUNE))
         _choice("growth", self.growth, tuple(GROWTH))
@@ -97,28 +131,10 @@ class SparseConfig:
         _choice("prune_schedule", self.prune_schedule, PRUNE_SCHEDULES)
         _choice("adam_momentum", self.adam_momentum, ADAM_MOMENTUM)
         _choice("on_nonfinite", self.on_nonfinite, ON_NONFINITE)
-        for name in ("prune_rate", "prune_rate_min"):
-            value = getattr(self, name)
-            if not 0.0 <= value <= 1.0:
-                raise SparseCoreError(f"{name} must lie in [0, 1], got {value!r}")
-        if not 0.0 < self.max_density <= 1.0:
-            raise SparseCoreError(f"max_density must lie in (0, 1], got {self.max_density!r}")
-        if not 0.0 <= self.min_density <= self.max_density:
-            raise SparseCoreError(
-                f"min_density must lie in [0, max_density], got {self.min_density!r}"
-            )
         if self.density > self.max_density:
             raise SparseCoreError(f"density {self.density} exceeds max_density {self.max_density}")
-        if not 0.0 <= self.momentum_beta < 1.0:
-            raise SparseCoreError(f"momentum_beta must lie in [0, 1), got {self.momentum_beta!r}")
-        if not isinstance(self.seed, int) or self.seed < 0:
-            raise SparseCoreError(f"seed must be an integer >= 0, got {self.seed!r}")
-        for name in ("cover_units", "revive_dead_units", "reset_optimizer_state"):
-            if not isinstance(getattr(self, name), bool):
-                raise SparseCoreError(f"{name} must be True or False, got {getattr(self, name)!r}")
-        # update_every, stop_at and total_steps are validated by the schedule. A missing
-        # total_steps for a decaying prune rate is reported when the first update needs it,
-        # since adapters may learn the training length late (Keras knows it at fit time).
+        # A missing total_steps for a decaying prune rate is reported when the first update needs
+        # it, since adapters may learn the training length late (Keras knows it at fit time).
         self.schedule()
 
     def schedule(self) -> UpdateSchedule:
@@ -166,13 +182,18 @@ class SparseConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> SparseConfig:
-        """Read :meth:`to_dict` output. Options added since the state was saved take the value
-        that reproduces the saved run (see :data:`_ADDED_OPTIONS`), not today's default."""
-        return cls().replace(**{**_ADDED_OPTIONS, **data})
+        """The config :meth:`to_dict` gave; unknown keys and bad values raise naming them.
+        Options added since the state was saved take the value that reproduces the saved run
+        (see :data:`ADDED_OPTIONS`), not today's default."""
+        if not isinstance(data, dict) or not all(isinstance(k, str) for k in data):
+            raise SparseCoreError(
+                f"a SparseConfig is stored as a dict of options, got {type(data).__name__}"
+            )
+        return cls().replace(**{**ADDED_OPTIONS, **data})
 
 
 #: Options added after configs were first saved, with the value that behaves as before them.
-_ADDED_OPTIONS: dict[str, Any] = {"cover_units": False, "revive_dead_units": False}
+ADDED_OPTIONS: dict[str, Any] = {"cover_units": False, "revive_dead_units": False}
 
 
 def option_names() -> list[str]:
@@ -180,6 +201,15 @@ def option_names() -> list[str]:
     return [f.name for f in fields(SparseConfig)] + ["recipe"]
 
 
+def _stop_at(value: Any) -> int | float | None:
+    """``stop_at``: None, a step (an integer >= 0) or a fraction of training (a float in (0, 1])."""
+    if value is None:
+        return None
+    if is_integer(value):
+        return check_integer("stop_at", value, minimum=0, what="a step >= 0 or a fraction")
+    return check_real("stop_at as a fraction", value, low=0.0, high=1.0, low_open=True)
+
+
 def _choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
+    if not isinstance(value, str) or value not in allowed:
         raise SparseCoreError(f"{name} must be one of {list(allowed)}, got {value!r}")

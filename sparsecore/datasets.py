@@ -9,7 +9,10 @@ because renamed or re-downloaded files routinely lie about it.
 
 from __future__ import annotations
 
+import functools
 import gzip
+import hashlib
+import math
 import os
 import zlib
 from dataclasses import dataclass, field
@@ -90,6 +93,13 @@ class ImageDataset:
     notes: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        if self.train_images.ndim == 3 and self.test_images.ndim == 3:
+            train_hw, test_hw = self.train_images.shape[1:], self.test_images.shape[1:]
+            if train_hw != test_hw:
+                raise DatasetError(
+                    f"{self.name} ({self.source}): train images are {train_hw[0]}x{train_hw[1]} "
+                    f"pixels but test images {test_hw[0]}x{test_hw[1]}"
+                )
         for split in ("train", "test"):
             images = getattr(self, f"{split}_images")
             labels = getattr(self, f"{split}_labels")
@@ -128,6 +138,30 @@ class ImageDataset:
             "num_classes": self.num_classes,
             **self.notes,
         }
+
+    @functools.cached_property
+    def fingerprint(self) -> dict[str, Any]:
+        """What identifies this data: name, sizes, image shape, classes and a SHA-256 of each
+        split's images and labels (labels as little-endian int64). Computed once (a tenth of a
+        second for the full Fashion-MNIST); a resumed run compares it with the checkpoint's."""
+        out: dict[str, Any] = {
+            "name": self.name,
+            "train_size": int(self.train_images.shape[0]),
+            "test_size": int(self.test_images.shape[0]),
+            "image_shape": list(self.image_shape),
+            "num_classes": self.num_classes,
+        }
+        for split in ("train", "test"):
+            digest = hashlib.sha256()
+            digest.update(np.ascontiguousarray(getattr(self, f"{split}_images")).tobytes())
+            digest.update(np.asarray(getattr(self, f"{split}_labels"), dtype="<i8").tobytes())
+            out[f"{split}_sha256"] = digest.hexdigest()
+        return out
+
+    def file_of(self, key: str) -> str:
+        """Where split ``key`` (``train_images``, ...) came from: the IDX file or the source."""
+        files = self.notes.get("files", {})
+        return str(Path(self.source) / files[key]) if key in files else self.source
 
     def subset(self, limit_train: int | None = None, limit_test: int | None = None) -> ImageDataset:
         """The first ``limit_train`` / ``limit_test`` examples (for quick runs and tests)."""
@@ -197,7 +231,8 @@ def read_idx(path: str | os.PathLike[str]) -> np.ndarray:
         )
     shape = tuple(int(d) for d in np.frombuffer(data, dtype=">u4", count=ndim, offset=4))
     dtype = _IDX_DTYPES[code]
-    expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    # Python integers: a header whose dimensions multiply past 2**63 must not wrap around.
+    expected = math.prod(shape) * dtype.itemsize
     payload = len(data) - header_len
     if payload < expected:
         raise DatasetError(

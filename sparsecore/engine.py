@@ -32,7 +32,9 @@ from .modes import (
 )
 from .redistribute import capacities, importance_shares, split_budget
 from .report import LayerReport, UpdateReport
+from .saved_state import EngineState, read_engine_state
 from .units import dead_units, revival_quotas, revival_scale
+from .validation import check_flag, check_integer, check_real, check_shape
 
 
 @dataclass(frozen=True)
@@ -94,7 +96,9 @@ def update(
     share of each layer's regrowth, with non-zero starting weights (:mod:`sparsecore.units`).
     """
     be = _resolve_backend(layers, backend)
-    _check_update_args(prune_rate, update_index, max_density, min_density)
+    prune_rate, update_index, seed, max_density, min_density, step = _check_update_args(
+        prune_rate, update_index, seed, max_density, min_density, step
+    )
     prune_fn = lookup(PRUNE, "prune", prune)
     growth_fn = lookup(GROWTH, "growth", growth)
     importance_fn = (
@@ -108,7 +112,7 @@ def update(
         max_density,
         min_density,
         step,
-        bool(revive_dead_units),
+        check_flag("revive_dead_units", revive_dead_units),
     )
     if (
         be.supports_fused_update
@@ -498,18 +502,23 @@ def check_layers(
 
 
 def _check_update_args(
-    prune_rate: float, update_index: int, max_density: float, min_density: float
-) -> None:
-    if not (isinstance(prune_rate, (int, float)) and 0.0 <= prune_rate <= 1.0):
-        raise SparseCoreError(f"prune rate must lie in [0, 1], got {prune_rate!r}")
-    if not isinstance(update_index, int) or update_index < 1:
-        raise SparseCoreError(
-            f"update_index must be an integer >= 1 (0 is the initial mask), got {update_index!r}"
-        )
-    if not 0.0 < max_density <= 1.0:
-        raise SparseCoreError(f"max_density must lie in (0, 1], got {max_density!r}")
-    if not 0.0 <= min_density <= max_density:
-        raise SparseCoreError(f"min_density must lie in [0, max_density], got {min_density!r}")
+    prune_rate: Any, update_index: Any, seed: Any, max_density: Any, min_density: Any, step: Any
+) -> tuple[float, int, int, float, float, int | None]:
+    """The update's options as plain Python values; a bad one raises naming it and its range."""
+    rate = check_real("prune rate", prune_rate, low=0.0, high=1.0)
+    index = check_integer(
+        "update_index", update_index, minimum=1, what="an integer >= 1 (0 is the initial mask)"
+    )
+    seed = check_integer("seed", seed, minimum=0)
+    max_density = check_real("max_density", max_density, low=0.0, high=1.0, low_open=True)
+    min_density = check_real(
+        f"min_density (at most max_density={max_density:g})",
+        min_density,
+        low=0.0,
+        high=max_density,
+    )
+    step = None if step is None else check_integer("step", step, minimum=0)
+    return rate, index, seed, max_density, min_density, step
 
 
 def _resolve_backend(layers: Sequence[Layer], backend: ArrayBackend | str | None) -> ArrayBackend:
@@ -550,12 +559,16 @@ class SparseEngine:
                 f"got {len(names)} names, {len(shapes)} shapes and "
                 f"{'no' if axes is None else len(axes)} axes; they must match"
             )
+        if not all(isinstance(n, str) for n in names):
+            raise SparseCoreError(f"layer names must be strings, got {list(names)}")
         if len(set(names)) != len(names):
             raise SparseCoreError(f"layer names must be unique, got {list(names)}")
+        if not isinstance(config, SparseConfig):
+            raise SparseCoreError(f"config must be a SparseConfig, got {type(config).__name__}")
         self.config = config
         self.names = list(names)
-        self.shapes = [tuple(int(d) for d in s) for s in shapes]
-        self.axes = [0] * len(names) if axes is None else [int(a) for a in axes]
+        self.shapes = [check_shape(f"layer {n!r}", s) for n, s in zip(names, shapes)]
+        self.axes = [0] * len(names) if axes is None else list(axes)
         self.counts = layer_counts(
             self.shapes,
             config.density,
@@ -565,6 +578,7 @@ class SparseEngine:
             min_density=config.min_density,
             cover_units=config.cover_units,
         )
+        self.axes = [int(a) for a in self.axes]  # checked by layer_counts
         self.target = sum(self.counts)
         self.updates = 0
         self.history: list[UpdateReport] = []
@@ -629,51 +643,86 @@ class SparseEngine:
         """Run mask update ``u = updates + 1`` on ``layers`` (in the engine's layer order).
 
         With ``on_nonfinite='skip'`` a NaN/Inf input records a skipped update and returns the
-        masks unchanged instead of raising.
+        masks unchanged instead of raising. The same as :meth:`propose` then :meth:`commit`.
+        """
+        try:
+            proposal = self.propose(layers, step, backend=backend, prune_rate=prune_rate)
+        except NonFiniteError as err:
+            if self.config.on_nonfinite != "skip":
+                raise
+            return UpdateResult([layer.mask for layer in layers], self.record_skip(step, str(err)))
+        return self.commit(layers, proposal, backend=backend)
+
+    def propose(
+        self,
+        layers: Sequence[Layer],
+        step: int,
+        *,
+        backend: ArrayBackend | str | None = None,
+        prune_rate: float | None = None,
+    ) -> UpdateResult:
+        """Compute mask update ``u = updates + 1`` without recording it: the engine is unchanged.
+
+        Raises :class:`NonFiniteError` for NaN/Inf input whatever ``on_nonfinite`` says (the
+        caller decides). Distributed adapters propose on every rank, agree, and then
+        :meth:`commit` the same masks and report everywhere.
         """
         be = _resolve_backend(layers, backend)
         self._check_match(be, layers)
         rate = self.prune_rate(step) if prune_rate is None else prune_rate
         cfg = self.config
-        try:
-            result = update(
-                layers,
-                prune_rate=rate,
-                update_index=self.updates + 1,
-                seed=cfg.seed,
-                prune=cfg.prune,
-                growth=cfg.growth,
-                redistribution=cfg.redistribution,
-                max_density=cfg.max_density,
-                min_density=cfg.min_density,
-                step=step,
-                backend=be,
-                revive_dead_units=cfg.revive_dead_units,
-            )
-        except NonFiniteError as err:
-            if cfg.on_nonfinite != "skip":
-                raise
-            return UpdateResult([layer.mask for layer in layers], self.record_skip(step, str(err)))
-        self.updates += 1
-        ever = self.ever_active or [layer.mask for layer in layers]
-        self.ever_active = [be.logical_or(e, m) for e, m in zip(ever, result.masks)]
-        ever_counts = [be.count(e) for e in self.ever_active]
-        report = UpdateReport(
-            update=result.report.update,
+        return update(
+            layers,
             prune_rate=rate,
-            layers=result.report.layers,
+            update_index=self.updates + 1,
+            seed=cfg.seed,
+            prune=cfg.prune,
+            growth=cfg.growth,
+            redistribution=cfg.redistribution,
+            max_density=cfg.max_density,
+            min_density=cfg.min_density,
             step=step,
+            backend=be,
+            revive_dead_units=cfg.revive_dead_units,
+        )
+
+    def commit(
+        self,
+        layers: Sequence[Layer],
+        proposal: UpdateResult,
+        *,
+        backend: ArrayBackend | str | None = None,
+    ) -> UpdateResult:
+        """Record a proposed update of ``layers`` (their masks before it): the update counter,
+        the ever-active masks and the history entry (the proposal's report with the ever-active
+        counts). Returns the proposal with that report."""
+        be = _resolve_backend(layers, backend)
+        if proposal.report.update != self.updates + 1:
+            raise SparseCoreError(
+                f"the proposal is update {proposal.report.update}, the engine expects "
+                f"{self.updates + 1}"
+            )
+        ever = self.ever_active or [layer.mask for layer in layers]
+        ever = [be.logical_or(e, m) for e, m in zip(ever, proposal.masks)]
+        ever_counts = be.counts(ever)
+        report = UpdateReport(
+            update=proposal.report.update,
+            prune_rate=proposal.report.prune_rate,
+            layers=proposal.report.layers,
+            step=proposal.report.step,
             extra={
                 "ever_active": ever_counts,
                 "ever_active_fraction": sum(ever_counts) / sum(math.prod(s) for s in self.shapes),
             },
         )
+        self.updates += 1
+        self.ever_active = ever
         self.history.append(report)
         for layer in report.layers:
             self._warn_dead(
                 layer.name, layer.dead_units, layer.units, "were dead at this mask update"
             )
-        return UpdateResult(result.masks, report, result.weights, result.revived)
+        return UpdateResult(proposal.masks, report, proposal.weights, proposal.revived)
 
     def record_skip(self, step: int, reason: str) -> UpdateReport:
         """Record that the update due after ``step`` was skipped, and why (e.g. inf gradients)."""
@@ -695,7 +744,7 @@ class SparseEngine:
                     f"layer {layer.name!r}: mask shape {be.shape(layer.mask)} differs from the "
                     f"engine's {shape}"
                 )
-        total = sum(be.count(layer.mask) for layer in layers)
+        total = sum(be.counts([layer.mask for layer in layers]))
         if total != self.target:
             raise SparseCoreError(
                 f"the masks hold {total} active weights but this run keeps exactly "
@@ -717,26 +766,30 @@ class SparseEngine:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore :meth:`state_dict` output; checks it belongs to the same layers first."""
-        try:
-            names = list(state["names"])
-            shapes = [tuple(int(d) for d in s) for s in state["shapes"]]
-            target = int(state["target"])
-            updates = int(state["updates"])
-            history = [UpdateReport.from_dict(r) for r in state["history"]]
-            config = SparseConfig.from_dict(state["config"])
-        except (KeyError, TypeError, ValueError) as err:
-            raise SparseCoreError(f"not a sparsecore engine state: {err}") from err
-        if names != self.names or shapes != self.shapes:
-            raise SparseCoreError(
-                f"engine state is for layers {list(zip(names, shapes))}, not "
-                f"{list(zip(self.names, self.shapes))}"
+        """Restore :meth:`state_dict` output: all or nothing.
+
+        The whole state is checked first (:func:`sparsecore.saved_state.read_engine_state`): it
+        must be for these layers (names, shapes, output axes), at this density and target, with
+        every field present, of its type and consistent with the others. A bad one raises
+        :class:`SparseCoreError` naming it, and the engine is left exactly as it was. The saved
+        config replaces this engine's (a restore continues the saved run).
+        """
+        self.restore(
+            read_engine_state(
+                state,
+                names=self.names,
+                shapes=self.shapes,
+                axes=self.axes,
+                config=self.config,
+                target=self.target,
             )
-        if target != self.target and config.density == self.config.density:
-            raise SparseCoreError(f"engine state keeps {target} weights, this engine {self.target}")
-        self.config = config
-        self.target = target
-        self.updates = updates
-        self.history = history
-        ever = state.get("ever_active")
-        self.ever_active = None if ever is None else list(ever)
+        )
+
+    def restore(self, checked: EngineState) -> None:
+        """Take a state that :func:`~sparsecore.saved_state.read_engine_state` has checked (for
+        adapters that check their own fields too before they change anything)."""
+        self.config = checked.config
+        self.target = checked.target
+        self.updates = checked.updates
+        self.history = list(checked.history)
+        self.ever_active = None if checked.ever_active is None else list(checked.ever_active)

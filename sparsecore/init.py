@@ -22,6 +22,7 @@ import numpy as np
 from .errors import SparseCoreError
 from .hashing import HashKey, layer_hash
 from .redistribute import split_budget
+from .validation import check_integer, check_real, check_shape, is_integer
 
 INIT_METHODS = ("uniform", "ER", "ERK")
 
@@ -63,8 +64,9 @@ def _raw_density(shape: tuple[int, ...], method: str, axis: int) -> float:
 
 def target_count(shapes: Sequence[tuple[int, ...]], density: float) -> int:
     """``N = round(density * sum n_l)``: the total number of active weights, fixed for good."""
-    _check_density(density)
-    return int(round(density * sum(math.prod(s) for s in shapes)))
+    density = _check_density(density)
+    sizes = [math.prod(check_shape(f"layer {i}", s)) for i, s in enumerate(shapes)]
+    return int(round(density * sum(sizes)))
 
 
 def layer_counts(
@@ -80,24 +82,40 @@ def layer_counts(
     """Exact initial active count per layer (summing to :func:`target_count`).
 
     ``cover_units``: at least one weight per output unit (along ``axes``) in every layer, when
-    the total count allows it for all layers together; otherwise no such floor.
+    the total count allows it for all layers together; otherwise no such floor. A setting that
+    leaves no weight active (``density=0.01`` of a 3x3 layer rounds to 0) is refused rather than
+    zeroing every sparse layer.
     """
-    shapes = [tuple(int(d) for d in s) for s in shapes]
+    if isinstance(shapes, (str, bytes)) or not isinstance(shapes, Sequence):
+        raise SparseCoreError(f"shapes must be a list of layer shapes, got {shapes!r}")
+    shapes = [check_shape(f"layer {i}", s) for i, s in enumerate(shapes)]
     if not shapes:
         raise SparseCoreError("no layers given: at least one sparse layer is needed")
     axes = [0] * len(shapes) if axes is None else list(axes)
-    _check_density(density)
-    if not 0.0 < max_density <= 1.0:
-        raise SparseCoreError(f"max_density must lie in (0, 1], got {max_density!r}")
-    if not 0.0 <= min_density <= max_density:
-        raise SparseCoreError(
-            f"min_density must lie in [0, max_density={max_density}], got {min_density!r}"
-        )
+    if len(axes) != len(shapes):
+        raise SparseCoreError(f"got {len(shapes)} shapes but {len(axes)} axes; they must match")
+    for i, (shape, axis) in enumerate(zip(shapes, axes)):
+        if not is_integer(axis) or not -len(shape) <= int(axis) < len(shape):
+            raise SparseCoreError(
+                f"layer {i}: output axis {axis!r} is out of range for shape {shape}"
+            )
+    axes = [int(a) for a in axes]
+    density = _check_density(density)
+    max_density = check_real("max_density", max_density, low=0.0, high=1.0, low_open=True)
+    min_density = check_real(
+        f"min_density (at most max_density={max_density:g})",
+        min_density,
+        low=0.0,
+        high=max_density,
+    )
     sizes = np.array([math.prod(s) for s in shapes], dtype=np.int64)
-    if (sizes == 0).any():
-        bad = int(np.flatnonzero(sizes == 0)[0])
-        raise SparseCoreError(f"layer {bad} has shape {shapes[bad]} with no elements")
     total = target_count(shapes, density)
+    if total == 0:
+        raise SparseCoreError(
+            f"density {density:g} of {int(sizes.sum())} weights keeps round({density:g} * "
+            f"{int(sizes.sum())}) = 0 active weights: every sparse layer would be zero; use a "
+            f"density above {0.5 / sizes.sum():.3g}"
+        )
     ceiling = np.floor(max_density * sizes).astype(np.int64)
     floor = np.minimum(np.ceil(min_density * sizes).astype(np.int64), ceiling)
     if int(ceiling.sum()) < total:
@@ -165,9 +183,17 @@ def initial_mask(
     largest hash (the units with the largest such hashes when ``count`` is below the number of
     units), then the rest of ``count`` goes to the largest hashes left.
     """
+    layer = check_integer("layer", layer, minimum=0)
+    shape = check_shape(f"layer {layer}", shape)
+    seed = check_integer("seed", seed, minimum=0)
     size = math.prod(shape)
-    if not 0 <= count <= size:
-        raise SparseCoreError(f"layer {layer}: cannot activate {count} of {size} positions")
+    if not is_integer(count) or not 0 <= count <= size:
+        raise SparseCoreError(f"layer {layer}: cannot activate {count!r} of {size} positions")
+    count = int(count)
+    if cover_axis is not None and not -len(shape) <= cover_axis < len(shape):
+        raise SparseCoreError(
+            f"layer {layer}: output axis {cover_axis} is out of range for {shape}"
+        )
     hashes = layer_hash(HashKey(seed, 0, layer), shape)
     mask = np.zeros(size, dtype=bool)
     if cover_axis is not None and count:
@@ -214,6 +240,7 @@ def initial_masks(
         min_density=min_density,
         cover_units=cover_units,
     )
+    seed = check_integer("seed", seed, minimum=0)
     axes = [0] * len(shapes) if axes is None else list(axes)
     return [
         initial_mask(tuple(s), c, seed=seed, layer=i, cover_axis=a if cover_units else None)
@@ -221,6 +248,5 @@ def initial_masks(
     ]
 
 
-def _check_density(density: float) -> None:
-    if not (isinstance(density, (int, float)) and 0.0 < float(density) <= 1.0):
-        raise SparseCoreError(f"density must lie in (0, 1], got {density!r}")
+def _check_density(density: float) -> float:
+    return check_real("density", density, low=0.0, high=1.0, low_open=True)

@@ -30,7 +30,54 @@ DEFAULT_LR: dict[str, float] = {"lenet300": 0.1, "lenet5": 0.01, "vgg": 0.1, "wr
 #: Normalisation constants of the full Fashion-MNIST training set (pixel / 255).
 FMNIST_MEAN, FMNIST_STD = 0.2860, 0.3530
 
+#: The image size every model of the training jobs is built for (height, width).
+IMAGE_SHAPE = (28, 28)
+
 R = TypeVar("R", bound="Recipe")
+
+# The type each numeric or boolean option must have; _OPTIONAL ones may also be None.
+_TYPES = {
+    **dict.fromkeys(
+        ("epochs", "batch_size", "seed", "update_every", "limit_train", "limit_test",
+         "eval_batch_size"),
+        "int",
+    ),
+    **dict.fromkeys(
+        ("density", "lr", "momentum", "weight_decay", "lr_decay_factor", "prune_rate",
+         "max_density", "min_density", "stop_at"),
+        "real",
+    ),
+    **dict.fromkeys(("nesterov", "dense_first", "dense_last", "scale_init"), "flag"),
+}  # fmt: skip
+_OPTIONAL = ("update_every", "limit_train", "limit_test", "stop_at")
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C during a training job: which epoch it stopped in, the last epoch saved, where.
+
+    A ``KeyboardInterrupt``, so code that catches those catches it; ``sparsecore train`` prints
+    :meth:`message` and exits with status 130.
+    """
+
+    def __init__(self, epoch: int, saved_epoch: int, out: Any, resumable: bool = True) -> None:
+        super().__init__(epoch, saved_epoch, out)
+        self.epoch, self.saved_epoch, self.out, self.resumable = epoch, saved_epoch, out, resumable
+
+    def message(self) -> str:
+        where = f"interrupted in epoch {self.epoch}"
+        if not self.resumable:
+            return f"{where}; this job writes its results when it ends, so nothing was saved"
+        if self.out is None or self.saved_epoch == 0:
+            return f"{where}; no checkpoint was written yet, so start the run again"
+        if self.saved_epoch >= self.epoch:
+            return (
+                f"interrupted after epoch {self.epoch}, whose checkpoint is written; continue "
+                f"with `sparsecore train --resume {self.out}`"
+            )
+        return (
+            f"{where}; the last checkpoint is after epoch {self.saved_epoch}; continue with "
+            f"`sparsecore train --resume {self.out}`"
+        )
 
 
 @dataclass
@@ -83,6 +130,7 @@ class Recipe:
             raise ValueError(f"unknown model {self.model!r}; choose one of {', '.join(models)}")
         if self.method not in METHODS:
             raise ValueError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
+        self._check_types()
         checks: list[tuple[str, Any, bool]] = [
             ("density", self.density, 0.0 < self.density <= 1.0),
             ("epochs", self.epochs, self.epochs >= 1),
@@ -105,6 +153,27 @@ class Recipe:
             if not ok:
                 raise ValueError(f"invalid {name}: {value!r}")
         self._check_mask_options()
+
+    def _check_types(self) -> None:
+        """Integers, numbers and flags of the type they must be (a boolean is not a number, and
+        2.5 epochs is not a number of epochs), so that the range checks compare numbers."""
+        from .validation import is_integer, is_real
+
+        for f in fields(self):
+            value = getattr(self, f.name)
+            kind = _TYPES.get(f.name)
+            if value is None and f.name in _OPTIONAL:
+                continue
+            if kind == "int" and not is_integer(value):
+                raise ValueError(f"invalid {f.name}: {value!r} (an integer)")
+            if kind == "real" and not is_real(value):
+                raise ValueError(f"invalid {f.name}: {value!r} (a number)")
+            if kind == "flag" and not isinstance(value, bool):
+                raise ValueError(f"invalid {f.name}: {value!r} (True or False)")
+        if not isinstance(self.lr_decay_at, (tuple, list)) or not all(
+            is_real(x) for x in self.lr_decay_at
+        ):
+            raise ValueError(f"invalid lr_decay_at: {self.lr_decay_at!r} (fractions of training)")
 
     def _check_mask_options(self) -> None:
         from .modes import GROWTH, IMPORTANCE
@@ -131,12 +200,19 @@ class Recipe:
         if self.stop_at is not None and not 0.0 < self.stop_at <= 1.0:
             raise ValueError(f"invalid stop_at: {self.stop_at!r} (a fraction in (0, 1])")
 
-    def sparse_options(self, total_steps: int) -> dict[str, Any] | None:
+    def sparse_options(
+        self, total_steps: int, run_steps: int | None = None
+    ) -> dict[str, Any] | None:
         """The SparseConfig keywords of this run (None for ``dense``), the same for both jobs.
 
         Masks are updated at every epoch end (or every ``update_every`` steps) but not in the
         last epoch, as in the paper, nor from ``stop_at`` on; ``static`` never updates.
+        ``total_steps`` is the length the prune-rate schedule spans; ``run_steps`` (default:
+        the same) the steps the run takes, longer for a run extended beyond its schedule
+        (``sparsecore train --resume DIR --epochs N``): the masks are then updated until the
+        new last epoch, at the schedule's final prune rate.
         """
+        run = total_steps if run_steps is None else run_steps
         if self.method == "dense":
             return None
         options: dict[str, Any] = {
@@ -161,7 +237,7 @@ class Recipe:
             options["redistribution"] = self.redistribution
         if self.growth is not None:
             options["growth"] = self.growth
-        stop_step = total_steps - total_steps // self.epochs  # the last epoch's first step
+        stop_step = run - run // self.epochs  # the last epoch's first step
         if self.stop_at is not None:
             stop_step = min(stop_step, math.floor(self.stop_at * total_steps))
         if self.method == "static":
@@ -169,11 +245,24 @@ class Recipe:
         elif self.update_every is None:
             if self.stop_at is not None:
                 options["stop_at"] = stop_step
+            elif run != total_steps:  # updates go on past the schedule's end, to the run's
+                options["stop_at"] = run
         else:
             options.update(
                 update_every=self.update_every, update_at_epoch_end=False, stop_at=stop_step
             )
         return options
+
+    def check_images(self, image_shape: tuple[int, int], where: str) -> None:
+        """Raise ValueError unless the images are the 28x28 ones every model here is built for.
+
+        ``where`` names the file (or source) the images came from, for the message.
+        """
+        if tuple(image_shape) != IMAGE_SHAPE:
+            raise ValueError(
+                f"{where}: images are {image_shape[0]}x{image_shape[1]} pixels; model "
+                f"{self.model} takes {IMAGE_SHAPE[0]}x{IMAGE_SHAPE[1]} Fashion-MNIST images"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)

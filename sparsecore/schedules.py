@@ -6,6 +6,7 @@ import math
 from dataclasses import dataclass
 
 from .errors import SparseCoreError
+from .validation import check_flag, check_integer, check_real, is_integer
 
 PRUNE_SCHEDULES = ("cosine", "linear", "constant")
 
@@ -28,12 +29,11 @@ def prune_rate_at(
         raise SparseCoreError(
             f"unknown prune schedule {schedule!r}; choose one of {list(PRUNE_SCHEDULES)}"
         )
-    for label, value in (("prune_rate", initial), ("prune_rate_min", final)):
-        if not 0.0 <= value <= 1.0:
-            raise SparseCoreError(f"{label} must lie in [0, 1], got {value!r}")
+    initial = check_real("prune_rate", initial, low=0.0, high=1.0)
+    final = check_real("prune_rate_min", final, low=0.0, high=1.0)
     if schedule == "constant":
         return float(initial)
-    if total_steps is None or total_steps <= 0:
+    if total_steps is None or not is_integer(total_steps) or total_steps <= 0:
         raise SparseCoreError(
             f"the {schedule!r} prune schedule needs the training length: pass total_steps "
             f"(optimizer steps in the whole run), got {total_steps!r}; or use "
@@ -62,29 +62,39 @@ class UpdateSchedule:
     total_steps: int | None = None
 
     def __post_init__(self) -> None:
-        if self.every is not None and (not isinstance(self.every, int) or self.every <= 0):
-            raise SparseCoreError(
-                f"update_every must be a positive integer or None, got {self.every!r}"
+        every = (
+            None
+            if self.every is None
+            else check_integer(
+                "update_every", self.every, minimum=1, what="a positive integer or None"
             )
-        if self.total_steps is not None and (
-            not isinstance(self.total_steps, int) or self.total_steps <= 0
-        ):
-            raise SparseCoreError(
-                f"total_steps must be a positive integer, got {self.total_steps!r}"
+        )
+        total = (
+            None
+            if self.total_steps is None
+            else check_integer(
+                "total_steps", self.total_steps, minimum=1, what="a positive integer"
             )
-        if isinstance(self.stop_at, float):
-            if not 0.0 < self.stop_at <= 1.0:
-                raise SparseCoreError(
-                    f"stop_at as a fraction must lie in (0, 1], got {self.stop_at!r}"
-                )
-            if self.total_steps is None:
+        )
+        stop_at: int | float | None = None
+        if self.stop_at is not None and is_integer(self.stop_at):
+            stop_at = check_integer(
+                "stop_at", self.stop_at, minimum=0, what="a step >= 0 or a fraction"
+            )
+        elif self.stop_at is not None:
+            stop_at = check_real(
+                "stop_at as a fraction", self.stop_at, low=0.0, high=1.0, low_open=True
+            )
+            if total is None:
                 raise SparseCoreError(
                     f"stop_at={self.stop_at!r} is a fraction of training and needs total_steps"
                 )
-        elif self.stop_at is not None and (not isinstance(self.stop_at, int) or self.stop_at < 0):
-            raise SparseCoreError(
-                f"stop_at must be a step >= 0 or a fraction, got {self.stop_at!r}"
-            )
+        object.__setattr__(self, "every", every)
+        object.__setattr__(
+            self, "at_epoch_end", check_flag("update_at_epoch_end", self.at_epoch_end)
+        )
+        object.__setattr__(self, "total_steps", total)
+        object.__setattr__(self, "stop_at", stop_at)
 
     @property
     def static(self) -> bool:

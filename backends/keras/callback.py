@@ -27,6 +27,7 @@ import json
 import logging
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import keras
@@ -37,9 +38,18 @@ from sparsecore.backend import ArrayBackend
 from sparsecore.config import RECIPES, SparseConfig, option_names
 from sparsecore.engine import SparseEngine
 from sparsecore.errors import SparseCoreError
+from sparsecore.init import layer_counts
 from sparsecore.layers import Layer
 from sparsecore.modes import NEEDS_GRAD, NEEDS_MOMENTUM
 from sparsecore.report import UpdateReport
+from sparsecore.saved_state import (
+    ENGINE_FIELDS,
+    EngineState,
+    StateFields,
+    expected_counts,
+    read_engine_state,
+)
+from sparsecore.validation import check_flag
 
 from .constraint import SparseMask
 from .discovery import SparseWeight, find_sparse_weights
@@ -49,6 +59,17 @@ from .placement import as_update_array, check_update_backend, resolve_update_bac
 __all__ = ["SparseCallback"]
 
 _LOG = logging.getLogger("sparsecore")
+_SAVED = "saved sparse state"
+
+
+@dataclass(frozen=True)
+class _SavedRun:
+    """The sparse run a loaded model carries, checked: engine names, engine state, and whether
+    ``total_steps`` followed each ``fit``."""
+
+    names: list[str]
+    engine: EngineState
+    total_steps_from_fit: bool
 
 
 def _json_default(value: Any) -> Any:
@@ -124,6 +145,12 @@ class SparseCallback(keras.callbacks.Callback):
                 f"update_backend"
             )
         check_update_backend(update_backend)
+        for flag, value in (
+            ("dense_first", dense_first),
+            ("dense_last", dense_last),
+            ("embeddings", embeddings),
+        ):
+            check_flag(flag, value)  # a string such as "no" would be true
         self.update_backend = update_backend
         self.config = SparseConfig.from_options(**options)
         if self.config.growth in NEEDS_GRAD["growth"]:
@@ -254,13 +281,13 @@ class SparseCallback(keras.callbacks.Callback):
                 )
         resume = all(ours)
         config = self.config
-        state: dict[str, Any] | None = None
+        saved: _SavedRun | None = None
         if resume:
             constraints = [c for c in existing if isinstance(c, SparseMask)]
-            state = self._saved_state(weights, constraints)
-            config = self._resumed_config(state)
+            saved = self._read_saved_run(weights, constraints)
+            config = self._resumed_config(saved.engine.config)
         total_from_fit = "total_steps" not in self._given and (
-            state is None or bool(state.get("keras", {}).get("total_steps_from_fit", True))
+            saved is None or saved.total_steps_from_fit
         )
         if total_from_fit and steps_known:
             total = self._total_steps()
@@ -280,23 +307,13 @@ class SparseCallback(keras.callbacks.Callback):
         if reads_momentum:
             reader.check()
         backend = resolve_update_backend(self.update_backend, [w.variable for w in weights])
-        names = [w.name for w in weights] if state is None else list(state["names"])
+        names = [w.name for w in weights] if saved is None else saved.names
         engine = SparseEngine(config, names, [w.shape for w in weights], [w.axis for w in weights])
-        if state is not None:
-            engine.load_state_dict(state)
+        if saved is not None:
+            engine.restore(saved.engine)
             engine.config = config
-            saved_ever = [c.snapshot()[1] for c in constraints]
-            if any(e is not None for e in saved_ever):
-                engine.ever_active = [
-                    _from_host(e if e is not None else c.mask_numpy(), backend)
-                    for e, c in zip(saved_ever, constraints)
-                ]
-            counts = [int(c.mask_numpy().sum()) for c in constraints]
-            if sum(counts) != engine.target:
-                raise SparseCoreError(
-                    f"the saved masks hold {sum(counts)} active weights, the saved run keeps "
-                    f"{engine.target}; the saved model is inconsistent"
-                )
+            if engine.ever_active is not None:
+                engine.ever_active = [_from_host(e, backend) for e in engine.ever_active]
 
         # 2. Change the model.
         if not resume:
@@ -346,9 +363,11 @@ class SparseCallback(keras.callbacks.Callback):
         if getattr(model, "train_function", None) is not None and make is not None:
             make(force=True)
 
-    def _saved_state(
+    def _read_saved_run(
         self, weights: Sequence[SparseWeight], constraints: Sequence[SparseMask]
-    ) -> dict[str, Any]:
+    ) -> _SavedRun:
+        """Check the run a model carries in its constraints (masks, ever-active masks, the engine
+        state) against the model; changes nothing, raises naming the first bad field."""
         for i, (w, c) in enumerate(zip(weights, constraints)):
             if c.index != i or c.shape != w.shape:
                 raise SparseCoreError(
@@ -362,10 +381,55 @@ class SparseCallback(keras.callbacks.Callback):
                 f"layer {weights[0].name!r} carries a sparsecore mask but no engine state; the "
                 f"model was saved before SparseCallback attached to it"
             )
-        return state
+        f = StateFields(_SAVED, "")
+        f.keys(state, "", [k for k in ENGINE_FIELDS if k != "ever_active"] + ["keras"])
+        f.keys(state["keras"], "keras", ["total_steps_from_fit"])
+        from_fit = check_flag(
+            f.name("keras.total_steps_from_fit"), state["keras"]["total_steps_from_fit"]
+        )
+        names = f.sequence(state["names"], "names", len(weights))
+        mask_names = [c.name for c in constraints]
+        if names != mask_names:
+            raise f.error("names", f"is {names!r}, the saved masks are named {mask_names!r}")
+        masks = [c.mask_numpy() for c in constraints]
+        ever = [c.snapshot()[1] for c in constraints]
+        missing = [w.name for w, e in zip(weights, ever) if e is None]
+        if missing and len(missing) != len(weights):
+            raise f.error("ever_active", f"is saved for some layers but not for {missing}")
+        engine_state = {k: v for k, v in state.items() if k != "keras"}
+        engine_state["ever_active"] = None if missing else ever
+        checked = read_engine_state(
+            engine_state,
+            names=names,
+            shapes=[w.shape for w in weights],
+            axes=[w.axis for w in weights],
+            config=None,
+            target=None,
+            owner=_SAVED,
+        )
+        cfg = checked.config
+        initial = layer_counts(
+            [w.shape for w in weights],
+            cfg.density,
+            cfg.init,
+            axes=[w.axis for w in weights],
+            max_density=cfg.max_density,
+            min_density=cfg.min_density,
+        )
+        want, source = expected_counts(checked.history, initial)
+        counts = [int(m.sum()) for m in masks]
+        if counts != want:
+            raise f.error(
+                "masks", f"hold {counts} active weights (the constraints), {source} gives {want}"
+            )
+        for w, m, e in zip(weights, masks, checked.ever_active or []):
+            if np.any(m & ~e):
+                raise f.error(
+                    "ever_active", f"of layer {w.name!r} leaves out active positions of its mask"
+                )
+        return _SavedRun(names, checked, from_fit)
 
-    def _resumed_config(self, state: dict[str, Any]) -> SparseConfig:
-        saved = SparseConfig.from_dict(state["config"])
+    def _resumed_config(self, saved: SparseConfig) -> SparseConfig:
         given = dict(self._given)
         given = {**RECIPES[given.pop("recipe", "default")], **given}  # the recipe's values
         diff = {

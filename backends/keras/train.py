@@ -17,6 +17,7 @@ import os
 import platform
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
@@ -25,7 +26,8 @@ import keras
 import numpy as np
 
 from sparsecore.datasets import ImageDataset, load_fashion_mnist
-from sparsecore.recipe import FMNIST_MEAN, FMNIST_STD, Recipe
+from sparsecore.recipe import FMNIST_MEAN, FMNIST_STD, Recipe, TrainingInterrupted
+from sparsecore.rundir import RunFolder
 
 __all__ = ["KERAS_MODELS", "KerasTrainConfig", "build_model", "run_training"]
 
@@ -180,8 +182,10 @@ def run_training(
 
         tf.config.threading.set_intra_op_parallelism_threads(threads)
         tf.config.threading.set_inter_op_parallelism_threads(threads)
+    folder = RunFolder(out_dir) if out_dir is not None else None  # checks it before any work
     if dataset is None:
         dataset = load_fashion_mnist(data)
+    cfg.check_images(dataset.image_shape, dataset.file_of("train_images"))
     if cfg.limit_train is not None or cfg.limit_test is not None:
         dataset = dataset.subset(cfg.limit_train, cfg.limit_test)
     x_train, y_train = _arrays(dataset.train_images, dataset.train_labels)
@@ -224,17 +228,20 @@ def run_training(
     )
     stream.flush()
     t0 = time.perf_counter()
-    model.fit(
-        x_train,
-        y_train,
-        batch_size=cfg.batch_size,
-        epochs=cfg.epochs,
-        validation_data=(x_test, y_test),
-        validation_batch_size=cfg.eval_batch_size,
-        shuffle=True,
-        callbacks=callbacks,
-        verbose=0,
-    )
+    try:
+        model.fit(
+            x_train,
+            y_train,
+            batch_size=cfg.batch_size,
+            epochs=cfg.epochs,
+            validation_data=(x_test, y_test),
+            validation_batch_size=cfg.eval_batch_size,
+            shuffle=True,
+            callbacks=callbacks,
+            verbose=0,
+        )
+    except KeyboardInterrupt:
+        raise TrainingInterrupted(len(recorder.records) + 1, 0, out_dir, resumable=False) from None
     wall = time.perf_counter() - t0
     final = recorder.records[-1]
     sparse = callbacks[0] if sparse_options is not None else None
@@ -261,19 +268,19 @@ def run_training(
         f"final test accuracy {final['test_acc']:.2f}% (loss {final['test_loss']:.4f}), density "
         f"{final['density']:.4f}, wall time {wall:.1f}s\n"
     )
-    if out_dir is not None:
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        model.save(out / MODEL_NAME)
-        tmp = out / (SUMMARY_NAME + ".tmp")
-        tmp.write_text(json.dumps(summary, indent=2) + "\n")
-        tmp.replace(out / SUMMARY_NAME)
+    if folder is not None:
+        # model, summary and run record appear together (sparsecore.rundir)
+        files: dict[str, Callable[[Path], Any]] = {
+            MODEL_NAME: model.save,
+            SUMMARY_NAME: lambda path: path.write_text(json.dumps(summary, indent=2) + "\n"),
+        }
         if isinstance(sparse, SparseCallback):
             # run record for `sparsecore report` (sparsecore.telemetry)
             from sparsecore.telemetry import TELEMETRY_NAME, record_from_run
 
             reports = [r.to_dict() for r in sparse.history]
-            record_from_run(summary, reports).save(out / TELEMETRY_NAME)
-        stream.write(f"results in {out}\n")
+            files[TELEMETRY_NAME] = record_from_run(summary, reports).save
+        folder.commit(files)
+        stream.write(f"results in {folder.path}\n")
     stream.flush()
     return summary

@@ -19,8 +19,10 @@ How it hooks into training:
   backend on the tensors' device.
 - Masks are boolean tensors on the parameters' devices, updated in place, so a model compiled
   with ``torch.compile`` never sees a new tensor and never recompiles because of a mask update.
-- Distributed (``torch.distributed`` initialised, world size > 1): every rank computes the
-  update, then rank 0's masks are broadcast, so all ranks hold identical masks by construction.
+- Distributed (``torch.distributed`` initialised, world size > 1): every rank checks its inputs
+  and computes the update, the ranks agree on update, skip or error in one small all-reduce
+  (:mod:`sparsecore.torch.agreement`), then rank 0's masks and report are broadcast and
+  recorded everywhere, so all ranks hold identical masks and histories by construction.
 """
 
 from __future__ import annotations
@@ -43,10 +45,14 @@ from sparsecore.config import SparseConfig, option_names
 from sparsecore.engine import SparseEngine, UpdateResult
 from sparsecore.errors import NonFiniteError, SparseCoreError
 from sparsecore.hashing import HashKey
+from sparsecore.init import layer_counts
 from sparsecore.layers import Layer
+from sparsecore.modes import NEEDS_GRAD, NEEDS_MOMENTUM
 from sparsecore.report import UpdateReport
+from sparsecore.saved_state import EngineState, StateFields, expected_counts, read_engine_state
 from sparsecore.units import revival_scale
 
+from . import agreement
 from . import fused_step as fs
 from . import host_update as hu
 from . import momentum as mom
@@ -56,6 +62,17 @@ from .threads import kernel_threads
 
 KERNEL_CHOICES = (None, "cpu", "cuda", "auto")
 STATE_FORMAT = "sparsecore.torch/1"
+#: The fields of :meth:`SparseTraining.state_dict`, all required, no other allowed.
+STATE_FIELDS = (
+    "format",
+    "names",
+    "masks",
+    "own_momentum",
+    "steps",
+    "epochs",
+    "steps_per_epoch",
+    "engine",
+)
 
 # Models and parameters currently under an attached SparseTraining (weak: never keep a model alive).
 _ATTACHED_MODELS: weakref.WeakKeyDictionary[nn.Module, Any] = weakref.WeakKeyDictionary()
@@ -241,10 +258,13 @@ class SparseTraining:
         self.masks = [
             torch.as_tensor(m).to(device=t.param.device) for m, t in zip(masks_np, targets)
         ]
-        # The per-step re-masking multiplies by a 0/1 tensor in the parameter's dtype: on CPUs a
-        # multiply is several times faster than masked_fill_ with a boolean mask (measured in
-        # benchmarks/overhead_torch.py), and one _foreach call covers every layer.
-        self._keep = [m.to(t.param.dtype) for m, t in zip(self.masks, targets)]
+        # The per-step re-masking multiplies the weights' bits, viewed as integers of the same
+        # width, by a 0/1 integer tensor: one streaming pass, as fast as a float multiply and
+        # several times faster on CPUs than masked_fill_ with a boolean mask (measured in
+        # benchmarks/overhead_torch.py), one _foreach call for every layer, and exact: active
+        # weights keep their bits, every other position becomes +0 whatever it held (a float
+        # multiply would leave -0 and turn Inf or NaN into NaN).
+        self._keep = [m.to(_bits_dtype(t.param.dtype)) for m, t in zip(self.masks, targets)]
         # The kernel router validates everything before it installs anything, so it goes first:
         # if it refuses, the model is still untouched.
         self._router: Any = None
@@ -370,8 +390,9 @@ class SparseTraining:
 
         Folds the gradients into the own momentum, re-applies the masks and runs a mask update
         when due. A step whose gradients are not finite (for instance one ``GradScaler`` would
-        skip) is not counted and leaves momentum and masks alone; with ``on_nonfinite='raise'``
-        it raises instead.
+        skip) is not counted and leaves momentum and masks alone (the weights outside the masks
+        are made +0 again all the same, since the loop may have written NaN there); with
+        ``on_nonfinite='raise'`` it raises after that.
         """
         self._check_live()
         if self.optimizer is not None or self._driver is not None:
@@ -380,10 +401,23 @@ class SparseTraining:
                 "optimizer's steps already drive the masks (calling step() would count twice)"
             )
         bad = self._nonfinite_grad()
+        if agreement.world_size() > 1:  # every rank counts this step, or none does
+            codes = [3 if t.name == bad else 0 for t in self.targets]
+            verdict = agreement.agree(
+                self.steps + 1, codes, failed=False, device=self.masks[0].device
+            )
+            where = verdict.nonfinite
+            bad = None if where is None else f"rank {where[0]}: layer {self.names[where[1]]!r}"
+        elif bad is not None:
+            bad = f"layer {bad!r}"
         if bad is not None:
-            reason = f"layer {bad!r}: gradient contains NaN or Inf at step {self.steps + 1}"
+            with torch.no_grad():
+                self._apply_masks()
+            reason = f"{bad}: gradient contains NaN or Inf at step {self.steps + 1}"
             if self.config.on_nonfinite == "raise":
-                raise NonFiniteError(reason + "; the step was not counted (nothing changed)")
+                raise NonFiniteError(
+                    reason + "; the step was not counted (masks and momentum unchanged)"
+                )
             if self._schedule.due(self.steps + 1):
                 report = self.engine.record_skip(self.steps + 1, reason)
                 self._warn_skip(report)
@@ -417,7 +451,7 @@ class SparseTraining:
                 if due:
                     self._update(self.steps)  # masks exactly first
                 else:  # the targets a fused SGD step updated are masked already
-                    self._apply_masks(exact=False, skip=done)
+                    self._apply_masks(skip=done)
         self._set_gradient_window()
 
     def _fold_own_momentum(self, folded: Collection[int] = ()) -> None:
@@ -471,20 +505,16 @@ class SparseTraining:
         rate = None
         if cfg.total_steps is None and cfg.prune_schedule != "constant":
             rate = cfg.prune_rate
-        self._apply_masks(exact=False)
-        try:
+        self._apply_masks()
+        if agreement.world_size() > 1:
+            result = self._agreed_update(step, rate)
+        else:
             result = self._engine_update(step, rate)
-        except Exception:
-            self._apply_masks(exact=True)  # +0 outside the masks even where weights overflowed
-            raise
         report = result.report
         if report.skipped:
-            self._apply_masks(exact=True)
             self._warn_skip(report)
             return report
-        new_masks = _broadcast_masks(result.masks)
-        revived = _broadcast_revived(result.revived, [t.param for t in self.targets])
-        for t, old, keep, new in zip(self.targets, self.masks, self._keep, new_masks):
+        for t, old, keep, new in zip(self.targets, self.masks, self._keep, result.masks):
             if cfg.reset_optimizer_state:
                 self._reset_state(t.param, old ^ new)
             old.copy_(new)
@@ -492,8 +522,8 @@ class SparseTraining:
         # Newly inactive weights become 0; newly active ones were 0 already (inactive before),
         # except those grown into dead units, which start at +-scale (sparsecore.units): the
         # same values on every rank, from the position hash of this update.
-        self._apply_masks(exact=False)
-        for i, (t, fresh) in enumerate(zip(self.targets, revived or ())):
+        self._apply_masks()
+        for i, (t, fresh) in enumerate(zip(self.targets, result.revived or ())):
             if fresh is not None:
                 scale = revival_scale(tuple(t.param.shape), t.axis)
                 key = HashKey(cfg.seed, report.update, i)
@@ -502,18 +532,83 @@ class SparseTraining:
             self._router.refresh()
         return report
 
+    def _numba_for(self, layers: list[Layer]) -> Any:
+        """The Numba backend when this update runs on NumPy views of the tensors, else None."""
+        if self._update_backend == "torch":
+            return None
+        problem = hu.why_not_viewable(layers)
+        if problem is None:
+            return hu.numba_backend()[0]
+        if self._update_backend == "numba":
+            raise SparseCoreError(f"update_backend='numba' cannot be used: {problem}")
+        return None
+
+    def _agreed_update(self, step: int, rate: float | None) -> UpdateResult:
+        """A mask update in a distributed job: every rank checks its inputs and proposes the
+        update, the ranks agree in one all-reduce (:mod:`sparsecore.torch.agreement`), then all
+        skip, all raise, or all record rank 0's masks and report."""
+        layers = self._layers()
+        cfg = self.config
+        codes = agreement.nonfinite_codes(
+            layers,
+            momentum=cfg.redistribution in NEEDS_MOMENTUM["importance"]
+            or cfg.growth in NEEDS_MOMENTUM["growth"],
+            grad=cfg.growth in NEEDS_GRAD["growth"],
+        )
+        proposal: UpdateResult | None = None
+        error: Exception | None = None
+        if not any(codes):
+            try:
+                proposal = self._propose(layers, step, rate)
+            except Exception as err:  # every rank must learn of it before anyone broadcasts
+                error = err
+        verdict = agreement.agree(
+            step, codes, failed=error is not None, device=self.masks[0].device
+        )
+        if verdict.nonfinite is not None:
+            rank, j, label = verdict.nonfinite
+            reason = (
+                f"rank {rank}: layer {self.names[j]!r}: {label} contains NaN or Inf; the mask "
+                f"update was not made on any of the {verdict.world} ranks"
+            )
+            if cfg.on_nonfinite == "raise":
+                raise NonFiniteError(reason + " (nothing changed)")
+            return UpdateResult(list(self.masks), self.engine.record_skip(step, reason))
+        if verdict.failed:
+            if error is not None:
+                raise error
+            raise SparseCoreError(
+                f"the mask update after step {step} failed on rank(s) {verdict.failed}; it was "
+                f"not made on any rank (nothing changed)"
+            )
+        assert proposal is not None
+        masks, report = agreement.broadcast_result(proposal.masks, proposal.report)
+        # rank 0's weights grown into dead units too: ranks whose momentum differs disagree
+        revived = _broadcast_revived(proposal.revived, [t.param for t in self.targets])
+        return self.engine.commit(
+            layers, UpdateResult(masks, report, revived=revived), backend=_BACKEND
+        )
+
+    def _propose(self, layers: list[Layer], step: int, rate: float | None) -> UpdateResult:
+        """The engine's proposal for this update (nothing recorded), masks as tensors."""
+        numba_backend = self._numba_for(layers)
+        if numba_backend is None:
+            self._last_update_backend = _BACKEND.name
+            return self.engine.propose(layers, step, backend=_BACKEND, prune_rate=rate)
+        self._last_update_backend = numba_backend.name
+        kernel_threads()
+        result = self.engine.propose(
+            hu.numpy_views(layers), step, backend=numba_backend, prune_rate=rate
+        )
+        revived = None if result.revived is None else hu.as_tensors(result.revived)
+        return replace(result, masks=hu.as_tensors(result.masks), weights=None, revived=revived)
+
     def _engine_update(self, step: int, rate: float | None) -> UpdateResult:
         """The engine's update of the current layers: through the Numba backend on NumPy views
         where that applies (:mod:`sparsecore.torch.host_update`), else through the torch backend.
         The masks come back as tensors either way."""
         layers = self._layers()
-        numba_backend = None
-        if self._update_backend != "torch":
-            problem = hu.why_not_viewable(layers)
-            if problem is None:
-                numba_backend = hu.numba_backend()[0]
-            elif self._update_backend == "numba":
-                raise SparseCoreError(f"update_backend='numba' cannot be used: {problem}")
+        numba_backend = self._numba_for(layers)
         if numba_backend is None:
             self._last_update_backend = _BACKEND.name
             return self.engine.update(layers, step, backend=_BACKEND, prune_rate=rate)
@@ -555,22 +650,15 @@ class SparseTraining:
         )
 
     @torch.no_grad()
-    def _apply_masks(self, exact: bool = True, skip: Collection[int] = ()) -> None:
-        """Zero the weights outside the masks, except in the targets ``skip`` (by index).
-
-        ``exact``: ``masked_fill_`` (+0 everywhere outside, whatever was there); otherwise the
-        fast multiply by the 0/1 mask, which leaves +-0 for finite weights (NaN for an infinite
-        one: a mask update then finds the weights non-finite, raises or skips, and this exact
-        pass cleans them).
-        """
-        if exact:
-            for t, m in zip(self.targets, self.masks):
-                t.param.masked_fill_(~m, 0)
-            return
+    def _apply_masks(self, skip: Collection[int] = ()) -> None:
+        """Make every weight outside the masks exactly +0 (whatever it held, NaN and Inf
+        included), active weights bit for bit unchanged, except in the targets ``skip`` (by
+        index: a fused SGD step has masked them already)."""
         rest = [i for i in range(len(self.targets)) if i not in skip]
         if rest:
             torch._foreach_mul_(
-                [self.targets[i].param for i in rest], [self._keep[i] for i in rest]
+                [self.targets[i].param.detach().view(self._keep[i].dtype) for i in rest],
+                [self._keep[i] for i in rest],
             )
 
     def _set_gradient_window(self) -> None:
@@ -658,36 +746,19 @@ class SparseTraining:
 
     @torch.no_grad()
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore :meth:`state_dict` output; checks everything before changing anything."""
+        """Restore :meth:`state_dict` output: all or nothing.
+
+        The whole state is checked first: every field present and of its type, masks and own
+        momentum of the parameters' shapes, the engine state (:meth:`SparseEngine.load_state_dict`'s
+        checks) for these parameters at this density, and the fields consistent with each other
+        (the masks hold what the last update left, inside the ever-active masks). A bad one raises
+        :class:`SparseCoreError` naming it, and masks, weights, counters, history and momentum
+        stay exactly as they were. The saved sparse options replace those given to ``attach``.
+        """
         self._check_live()
-        if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
-            raise SparseCoreError(
-                f"not a sparsecore.torch state (format {state.get('format') if isinstance(state, dict) else type(state).__name__!r})"
-            )
-        if list(state["names"]) != self.names:
-            raise SparseCoreError(
-                f"state is for sparse parameters {list(state['names'])}, this model has {self.names}"
-            )
+        checked = self._read_state(state)
         masks, own = state["masks"], state["own_momentum"]
-        for name, m, cur, o, cur_own in zip(self.names, masks, self.masks, own, self._own):
-            if tuple(m.shape) != tuple(cur.shape) or m.dtype != torch.bool:
-                raise SparseCoreError(
-                    f"layer {name!r}: saved mask {tuple(m.shape)} {m.dtype} does not fit "
-                    f"{tuple(cur.shape)} torch.bool"
-                )
-            if (o is None) != (cur_own is None) or (
-                o is not None and cur_own is not None and o.shape != cur_own.shape
-            ):
-                raise SparseCoreError(
-                    f"layer {name!r}: saved own momentum does not match this attach (was the "
-                    f"optimizer kind changed?)"
-                )
-        total = sum(int(m.sum()) for m in masks)
-        if total != self.engine.target:
-            raise SparseCoreError(
-                f"saved masks hold {total} active weights, this run keeps {self.engine.target}"
-            )
-        self.engine.load_state_dict(state["engine"])
+        self.engine.restore(checked)
         if self.engine.ever_active is not None:
             self.engine.ever_active = [
                 e.to(m.device) for e, m in zip(self.engine.ever_active, self.masks)
@@ -702,11 +773,90 @@ class SparseTraining:
                 cur_own.copy_(o.to(cur_own.device))
         self.steps = int(state["steps"])
         self.epochs = int(state["epochs"])
-        self._steps_per_epoch = state.get("steps_per_epoch")
+        self._steps_per_epoch = (
+            None if state["steps_per_epoch"] is None else int(state["steps_per_epoch"])
+        )
         self._apply_masks()
         if self._router is not None:
             self._router.refresh()
         self._set_gradient_window()
+
+    def _read_state(self, state: Any) -> EngineState:
+        """Check a saved state against this handle (changes nothing); its engine part, parsed."""
+        if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+            found = state.get("format") if isinstance(state, dict) else type(state).__name__
+            raise SparseCoreError(
+                f"not a sparsecore.torch state (field 'format' is {found!r}, expected "
+                f"{STATE_FORMAT!r})"
+            )
+        f = StateFields("sparsecore.torch state", "")
+        f.keys(state, "", STATE_FIELDS)
+        names = f.sequence(state["names"], "names")
+        if names != self.names:
+            raise f.error("names", f"is {names!r}, this model's sparse parameters are {self.names}")
+        n = len(self.names)
+        masks = f.sequence(state["masks"], "masks", n)
+        own = f.sequence(state["own_momentum"], "own_momentum", n)
+        for i, (t, m, o, cur_own) in enumerate(zip(self.targets, masks, own, self._own)):
+            shape = tuple(t.param.shape)
+            if not isinstance(m, torch.Tensor) or m.dtype != torch.bool or m.shape != shape:
+                raise f.error(f"masks[{i}]", f"must be a torch.bool tensor of shape {shape} "
+                              f"(layer {t.name!r}), got {_describe(m)}")  # fmt: skip
+            if cur_own is None and o is not None:
+                raise f.error(
+                    f"own_momentum[{i}]",
+                    f"is a tensor, but layer {t.name!r} takes its momentum from the optimizer "
+                    f"here (was the optimizer changed?)",
+                )
+            if cur_own is not None and (
+                not isinstance(o, torch.Tensor) or not o.is_floating_point() or o.shape != shape
+            ):
+                raise f.error(
+                    f"own_momentum[{i}]",
+                    f"must be a floating-point tensor of shape {shape} (layer {t.name!r} keeps "
+                    f"its own momentum here), got {_describe(o)}",
+                )
+        steps = f.integer(state["steps"], "steps")
+        epochs = f.integer(state["epochs"], "epochs")
+        per_epoch = f.integer(state["steps_per_epoch"], "steps_per_epoch", 1, nullable=True)
+        if per_epoch is not None and (epochs == 0 or per_epoch > steps):
+            raise f.error(
+                "steps_per_epoch",
+                f"is {per_epoch}, but the state has taken {steps} steps in {epochs} epochs",
+            )
+        engine = self.engine
+        checked = read_engine_state(
+            state["engine"],
+            names=engine.names,
+            shapes=engine.shapes,
+            axes=engine.axes,
+            config=engine.config,
+            target=engine.target,
+            owner="sparsecore.torch state",
+            prefix="engine.",
+        )
+        last_step = max((r.step for r in checked.history if r.step is not None), default=0)
+        if last_step > steps:
+            raise f.error("steps", f"is {steps}, before the last update's step {last_step}")
+        cfg = checked.config
+        initial = layer_counts(
+            engine.shapes,
+            cfg.density,
+            cfg.init,
+            axes=engine.axes,
+            max_density=cfg.max_density,
+            min_density=cfg.min_density,
+        )
+        want, source = expected_counts(checked.history, initial)
+        counts = [int(m.sum()) for m in masks]
+        if counts != want:
+            raise f.error("masks", f"hold {counts} active weights, {source} gives {want}")
+        for i, (m, e) in enumerate(zip(masks, checked.ever_active or [])):
+            if bool((m & ~e.to(m.device)).any()):
+                raise f.error(
+                    f"engine.ever_active[{i}]", f"leaves out active positions of masks[{i}]"
+                )
+        return checked
 
     def export(self) -> dict[str, Any]:
         """The model's weights with every sparse weight as a ``torch.sparse_csr`` tensor.
@@ -746,6 +896,20 @@ class SparseTraining:
         )
 
 
+def _describe(x: Any) -> str:
+    if isinstance(x, torch.Tensor):
+        return f"a {x.dtype} tensor of shape {tuple(x.shape)}"
+    return repr(x) if x is None or isinstance(x, (str, int, float)) else type(x).__name__
+
+
+_BITS = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _bits_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The integer type as wide as ``dtype`` (a weight's bits are multiplied by 0 or 1 in it)."""
+    return _BITS[dtype.itemsize]
+
+
 def _copy_mask_into(keep: torch.Tensor, mask: torch.Tensor) -> None:
     """``keep[:] = mask`` as 0/1 values: converting the mask's bytes is several times faster on
     CPU than converting from bool."""
@@ -776,20 +940,6 @@ def _broadcast_revived(revived: list[Any] | None, params: list[torch.Tensor]) ->
             if local is None
             else local.to(torch.uint8)
         )
-        dist.broadcast(buf, src=0)
-        out.append(buf.to(torch.bool))
-    return out
-
-
-def _broadcast_masks(masks: list[torch.Tensor]) -> list[torch.Tensor]:
-    """In a distributed job, every rank takes rank 0's masks (identical by construction)."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return masks
-    out = []
-    for m in masks:
-        buf = m.to(torch.uint8)
         dist.broadcast(buf, src=0)
         out.append(buf.to(torch.bool))
     return out

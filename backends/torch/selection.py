@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from sparsecore.errors import SparseCoreError
+from sparsecore.validation import check_flag
 
 
 @dataclass(frozen=True)
@@ -158,6 +159,8 @@ def select_targets(
     """The sparse parameters of ``model``, in module registration order. Raises if there are none."""
     if not isinstance(model, nn.Module):
         raise SparseCoreError(f"attach needs a torch.nn.Module, got {type(model).__name__}")
+    dense_first = check_flag("dense_first", dense_first)  # "no" would drop a layer silently
+    dense_last = check_flag("dense_last", dense_last)
     includes = _as_list(include, "include")
     excludes = _as_list(exclude, "exclude")
 

@@ -13,6 +13,7 @@ as one that was never interrupted.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -30,7 +31,11 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from sparsecore.datasets import ImageDataset, load_fashion_mnist
+from sparsecore.datasets import (
+    ImageDataset,
+    load_embedded_fashion_mnist,
+    load_fashion_mnist,
+)
 from sparsecore.recipe import (
     DEFAULT_LR,
     FMNIST_MEAN,
@@ -38,16 +43,28 @@ from sparsecore.recipe import (
     METHOD_OPTIONS,
     METHODS,
     Recipe,
+    TrainingInterrupted,
 )
+from sparsecore.rundir import RunFolder
 
+from .checkpoint import (
+    CHECKPOINT_FORMAT,
+    CheckpointError,
+    read_checkpoint,
+    rng_state,
+    set_rng_state,
+)
 from .models import build_model
 
 __all__ = [
     "DEFAULT_LR",
     "METHODS",
     "METHOD_OPTIONS",
+    "CheckpointError",
+    "ResumeError",
     "TrainConfig",
     "TrainResult",
+    "TrainingInterrupted",
     "load_checkpoint_config",
     "run_training",
     "weight_densities",
@@ -56,6 +73,11 @@ __all__ = [
 CHECKPOINT_NAME = "checkpoint.pt"
 SUMMARY_NAME = "summary.json"
 MASK_UPDATES_NAME = "mask_updates.json"
+TELEMETRY_NAME = "telemetry.json"  # sparsecore.telemetry's name for it (checked by the tests)
+
+
+class ResumeError(ValueError):
+    """A checkpoint that cannot continue as asked: other options or other data than it had."""
 
 
 @dataclass
@@ -110,20 +132,6 @@ def _seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)  # noqa: NPY002 (global state that user code may draw from)
     torch.manual_seed(seed)
-
-
-def _rng_state() -> dict[str, Any]:
-    return {
-        "python": random.getstate(),
-        "numpy": np.random.get_state(),  # noqa: NPY002
-        "torch": torch.get_rng_state(),
-    }
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])  # noqa: NPY002
-    torch.set_rng_state(state["torch"])
 
 
 def _to_tensors(images: np.ndarray, labels: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
@@ -188,10 +196,16 @@ class _Progress:
             self.stream.flush()
 
 
-def _attach(model: nn.Module, optimizer: torch.optim.Optimizer, cfg: TrainConfig, total_steps: int):
+def _attach(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    cfg: TrainConfig,
+    schedule_steps: int,
+    run_steps: int,
+):
     from . import attach  # the adapter; imported here so dense runs never need it
 
-    options = cfg.sparse_options(total_steps)
+    options = cfg.sparse_options(schedule_steps, run_steps=run_steps)
     assert options is not None  # dense runs attach nothing
     return attach(model, optimizer, **options)
 
@@ -246,25 +260,150 @@ def _report_dict(report: Any) -> dict[str, Any]:
 
 
 def _write_json(path: Path, data: Any) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    tmp.replace(path)
+    path.write_text(json.dumps(data, indent=2) + "\n")
 
 
 def load_checkpoint_config(path: str | os.PathLike[str]) -> tuple[TrainConfig, Path]:
-    """The config saved in a checkpoint (a file, or a run directory holding checkpoint.pt)."""
+    """The config saved in a checkpoint (a file, or a run folder), read without running code."""
     ckpt_path = _checkpoint_path(path)
-    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-    return TrainConfig.from_dict(ckpt["config"]), ckpt_path
+    return _saved_config(ckpt_path, read_checkpoint(ckpt_path)), ckpt_path
+
+
+def _saved_config(path: Path, ckpt: dict[str, Any]) -> TrainConfig:
+    try:
+        saved = TrainConfig.from_dict(ckpt["config"])
+        saved.validate()
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(f"{path}: field 'config' is not a valid run config ({err})") from None
+    return saved
 
 
 def _checkpoint_path(path: str | os.PathLike[str]) -> Path:
+    """The checkpoint of a run folder (the link to its current state's), or ``path`` itself."""
     p = Path(path)
     if p.is_dir():
         p = p / CHECKPOINT_NAME
     if not p.is_file():
         raise FileNotFoundError(f"no checkpoint at {p}")
     return p
+
+
+def run_folder_of(ckpt_path: Path) -> Path:
+    """The run folder a checkpoint belongs to (a state folder's parent, for a resolved path)."""
+    parent = ckpt_path.parent
+    if parent.name.startswith("state-") and (parent.parent / "current").is_symlink():
+        return parent.parent
+    return parent
+
+
+def _check_same_run(path: Path, saved: TrainConfig, cfg: TrainConfig) -> None:
+    """A resume keeps every option of the run; only ``epochs`` may grow (extending it)."""
+    lines = []
+    for key, old in asdict(saved).items():
+        new = getattr(cfg, key)
+        if key == "epochs" and new < old:
+            lines.append(
+                f"  epochs: {old} (checkpoint) -> {new} (given): a run can be extended, not shortened"
+            )
+        elif key != "epochs" and new != old:
+            lines.append(f"  {key}: {old!r} (checkpoint) -> {new!r} (given)")
+    if lines:
+        raise ResumeError(
+            f"{path}: the options given differ from the checkpoint's (a resumed run keeps its "
+            f"options; only --epochs may grow, to extend it):\n" + "\n".join(lines)
+        )
+
+
+def _data_source(dataset: ImageDataset) -> str:
+    """How to find ``dataset`` again: ``embedded``, or the absolute folder it was read from."""
+    if dataset.source.startswith("embedded:"):
+        return "embedded"
+    folder = Path(dataset.source)
+    return str(folder.resolve()) if folder.is_dir() else dataset.source
+
+
+def _load_data(data: str | None, ckpt: dict[str, Any] | None, path: Path | None) -> ImageDataset:
+    """``--data`` if given; on a resume without it, the data the checkpoint records."""
+    if data is None and ckpt is not None:
+        record = ckpt.get("data")
+        if record is None:
+            raise ResumeError(
+                f"{path}: the checkpoint does not record its data (it was written by an earlier "
+                f"sparsecore); pass --data (the folder, or 'embedded') it was trained on"
+            )
+        data = str(record.get("source"))
+        if data != "embedded" and not Path(data).is_dir():
+            raise ResumeError(
+                f"{path}: the checkpoint's data folder {data} is not there any more; pass "
+                f"--data with the folder that now holds those files"
+            )
+    if data == "embedded":
+        return load_embedded_fashion_mnist()
+    return load_fashion_mnist(data)
+
+
+def _check_same_data(path: Path, ckpt: dict[str, Any], fingerprint: dict[str, Any]) -> None:
+    """The data of a resumed run must be the checkpoint's (its fingerprint), whatever folder
+    they are read from now."""
+    record = ckpt.get("data")
+    if record is None:
+        return  # an older checkpoint: --data was required and is trusted
+    saved = record.get("fingerprint")
+    if not isinstance(saved, dict):
+        raise CheckpointError(f"{path}: field 'data' holds no fingerprint of the data")
+    lines = [
+        f"  data {key}: {saved.get(key)!r} (checkpoint) -> {fingerprint.get(key)!r} (now)"
+        for key in dict.fromkeys([*saved, *fingerprint])
+        if saved.get(key) != fingerprint.get(key)
+    ]
+    if lines:
+        raise ResumeError(
+            f"{path}: the data differ from the checkpoint's (a resumed run must see the same "
+            f"images; the checkpoint's came from {record.get('source')}):\n" + "\n".join(lines)
+        )
+
+
+def _restore(
+    path: Path,
+    ckpt: dict[str, Any],
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    sparse: Any,
+    steps_per_epoch: int,
+) -> None:
+    """Load a checked checkpoint into fresh objects; a part that does not fit raises
+    :class:`CheckpointError` naming it (the run has not started: nothing is lost)."""
+    parts = [
+        ("model", model.load_state_dict),
+        ("optimizer", optimizer.load_state_dict),
+        ("scheduler", scheduler.load_state_dict),
+    ]
+    if sparse is not None:
+        if ckpt["sparse"] is None:
+            raise CheckpointError(f"{path}: field 'sparse' is empty, but this run is sparse")
+        parts.append(("sparse", sparse.load_state_dict))
+    elif ckpt["sparse"] is not None:
+        raise CheckpointError(f"{path}: field 'sparse' holds a sparse state, this run is dense")
+    for key, load in parts:
+        try:
+            load(ckpt[key])
+        except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as err:
+            detail = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise CheckpointError(
+                f"{path}: field {key!r} does not fit this run ({detail})"
+            ) from None
+    set_rng_state(ckpt["rng"], path)
+    if len(ckpt["metrics"]) != ckpt["epoch"]:
+        raise CheckpointError(
+            f"{path}: field 'metrics' holds {len(ckpt['metrics'])} epochs, the checkpoint is "
+            f"after epoch {ckpt['epoch']}"
+        )
+    if sparse is not None and sparse.steps != ckpt["epoch"] * steps_per_epoch:
+        raise ResumeError(
+            f"{path}: the checkpoint took {sparse.steps} steps in {ckpt['epoch']} epochs, but "
+            f"these data and batch size give {steps_per_epoch} steps per epoch"
+        )
 
 
 def run_training(
@@ -283,7 +422,14 @@ def run_training(
 ) -> TrainResult:
     """Train ``cfg.model`` on Fashion-MNIST with ``cfg.method``; write checkpoints and summaries.
 
-    ``resume`` continues a run from its checkpoint (the checkpoint's config must equal ``cfg``).
+    ``data``: a folder of Fashion-MNIST IDX files, ``"embedded"`` for the shipped subset, or None
+    (the default search; on a resume, the data the checkpoint records); ``dataset`` an
+    :class:`ImageDataset` instead. ``out_dir`` is written as a run folder that always holds one
+    epoch's files (:mod:`sparsecore.rundir`).
+    ``resume`` continues a run from its checkpoint: ``cfg`` must equal the checkpoint's config
+    except for a larger ``epochs``, which extends the run, and the data must be the checkpoint's
+    (same fingerprint); otherwise :class:`ResumeError` lists each difference. Ctrl-C raises
+    :class:`TrainingInterrupted` saying what was saved.
     ``progress`` defaults to a live indicator only when ``stream`` is a terminal.
     ``stop_after`` ends the process after that epoch (checkpoint written) without changing the
     schedule, so the run can be resumed later, e.g. to fit a time-limited job.
@@ -305,28 +451,34 @@ def run_training(
         require_tensorboard()
 
     ckpt: dict[str, Any] | None = None
+    ckpt_path: Path | None = None
+    schedule_epochs = cfg.epochs
     if resume is not None:
         ckpt_path = _checkpoint_path(resume)
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-        saved = TrainConfig.from_dict(ckpt["config"])
-        if saved != cfg:
-            diff = {
-                k: (v, getattr(cfg, k)) for k, v in asdict(saved).items() if getattr(cfg, k) != v
-            }
-            raise ValueError(f"{ckpt_path}: config differs from the checkpoint's: {diff}")
+        ckpt = read_checkpoint(ckpt_path)
+        saved = _saved_config(ckpt_path, ckpt)
+        _check_same_run(ckpt_path, saved, cfg)
+        schedule_epochs = int(ckpt.get("schedule_epochs", saved.epochs))
         if out_dir is None:
-            out_dir = ckpt_path.parent
+            out_dir = run_folder_of(ckpt_path)
+    folder = RunFolder(out_dir) if out_dir is not None else None  # checks it before any work
 
     if dataset is None:
-        dataset = load_fashion_mnist(data)
+        dataset = _load_data(data, ckpt, ckpt_path)
+    fingerprint = dataset.fingerprint
+    source = _data_source(dataset)
+    if ckpt is not None:
+        assert ckpt_path is not None
+        _check_same_data(ckpt_path, ckpt, fingerprint)
+    cfg.check_images(dataset.image_shape, dataset.file_of("train_images"))
     if cfg.limit_train is not None or cfg.limit_test is not None:
         dataset = dataset.subset(cfg.limit_train, cfg.limit_test)
     x_train, y_train = _to_tensors(dataset.train_images, dataset.train_labels)
     x_test, y_test = _to_tensors(dataset.test_images, dataset.test_labels)
 
-    out = Path(out_dir) if out_dir is not None else None
-    if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
+    out = folder.path if folder is not None else None
+    if folder is not None:
+        folder.tidy()  # what an interrupted commit left
 
     _seed_everything(cfg.seed)
     model = build_model(cfg.model, num_classes=dataset.num_classes)
@@ -337,13 +489,19 @@ def run_training(
         nesterov=cfg.nesterov and cfg.momentum > 0,
         weight_decay=cfg.weight_decay,
     )
-    milestones = sorted({max(1, round(f * cfg.epochs)) for f in cfg.lr_decay_at})
+    # The learning rate and the prune rate follow the schedule of the run as first started
+    # (schedule_epochs); a run extended beyond it goes on at their final values.
+    milestones = sorted({max(1, round(f * schedule_epochs)) for f in cfg.lr_decay_at})
     scheduler = torch.optim.lr_scheduler.MultiStepLR(
         optimizer, milestones=milestones, gamma=cfg.lr_decay_factor
     )
     steps_per_epoch = math.ceil(x_train.shape[0] / cfg.batch_size)
     total_steps = steps_per_epoch * cfg.epochs
-    sparse = None if cfg.method == "dense" else _attach(model, optimizer, cfg, total_steps)
+    sparse = (
+        None
+        if cfg.method == "dense"
+        else _attach(model, optimizer, cfg, steps_per_epoch * schedule_epochs, total_steps)
+    )
     if sparse is not None and cfg.scale_init:
         _scale_sparse_init(model, sparse.layer_densities())
 
@@ -352,19 +510,27 @@ def run_training(
     elapsed_before = 0.0
     start_epoch = 1
     if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        if sparse is not None:
-            sparse.load_state_dict(ckpt["sparse"])
-        _set_rng_state(ckpt["rng"])
+        assert ckpt_path is not None
+        engine_state = (ckpt["sparse"] or {}).get("engine")
+        if sparse is not None and isinstance(engine_state, dict) and cfg.epochs != saved.epochs:
+            # extending: the saved masks, counters and history, with this run's update schedule
+            engine_state["config"] = sparse.config.to_dict()
+        _restore(ckpt_path, ckpt, model, optimizer, scheduler, sparse, steps_per_epoch)
         epochs_done = list(ckpt["metrics"])
         mask_updates = list(ckpt["mask_updates"])
         elapsed_before = float(ckpt["wall_time_s"])
         start_epoch = int(ckpt["epoch"]) + 1
+        if sparse is not None and start_epoch - 1 == saved.epochs < cfg.epochs:
+            # Extending a finished run: its last epoch had no epoch-end mask update (the
+            # paper's rule for the last epoch); now that it is not the last, it gets one.
+            seen = len(sparse.history)
+            sparse.end_epoch()
+            mask_updates.extend(
+                {"epoch": start_epoch - 1, **_report_dict(r)} for r in sparse.history[seen:]
+            )
     history_seen = len(sparse.history) if sparse is not None else 0
 
-    data_info = dataset.describe()
+    data_info = {**dataset.describe(), "fingerprint": fingerprint}
     stream.write(
         f"sparsecore train: {cfg.model}, method {cfg.method}"
         + (f", density {cfg.density:g}" if cfg.method != "dense" else "")
@@ -374,105 +540,145 @@ def run_training(
     )
     if start_epoch > 1:
         stream.write(f"resumed after epoch {start_epoch - 1}\n")
+    if schedule_epochs != cfg.epochs:
+        stream.write(
+            f"extended from {schedule_epochs} to {cfg.epochs} epochs: after epoch "
+            f"{schedule_epochs} the learning rate and the prune rate stay at their final values\n"
+        )
     stream.flush()
 
     bar = _Progress(stream, progress)
     t_start = time.perf_counter()
     model.train()
-    for epoch in range(start_epoch, cfg.epochs + 1):
-        t_epoch = time.perf_counter()
-        lr = optimizer.param_groups[0]["lr"]
-        gen = _epoch_generator(cfg.seed, epoch)
-        loss_sum = 0.0
-        correct = 0
-        seen = 0
-        for step, idx in enumerate(_batches(x_train.shape[0], cfg.batch_size, gen), start=1):
-            xb, yb = x_train[idx], y_train[idx]
-            optimizer.zero_grad(set_to_none=True)
-            logits = model(xb)
-            loss = F.cross_entropy(logits, yb)
-            if not torch.isfinite(loss):
+    saved_epoch = start_epoch - 1
+    epoch = start_epoch
+    summary: dict[str, Any] = {}
+    try:
+        for epoch in range(start_epoch, cfg.epochs + 1):
+            t_epoch = time.perf_counter()
+            lr = optimizer.param_groups[0]["lr"]
+            gen = _epoch_generator(cfg.seed, epoch)
+            loss_sum = 0.0
+            correct = 0
+            seen = 0
+            for step, idx in enumerate(_batches(x_train.shape[0], cfg.batch_size, gen), start=1):
+                xb, yb = x_train[idx], y_train[idx]
+                optimizer.zero_grad(set_to_none=True)
+                logits = model(xb)
+                loss = F.cross_entropy(logits, yb)
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(
+                        f"training loss became {loss.item()} at epoch {epoch}, batch {step} "
+                        f"(lr {lr:g}); lower --lr"
+                    )
+                loss.backward()
+                optimizer.step()  # the adapter re-applies masks and updates them on schedule here
+                loss_sum += loss.item() * yb.shape[0]
+                correct += int((logits.detach().argmax(1) == yb).sum().item())
+                seen += yb.shape[0]
+                bar.update(epoch, cfg.epochs, step, steps_per_epoch, loss_sum / seen)
+            bar.clear()
+            scheduler.step()
+
+            test_loss, test_acc = evaluate(model, x_test, y_test, cfg.eval_batch_size)
+            if not math.isfinite(test_loss):  # the weights diverged though the batches did not
                 raise FloatingPointError(
-                    f"training loss became {loss.item()} at epoch {epoch}, batch {step} "
-                    f"(lr {lr:g}); lower --lr"
+                    f"test loss became {test_loss} after epoch {epoch} (lr {lr:g}); lower --lr"
                 )
-            loss.backward()
-            optimizer.step()  # the adapter re-applies masks and updates them on schedule here
-            loss_sum += loss.item() * yb.shape[0]
-            correct += int((logits.detach().argmax(1) == yb).sum().item())
-            seen += yb.shape[0]
-            bar.update(epoch, cfg.epochs, step, steps_per_epoch, loss_sum / seen)
-        bar.clear()
-        scheduler.step()
+            measured = weight_densities(model)
+            if sparse is not None:
+                layer_dens = {k: float(v) for k, v in sparse.layer_densities().items()}
+                overall = float(sparse.density())
+                measured_overall = _overall_density(model, list(layer_dens))
+            else:
+                layer_dens = measured
+                overall = measured_overall = _overall_density(model)
+            # Mask update after the epoch's evaluation, and none after the last epoch.
+            if sparse is not None and epoch < cfg.epochs:
+                sparse.end_epoch()
+            if sparse is not None:
+                new = sparse.history[history_seen:]
+                history_seen = len(sparse.history)
+                mask_updates.extend({"epoch": epoch, **_report_dict(r)} for r in new)
+            wall = elapsed_before + time.perf_counter() - t_start
+            record = {
+                "epoch": epoch,
+                "lr": lr,
+                "train_loss": loss_sum / seen,
+                "train_acc": 100.0 * correct / seen,
+                "test_loss": test_loss,
+                "test_acc": test_acc,
+                "density": overall,
+                "measured_density": measured_overall,
+                "layer_densities": layer_dens,
+                "epoch_time_s": time.perf_counter() - t_epoch,
+                "wall_time_s": wall,
+            }
+            epochs_done.append(record)
+            layers_txt = " ".join(
+                f"{k.removesuffix('.weight')}={v:.3f}" for k, v in layer_dens.items()
+            )
+            stream.write(
+                f"epoch {epoch:>{len(str(cfg.epochs))}}/{cfg.epochs}  lr {lr:.4g}  "
+                f"train loss {record['train_loss']:.4f} acc {record['train_acc']:.2f}%  "
+                f"test loss {test_loss:.4f} acc {test_acc:.2f}%  density {overall:.4f} "
+                f"[{layers_txt}]  {record['epoch_time_s']:.1f}s\n"
+            )
+            stream.flush()
 
-        test_loss, test_acc = evaluate(model, x_test, y_test, cfg.eval_batch_size)
-        measured = weight_densities(model)
-        if sparse is not None:
-            layer_dens = {k: float(v) for k, v in sparse.layer_densities().items()}
-            overall = float(sparse.density())
-            measured_overall = _overall_density(model, list(layer_dens))
-        else:
-            layer_dens = measured
-            overall = measured_overall = _overall_density(model)
-        # Mask update after the epoch's evaluation, and none after the last epoch.
-        if sparse is not None and epoch < cfg.epochs:
-            sparse.end_epoch()
-        if sparse is not None:
-            new = sparse.history[history_seen:]
-            history_seen = len(sparse.history)
-            mask_updates.extend({"epoch": epoch, **_report_dict(r)} for r in new)
-        wall = elapsed_before + time.perf_counter() - t_start
-        record = {
-            "epoch": epoch,
-            "lr": lr,
-            "train_loss": loss_sum / seen,
-            "train_acc": 100.0 * correct / seen,
-            "test_loss": test_loss,
-            "test_acc": test_acc,
-            "density": overall,
-            "measured_density": measured_overall,
-            "layer_densities": layer_dens,
-            "epoch_time_s": time.perf_counter() - t_epoch,
-            "wall_time_s": wall,
-        }
-        epochs_done.append(record)
-        layers_txt = " ".join(f"{k.removesuffix('.weight')}={v:.3f}" for k, v in layer_dens.items())
-        stream.write(
-            f"epoch {epoch:>{len(str(cfg.epochs))}}/{cfg.epochs}  lr {lr:.4g}  "
-            f"train loss {record['train_loss']:.4f} acc {record['train_acc']:.2f}%  "
-            f"test loss {test_loss:.4f} acc {test_acc:.2f}%  density {overall:.4f} "
-            f"[{layers_txt}]  {record['epoch_time_s']:.1f}s\n"
-        )
-        stream.flush()
-
-        summary = _summary(
-            cfg, data_info, epochs_done, model, len(mask_updates), wall, done=epoch == cfg.epochs
-        )
-        if out is not None:
-            torch.save(
-                {
+            summary = _summary(
+                cfg,
+                data_info,
+                epochs_done,
+                model,
+                len(mask_updates),
+                wall,
+                done=epoch == cfg.epochs,
+                schedule_epochs=schedule_epochs,
+            )
+            if folder is not None:
+                checkpoint = {
+                    "format": CHECKPOINT_FORMAT,
                     "config": cfg.to_dict(),
+                    "schedule_epochs": schedule_epochs,
+                    "data": {"source": source, "fingerprint": fingerprint},
                     "epoch": epoch,
                     "model": model.state_dict(),
                     "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict(),
                     "sparse": sparse.state_dict() if sparse is not None else None,
-                    "rng": _rng_state(),
+                    "rng": rng_state(),
                     "metrics": epochs_done,
                     "mask_updates": mask_updates,
                     "wall_time_s": wall,
-                },
-                out / (CHECKPOINT_NAME + ".tmp"),
-            )
-            (out / (CHECKPOINT_NAME + ".tmp")).replace(out / CHECKPOINT_NAME)
-            _write_json(out / SUMMARY_NAME, summary)
-            _write_json(out / MASK_UPDATES_NAME, mask_updates)
-            _write_telemetry(out, summary, mask_updates, model, x_train[: cfg.batch_size], sparse)
-        if on_epoch_end is not None:
-            on_epoch_end(record)
-        if stop_after is not None and epoch >= stop_after and epoch < cfg.epochs:
-            stream.write(f"stopped after epoch {epoch} as asked; resume with --resume\n")
-            break
+                }
+                folder.commit(
+                    {
+                        CHECKPOINT_NAME: functools.partial(torch.save, checkpoint),
+                        SUMMARY_NAME: functools.partial(_write_json, data=summary),
+                        MASK_UPDATES_NAME: functools.partial(_write_json, data=mask_updates),
+                        TELEMETRY_NAME: functools.partial(
+                            _write_telemetry,
+                            summary=summary,
+                            mask_updates=mask_updates,
+                            model=model,
+                            example=x_train[: cfg.batch_size],
+                            sparse=sparse,
+                        ),
+                    },
+                    tag=epoch,
+                )
+                saved_epoch = epoch
+            if on_epoch_end is not None:
+                on_epoch_end(record)
+            if stop_after is not None and epoch >= stop_after and epoch < cfg.epochs:
+                stream.write(f"stopped after epoch {epoch} as asked; resume with --resume\n")
+                break
+    except KeyboardInterrupt:
+        bar.clear()
+        if folder is not None and folder.committed == epoch:
+            saved_epoch = epoch  # stopped after the commit point of this epoch's state
+        raise TrainingInterrupted(epoch, saved_epoch, out) from None
 
     if tensorboard is not None and epochs_done:
         from sparsecore.telemetry import record_from_run, write_tensorboard
@@ -489,6 +695,7 @@ def run_training(
         len(mask_updates),
         final.get("wall_time_s", 0.0),
         done=True,
+        schedule_epochs=schedule_epochs,
     )
     if final:
         label = "final" if summary["completed"] else f"after epoch {final['epoch']}:"
@@ -511,6 +718,7 @@ def _summary(
     wall: float,
     *,
     done: bool,
+    schedule_epochs: int,
 ) -> dict[str, Any]:
     final = epochs[-1] if epochs else {}
     params = dict(model.named_parameters())
@@ -521,6 +729,7 @@ def _summary(
             "model": cfg.model,
             "method": cfg.method,
             "config": cfg.to_dict(),
+            "schedule_epochs": schedule_epochs,
             "completed": done and bool(epochs) and final.get("epoch") == cfg.epochs,
             "epochs_completed": final.get("epoch", 0),
             "final_test_acc": final.get("test_acc"),
@@ -542,15 +751,16 @@ def _summary(
 
 # -- run record for `sparsecore report` (sparsecore.telemetry) --------------------------------------
 def _write_telemetry(
-    out: Path,
+    path: Path,
     summary: dict[str, Any],
     mask_updates: list[dict[str, Any]],
     model: nn.Module,
     example: torch.Tensor,
     sparse: Any,
 ) -> None:
-    """Write telemetry.json: mask updates, epochs and, for sparse runs, per-layer FLOPs."""
-    from sparsecore.telemetry import TELEMETRY_NAME, flops_section, record_from_run
+    """Write telemetry.json at ``path``: mask updates, epochs and, for sparse runs, per-layer
+    FLOPs."""
+    from sparsecore.telemetry import flops_section, record_from_run
 
     from .flops import count_flops
 
@@ -558,7 +768,7 @@ def _write_telemetry(
     if sparse is not None:
         masks = {name: sparse.mask(name) for name in sparse.names}
         flops = flops_section(count_flops(model, example, masks), batch=int(example.shape[0]))
-    record_from_run(summary, mask_updates, flops=flops).save(out / TELEMETRY_NAME)
+    record_from_run(summary, mask_updates, flops=flops).save(path)
 
 
 def _version() -> str:

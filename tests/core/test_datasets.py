@@ -104,6 +104,9 @@ def test_truncated_gzip_stream(tmp_path):
         (bytes([0, 0, 0x08, 0]), r"0 dimensions"),
         (bytes([0, 0, 0x08, 3, 0, 0, 0, 1]), r"truncated header"),
         (bytes([0, 0, 0x08, 1, 0, 0, 0, 2, 1, 2, 3]), r"1 unexpected bytes"),
+        # dimensions whose product overflows 64 bits (it used to wrap around)
+        (bytes([0, 0, 0x0E, 3]) + b"\xff" * 12 + b"\x00" * 8, r"needs 633825299\d+ bytes"),
+        (bytes([0, 0, 0x08, 2]) + b"\x00\x01\x00\x00" * 2 + b"\x00" * 4, r"truncated data"),
     ],
 )
 def test_malformed_files(tmp_path, content, message):
@@ -112,6 +115,19 @@ def test_malformed_files(tmp_path, content, message):
     with pytest.raises(DatasetError, match=message) as info:
         read_idx(path)
     assert "bad-file" in str(info.value)
+
+
+def test_train_and_test_images_of_different_sizes_are_refused():
+    sub = load_embedded_fashion_mnist()
+    with pytest.raises(DatasetError, match=r"train images are 28x28 pixels but test images 32x32"):
+        ImageDataset(
+            "x",
+            "here",
+            sub.train_images[:5],
+            sub.train_labels[:5],
+            np.zeros((5, 32, 32), np.uint8),
+            sub.test_labels[:5],
+        )
 
 
 def test_missing_file(tmp_path):

@@ -87,7 +87,7 @@ def test_state_for_other_layers_is_refused() -> None:
     other = SparseEngine(SparseConfig(density=0.2), ["x"], [(5, 5)])
     with pytest.raises(SparseCoreError, match="layers"):
         engine.load_state_dict(other.state_dict())
-    with pytest.raises(SparseCoreError, match="not a sparsecore engine state"):
+    with pytest.raises(SparseCoreError, match="engine state field .config. is missing"):
         engine.load_state_dict({"names": NAMES})
 
 

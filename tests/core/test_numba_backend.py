@@ -418,3 +418,9 @@ def test_unit_nonzero_matches_the_reference_on_every_axis(dtype):
             assert np.array_equal(numba_backend.unit_nonzero(strided, axis), want)
     zeros = np.zeros((4, 3), dtype=dtype)
     assert not numba_backend.unit_nonzero(zeros, 0).any()
+
+
+def test_unit_nonzero_of_other_byte_orders_and_types_takes_the_reference_way():
+    x = np.array([[0.0, 1.5], [0.0, -0.0]], dtype=">f4")
+    assert NumbaBackend().unit_nonzero(x, 0).tolist() == [True, False]
+    assert NumbaBackend().unit_nonzero(x.astype(np.int32), 1).tolist() == [False, True]

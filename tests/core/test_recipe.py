@@ -103,3 +103,22 @@ def test_sparse_options_are_the_same_keywords_for_both_jobs() -> None:
     assert SparseConfig.from_options(**plain).init == "uniform"
     revived = Recipe(cover_units=True, revive_dead_units=True).sparse_options(1000)
     assert revived is not None and revived["cover_units"] and revived["revive_dead_units"]
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("epochs", 2.5, r"invalid epochs: 2.5 \(an integer\)"),
+        ("epochs", True, r"invalid epochs: True \(an integer\)"),
+        ("density", True, r"invalid density: True \(a number\)"),
+        ("lr", "0.1", r"invalid lr: '0.1' \(a number\)"),
+        ("nesterov", "no", r"invalid nesterov: 'no' \(True or False\)"),
+        ("limit_train", 10.0, r"invalid limit_train: 10.0 \(an integer\)"),
+        ("lr_decay_at", (0.5, "x"), r"invalid lr_decay_at"),
+    ],
+)
+def test_options_of_the_wrong_type_are_refused(field, value, message):
+    """The Python API takes no type from argparse: a boolean, a string or 2.5 epochs must give
+    the option's error, not a TypeError later in training."""
+    with pytest.raises(ValueError, match=message):
+        Recipe(**{field: value}).check(["lenet300"])

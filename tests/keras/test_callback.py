@@ -182,10 +182,24 @@ def _unchanged(model, kernels):
         assert np.array_equal(host(layer.kernel), k)
 
 
-@pytest.mark.parametrize("density", [0.0, -0.1, 1.5])
+@pytest.mark.parametrize("density", [0.0, -0.1, 1.5, True])
 def test_density_outside_range(density):
     with pytest.raises(sparsecore.SparseCoreError, match="density"):
         SparseCallback(density=density)
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"dense_first": "no"}, "dense_first must be True or False, got 'no'"),
+        ({"embeddings": 1}, "embeddings must be True or False, got 1"),
+        ({"seed": 1.5}, "seed must be an integer >= 0, got 1.5"),
+        ({"update_every": True}, "update_every must be a positive integer or None, got True"),
+    ],
+)
+def test_settings_that_cannot_work_are_refused(options, message):
+    with pytest.raises(sparsecore.SparseCoreError, match=message):
+        SparseCallback(**options)
 
 
 def test_unknown_option_and_gradient_growth_are_refused():

@@ -78,3 +78,62 @@ def test_train_keras_takes_the_mask_options(tmp_path):
         assert max(epoch["layer_densities"].values()) <= 0.5
     assert summary["epochs"][-1]["layer_densities"]["fc3/kernel"] == 0.5
     assert summary["final_measured_density"] == 0.05
+
+
+def test_train_keras_checks_out_and_images_before_training(tmp_path, capsys):
+    """--out naming a file, or images of another size: one line, exit 2, before any training;
+    a finished run's folder holds model, summary and run record of the same commit."""
+    (tmp_path / "file").write_text("x")
+    base = ["train", "--framework", "keras", "--epochs", "1", "--data", "embedded"]
+    assert main([*base, "--out", str(tmp_path / "file")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].endswith(
+        "file: is a file, not a folder (--out names the run folder)"
+    )
+    assert main([*base, "--out", str(tmp_path / "file" / "sub")]) == 2
+    assert "is a file, not a folder" in capsys.readouterr().err
+
+    from sparsecore.datasets import FASHION_MNIST_FILES, write_idx
+
+    data = tmp_path / "fm32"
+    data.mkdir()
+    for key, stem in FASHION_MNIST_FILES.items():
+        n = 100 if "train" in key else 20
+        write_idx(data / stem, np.zeros((n, 32, 32) if "images" in key else n, dtype=np.uint8))
+    args = ["train", "--framework", "keras", "--data", str(data), "--out", str(tmp_path / "r")]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "images are 32x32 pixels; model lenet300 takes 28x28" in err[0]
+    assert not (tmp_path / "r").exists()
+
+
+def test_train_keras_ctrl_c_says_nothing_was_saved(tmp_path):
+    """A real SIGINT in the middle of the Keras job (sent when epoch 1's line is written):
+    TrainingInterrupted says where it stopped (the command prints it and exits with 130, as the
+    PyTorch job's tests check), and the run folder gets nothing."""
+    import io
+    import os
+    import signal
+
+    import pytest
+
+    from sparsecore.datasets import load_embedded_fashion_mnist
+    from sparsecore.keras.train import KerasTrainConfig, run_training
+    from sparsecore.recipe import TrainingInterrupted
+
+    class CtrlCAfterEpochOne(io.StringIO):
+        def write(self, text: str) -> int:
+            if text.startswith("epoch 1/"):
+                os.kill(os.getpid(), signal.SIGINT)
+            return super().write(text)
+
+    cfg = KerasTrainConfig(epochs=5, limit_train=200, limit_test=50)
+    out = tmp_path / "run"
+    with pytest.raises(TrainingInterrupted) as info:
+        run_training(
+            cfg, dataset=load_embedded_fashion_mnist(), out_dir=out, stream=CtrlCAfterEpochOne()
+        )
+    assert info.value.message() == (
+        "interrupted in epoch 2; this job writes its results when it ends, so nothing was saved"
+    )
+    assert not (out / "summary.json").exists()

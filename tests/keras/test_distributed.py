@@ -19,6 +19,8 @@ import pytest
 SCRIPT = textwrap.dedent(
     """
     import json
+    import warnings
+
     import numpy as np
     import tensorflow as tf
 
@@ -76,6 +78,49 @@ SCRIPT = textwrap.dedent(
     out["own_nonzero"] = own is not None and all(
         np.any(replicas(b)[0][0] != 0) for b in own.buffers
     )
+
+    # on_nonfinite='skip': a NaN in fc1's momentum at step 2, before the update due after it. The
+    # update runs once, in cross-replica context, so its decision holds for every replica.
+    from sparsecore.keras.momentum import optimizer_slots
+
+    class PoisonMomentum(keras.callbacks.Callback):
+        def on_train_batch_begin(self, batch, logs=None):
+            if batch == 1:  # after step 1, before step 2
+                layer = self.model.get_layer("fc1")
+                slot = optimizer_slots(self.model.optimizer, layer.kernel)[0]
+                slot.assign(np.full(slot.shape, np.nan, dtype="float32"))
+
+    with strategy.scope():
+        keras.utils.set_random_seed(1)
+        model2 = keras.Sequential(
+            [
+                keras.Input((10,)),
+                keras.layers.Dense(24, activation="relu", name="fc1"),
+                keras.layers.Dense(3, name="out"),
+            ]
+        )
+        model2.compile(
+            optimizer=keras.optimizers.SGD(0.05, momentum=0.9),
+            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        )
+    cb2 = SparseCallback(density=0.2, update_every=2, on_nonfinite="skip")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model2.fit(x, y, batch_size=32, epochs=1, callbacks=[PoisonMomentum(), cb2], verbose=0)
+    skip = {"reasons": [r.reason for r in cb2.history if r.skipped], "layers": {}}
+    skip["updates"] = cb2.engine.updates
+    for w, c in zip(cb2.weights, cb2.constraints):
+        masks, _ = replicas(c.mask)
+        kernels, _ = replicas(w.variable)
+        skip["layers"][w.name] = {
+            "masks_equal": all(np.array_equal(masks[0], m) for m in masks),
+            "zero_outside": all(
+                not np.any(k.view(np.uint32)[~masks[0]]) for k in kernels
+            ),
+            "count": int(masks[0].sum()),
+        }
+    skip["target"] = cb2.engine.target
+    out["skip"] = skip
     print("RESULT " + json.dumps(out))
     """
 )
@@ -108,3 +153,11 @@ def test_mirrored_strategy_replicas_share_masks(optimizer):
     if "momentum=0.9" not in optimizer:
         assert result["momentum_source"].startswith("the library's own gradient average")
         assert result["own_nonzero"]
+
+    # NaN momentum with on_nonfinite='skip': the update is decided once for all replicas
+    skip = result["skip"]
+    assert skip["updates"] == 0 and len(skip["reasons"]) == 1  # due after step 2 (of 4)
+    assert "layer 'fc1/kernel':" in skip["reasons"][0] and "NaN or Inf" in skip["reasons"][0]
+    assert sum(layer["count"] for layer in skip["layers"].values()) == skip["target"]
+    for name, layer in skip["layers"].items():
+        assert layer["masks_equal"] and layer["zero_outside"], name

@@ -49,6 +49,7 @@ def main() -> None:
             {
                 "checksum": checksum,
                 "updates": len(sparse.history),
+                "history": [r.to_dict() for r in sparse.history],
                 "names": sparse.names,
                 "nnz": [int(m.sum()) for m in sparse.masks],
                 "weights_zero": weights_zero,

@@ -36,6 +36,15 @@ def _unchanged(model: nn.Module, snap: dict[str, torch.Tensor]) -> bool:
         ({"not_an_option": 1}, r"unknown attach option\(s\) \['not_an_option'\]"),
         ({"kernels": "tpu"}, r"kernels must be one of .* got 'tpu'"),
         ({"include": [3]}, r"include takes .* got 3"),
+        # booleans are not numbers; 64 weights at density 0.005 keep round(0.32) = 0 of them
+        ({"density": True}, r"density must lie in \(0, 1\], got True"),
+        ({"prune_rate": True}, r"prune_rate must lie in \[0, 1\], got True"),
+        ({"seed": True}, r"seed must be an integer >= 0, got True"),
+        ({"seed": 1.5}, r"seed must be an integer >= 0, got 1.5"),
+        ({"update_every": True}, r"update_every must be a positive integer or None, got True"),
+        ({"density": 0.005}, r"keeps round\(0.005 \* 64\) = 0 active weights"),
+        ({"dense_first": "no"}, r"dense_first must be True or False, got 'no'"),
+        ({"dense_last": 1}, r"dense_last must be True or False, got 1"),
     ],
 )
 def test_bad_options(kwargs, message):
@@ -134,8 +143,26 @@ def test_load_state_dict_rejects_foreign_state():
         nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3)), total_steps=10, density=0.5
     )
     masks = [m.clone() for m in sparse.masks]
-    with pytest.raises(SparseCoreError, match="does not fit"):
+    with pytest.raises(
+        SparseCoreError, match=r"field .masks\[1\]. must be a torch.bool tensor of shape \(2, 8\)"
+    ):
         sparse.load_state_dict(other.state_dict())
     with pytest.raises(SparseCoreError, match="not a sparsecore.torch state"):
         sparse.load_state_dict({"masks": []})
     assert all(torch.equal(a, b) for a, b in zip(masks, sparse.masks))
+
+
+def test_a_layer_left_without_weights_is_refused_and_numpy_numbers_work():
+    layer = nn.Linear(3, 3)
+    snap = _snapshot(layer)
+    with pytest.raises(SparseCoreError, match=r"round\(0.01 \* 9\) = 0 active weights"):
+        st.attach(layer, density=0.01)
+    assert _unchanged(layer, snap)
+    import numpy as np
+
+    sparse = st.attach(
+        nn.Linear(20, 10), density=np.float32(0.25), seed=np.int64(2), prune_schedule="constant"
+    )
+    assert sparse.config.density == float(np.float32(0.25)) and sparse.config.seed == 2
+    assert type(sparse.config.density) is float and type(sparse.config.seed) is int
+    assert sum(int(m.sum()) for m in sparse.masks) == 50

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import sparsecore.torch as st
+from sparsecore import SparseCoreError
 
 
 def _model() -> nn.Module:
@@ -101,7 +102,7 @@ def test_export_to_csr_and_load_back():
     torch.save(exported, buffer)
     buffer.seek(0)
     fresh = _model()
-    masks = st.load_sparse(fresh, torch.load(buffer, weights_only=False))
+    masks = st.load_sparse(fresh, torch.load(buffer, weights_only=True))
     for (k, a), b in zip(model.state_dict().items(), fresh.state_dict().values()):
         assert torch.equal(a, b), k
     for name in sparse.names:
@@ -195,3 +196,33 @@ def test_manual_step_skips_nonfinite_gradients():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         sparse.detach()
+
+
+def test_load_sparse_checks_everything_before_changing_the_model():
+    model, opt, sparse = _make("sgd")
+    _run(model, opt, sparse, 0, 4)
+    exported = sparse.export()
+    other = nn.Sequential(
+        nn.Conv2d(1, 6, 3), nn.ReLU(), nn.Flatten(), nn.Linear(6 * 6 * 6, 20), nn.ReLU(),
+        nn.Linear(20, 5),
+    )  # fmt: skip
+    before = {k: v.clone() for k, v in other.state_dict().items()}
+    with pytest.raises(SparseCoreError, match=r"'5.weight': the export holds shape \(4, 20\)"):
+        st.load_sparse(other, exported)
+    bad = dict(exported, state=dict(exported["state"]))
+    csr = exported["state"]["3.weight"]
+    cols = csr.col_indices().clone()
+    cols[0] = 10_000  # a column outside the matrix
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        bad["state"]["3.weight"] = torch.sparse_csr_tensor(
+            csr.crow_indices(), cols, csr.values(), size=csr.shape, check_invariants=False
+        )
+    fresh = _model()
+    with pytest.raises(SparseCoreError, match="'3.weight': not a valid CSR tensor"):
+        st.load_sparse(fresh, bad)
+    assert all(torch.equal(v, before[k]) for k, v in other.state_dict().items())
+    assert all(
+        torch.equal(v, w)
+        for v, w in zip(fresh.state_dict().values(), _model().state_dict().values())
+    )

@@ -29,7 +29,7 @@ def _summary(run: Path) -> dict:
 
 
 def _load_weights(run: Path) -> dict[str, torch.Tensor]:
-    ckpt = torch.load(run / "checkpoint.pt", map_location="cpu", weights_only=False)
+    ckpt = torch.load(run / "checkpoint.pt", map_location="cpu", weights_only=True)
     return ckpt["model"]
 
 
@@ -81,7 +81,7 @@ def test_tiny_run_summary_and_density(tmp_path, method, capsys):
 
 def _saved_masks(run: Path) -> dict[str, torch.Tensor]:
     """The sparse state's masks from a run's checkpoint, by parameter name."""
-    ckpt = torch.load(run / "checkpoint.pt", map_location="cpu", weights_only=False)
+    ckpt = torch.load(run / "checkpoint.pt", map_location="cpu", weights_only=True)
     if ckpt["sparse"] is None:
         return {k: torch.ones_like(v, dtype=torch.bool) for k, v in ckpt["model"].items()}
     return dict(zip(ckpt["sparse"]["names"], ckpt["sparse"]["masks"], strict=True))
@@ -256,7 +256,9 @@ def test_errors_are_clear_and_write_nothing(tmp_path, capsys):
     assert _train(run, "--method", "dense", "--epochs", "1", "--overwrite") == 0
 
     rc = main(["train", "--resume", str(run), "--lr", "0.5", "--data", "embedded"])
-    assert rc == 2 and "differs from the checkpoint" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert rc == 2 and f"{run / 'checkpoint.pt'}: the options given differ" in err
+    assert "\n  lr: 0.1 (checkpoint) -> 0.5 (given)\n" in err
     rc = main(["train", "--resume", str(tmp_path / "nothing")])
     assert rc == 2 and "no checkpoint" in capsys.readouterr().err
     rc = main(["train", "--data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "x")])

@@ -26,7 +26,7 @@ def _updates(run: Path) -> list[dict]:
 
 
 def _checkpoint(run: Path) -> dict:
-    return torch.load(run / "checkpoint.pt", map_location="cpu", weights_only=False)
+    return torch.load(run / "checkpoint.pt", map_location="cpu", weights_only=True)
 
 
 def _engine_config(run: Path) -> dict:
