@@ -116,6 +116,11 @@ class ArrayBackend(abc.ABC):
             return self.unit_count(x, axis, active=True) > 0
         return self.unit_abs_sum(x, axis) > 0
 
+    def units_nonzero(self, xs: Sequence[Any], axes: Sequence[int]) -> list[np.ndarray]:
+        """:meth:`unit_nonzero` of every array. Backends of a device override it to bring all
+        the answers back in one transfer: the engine asks it of every layer at every update."""
+        return [self.unit_nonzero(x, axis) for x, axis in zip(xs, axes)]
+
     # -- selection ----------------------------------------------------------------------------
     @abc.abstractmethod
     def select(

@@ -33,7 +33,7 @@ from .modes import (
 from .redistribute import capacities, importance_shares, split_budget
 from .report import LayerReport, UpdateReport
 from .saved_state import EngineState, read_engine_state
-from .units import dead_units, revival_quotas, revival_scale
+from .units import dead_units_of, revival_quotas, revival_scale
 from .validation import check_flag, check_integer, check_real, check_shape
 
 
@@ -204,7 +204,7 @@ def _generic_update(
     sizes = [math.prod(be.shape(layer.mask)) for layer in layers]
     nnz = [be.count(layer.mask) for layer in layers]
     keys = [HashKey(plan.seed, plan.update_index, i) for i in range(len(layers))]
-    dead = [dead_units(be, layer) for layer in layers]  # as the update found the layers
+    dead = dead_units_of(be, layers)  # as the update found the layers
 
     # 1. importance, before pruning
     scores = [0.0] * len(layers)
@@ -337,7 +337,7 @@ def _fused_update(
     sizes = [math.prod(be.shape(layer.mask)) for layer in layers]
     nnz = [scan.nnz for scan in scans]
     keys = [HashKey(plan.seed, plan.update_index, i) for i in range(len(layers))]
-    dead = [dead_units(be, layer) for layer in layers]
+    dead = dead_units_of(be, layers)
     try:
         if source is None:
             scores = [float(n) if plan.redistribution == "nonzero" else 0.0 for n in nnz]

@@ -28,7 +28,7 @@ from .layers import Layer
 from .redistribute import split_budget
 from .report import UpdateReport
 
-__all__ = ["dead_unit_counts", "dead_units", "revival_quotas", "revival_scale"]
+__all__ = ["dead_unit_counts", "dead_units", "dead_units_of", "revival_quotas", "revival_scale"]
 
 
 def dead_units(backend: ArrayBackend, layer: Layer) -> np.ndarray:
@@ -44,6 +44,24 @@ def dead_units(backend: ArrayBackend, layer: Layer) -> np.ndarray:
     if not moving.any():
         return empty
     return empty | ~moving
+
+
+def dead_units_of(backend: ArrayBackend, layers: Sequence[Layer]) -> list[np.ndarray]:
+    """:func:`dead_units` of every layer, asked of the backend in one call (one host read on a
+    device backend)."""
+    arrays = [layer.mask for layer in layers]
+    axes = [layer.axis for layer in layers]
+    with_momentum = [i for i, layer in enumerate(layers) if layer.momentum is not None]
+    arrays += [layers[i].momentum for i in with_momentum]
+    axes += [layers[i].axis for i in with_momentum]
+    answers = backend.units_nonzero(arrays, axes)
+    moving: dict[int, np.ndarray] = dict(zip(with_momentum, answers[len(layers) :]))
+    out = []
+    for i in range(len(layers)):
+        empty = ~answers[i]
+        m = moving.get(i)
+        out.append(empty if m is None or not m.any() else empty | ~m)
+    return out
 
 
 def dead_unit_counts(
