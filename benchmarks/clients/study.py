@@ -153,8 +153,9 @@ def main() -> None:
             list(pool.map(lambda j: run_one(*j), jobs))
     results = tabulate(root, args)
     (root / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+    (root / "tables.md").write_text(markdown(results))
     plot(results, root / "clients.png")
-    print(f"wrote {root / 'results.json'} and {root / 'clients.png'}")
+    print(f"wrote {root / 'results.json'}, {root / 'tables.md'} and {root / 'clients.png'}")
 
 
 def tabulate(root: Path, args: argparse.Namespace) -> dict[str, Any]:
@@ -208,6 +209,41 @@ def tabulate(root: Path, args: argparse.Namespace) -> dict[str, Any]:
             out["clients"][client]["halfway"] = half
             print(f"  halfway from narrow to dense: {half:.4f}")
     return out
+
+
+def markdown(results: dict[str, Any]) -> str:
+    """The tables of docs/results.md: per client, each arm's mean, 95% interval and seeds, its
+    dead conv filters, then the paired differences."""
+    lines = []
+    for client, data in results["clients"].items():
+        fmt = "{:.2f}" if data["higher_is_better"] else "{:.4f}"
+        lines += [f"**{client}** ({data['metric']}, "
+                  f"{'higher' if data['higher_is_better'] else 'lower'} is better)", "",
+                  "| arm | mean | 95% CI | per seed | dead conv filters (per seed) |",
+                  "|---|---|---|---|---|"]  # fmt: skip
+        for arm in ARMS:
+            if arm not in data["arms"]:
+                continue
+            a = data["arms"][arm]
+            dead = [
+                "-" if d is None else "/".join(str(v) for k, v in d.items() if k.startswith("conv"))
+                for d in a["dead_units"]
+            ]
+            lines.append(
+                f"| {arm} | {fmt.format(a['mean'])} | [{fmt.format(a['ci95'][0])}, "
+                f"{fmt.format(a['ci95'][1])}] | {' '.join(fmt.format(v) for v in a['values'])} | "
+                f"{' '.join(dead)} |"
+            )
+        lines += ["", "| paired difference | mean | 95% CI | per seed |", "|---|---|---|---|"]
+        for name, p in data["paired"].items():
+            lines.append(
+                f"| {name} | {fmt.format(p['mean'])} | [{fmt.format(p['ci95'][0])}, "
+                f"{fmt.format(p['ci95'][1])}] | {' '.join(fmt.format(v) for v in p['values'])} |"
+            )
+        if "halfway" in data:
+            lines.append(f"\nhalfway from narrow to dense: {fmt.format(data['halfway'])}")
+        lines.append("")
+    return "\n".join(lines) + "\n"
 
 
 def plot(results: dict[str, Any], path: Path) -> None:
