@@ -6,8 +6,8 @@ imports NumPy only; framework adapters live in ``sparsecore.torch`` and ``sparse
 
 from .backend import ArrayBackend, backend_for, get_backend, register_backend
 from .config import SparseConfig, option_names
-from .engine import SparseEngine, UpdateResult, apply_masks, check_layers, update
-from .errors import NonFiniteError, SparseCoreError
+from .engine import SparseEngine, UpdateResult, apply_masks, check_layers, new_weights, update
+from .errors import DeadUnitsWarning, NonFiniteError, SparseCoreError
 from .hashing import HashKey, layer_hash, mix32, position_hash
 from .init import initial_mask, initial_masks, layer_counts, layer_densities, target_count
 from .layers import Layer
@@ -20,6 +20,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ArrayBackend",
+    "DeadUnitsWarning",
     "HashKey",
     "Layer",
     "LayerReport",
@@ -42,6 +43,7 @@ __all__ = [
     "layer_densities",
     "layer_hash",
     "mix32",
+    "new_weights",
     "option_names",
     "position_hash",
     "prune_rate_at",

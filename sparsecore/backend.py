@@ -107,6 +107,20 @@ class ArrayBackend(abc.ABC):
     def unit_count(self, mask: Any, axis: int, active: bool) -> np.ndarray:
         """Per output unit, the number of positions where ``mask == active``; a host int64 array."""
 
+    def unit_nonzero(self, x: Any, axis: int) -> np.ndarray:
+        """Per output unit, whether any of its entries is non-zero (True for a boolean mask);
+        a host boolean array. Dead-unit counts read it at every update, so a backend may answer
+        it faster than a sum (the Numba backend stops at the first non-zero entry of each unit).
+        """
+        if self.dtype_kind(x) == "b":
+            return self.unit_count(x, axis, active=True) > 0
+        return self.unit_abs_sum(x, axis) > 0
+
+    def units_nonzero(self, xs: Sequence[Any], axes: Sequence[int]) -> list[np.ndarray]:
+        """:meth:`unit_nonzero` of every array. Backends of a device override it to bring all
+        the answers back in one transfer: the engine asks it of every layer at every update."""
+        return [self.unit_nonzero(x, axis) for x, axis in zip(xs, axes)]
+
     # -- selection ----------------------------------------------------------------------------
     @abc.abstractmethod
     def select(
@@ -205,6 +219,15 @@ class ArrayBackend(abc.ABC):
 
         Returns a new array; adapters that update parameters in place do so themselves.
         """
+
+    def signed_fill(self, x: Any, where: Any, value: float, key: HashKey) -> Any:
+        """A copy of ``x`` with the positions where ``where`` is True set to ``+value`` or
+        ``-value`` in ``x``'s dtype: ``+value`` where the position hash of ``key`` is odd.
+
+        The values of weights grown into dead units (ALGORITHM.md, "Dead units"): random signs
+        that every backend draws identically.
+        """
+        raise NotImplementedError(f"backend {self.name!r} does not implement signed_fill")
 
 
 _REGISTRY: dict[str, ArrayBackend] = {}

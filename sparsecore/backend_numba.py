@@ -1171,6 +1171,25 @@ def _fused_dtype(layer: Layer) -> bool:
     )
 
 
+@_jit()
+def _units_nonzero(x, out):  # pragma: no cover - jitted
+    """``out[u]``: does ``x[:, u, :]`` (a C-contiguous (pre, units, post) array) hold a non-zero
+    entry? Each unit's scan stops at its first one, and the whole scan once every unit has one."""
+    pre, units, post = x.shape
+    left = units
+    for p in range(pre):
+        for u in range(units):
+            if out[u]:
+                continue
+            for q in range(post):
+                if x[p, u, q] != 0:
+                    out[u] = True
+                    left -= 1
+                    break
+        if left == 0:
+            return
+
+
 class NumbaBackend(NumpyBackend):
     """NumPy arrays, with every full-layer pass compiled, fused and run on all cores.
 
@@ -1503,6 +1522,25 @@ class NumbaBackend(NumpyBackend):
             out,
         )
         return out.reshape(shape)
+
+    def unit_nonzero(self, x: Any, axis: int) -> np.ndarray:
+        if not (
+            isinstance(x, np.ndarray)
+            and x.flags.c_contiguous
+            and x.dtype.isnative
+            and (x.dtype == np.bool_ or (x.dtype.kind == "f" and x.dtype.itemsize in (2, 4, 8)))
+        ):
+            return super().unit_nonzero(x, axis)
+        shape = x.shape
+        axis %= len(shape)
+        pre = int(np.prod(shape[:axis], dtype=np.int64))
+        post = int(np.prod(shape[axis + 1 :], dtype=np.int64))
+        values = x.view(np.uint8) if x.dtype == np.bool_ else x
+        if values.dtype.kind == "f" and values.dtype.itemsize == 2:  # float16: compare the bits
+            values = values.view(np.uint16) & np.uint16(0x7FFF)  # -0.0 is zero too
+        out = np.zeros(shape[axis], dtype=bool)
+        _units_nonzero(values.reshape(pre, shape[axis], post), out)
+        return out
 
     def position_hash(self, key: HashKey, like: Any) -> Any:
         shape = tuple(np.shape(like))

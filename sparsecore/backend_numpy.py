@@ -178,6 +178,12 @@ class ArrayModuleBackend(ArrayBackend):
         xp = self.xp
         return xp.where(old_mask & new_mask, weight, xp.zeros((), dtype=weight.dtype))
 
+    def signed_fill(self, x: Any, where: Any, value: float, key: HashKey) -> Any:
+        xp = self.xp
+        odd = (self.position_hash(key, x) & xp.uint32(1)).astype(bool)
+        magnitude = xp.asarray(value, dtype=x.dtype)
+        return xp.where(where, xp.where(odd, magnitude, -magnitude), x)
+
 
 class NumpyBackend(ArrayModuleBackend):
     """Reference implementation on ``numpy.ndarray``."""

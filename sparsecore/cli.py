@@ -120,6 +120,16 @@ _CONFIG_FLAGS: list[tuple[str, str, str]] = [
         "scale_init",
         "scale each sparse layer's initial weights by 1/sqrt(its density) (not in the paper)",
     ),
+    (
+        "--cover-units",
+        "cover_units",
+        "give every output unit an initial weight where the budget allows (not in the paper)",
+    ),
+    (
+        "--revive-dead-units",
+        "revive_dead_units",
+        "regrow output units without weights or gradient, at non-zero weights (not in the paper)",
+    ),
 ]
 
 

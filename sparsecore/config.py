@@ -1,7 +1,10 @@
 """Every option of sparse training, defined once for the core and all adapters.
 
 ``sparsecore.torch.attach(model, **options)`` and ``sparsecore.keras.SparseCallback(**options)``
-take exactly these names with these meanings; the defaults are the paper's.
+take exactly these names with these meanings, plus ``recipe``: a named set of defaults
+(:data:`RECIPES`). The library's defaults were chosen by measurement on real training scripts
+(docs/results.md, "Defaults chosen on real clients"); ``recipe="paper"`` gives the sparse momentum
+paper's choices, which were the defaults before.
 """
 
 from __future__ import annotations
@@ -17,6 +20,22 @@ from .validation import check_flag, check_integer, check_real, is_integer
 
 ADAM_MOMENTUM = ("exp_avg", "normalized")
 ON_NONFINITE = ("raise", "skip")
+
+#: Named sets of defaults; options given explicitly win over the recipe's. ``"default"`` is the
+#: library's defaults (the field defaults of :class:`SparseConfig`); ``"paper"`` is Dettmers &
+#: Zettlemoyer's recipe: uniform initial densities, growth by momentum over the whole layer, and
+#: dead units left as they are (weights always grown at 0).
+RECIPES: dict[str, dict[str, Any]] = {
+    "default": {},
+    "paper": {
+        "init": "uniform",
+        "prune": "magnitude",
+        "growth": "momentum",
+        "redistribution": "momentum",
+        "cover_units": False,
+        "revive_dead_units": False,
+    },
+}
 
 
 @dataclass(frozen=True)
@@ -34,13 +53,16 @@ class SparseConfig:
     exp_avg / (sqrt(exp_avg_sq) + eps)), ``momentum_beta`` for the library's own gradient EMA when
     the optimizer keeps no momentum; ``reset_optimizer_state`` zeroes optimizer state at positions
     whose mask changed. ``on_nonfinite``: ``raise`` (default) or ``skip`` an update that would
-    read NaN/Inf. ``seed`` fixes initial masks, random growth and tie-breaking.
+    read NaN/Inf. ``seed`` fixes initial masks, random growth and tie-breaking. Dead units
+    (:mod:`sparsecore.units`): ``cover_units`` gives every output unit an initial weight where
+    the budget allows; ``revive_dead_units`` regrows units without weights or gradient with
+    non-zero weights. :meth:`from_options` also takes ``recipe`` (:data:`RECIPES`).
     """
 
     density: float = 0.05
-    init: str = "uniform"
+    init: str = "ER"
     prune: str = "magnitude"
-    growth: str = "momentum"
+    growth: str = "momentum_neuron"
     redistribution: str = "momentum"
     prune_rate: float = 0.5
     prune_rate_min: float = 0.005
@@ -56,6 +78,8 @@ class SparseConfig:
     reset_optimizer_state: bool = False
     on_nonfinite: str = "raise"
     seed: int = 0
+    cover_units: bool = True
+    revive_dead_units: bool = True
 
     def __post_init__(self) -> None:
         self._validate()
@@ -78,6 +102,8 @@ class SparseConfig:
             "reset_optimizer_state": check_flag(
                 "reset_optimizer_state", self.reset_optimizer_state
             ),
+            "cover_units": check_flag("cover_units", self.cover_units),
+            "revive_dead_units": check_flag("revive_dead_units", self.revive_dead_units),
             "update_every": None
             if self.update_every is None
             else check_integer(
@@ -143,18 +169,36 @@ class SparseConfig:
         return asdict(self)
 
     @classmethod
+    def from_options(cls, recipe: str = "default", **options: Any) -> SparseConfig:
+        """The options of ``recipe`` (:data:`RECIPES`), overridden by those given explicitly."""
+        if recipe not in RECIPES:
+            raise SparseCoreError(f"recipe must be one of {sorted(RECIPES)}, got {recipe!r}")
+        unknown = set(options) - {f.name for f in fields(cls)}
+        if unknown:
+            raise SparseCoreError(
+                f"unknown option(s) {sorted(unknown)}; options are {option_names()}"
+            )
+        return cls(**{**RECIPES[recipe], **options})
+
+    @classmethod
     def from_dict(cls, data: dict[str, Any]) -> SparseConfig:
-        """The config :meth:`to_dict` gave; unknown keys and bad values raise naming them."""
+        """The config :meth:`to_dict` gave; unknown keys and bad values raise naming them.
+        Options added since the state was saved take the value that reproduces the saved run
+        (see :data:`ADDED_OPTIONS`), not today's default."""
         if not isinstance(data, dict) or not all(isinstance(k, str) for k in data):
             raise SparseCoreError(
                 f"a SparseConfig is stored as a dict of options, got {type(data).__name__}"
             )
-        return cls().replace(**data)
+        return cls().replace(**{**ADDED_OPTIONS, **data})
+
+
+#: Options added after configs were first saved, with the value that behaves as before them.
+ADDED_OPTIONS: dict[str, Any] = {"cover_units": False, "revive_dead_units": False}
 
 
 def option_names() -> list[str]:
-    """Names of all options, for adapters that forward keyword arguments."""
-    return [f.name for f in fields(SparseConfig)]
+    """Names of all options (``recipe`` included), for adapters that forward keyword arguments."""
+    return [f.name for f in fields(SparseConfig)] + ["recipe"]
 
 
 def _stop_at(value: Any) -> int | float | None:

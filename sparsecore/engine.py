@@ -8,6 +8,7 @@ training run needs (the target count N, the update counter, the history) and the
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -16,7 +17,7 @@ import numpy as np
 
 from .backend import ArrayBackend, backend_for, get_backend
 from .config import SparseConfig
-from .errors import NonFiniteError, SparseCoreError
+from .errors import DeadUnitsWarning, NonFiniteError, SparseCoreError
 from .hashing import HashKey
 from .init import layer_counts
 from .layers import Layer
@@ -32,20 +33,26 @@ from .modes import (
 from .redistribute import capacities, importance_shares, split_budget
 from .report import LayerReport, UpdateReport
 from .saved_state import EngineState, read_engine_state
-from .validation import check_integer, check_real, check_shape
+from .units import dead_units_of, revival_quotas, revival_scale
+from .validation import check_flag, check_integer, check_real, check_shape
 
 
 @dataclass(frozen=True)
 class UpdateResult:
     """New masks (arrays of the layers' backend, in layer order) and what the update did.
 
-    ``weights`` holds the weights under the new masks (what :func:`apply_masks` returns) when the
-    backend computed them in the same pass as the masks (the fused update); otherwise None.
+    ``weights`` holds the weights under the new masks when the backend computed them in the same
+    pass as the masks (the fused update), and whenever weights were grown into dead units with a
+    non-zero start (``revive_dead_units``); otherwise None, and :func:`apply_masks` gives them.
+    ``revived`` then holds, per layer, the boolean array of those positions (None for a layer
+    without any): an adapter that updates weights in place writes ``weights`` there.
+    :func:`new_weights` returns the new weights in every case.
     """
 
     masks: list[Any]
     report: UpdateReport
     weights: list[Any] | None = None
+    revived: list[Any] | None = None
 
 
 # The built-in modes the fused backend capability implements, captured at import: a mode
@@ -72,6 +79,7 @@ def update(
     min_density: float = 0.0,
     step: int | None = None,
     backend: ArrayBackend | str | None = None,
+    revive_dead_units: bool = False,
 ) -> UpdateResult:
     """One mask update (ALGORITHM.md): importance, prune, redistribute, regrow.
 
@@ -83,6 +91,9 @@ def update(
     A backend that offers the fused capability (``supports_fused_update``) runs magnitude
     pruning with momentum growth in two reads per layer and also returns the new weights; the
     masks and the report are those of the generic path.
+
+    ``revive_dead_units``: dead output units (no active weight, or no gradient) first get their
+    share of each layer's regrowth, with non-zero starting weights (:mod:`sparsecore.units`).
     """
     be = _resolve_backend(layers, backend)
     prune_rate, update_index, seed, max_density, min_density, step = _check_update_args(
@@ -93,7 +104,16 @@ def update(
     importance_fn = (
         None if redistribution == "none" else lookup(IMPORTANCE, "importance", redistribution)
     )
-    plan = _Plan(prune_rate, update_index, seed, redistribution, max_density, min_density, step)
+    plan = _Plan(
+        prune_rate,
+        update_index,
+        seed,
+        redistribution,
+        max_density,
+        min_density,
+        step,
+        check_flag("revive_dead_units", revive_dead_units),
+    )
     if (
         be.supports_fused_update
         and prune_fn is _FUSED_PRUNE
@@ -118,6 +138,7 @@ class _Plan:
     max_density: float
     min_density: float
     step: int | None
+    revive: bool = False
 
     def floors(self, sizes: Sequence[int]) -> list[int]:
         """Per layer, the fewest active weights pruning may leave (``min_density``)."""
@@ -183,6 +204,7 @@ def _generic_update(
     sizes = [math.prod(be.shape(layer.mask)) for layer in layers]
     nnz = [be.count(layer.mask) for layer in layers]
     keys = [HashKey(plan.seed, plan.update_index, i) for i in range(len(layers))]
+    dead = dead_units_of(be, layers)  # as the update found the layers
 
     # 1. importance, before pruning
     scores = [0.0] * len(layers)
@@ -214,18 +236,26 @@ def _generic_update(
     # 3. redistribute
     caps, budgets, shares = _budgets(layers, plan, sizes, kept, pruned_counts, shares)
 
-    # 4. regrow, 5. new masks
+    # 4. regrow (dead units first, when reviving), 5. new masks
     masks, reports = [], []
+    revived: list[Any | None] = [None] * len(layers)
     for i, layer in enumerate(layers):
         g = int(budgets[i])
-        grown = growth_fn(be, layer, kept_masks[i], g, keys[i])
-        new_mask = be.logical_or(kept_masks[i], grown)
-        if be.count(grown) != g or be.count(new_mask) != kept[i] + g:
+        start = kept_masks[i]
+        if plan.revive and g > 0 and dead[i].any():
+            start, revived[i] = _revive(be, layer, kept_masks[i], g, dead[i], keys[i])
+        rest = g - (be.count(start) - kept[i])  # what the growth mode places
+        grown = growth_fn(be, layer, start, rest, keys[i])
+        new_mask = be.logical_or(start, grown)
+        if be.count(grown) != rest or be.count(new_mask) != kept[i] + g:
             raise SparseCoreError(
-                f"layer {layer.name!r}: growth mode {growth!r} must activate exactly {g} "
+                f"layer {layer.name!r}: growth mode {growth!r} must activate exactly {rest} "
                 f"inactive positions, got {be.count(grown)} (of which "
-                f"{kept[i] + be.count(grown) - be.count(new_mask)} were already active)"
+                f"{be.count(start) + be.count(grown) - be.count(new_mask)} were already active)"
             )
+        if revived[i] is not None:  # only positions inactive before start at +-scale
+            fresh = be.and_not(revived[i], layer.mask)
+            revived[i] = fresh if be.count(fresh) else None
         masks.append(new_mask)
         # nnz_after - nnz_before == net_grown - net_pruned, so one count gives both.
         net_grown = be.count(be.and_not(new_mask, layer.mask))
@@ -242,9 +272,45 @@ def _generic_update(
                 importance=scores[i],
                 share=float(shares[i]),
                 capacity=int(caps[i]),
+                units=int(dead[i].size),
+                dead_units=int(dead[i].sum()),
+                revived=0 if revived[i] is None else be.count(revived[i]),
             )
         )
-    return _finish(plan, nnz, masks, reports, None)
+    if all(r is None for r in revived):
+        return _finish(plan, nnz, masks, reports, None)
+    weights = []
+    for layer, mask, fresh, key in zip(layers, masks, revived, keys):
+        w = be.apply(layer.weight, layer.mask, mask)
+        if fresh is not None:
+            w = be.signed_fill(w, fresh, revival_scale(be.shape(w), layer.axis), key)
+        weights.append(w)
+    return _finish(plan, nnz, masks, reports, weights, revived)
+
+
+def _revive(
+    be: ArrayBackend, layer: Layer, kept_mask: Any, budget: int, dead: np.ndarray, key: HashKey
+) -> tuple[Any, Any]:
+    """Grow the dead units' share of ``budget`` (:func:`sparsecore.units.revival_quotas`).
+
+    Returns the mask with them added and the positions grown: inactive after pruning, of largest
+    ``|momentum|`` inside each dead unit (of the weight, all 0 there, without momentum), ties by
+    the position hash.
+    """
+    free = be.unit_count(kept_mask, layer.axis, active=False)
+    quotas = revival_quotas(budget, dead, free)
+    source = layer.momentum if layer.momentum is not None else layer.weight
+    grown = be.select_per_unit(
+        source,
+        kept_mask,
+        quotas,
+        axis=layer.axis,
+        among_active=False,
+        largest=True,
+        magnitude=True,
+        key=key,
+    )
+    return be.logical_or(kept_mask, grown), grown
 
 
 def _fused_update(
@@ -271,6 +337,7 @@ def _fused_update(
     sizes = [math.prod(be.shape(layer.mask)) for layer in layers]
     nnz = [scan.nnz for scan in scans]
     keys = [HashKey(plan.seed, plan.update_index, i) for i in range(len(layers))]
+    dead = dead_units_of(be, layers)
     try:
         if source is None:
             scores = [float(n) if plan.redistribution == "nonzero" else 0.0 for n in nnz]
@@ -291,6 +358,8 @@ def _fused_update(
         # the generic path checks every weight for NaN/Inf before it gets here
         check_layers(be, layers, momentum=True, grad=False)
         raise
+    if plan.revive and any(d.any() and g > 0 for d, g in zip(dead, budgets)):
+        return None  # dead units to revive: the generic path grows them
     fused = be.fused_prune_regrow(layers, nnz, pruned_counts, [int(g) for g in budgets], keys)
     if fused is None:
         check_layers(be, layers, momentum=True, grad=False)  # raises the generic path's error
@@ -308,6 +377,8 @@ def _fused_update(
             importance=scores[i],
             share=float(shares[i]),
             capacity=int(caps[i]),
+            units=int(dead[i].size),
+            dead_units=int(dead[i].sum()),
         )
         for i, (layer, out) in enumerate(zip(layers, fused))
     ]
@@ -320,6 +391,7 @@ def _finish(
     masks: list[Any],
     reports: list[LayerReport],
     weights: list[Any] | None,
+    revived: list[Any] | None = None,
 ) -> UpdateResult:
     if sum(r.nnz_after for r in reports) != sum(nnz):  # pragma: no cover - guarded above
         raise RuntimeError("mask update changed the total number of active weights")
@@ -332,15 +404,30 @@ def _finish(
             step=plan.step,
         ),
         weights=weights,
+        revived=revived,
     )
 
 
 def apply_masks(
     layers: Sequence[Layer], masks: Sequence[Any], backend: ArrayBackend | str | None = None
 ) -> list[Any]:
-    """Weights under the new masks (new arrays): unchanged where active before and after, else +0."""
+    """Weights under the new masks (new arrays): unchanged where active before and after, else +0.
+
+    Weights grown into dead units start non-zero (``revive_dead_units``): use
+    :func:`new_weights` to get those too.
+    """
     be = _resolve_backend(layers, backend)
     return [be.apply(layer.weight, layer.mask, mask) for layer, mask in zip(layers, masks)]
+
+
+def new_weights(
+    layers: Sequence[Layer], result: UpdateResult, backend: ArrayBackend | str | None = None
+) -> list[Any]:
+    """The weights after update ``result`` of ``layers`` (new arrays): ``result.weights`` when
+    the update computed them, else :func:`apply_masks` of its masks."""
+    if result.weights is not None:
+        return list(result.weights)
+    return apply_masks(layers, result.masks, backend)
 
 
 def check_layers(
@@ -489,22 +576,53 @@ class SparseEngine:
             axes=self.axes,
             max_density=config.max_density,
             min_density=config.min_density,
+            cover_units=config.cover_units,
         )
         self.axes = [int(a) for a in self.axes]  # checked by layer_counts
         self.target = sum(self.counts)
         self.updates = 0
         self.history: list[UpdateReport] = []
         self.ever_active: list[Any] | None = None
+        self._warned_dead: set[str] = set()  # layers already named in a DeadUnitsWarning
 
     # -- masks and schedule ---------------------------------------------------------------
     def initial_masks(self) -> list[np.ndarray]:
         """NumPy initial masks (exact counts, largest position hashes of update 0)."""
         from .init import initial_mask
 
-        return [
-            initial_mask(shape, count, seed=self.config.seed, layer=i)
-            for i, (shape, count) in enumerate(zip(self.shapes, self.counts))
+        cover = self.config.cover_units
+        masks = [
+            initial_mask(
+                shape, count, seed=self.config.seed, layer=i, cover_axis=a if cover else None
+            )
+            for i, (shape, count, a) in enumerate(zip(self.shapes, self.counts, self.axes))
         ]
+        for name, mask, axis in zip(self.names, masks, self.axes):
+            units = mask.shape[axis]
+            empty = units - int(
+                np.count_nonzero(np.moveaxis(mask, axis, 0).reshape(units, -1).any(1))
+            )
+            self._warn_dead(name, empty, units, "start with no weight")
+        return masks
+
+    def _warn_dead(self, name: str, dead: int, units: int, what: str) -> None:
+        """Warn, once per layer, when most of its output units are dead."""
+        if 2 * dead <= units or name in self._warned_dead:
+            return
+        self._warned_dead.add(name)
+        hint = (
+            "they are regrown with non-zero weights (revive_dead_units=True)"
+            if self.config.revive_dead_units
+            else "revive_dead_units=True regrows them with non-zero weights, and ERK/ER initial "
+            "densities or a higher density give small layers more weights"
+        )
+        warnings.warn(
+            f"sparsecore: layer {name!r}: {dead} of {units} output units {what} (a unit without "
+            f"weights or gradient is dead: it passes no signal and momentum growth never chooses "
+            f"it); {hint}",
+            DeadUnitsWarning,
+            stacklevel=3,
+        )
 
     def due(self, step: int, *, epoch_end: bool = False) -> bool:
         """Is a mask update due after optimizer step ``step``?"""
@@ -565,6 +683,7 @@ class SparseEngine:
             min_density=cfg.min_density,
             step=step,
             backend=be,
+            revive_dead_units=cfg.revive_dead_units,
         )
 
     def commit(
@@ -599,7 +718,11 @@ class SparseEngine:
         self.updates += 1
         self.ever_active = ever
         self.history.append(report)
-        return UpdateResult(proposal.masks, report, proposal.weights)
+        for layer in report.layers:
+            self._warn_dead(
+                layer.name, layer.dead_units, layer.units, "were dead at this mask update"
+            )
+        return UpdateResult(proposal.masks, report, proposal.weights, proposal.revived)
 
     def record_skip(self, step: int, reason: str) -> UpdateReport:
         """Record that the update due after ``step`` was skipped, and why (e.g. inf gradients)."""

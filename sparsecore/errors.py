@@ -14,3 +14,10 @@ class SparseCoreError(ValueError):
 
 class NonFiniteError(SparseCoreError):
     """A weight, momentum or gradient array read by a mask update holds NaN or Inf."""
+
+
+class DeadUnitsWarning(UserWarning):
+    """Most output units of a sparse layer are dead: no active weight, or no gradient.
+
+    Issued once per layer and run (:mod:`sparsecore.units`).
+    """

@@ -5,6 +5,11 @@ Counts are exact integers summing to ``N = round(density * sum n_l)``. Densities
 to the ceiling and the others re-solved (RigL's rule), which is precisely the water-filling split of
 :func:`sparsecore.redistribute.split_budget` with layer sizes as capacities. Positions are the
 largest position hashes of update 0, so masks are reproducible from the seed alone.
+
+With ``cover_units`` no output unit starts without a weight where the budget allows: every layer
+gets at least one weight per output unit (when the total N holds that many), and inside a layer
+each unit first takes its position of largest hash, the rest of the count going to the largest
+hashes left. A unit with no weight is born dead (:mod:`sparsecore.units`).
 """
 
 from __future__ import annotations
@@ -72,11 +77,14 @@ def layer_counts(
     axes: Sequence[int] | None = None,
     max_density: float = 1.0,
     min_density: float = 0.0,
+    cover_units: bool = False,
 ) -> list[int]:
     """Exact initial active count per layer (summing to :func:`target_count`).
 
-    A setting that leaves no weight active (``density=0.01`` of a 3x3 layer rounds to 0) is
-    refused rather than zeroing every sparse layer.
+    ``cover_units``: at least one weight per output unit (along ``axes``) in every layer, when
+    the total count allows it for all layers together; otherwise no such floor. A setting that
+    leaves no weight active (``density=0.01`` of a 3x3 layer rounds to 0) is refused rather than
+    zeroing every sparse layer.
     """
     if isinstance(shapes, (str, bytes)) or not isinstance(shapes, Sequence):
         raise SparseCoreError(f"shapes must be a list of layer shapes, got {shapes!r}")
@@ -121,8 +129,41 @@ def layer_counts(
             f"{density} gives only {total}"
         )
     raw = np.array([_raw_density(s, method, a) for s, a in zip(shapes, axes)])
-    extra = split_budget(total - int(floor.sum()), raw * sizes, ceiling - floor)
-    return [int(c) for c in floor + extra]
+    counts = floor + split_budget(total - int(floor.sum()), raw * sizes, ceiling - floor)
+    if cover_units:
+        units = np.array([s[a] for s, a in zip(shapes, axes)], dtype=np.int64)
+        lowest = np.maximum(floor, np.minimum(units, ceiling))
+        counts = _raise_to(counts, lowest, floor, total, raw * sizes, ceiling)
+    return [int(c) for c in counts]
+
+
+def _raise_to(
+    counts: np.ndarray,
+    lowest: np.ndarray,
+    floor: np.ndarray,
+    total: int,
+    weights: np.ndarray,
+    ceiling: np.ndarray,
+) -> np.ndarray:
+    """``counts`` with every layer raised to ``lowest`` where the total allows it for all.
+
+    Water-filling from below: layers under their lowest count are set to it, and the rest of the
+    total is split again over the others (their ``floor`` first, then in proportion to
+    ``weights``) until none falls under; if the lowest counts need more than ``total``,
+    ``counts`` is returned unchanged.
+    """
+    if int(lowest.sum()) > total:
+        return counts
+    fixed = counts < lowest
+    while True:
+        free = ~fixed
+        rest = total - int(lowest[fixed].sum()) - int(floor[free].sum())
+        out = np.where(fixed, lowest, floor)
+        out[free] += split_budget(rest, weights[free], ceiling[free] - floor[free])
+        below = free & (out < lowest)
+        if not below.any():
+            return out
+        fixed |= below
 
 
 def layer_densities(
@@ -133,8 +174,15 @@ def layer_densities(
     return [c / math.prod(s) for c, s in zip(counts, shapes)]
 
 
-def initial_mask(shape: tuple[int, ...], count: int, *, seed: int, layer: int) -> np.ndarray:
-    """Boolean mask with ``count`` active positions: the largest hashes of update 0."""
+def initial_mask(
+    shape: tuple[int, ...], count: int, *, seed: int, layer: int, cover_axis: int | None = None
+) -> np.ndarray:
+    """Boolean mask with ``count`` active positions: the largest hashes of update 0.
+
+    ``cover_axis``: the output axis; each output unit along it first takes its own position of
+    largest hash (the units with the largest such hashes when ``count`` is below the number of
+    units), then the rest of ``count`` goes to the largest hashes left.
+    """
     layer = check_integer("layer", layer, minimum=0)
     shape = check_shape(f"layer {layer}", shape)
     seed = check_integer("seed", seed, minimum=0)
@@ -142,12 +190,28 @@ def initial_mask(shape: tuple[int, ...], count: int, *, seed: int, layer: int) -
     if not is_integer(count) or not 0 <= count <= size:
         raise SparseCoreError(f"layer {layer}: cannot activate {count!r} of {size} positions")
     count = int(count)
-    hashes = layer_hash(HashKey(seed, 0, layer), shape).reshape(-1)
+    if cover_axis is not None and not -len(shape) <= cover_axis < len(shape):
+        raise SparseCoreError(
+            f"layer {layer}: output axis {cover_axis} is out of range for {shape}"
+        )
+    hashes = layer_hash(HashKey(seed, 0, layer), shape)
     mask = np.zeros(size, dtype=bool)
+    if cover_axis is not None and count:
+        units = shape[cover_axis]
+        ids = np.moveaxis(np.arange(size).reshape(shape), cover_axis, 0).reshape(units, -1)
+        rows = np.moveaxis(hashes, cover_axis, 0).reshape(units, -1)
+        best = ids[np.arange(units), rows.argmax(axis=1)]  # each unit's largest hash
+        flat = hashes.reshape(-1)
+        if count <= units:
+            best = best[np.argsort(flat[best])[::-1][:count]]
+        mask[best] = True
+        count -= int(best.size)
+    flat_hashes = hashes.reshape(-1).astype(np.int64)
+    flat_hashes[mask] = -1  # taken already
     if count:
         # Hashes of one layer are distinct, so the count-th largest is a clean threshold.
-        threshold = np.partition(hashes, size - count)[size - count]
-        mask[hashes >= threshold] = True
+        threshold = np.partition(flat_hashes, size - count)[size - count]
+        mask[flat_hashes >= threshold] = True
     return mask.reshape(shape)
 
 
@@ -160,15 +224,27 @@ def initial_masks(
     axes: Sequence[int] | None = None,
     max_density: float = 1.0,
     min_density: float = 0.0,
+    cover_units: bool = False,
 ) -> list[np.ndarray]:
-    """Initial boolean masks for layers of ``shapes`` (NumPy), exact counts, seeded."""
+    """Initial boolean masks for layers of ``shapes`` (NumPy), exact counts, seeded.
+
+    ``cover_units``: every output unit (along ``axes``, default 0) starts with a weight where
+    the budget allows (see the module docstring).
+    """
     counts = layer_counts(
-        shapes, density, method, axes=axes, max_density=max_density, min_density=min_density
+        shapes,
+        density,
+        method,
+        axes=axes,
+        max_density=max_density,
+        min_density=min_density,
+        cover_units=cover_units,
     )
     seed = check_integer("seed", seed, minimum=0)
+    axes = [0] * len(shapes) if axes is None else list(axes)
     return [
-        initial_mask(tuple(s), c, seed=seed, layer=i)
-        for i, (s, c) in enumerate(zip(shapes, counts))
+        initial_mask(tuple(s), c, seed=seed, layer=i, cover_axis=a if cover_units else None)
+        for i, (s, c, a) in enumerate(zip(shapes, counts, axes))
     ]
 
 

@@ -82,6 +82,13 @@ def _percent(value: float | None, digits: int = 2) -> str:
     return "-" if value is None else f"{100 * value:.{digits}f}%"
 
 
+def _dead(stats: LayerStats) -> str:
+    last = stats.last
+    if last is None or last.dead_units is None or not last.units:
+        return "-"
+    return f"{last.dead_units}/{last.units}"
+
+
 def _shape(stats: LayerStats) -> str:
     return "" if stats.shape is None else "(" + ", ".join(str(d) for d in stats.shape) + ")"
 
@@ -99,6 +106,7 @@ REPORT_COLUMNS: tuple[Column, ...] = (
     Column("net grown", lambda s: str(s.net_grown)),
     Column("mean share", lambda s: _percent(s.mean_share, 1)),
     Column("ever active", lambda s: _percent(s.ever_active_fraction)),
+    Column("dead units", _dead),
 )
 
 #: The table of ``summary()``: the sparse layers as they are now, and the last mask update.
@@ -112,6 +120,7 @@ SUMMARY_COLUMNS: tuple[Column, ...] = (
     Column("last pruned", lambda s: "-" if s.last is None else str(s.last.pruned)),
     Column("last grown", lambda s: "-" if s.last is None else str(s.last.grown)),
     Column("share", lambda s: "-" if s.last is None else _percent(s.last.share, 1)),
+    Column("dead units", _dead),
 )
 
 
@@ -173,6 +182,8 @@ def _total(rows: Sequence[LayerStats], last_update: object | None) -> LayerStats
             share=sum(p.share for p in parts),
             capacity=sum(p.capacity for p in parts),
             ever_active=known([p.ever_active for p in parts]),
+            units=known([p.units for p in parts]),
+            dead_units=known([p.dead_units for p in parts]),
         )
     return LayerStats(
         name="all",
@@ -239,7 +250,8 @@ def summary_text(
     legend = (
         "ever active: positions active at any time; last pruned/grown: by the last mask update"
         + ("" if last_step is None else f" (after step {last_step})")
-        + "; share: of its regrowth budget"
+        + "; share: of its regrowth budget; dead units: output units with no active weight or "
+        "no gradient at the last mask update"
     )
     return "\n".join([head, *render(stats, columns), legend])
 

@@ -123,6 +123,10 @@ class Recipe:
     redistribution: str | None = None
     growth: str | None = None
     stop_at: float | None = None
+    # Dead units (SparseConfig's cover_units and revive_dead_units): off, as in the paper. The
+    # job runs the paper's recipe whatever the library's defaults are (options given win).
+    cover_units: bool = False
+    revive_dead_units: bool = False
 
     def check(self, models: Collection[str], framework: str = "") -> None:
         """Raise ValueError naming the option and value for anything out of range."""
@@ -241,6 +245,7 @@ class Recipe:
         if self.method == "dense":
             return None
         options: dict[str, Any] = {
+            "recipe": "paper",
             "update_every": None,
             "update_at_epoch_end": True,
             **METHOD_OPTIONS[self.method],
@@ -254,6 +259,8 @@ class Recipe:
             "dense_last": self.dense_last,
             "max_density": self.max_density,
             "min_density": self.min_density,
+            "cover_units": self.cover_units,
+            "revive_dead_units": self.revive_dead_units,
         }
         if self.redistribution is not None:
             options["redistribution"] = self.redistribution

@@ -13,7 +13,10 @@ class LayerReport:
     ``pruned``/``grown`` are gross counts (r_l, g_l); ``net_pruned``/``net_grown`` count positions
     whose state really changed (a weight pruned and regrown in the same update is in the gross
     counts only). ``importance`` is s_l, ``share`` pi_l (for ``redistribution='none'``, the
-    layer's fraction of the regrowth), ``capacity`` c_l.
+    layer's fraction of the regrowth), ``capacity`` c_l. ``units`` is the number of output units,
+    ``dead_units`` how many were dead when the update found the layer (no active weight, or no
+    gradient: :mod:`sparsecore.units`) and ``revived`` how many weights were grown into them with
+    a non-zero start (``revive_dead_units``). Reports written before these existed read as 0.
     """
 
     name: str
@@ -27,6 +30,9 @@ class LayerReport:
     importance: float
     share: float
     capacity: int
+    units: int = 0
+    dead_units: int = 0
+    revived: int = 0
 
     @property
     def density(self) -> float:

@@ -4,7 +4,9 @@ RUN is a run folder of ``sparsecore train`` or a JSON run record (see :mod:`spar
 The table lists, per sparse layer, its final active count and density, the weights pruned and
 regrown over the run (gross and net), its mean share of the regrowth budget and the fraction of
 its positions that were ever active; FLOP and kernel-time accounting is added when the run
-recorded it. Plots go to ``--plots DIR`` (default: ``RUN/report``).
+recorded it. Plots go to ``--plots DIR`` (default: ``RUN/report``). The table also gives each
+layer's dead output units at the last update, and a warning names every layer most of whose units
+were dead then.
 """
 
 from __future__ import annotations
@@ -20,7 +22,14 @@ from .layer_table import REPORT_COLUMNS, format_rows, layer_stats, render
 from .recipe import plural
 from .telemetry import RunRecord, load_run, write_tensorboard
 
-__all__ = ["build_parser", "flops_rows", "format_table", "main", "write_plots"]
+__all__ = [
+    "build_parser",
+    "dead_unit_warnings",
+    "flops_rows",
+    "format_table",
+    "main",
+    "write_plots",
+]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -132,9 +141,26 @@ def _layer_table(record: RunRecord) -> list[str]:
     note = (
         "density: final fraction of the layer active; start: before the first update; "
         "pruned/grown: summed over all updates (net: positions whose state changed); "
-        "mean share: of the regrowth budget; ever active: positions active at any time"
+        "mean share: of the regrowth budget; ever active: positions active at any time; "
+        "dead units: output units with no active weight or no gradient at the last update"
     )
-    return [*render(layer_stats(record), REPORT_COLUMNS), note]
+    return [*render(layer_stats(record), REPORT_COLUMNS), note, *dead_unit_warnings(record)]
+
+
+def dead_unit_warnings(record: RunRecord) -> list[str]:
+    """One warning line per layer most of whose output units were dead at the last update."""
+    if not record.applied:
+        return []
+    lines = []
+    for layer in record.applied[-1].layers:
+        fraction = layer.dead_fraction
+        if fraction is not None and fraction > 0.5:
+            lines.append(
+                f"warning: layer {layer.name!r}: {layer.dead_units} of {layer.units} output "
+                f"units were dead at the last mask update (no active weight, or no gradient); "
+                f"revive_dead_units=True regrows them (docs/algorithm.md, 'Dead units')"
+            )
+    return lines
 
 
 def _accuracy_lines(record: RunRecord, baseline: RunRecord | None) -> list[str]:

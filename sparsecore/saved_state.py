@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from typing import Any
 
-from .config import SparseConfig, option_names
+from .config import ADDED_OPTIONS, SparseConfig, option_names
 from .errors import SparseCoreError
 from .init import layer_counts
 from .report import LayerReport, UpdateReport
@@ -35,7 +35,9 @@ __all__ = [
 #: The fields of :meth:`SparseEngine.state_dict`, all required, no other allowed.
 ENGINE_FIELDS = ("config", "names", "shapes", "axes", "target", "updates", "history", "ever_active")
 
-_LAYER_FIELDS = tuple(f.name for f in fields(LayerReport))
+#: Layer-report fields added since states were first saved (dead units): optional, 0 if absent.
+_ADDED_LAYER_FIELDS = ("units", "dead_units", "revived")
+_LAYER_FIELDS = tuple(f.name for f in fields(LayerReport) if f.name not in _ADDED_LAYER_FIELDS)
 _REPORT_FIELDS = ("update", "prune_rate", "layers", "step", "skipped", "reason", "extra")
 _REPORT_TOTALS = ("pruned", "grown", "net_pruned", "net_grown")
 _EXTRA_FIELDS = ("ever_active", "ever_active_fraction")
@@ -127,7 +129,11 @@ def read_engine_state(
     """
     f = StateFields(owner, prefix)
     f.keys(state, "", ENGINE_FIELDS)
-    f.keys(state["config"], "config", option_names())  # a missing option must not default
+    # A missing option must not default, except those added since states were first saved,
+    # which read as the value that reproduces the saved run (SparseConfig.from_dict).
+    added = list(ADDED_OPTIONS)
+    required = [name for name in option_names() if name != "recipe" and name not in added]
+    f.keys(state["config"], "config", required, optional=added)
     try:
         saved_config = SparseConfig.from_dict(state["config"])
     except SparseCoreError as err:
@@ -237,7 +243,7 @@ def _read_report(
 
 
 def _read_layer(f: StateFields, data: Any, path: str, name: str, size: int) -> LayerReport:
-    f.keys(data, path, (*_LAYER_FIELDS, "density"))
+    f.keys(data, path, (*_LAYER_FIELDS, "density"), optional=_ADDED_LAYER_FIELDS)
     if data["name"] != name:
         raise f.error(f"{path}.name", f"is {data['name']!r}, this run's layer is {name!r}")
     values: dict[str, Any] = {"name": name}
@@ -251,6 +257,12 @@ def _read_layer(f: StateFields, data: Any, path: str, name: str, size: int) -> L
     values["capacity"] = f.integer(data["capacity"], f"{path}.capacity")
     values["importance"] = f.real(data["importance"], f"{path}.importance", 0.0, None)
     values["share"] = f.real(data["share"], f"{path}.share", 0.0, 1.0)
+    for key in _ADDED_LAYER_FIELDS:
+        values[key] = f.integer(data.get(key, 0), f"{path}.{key}")
+    if values["dead_units"] > values["units"]:
+        raise f.error(f"{path}.dead_units", f"is {values['dead_units']}, more than its units")
+    if values["revived"] > values["grown"]:
+        raise f.error(f"{path}.revived", f"is {values['revived']}, more than the weights grown")
     layer = LayerReport(**values)
     if type(data["density"]) is bool or data["density"] != layer.density:
         raise f.error(

@@ -71,7 +71,10 @@ class LayerUpdate:
 
     ``pruned``/``grown`` are gross counts, ``net_pruned``/``net_grown`` the positions whose state
     really changed; ``share`` is the layer's share of the regrowth budget; ``ever_active`` counts
-    positions active at any time so far (``None`` when the reports did not carry it).
+    positions active at any time so far (``None`` when the reports did not carry it). ``units``
+    is the number of output units and ``dead_units`` how many of them the update found dead (no
+    active weight, or no gradient: :mod:`sparsecore.units`); ``revived`` counts the weights grown
+    into dead units with a non-zero start. All three are ``None`` in records of older versions.
     """
 
     name: str
@@ -85,10 +88,20 @@ class LayerUpdate:
     share: float
     capacity: int
     ever_active: int | None = None
+    units: int | None = None
+    dead_units: int | None = None
+    revived: int | None = None
 
     @property
     def density(self) -> float:
         return self.nnz / self.size
+
+    @property
+    def dead_fraction(self) -> float | None:
+        """Share of the layer's output units found dead (None when not recorded)."""
+        if not self.units or self.dead_units is None:
+            return None
+        return self.dead_units / self.units
 
     @property
     def ever_active_fraction(self) -> float | None:
@@ -241,6 +254,9 @@ class RunRecord:
                 "nnz": rows[-1].nnz if rows else None,
                 "density": rows[-1].density if rows else None,
                 "ever_active_fraction": rows[-1].ever_active_fraction if rows else None,
+                "units": rows[-1].units if rows else None,
+                "dead_units": rows[-1].dead_units if rows else None,
+                "revived": sum(int(r.revived or 0) for r in rows) if rows else None,
                 **{key: sum(int(getattr(r, key)) for r in rows) for key in keys},
                 "mean_share": (sum(r.share for r in rows) / len(rows)) if rows else None,
             }
@@ -584,6 +600,10 @@ def _from_report(report: UpdateReport, epoch: int | None) -> UpdateRecord:
             share=float(lr.share),
             capacity=int(lr.capacity),
             ever_active=None if ever is None else int(ever[i]),
+            # reports made before dead units were counted read units = 0: not recorded
+            units=int(lr.units) if lr.units else None,
+            dead_units=int(lr.dead_units) if lr.units else None,
+            revived=int(lr.revived) if lr.units else None,
         )
         for i, lr in enumerate(report.layers)
     )
@@ -652,6 +672,9 @@ def _update_to_dict(u: UpdateRecord) -> dict[str, Any]:
                 "capacity": layer.capacity,
                 "ever_active": layer.ever_active,
                 "ever_active_fraction": layer.ever_active_fraction,
+                "units": layer.units,
+                "dead_units": layer.dead_units,
+                "revived": layer.revived,
             }
             for layer in u.layers
         ],
@@ -667,6 +690,7 @@ def _update_from_dict(data: Any, where: str) -> UpdateRecord:
         name = _str(_get(entry, "name", lw), f"{lw}.name")
         lw = f"{where}, layer {name!r}"
         ever = entry.get("ever_active")
+        units, dead, revived = (entry.get(k) for k in ("units", "dead_units", "revived"))
         layers.append(
             LayerUpdate(
                 name=name,
@@ -680,6 +704,9 @@ def _update_from_dict(data: Any, where: str) -> UpdateRecord:
                 share=_float(_get(entry, "share", lw), f"{lw}: share"),
                 capacity=_int(_get(entry, "capacity", lw), f"{lw}: capacity"),
                 ever_active=None if ever is None else _int(ever, f"{lw}: ever_active"),
+                units=None if units is None else _int(units, f"{lw}: units", minimum=1),
+                dead_units=None if dead is None else _int(dead, f"{lw}: dead_units"),
+                revived=None if revived is None else _int(revived, f"{lw}: revived"),
             )
         )
     step = data.get("step")
@@ -711,6 +738,15 @@ def _check_layer(layer: LayerUpdate, size: int, where: str) -> None:
         )
     if not 0.0 <= layer.share <= 1.0 + 1e-9:
         raise TelemetryError(f"{where}: share {layer.share} is not in [0, 1]")
+    if layer.dead_units is not None and (layer.units is None or layer.dead_units > layer.units):
+        raise TelemetryError(
+            f"{where}: dead_units {layer.dead_units} needs units, and at most that many "
+            f"(units {layer.units})"
+        )
+    if layer.revived is not None and layer.revived > layer.grown:
+        raise TelemetryError(
+            f"{where}: revived {layer.revived} exceeds the {layer.grown} weights grown"
+        )
     if layer.ever_active is not None and not layer.nnz <= layer.ever_active <= layer.size:
         raise TelemetryError(
             f"{where}: ever_active {layer.ever_active} must lie between nnz {layer.nnz} and "
@@ -798,6 +834,8 @@ def write_tensorboard(record: RunRecord, logdir: str | os.PathLike[str]) -> Path
                 writer.add_scalar(f"net_grown/{layer.name}", layer.net_grown, x)
                 if layer.ever_active_fraction is not None:
                     writer.add_scalar(f"ever_active/{layer.name}", layer.ever_active_fraction, x)
+                if layer.dead_units is not None:
+                    writer.add_scalar(f"dead_units/{layer.name}", layer.dead_units, x)
         for epoch in record.epochs:
             for key in ("test_acc", "test_loss", "train_acc", "train_loss"):
                 if _is_number(epoch.get(key)):

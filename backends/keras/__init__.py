@@ -11,7 +11,7 @@ from .backend import KerasBackend
 from .callback import SparseCallback
 from .compaction import compact
 from .constraint import SparseMask
-from .discovery import SparseWeight, find_sparse_weights
+from .discovery import SparseWeight, find_sparse_weights, register_layer_type
 from .strip import strip
 
 __all__ = [
@@ -21,5 +21,6 @@ __all__ = [
     "SparseWeight",
     "compact",
     "find_sparse_weights",
+    "register_layer_type",
     "strip",
 ]

@@ -302,6 +302,12 @@ class KerasBackend(ArrayBackend):
         keep = ops.logical_and(old_mask, new_mask)
         return ops.where(keep, weight, ops.zeros_like(weight))
 
+    def signed_fill(self, x: Any, where: Any, value: float, key: HashKey) -> Any:
+        one = ops.convert_to_tensor(1, dtype="int64")
+        odd = ops.equal(ops.bitwise_and(self.position_hash(key, x), one), one)
+        magnitude = ops.full(self.shape(x), value, dtype=x.dtype)
+        return ops.where(where, ops.where(odd, magnitude, ops.negative(magnitude)), x)
+
 
 def _widen(cls: type) -> None:
     """Run every public method of ``cls`` under :func:`wide_scope`."""

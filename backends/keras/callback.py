@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -35,7 +36,7 @@ import numpy as np
 from keras import ops
 
 from sparsecore.backend import ArrayBackend
-from sparsecore.config import SparseConfig, option_names
+from sparsecore.config import RECIPES, SparseConfig, option_names
 from sparsecore.engine import SparseEngine
 from sparsecore.errors import SparseCoreError
 from sparsecore.init import layer_counts
@@ -54,11 +55,12 @@ from sparsecore.validation import check_flag
 from . import jax_step
 from .constraint import SparseMask
 from .discovery import SparseWeight, find_sparse_weights
-from .momentum import MomentumReader, optimizer_slots
+from .momentum import OWN, MomentumReader, OwnMomentum, describe, momentum_kind, optimizer_slots
 from .placement import as_update_array, check_update_backend, resolve_update_backend
 
 __all__ = ["SparseCallback"]
 
+_LOG = logging.getLogger("sparsecore")
 _SAVED = "saved sparse state"
 
 
@@ -157,7 +159,7 @@ class SparseCallback(keras.callbacks.Callback):
         ):
             check_flag(flag, value)  # a string such as "no" would be true
         self.update_backend = update_backend
-        self.config = SparseConfig(**options)
+        self.config = SparseConfig.from_options(**options)
         if self.config.growth in NEEDS_GRAD["growth"]:
             raise SparseCoreError(
                 f"growth={self.config.growth!r} needs the dense gradient at every position, "
@@ -177,6 +179,7 @@ class SparseCallback(keras.callbacks.Callback):
         self.weights: list[SparseWeight] = []
         self.constraints: list[SparseMask] = []
         self._reader: MomentumReader | None = None
+        self._momentum_source: str | None = None
         self._backend: ArrayBackend | None = None
         self._attached_to: Any = None
         self._total_from_fit = "total_steps" not in options
@@ -195,6 +198,13 @@ class SparseCallback(keras.callbacks.Callback):
         self._engine = engine
 
     @property
+    def momentum_source(self) -> str | None:
+        """Where the momentum the mask updates read comes from, in words: the optimizer's slot
+        (SGD/RMSprop momentum, Adam's first moment ...) or the library's own gradient average
+        when the optimizer keeps none; None before the callback is attached."""
+        return self._momentum_source
+
+    @property
     def history(self) -> list[UpdateReport]:
         """Every mask update (and skipped update) of the run so far."""
         return [] if self.engine is None else list(self.engine.history)
@@ -206,6 +216,16 @@ class SparseCallback(keras.callbacks.Callback):
     def layer_densities(self) -> dict[str, float]:
         """Fraction of active positions per sparse weight."""
         return {name: float(m.mean()) for name, m in self.masks().items()}
+
+    def dead_units(self) -> dict[str, tuple[int, int]]:
+        """Per sparse weight, ``(dead output units, output units)`` as the last mask update found
+        them (no active weight, or no gradient: :mod:`sparsecore.units`); before the first
+        update, the units that start without a weight."""
+        from sparsecore.units import dead_unit_counts
+
+        masks = self.masks()
+        axes = [w.axis for w in self.weights]
+        return dead_unit_counts(self.history, list(masks.values()), list(masks), axes)
 
     def density(self) -> float:
         """Active fraction over all sparse weights (exactly ``N / sum n_l``)."""
@@ -293,6 +313,7 @@ class SparseCallback(keras.callbacks.Callback):
         return (
             config.redistribution in NEEDS_MOMENTUM["importance"]
             or config.growth in NEEDS_MOMENTUM["growth"]
+            or config.revive_dead_units
         )
 
     def _attach(self, model: Any, *, steps_known: bool) -> None:
@@ -343,7 +364,8 @@ class SparseCallback(keras.callbacks.Callback):
         self._check_steps_per_execution(model, config)
         optimizer = getattr(model, "optimizer", None)
         reader = MomentumReader(optimizer, config.adam_momentum)
-        if self._needs_momentum(config) and not config.schedule().static:
+        reads_momentum = self._needs_momentum(config) and not config.schedule().static
+        if reads_momentum:
             reader.check()
         backend = resolve_update_backend(self.update_backend, [w.variable for w in weights])
         names = [w.name for w in weights] if saved is None else saved.names
@@ -368,13 +390,24 @@ class SparseCallback(keras.callbacks.Callback):
                 w.variable.assign(c(ops.copy(w.variable)))
                 w.variable.constraint = c
                 setattr(w.layer, w.constraint_attr, c)  # so that get_config() saves it
+        if reads_momentum and momentum_kind(optimizer) == OWN:
+            reader.own = OwnMomentum(
+                optimizer, [w.variable for w in weights], config.momentum_beta, self._scope(model)
+            )
+            reader.own.install()
         self.weights, self.constraints, self.engine = weights, constraints, engine
         self._reader = reader
+        self._momentum_source = (
+            describe(optimizer, config.adam_momentum, config.momentum_beta)
+            if reads_momentum
+            else "none: the chosen modes and schedule read no momentum"
+        )
+        _LOG.info("sparsecore: sparse momentum reads %s", self._momentum_source)
         self._backend = backend
         self._total_from_fit = total_from_fit
         self._attached_to = model
         self._store_state()
-        if not resume or _is_jax():
+        if not resume or _is_jax() or reader.own is not None:
             self._prepare_train_function(model)
 
     @staticmethod
@@ -473,9 +506,11 @@ class SparseCallback(keras.callbacks.Callback):
         return _SavedRun(names, checked, from_fit)
 
     def _resumed_config(self, saved: SparseConfig) -> SparseConfig:
+        given = dict(self._given)
+        given = {**RECIPES[given.pop("recipe", "default")], **given}  # the recipe's values
         diff = {
             k: (getattr(saved, k), v)
-            for k, v in self._given.items()
+            for k, v in given.items()
             if k != "total_steps" and getattr(saved, k) != v
         }
         if diff:
@@ -629,18 +664,25 @@ class SparseCallback(keras.callbacks.Callback):
         result = engine.update(layers, step, backend=be)
         if not result.report.skipped:
             optimizer = self.model.optimizer if self.model is not None else None
-            for w, c, layer, report, new in zip(
-                self.weights, self.constraints, layers, result.report.layers, result.masks
+            weights = result.weights or [None] * len(layers)
+            for w, c, layer, report, new, weight in zip(
+                self.weights, self.constraints, layers, result.report.layers, result.masks, weights
             ):
                 if report.net_pruned == 0 and report.net_grown == 0:  # mask unchanged
                     continue
-                w.variable.assign(be.apply(layer.weight, layer.mask, new))
+                # the new weights when the update computed them (dead units revived), else masked
+                w.variable.assign(
+                    be.apply(layer.weight, layer.mask, new) if weight is None else weight
+                )
                 c.assign(new)
                 if config.reset_optimizer_state and optimizer is not None:
                     changed = be.logical_or(
                         be.and_not(layer.mask, new), be.and_not(new, layer.mask)
                     )
-                    for slot in optimizer_slots(optimizer, w.variable):
+                    slots = optimizer_slots(optimizer, w.variable)
+                    if self._reader.own is not None:
+                        slots.append(self._reader.own.buffer(w.variable))
+                    for slot in slots:
                         slot.assign(_zero_where(changed, slot, be))
             if self._recompile_after_update:
                 # the compiled JAX step holds the masks it was traced with (see jax_step)

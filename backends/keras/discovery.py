@@ -3,7 +3,9 @@
 Keras kernels put the output units last (Dense ``(in, out)``, Conv ``(*k, in, out)``), except the
 transposed convolutions ``(*k, out, in)`` and the depthwise kernels ``(*k, in, multiplier)`` whose
 output units are the input channels (one group of ``multiplier`` per channel). Layers are found
-anywhere in the model: nested models, functional graphs and subclassed models alike.
+anywhere in the model: nested models, functional graphs and subclassed models alike. Users declare
+their own layer types, the weight to make sparse and its output axis, with
+:func:`register_layer_type`.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import keras
 
 from sparsecore.errors import SparseCoreError
 
-__all__ = ["SparseWeight", "find_sparse_weights", "model_layers"]
+__all__ = ["SparseWeight", "find_sparse_weights", "model_layers", "register_layer_type"]
 
 # (layer class, attribute holding the variable, attribute holding its constraint, output axis);
 # the first matching class wins, so subclasses come before their bases.
@@ -37,6 +39,33 @@ _RULES: list[tuple[type, str, str, int]] = [
     (_L.Conv3D, "kernel", "kernel_constraint", -1),
     (_L.Dense, "kernel", "kernel_constraint", -1),
 ]
+# Rules users declared (register_layer_type), searched before the built-in ones.
+_USER_RULES: list[tuple[type, str, str, int]] = []
+
+
+def register_layer_type(
+    layer_type: type, *, attr: str = "kernel", constraint_attr: str | None = None, axis: int = -1
+) -> None:
+    """Make the weight ``attr`` of layers of ``layer_type`` sparse, with output axis ``axis``.
+
+    ``constraint_attr``: the layer attribute that holds that weight's constraint, so that
+    ``get_config()`` saves the mask (default ``f"{attr}_constraint"``). A later registration of
+    the same type and weight replaces the earlier one. Applies to callbacks attached afterwards::
+
+        sparsecore.keras.register_layer_type(MyDense, attr="w", axis=0)   # w is (out, in)
+    """
+    if not (isinstance(layer_type, type) and issubclass(layer_type, keras.layers.Layer)):
+        raise SparseCoreError(
+            f"layer_type must be a keras.layers.Layer subclass, got {layer_type!r}"
+        )
+    if isinstance(axis, bool) or not isinstance(axis, int):
+        raise SparseCoreError(f"axis must be an integer, got {axis!r}")
+    if not isinstance(attr, str) or not attr:
+        raise SparseCoreError(f"attr must be the name of the layer's weight, got {attr!r}")
+    rule = (layer_type, attr, constraint_attr or f"{attr}_constraint", axis)
+    _USER_RULES[:] = [r for r in _USER_RULES if (r[0], r[1]) != (layer_type, attr)] + [rule]
+
+
 _EMBEDDING_RULE: tuple[type, str, str, int] = (
     _L.Embedding,
     "embeddings",
@@ -113,8 +142,9 @@ def _as_list(value: Any) -> list[Any]:
 
 
 def _rule_for(layer: Any, embeddings: bool) -> list[tuple[type, str, str, int]]:
-    rules = [r for r in _RULES if type(layer) is r[0]] or [
-        r for r in _RULES if isinstance(layer, r[0])
+    table = [*reversed(_USER_RULES), *_RULES]
+    rules = [r for r in table if type(layer) is r[0]] or [
+        r for r in table if isinstance(layer, r[0])
     ]
     if rules:
         first = rules[0][0]
@@ -180,9 +210,14 @@ def find_sparse_weights(
                 f"layer {layer.name!r} has LoRA enabled; sparsecore masks plain kernels only"
             )
         for _, attr, constraint_attr, axis in rules:
-            variable = getattr(layer, attr)
+            variable = getattr(layer, attr, None)
             if not isinstance(variable, keras.Variable) or not variable.trainable:
                 continue
+            if not -len(variable.shape) <= axis < len(variable.shape):
+                raise SparseCoreError(
+                    f"layer {layer.name!r}: its weight {attr!r} of shape {tuple(variable.shape)} "
+                    f"has no output axis {axis}"
+                )
             if id(variable) in seen_vars:  # a layer shared between models
                 continue
             seen_vars.add(id(variable))

@@ -1,4 +1,4 @@
-"""Reading the momentum of a sparse weight from a Keras optimizer's slot variables.
+"""Reading the momentum of a sparse weight: a Keras optimizer's slot, or the library's own average.
 
 SGD with momentum keeps a velocity ``v = momentum * v - lr * g`` (``-lr`` times PyTorch's buffer;
 sign and a common factor do not matter for sparse momentum). Adam, AdamW, Nadam, Adamax, Lamb and
@@ -8,6 +8,14 @@ RMSprop with ``momentum > 0`` keeps a momentum slot too.
 
 The slots are read from the optimizer by the weight's index, before anything is masked: the
 momentum at inactive positions keeps accumulating because Keras computes dense kernel gradients.
+
+Optimizers that keep no momentum (SGD or RMSprop with ``momentum=0``, Adagrad, Adadelta, Adafactor,
+Ftrl, any other): the library keeps its own exponential moving average of each sparse kernel's
+gradient, ``P <- beta * P + (1 - beta) * g`` (``momentum_beta``), as the PyTorch adapter does.
+:class:`OwnMomentum` folds the gradients in inside the optimizer's ``apply`` (the call every Keras
+backend's train step makes with the gradients), before the optimizer uses them; under a
+``tf.distribute`` strategy the buffers average the replicas' gradients. The buffers are not saved
+with the model: a run continued from a checkpoint starts its average again.
 """
 
 from __future__ import annotations
@@ -19,7 +27,10 @@ from keras import ops
 
 from sparsecore.errors import SparseCoreError
 
-__all__ = ["MomentumReader", "optimizer_slots"]
+__all__ = ["OWN", "MomentumReader", "OwnMomentum", "optimizer_slots"]
+
+#: The momentum source name of the library's own gradient average.
+OWN = "own"
 
 # Attribute names of the first-moment slot lists, then of the second-moment ones.
 _FIRST_MOMENT = ("_momentums", "momentums", "_m")
@@ -63,19 +74,119 @@ def _describe(optimizer: Any) -> str:
     return type(_inner(optimizer)).__name__
 
 
-class MomentumReader:
-    """Gets the momentum tensor of each sparse weight from ``optimizer``.
+_WITH_FIRST_MOMENT = (
+    keras.optimizers.Adam,
+    keras.optimizers.AdamW,
+    keras.optimizers.Nadam,
+    keras.optimizers.Adamax,
+    keras.optimizers.Lion,
+    keras.optimizers.Lamb,
+)
 
-    :meth:`check` refuses, with a message naming what to use instead, an optimizer that keeps no
-    momentum (plain SGD, Adagrad, RMSprop without momentum, ...).
+
+def momentum_kind(optimizer: Any) -> str:
+    """``'momentum'`` (SGD/RMSprop with momentum > 0), ``'first_moment'`` (Adam family, Lion) or
+    :data:`OWN` (everything else: the library keeps its own gradient average)."""
+    opt = _inner(optimizer)
+    if isinstance(opt, (keras.optimizers.SGD, keras.optimizers.RMSprop)):
+        return "momentum" if float(opt.momentum) > 0.0 else OWN
+    if isinstance(opt, _WITH_FIRST_MOMENT):
+        return "first_moment"
+    return OWN
+
+
+class OwnMomentum:
+    """The library's own gradient average for the sparse kernels, for optimizers without momentum.
+
+    One float32 buffer per sparse kernel, created in the model's distribution scope, updated by a
+    wrapper around the optimizer's ``apply`` (so the update is part of the compiled train step;
+    the train function must be rebuilt after :meth:`install`).
     """
 
-    def __init__(self, optimizer: Any, adam_momentum: str = "exp_avg") -> None:
+    def __init__(self, optimizer: Any, variables: list[Any], beta: float, scope: Any) -> None:
+        self.optimizer = _inner(optimizer)
+        self.beta = float(beta)
+        with scope:
+            self.buffers = [
+                keras.Variable(
+                    ops.zeros(tuple(v.shape), dtype="float32"),
+                    trainable=False,
+                    aggregation="mean",
+                    name=f"sparsecore_own_momentum_{i}",
+                )
+                for i, v in enumerate(variables)
+            ]
+        self._index = {id(v): i for i, v in enumerate(variables)}
+
+    def install(self) -> None:
+        """Wrap the optimizer's ``apply`` (replacing a wrapper an earlier callback installed)."""
+        opt = self.optimizer
+        original = getattr(opt.apply, "_sparsecore_original", opt.apply)
+
+        def apply(grads: Any, trainable_variables: Any = None) -> Any:
+            variables = opt._trainable_variables if trainable_variables is None else None
+            self.fold(grads, variables if variables is not None else list(trainable_variables))
+            return original(grads, trainable_variables)
+
+        apply._sparsecore_original = original  # type: ignore[attr-defined]
+        opt.apply = apply
+
+    def fold(self, grads: Any, variables: Any) -> None:
+        """``P <- beta * P + (1 - beta) * g`` for the sparse kernels among ``variables``."""
+        grads = list(grads)
+        seen = set()
+        for g, v in zip(grads, variables):
+            i = self._index.get(id(v))
+            if i is None:
+                continue
+            seen.add(i)
+            buf = self.buffers[i]
+            if g is None:
+                buf.assign(ops.multiply(buf, self.beta))
+            else:
+                g32 = ops.cast(g, "float32")
+                buf.assign(
+                    ops.add(ops.multiply(buf, self.beta), ops.multiply(g32, 1.0 - self.beta))
+                )
+        for i, buf in enumerate(self.buffers):  # a kernel without a gradient this step
+            if i not in seen:
+                buf.assign(ops.multiply(buf, self.beta))
+
+    def read(self, variable: Any) -> Any:
+        return ops.copy(self.buffers[self._index[id(variable)]])
+
+    def buffer(self, variable: Any) -> Any:
+        return self.buffers[self._index[id(variable)]]
+
+
+def describe(optimizer: Any, adam_momentum: str, beta: float) -> str:
+    """The momentum source in words (the callback's ``momentum_source``)."""
+    opt = _inner(optimizer)
+    name = type(opt).__name__
+    kind = momentum_kind(optimizer)
+    if kind == "momentum":
+        return f"{name}'s momentum slot (momentums)"
+    if kind == "first_moment":
+        if adam_momentum == "normalized":
+            return f"{name}'s m / (sqrt(v) + epsilon)"
+        return f"{name}'s first moment (m)"
+    return f"the library's own gradient average (beta {beta:g}): {name} keeps no momentum"
+
+
+class MomentumReader:
+    """Gets the momentum tensor of each sparse weight: from the optimizer's slots, or from the
+    library's own average (:class:`OwnMomentum`, given as ``own``) when the optimizer keeps no
+    momentum."""
+
+    def __init__(
+        self, optimizer: Any, adam_momentum: str = "exp_avg", own: OwnMomentum | None = None
+    ) -> None:
         self.optimizer = optimizer
         self.adam_momentum = adam_momentum
+        self.own = own
 
     def check(self) -> None:
-        """Raise if this optimizer will never hold momentum for the update to read."""
+        """Raise if there is no optimizer, or if the options cannot be met by this one."""
         opt = _inner(self.optimizer)
         if opt is None:
             raise SparseCoreError(
@@ -83,34 +194,6 @@ class MomentumReader:
                 "learning_rate=0.1, momentum=0.9)) before fitting with SparseCallback"
             )
         kind = type(opt).__name__
-        if isinstance(opt, keras.optimizers.SGD) and float(opt.momentum) == 0.0:
-            raise SparseCoreError(
-                "optimizer SGD has momentum=0, so it keeps no momentum for sparse momentum to "
-                "read; use SGD(momentum=0.9) or Adam/AdamW/Nadam, or choose modes that need no "
-                "momentum (growth='random', redistribution='magnitude' or 'nonzero')"
-            )
-        if isinstance(opt, keras.optimizers.RMSprop) and float(opt.momentum) == 0.0:
-            raise SparseCoreError(
-                "optimizer RMSprop has momentum=0 and keeps no momentum; pass momentum=0.9, use "
-                "SGD(momentum=0.9) or Adam, or choose modes that need no momentum"
-            )
-        known = (
-            keras.optimizers.SGD,
-            keras.optimizers.RMSprop,
-            keras.optimizers.Adam,
-            keras.optimizers.AdamW,
-            keras.optimizers.Nadam,
-            keras.optimizers.Adamax,
-            keras.optimizers.Lion,
-            keras.optimizers.Lamb,
-        )
-        if not isinstance(opt, known):
-            raise SparseCoreError(
-                f"optimizer {kind} keeps no momentum sparsecore can read; use SGD(momentum=0.9), "
-                f"Adam, AdamW, Nadam, Adamax, Lion, Lamb or RMSprop(momentum>0), or choose modes "
-                f"that need no momentum (growth='random', redistribution='magnitude' or "
-                f"'nonzero')"
-            )
         if self.adam_momentum == "normalized" and kind not in _ADAM_LIKE:
             raise SparseCoreError(
                 f"adam_momentum='normalized' needs an Adam-family optimizer (second moment); "
@@ -119,6 +202,8 @@ class MomentumReader:
 
     def read(self, variable: Any, name: str) -> Any:
         """The momentum tensor for ``variable`` (named ``name`` in errors)."""
+        if self.own is not None:
+            return self.own.read(variable)
         opt = _inner(self.optimizer)
         if not getattr(opt, "built", False):
             raise SparseCoreError(

@@ -9,7 +9,7 @@ from .adapter import SparseTraining, attach
 from .backend import TorchBackend
 from .compaction import compact
 from .export import export_sparse, load_sparse
-from .selection import Target, select_targets
+from .selection import Target, register_layer_type, select_targets
 
 __all__ = [
     "SparseTraining",
@@ -19,5 +19,6 @@ __all__ = [
     "compact",
     "export_sparse",
     "load_sparse",
+    "register_layer_type",
     "select_targets",
 ]

@@ -27,6 +27,7 @@ How it hooks into training:
 
 from __future__ import annotations
 
+import logging
 import warnings
 import weakref
 from collections.abc import Callable, Collection
@@ -43,11 +44,13 @@ from torch.optim.optimizer import (
 from sparsecore.config import SparseConfig, option_names
 from sparsecore.engine import SparseEngine, UpdateResult
 from sparsecore.errors import NonFiniteError, SparseCoreError
+from sparsecore.hashing import HashKey
 from sparsecore.init import layer_counts
 from sparsecore.layers import Layer
 from sparsecore.modes import NEEDS_GRAD, NEEDS_MOMENTUM
 from sparsecore.report import UpdateReport
 from sparsecore.saved_state import EngineState, StateFields, expected_counts, read_engine_state
+from sparsecore.units import revival_scale
 
 from . import agreement
 from . import fused_step as fs
@@ -79,6 +82,7 @@ _ATTACHED_PARAMS: dict[int, Any] = {}
 
 _BACKEND = TorchBackend()
 _UNSET: Any = object()
+_LOG = logging.getLogger("sparsecore")
 
 
 def attach(
@@ -170,7 +174,7 @@ def _make_config(options: dict[str, Any]) -> SparseConfig:
         )
     if options.get("growth") == "none":
         options = dict(options, growth="momentum", update_every=None, update_at_epoch_end=False)
-    return SparseConfig(**options)
+    return SparseConfig.from_options(**options)
 
 
 def _check_not_attached(model: nn.Module, targets: list[Target]) -> None:
@@ -240,6 +244,7 @@ class SparseTraining:
         self._own: list[torch.Tensor | None] = [
             mom.own_buffer(t.param) if k == mom.OWN else None for t, k in zip(targets, self._kinds)
         ]
+        self._momentum_source = mom.describe(self._kinds, optimizer, config.momentum_beta)
         if config.schedule().total_steps is None and config.prune_schedule != "constant":
             warnings.warn(
                 f"prune_schedule={config.prune_schedule!r} decays the prune rate over the training "
@@ -293,6 +298,7 @@ class SparseTraining:
             self._hooks.append(register_optimizer_step_pre_hook(self._before_any_optimizer_step))
             self._hooks.append(register_optimizer_step_post_hook(self._on_any_optimizer_step))
         self._set_gradient_window()
+        _LOG.info("sparsecore: sparse momentum reads %s", self._momentum_source)
 
     # -- hooks and steps ----------------------------------------------------------------------
     def _before_optimizer_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
@@ -513,8 +519,15 @@ class SparseTraining:
                 self._reset_state(t.param, old ^ new)
             old.copy_(new)
             _copy_mask_into(keep, old)
-        # Newly inactive weights become 0; newly active ones were 0 already (inactive before).
+        # Newly inactive weights become 0; newly active ones were 0 already (inactive before),
+        # except those grown into dead units, which start at +-scale (sparsecore.units): the
+        # same values on every rank, from the position hash of this update.
         self._apply_masks()
+        for i, (t, fresh) in enumerate(zip(self.targets, result.revived or ())):
+            if fresh is not None:
+                scale = revival_scale(tuple(t.param.shape), t.axis)
+                key = HashKey(cfg.seed, report.update, i)
+                t.param.copy_(_BACKEND.signed_fill(t.param.detach(), fresh, scale, key))
         if self._router is not None:
             self._router.refresh()
         return report
@@ -570,7 +583,11 @@ class SparseTraining:
             )
         assert proposal is not None
         masks, report = agreement.broadcast_result(proposal.masks, proposal.report)
-        return self.engine.commit(layers, UpdateResult(masks, report), backend=_BACKEND)
+        # rank 0's weights grown into dead units too: ranks whose momentum differs disagree
+        revived = _broadcast_revived(proposal.revived, [t.param for t in self.targets])
+        return self.engine.commit(
+            layers, UpdateResult(masks, report, revived=revived), backend=_BACKEND
+        )
 
     def _propose(self, layers: list[Layer], step: int, rate: float | None) -> UpdateResult:
         """The engine's proposal for this update (nothing recorded), masks as tensors."""
@@ -583,7 +600,8 @@ class SparseTraining:
         result = self.engine.propose(
             hu.numpy_views(layers), step, backend=numba_backend, prune_rate=rate
         )
-        return replace(result, masks=hu.as_tensors(result.masks), weights=None)
+        revived = None if result.revived is None else hu.as_tensors(result.revived)
+        return replace(result, masks=hu.as_tensors(result.masks), weights=None, revived=revived)
 
     def _engine_update(self, step: int, rate: float | None) -> UpdateResult:
         """The engine's update of the current layers: through the Numba backend on NumPy views
@@ -605,7 +623,14 @@ class SparseTraining:
             )
         finally:
             engine.ever_active = hu.as_tensors(engine.ever_active)
-        return replace(result, masks=hu.as_tensors(result.masks), weights=None)
+        if result.revived is None:
+            return replace(result, masks=hu.as_tensors(result.masks), weights=None)
+        return replace(
+            result,
+            masks=hu.as_tensors(result.masks),
+            weights=hu.as_tensors(result.weights),
+            revived=hu.as_tensors(result.revived),
+        )
 
     def _reset_state(self, param: torch.Tensor, changed: torch.Tensor) -> None:
         i = next(i for i, t in enumerate(self.targets) if t.param is param)
@@ -692,6 +717,22 @@ class SparseTraining:
         )
         for line in text.splitlines():
             (print_fn or print)(line)
+
+    def dead_units(self) -> dict[str, tuple[int, int]]:
+        """Per sparse parameter, ``(dead output units, output units)`` as the last mask update
+        found them (no active weight, or no gradient: :mod:`sparsecore.units`); before the first
+        update, the units that start without a weight."""
+        from sparsecore.units import dead_unit_counts
+
+        masks = [m.cpu().numpy() for m in self.masks] if not self.history else []
+        return dead_unit_counts(self.history, masks, self.names, [t.axis for t in self.targets])
+
+    @property
+    def momentum_source(self) -> str:
+        """Where the momentum the mask updates read comes from, in words: the optimizer's buffer
+        (``momentum_buffer``, ``exp_avg``) or the library's own gradient average when the
+        optimizer keeps none (Adadelta, Adagrad, SGD without momentum, ...) or none is given."""
+        return self._momentum_source
 
     @property
     def last_update_backend(self) -> str | None:
@@ -891,6 +932,35 @@ def _copy_mask_into(keep: torch.Tensor, mask: torch.Tensor) -> None:
     """``keep[:] = mask`` as 0/1 values: converting the mask's bytes is several times faster on
     CPU than converting from bool."""
     keep.copy_(mask.view(torch.uint8) if mask.is_contiguous() else mask)
+
+
+def _broadcast_revived(revived: list[Any] | None, params: list[torch.Tensor]) -> list[Any] | None:
+    """In a distributed job, rank 0's positions grown into dead units (None where it has none).
+
+    Ranks whose momentum differs may disagree on them; the weights must follow rank 0's masks.
+    """
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return revived
+    device = params[0].device
+    has = [0 if revived is None or r is None else 1 for r in (revived or [None] * len(params))]
+    flags = torch.tensor(has, dtype=torch.uint8, device=device)
+    dist.broadcast(flags, src=0)
+    out: list[Any] = []
+    for i, param in enumerate(params):
+        if not int(flags[i]):  # rank 0 revived nothing in this layer
+            out.append(None)
+            continue
+        local = None if revived is None else revived[i]
+        buf = (
+            torch.zeros(param.shape, dtype=torch.uint8, device=param.device)
+            if local is None
+            else local.to(torch.uint8)
+        )
+        dist.broadcast(buf, src=0)
+        out.append(buf.to(torch.bool))
+    return out
 
 
 def _build_router(kernels: str, targets: list[Target], masks: list[torch.Tensor]) -> Any:

@@ -485,6 +485,24 @@ class TorchBackend(ArrayBackend):
         self.packed_updates += 1
         return out
 
+    def unit_nonzero(self, x: Any, axis: int) -> np.ndarray:
+        return self.units_nonzero([x], [axis])[0]
+
+    def units_nonzero(self, xs: Sequence[Any], axes: Sequence[int]) -> list[np.ndarray]:
+        """Per output unit of each tensor, whether it holds a non-zero entry: computed on the
+        tensors' device and brought back in one host read for all of them."""
+        if not xs:
+            return []
+        flags = [
+            (x.movedim(axis, 0).reshape(x.shape[axis], -1) != 0).any(dim=1)
+            for x, axis in zip(xs, axes)
+        ]
+        devices = {f.device for f in flags}
+        if len(devices) != 1:
+            return [f.cpu().numpy() for f in flags]
+        joined = torch.cat(flags).cpu().numpy()
+        return list(np.split(joined, np.cumsum([f.numel() for f in flags])[:-1]))
+
     def counts(self, masks: Sequence[Any]) -> list[int]:
         """Every mask's count; off the CPU, in one host read instead of one per mask."""
         devices = {m.device for m in masks}
@@ -509,3 +527,8 @@ class TorchBackend(ArrayBackend):
         return torch.where(
             old_mask & new_mask, weight, torch.zeros((), dtype=weight.dtype, device=weight.device)
         )
+
+    def signed_fill(self, x: Any, where: Any, value: float, key: HashKey) -> Any:
+        odd = (self.position_hash(key, x) & 1).to(torch.bool)
+        magnitude = torch.tensor(value, dtype=x.dtype, device=x.device)
+        return torch.where(where, torch.where(odd, magnitude, -magnitude), x)

@@ -5,7 +5,11 @@
   ``exp_avg / (sqrt(exp_avg_sq) + eps)`` with ``adam_momentum='normalized'``.
 - Anything else, or no optimizer: the library's own exponential moving average of the gradient,
   ``P <- beta * P + (1 - beta) * g``, folded in once per optimizer step, kept in float32 for half
-  precision parameters (a float16 average of small gradients would underflow).
+  precision parameters (a float16 average of small gradients would underflow). The Keras callback
+  gives the same answer for optimizers without momentum.
+
+:func:`describe` names the source in words; ``attach`` logs it once (logger ``sparsecore``, level
+INFO) and the handle's ``momentum_source`` reads it.
 
 The optimizer's buffers are read as they are: never masked, so momentum at inactive positions
 keeps accumulating, which is what regrowth needs.
@@ -47,6 +51,25 @@ def momentum_beta(group: dict[str, Any] | None, kind: str, own_beta: float) -> f
     if kind in (ADAM, ADAM_NORMALIZED) and group is not None:
         return float(group["betas"][0])
     return own_beta
+
+
+def describe(kinds: list[str], optimizer: torch.optim.Optimizer | None, beta: float) -> str:
+    """The momentum source of a run in words (one phrase per distinct source, with the number
+    of sparse layers it serves when they differ)."""
+    name = None if optimizer is None else type(optimizer).__name__
+    phrases = {
+        SGD: f"{name}'s momentum buffer (momentum_buffer)",
+        ADAM: f"{name}'s first moment (exp_avg)",
+        ADAM_NORMALIZED: f"{name}'s exp_avg / (sqrt(exp_avg_sq) + eps)",
+        OWN: f"the library's own gradient average (beta {beta:g}): "
+        + ("no optimizer given" if name is None else f"{name} keeps no momentum"),
+    }
+    distinct = list(dict.fromkeys(kinds))
+    if len(distinct) == 1:
+        return phrases[distinct[0]]
+    return "; ".join(
+        f"{phrases[k]} for {kinds.count(k)} of {len(kinds)} sparse layers" for k in distinct
+    )
 
 
 def own_buffer(param: torch.Tensor) -> torch.Tensor:

@@ -1,13 +1,24 @@
-"""Which parameters of a model are trained sparse.
+"""Which parameters of a model are trained sparse, and where their output units lie.
 
-By default (ALGORITHM.md, "Which parameters are sparse"): the trainable weights of ``nn.Linear``
-and ``nn.Conv1d/2d/3d`` (1x1, grouped and depthwise convolutions included). Biases, normalisation
-layers, embeddings and recurrent weights stay dense unless ``include`` names them, by parameter
-name pattern (``fnmatch``, e.g. ``"rnn.weight_hh_*"``) or by module type (e.g. ``nn.Embedding``,
-``nn.LSTM``: their weights of two or more dimensions). ``exclude`` (same forms) wins over both.
-``dense_first`` / ``dense_last`` then drop the first / last selected parameter in the order the
-model registers its modules. Frozen parameters (``requires_grad=False``) are never sparse. A
-parameter shared by several modules (tied weights) is one sparse layer with one mask.
+By default (ALGORITHM.md, "Which parameters are sparse"): the trainable weights of the registered
+layer types that are sparse by default: ``nn.Linear``, ``nn.Conv1d/2d/3d`` (1x1, grouped and
+depthwise convolutions included) and Hugging Face ``transformers``' ``Conv1D`` (GPT-2's
+projections, weight stored as (in, out)). Biases, normalisation layers, embeddings and recurrent
+weights stay dense unless ``include`` names them, by parameter name pattern (``fnmatch``, e.g.
+``"rnn.weight_hh_*"``) or by module type (e.g. ``nn.Embedding``, ``nn.LSTM``: their weights of two
+or more dimensions). ``exclude`` (same forms) wins over both. ``dense_first`` / ``dense_last``
+then drop the first / last selected parameter in the order the model registers its modules.
+Frozen parameters (``requires_grad=False``) are never sparse. A parameter shared by several
+modules (tied weights) is one sparse layer with one mask; it is sparse by default only if every
+owner with a registered type is sparse by default, so a language model's output layer tied to its
+token embedding stays dense, as the embedding would, unless included.
+
+Each registered layer type also names its weight's output axis (0 for ``nn.Linear``'s (out, in)
+and convolutions' (out, in, k...), 1 for transposed convolutions and ``Conv1D``'s (in, out)),
+which per-unit growth, ER initial densities and dead-unit counts read. Declare your own layer
+types with :func:`register_layer_type`; a type can be given by class or by its qualified name
+(``"package.module.Class"``, matched along the module's class hierarchy), so that registering a
+library's layer never imports that library.
 """
 
 from __future__ import annotations
@@ -21,7 +32,88 @@ from torch import nn
 from sparsecore.errors import SparseCoreError
 from sparsecore.validation import check_flag
 
+
+@dataclass(frozen=True)
+class LayerType:
+    """How sparsecore treats the parameter ``param`` of modules of one type.
+
+    ``layer_type``: a module class, or its qualified name ``"module.Class"``. ``axis``: the
+    output axis of that parameter. ``sparse_by_default``: sparse without being included.
+    """
+
+    layer_type: type[nn.Module] | str
+    axis: int = 0
+    param: str = "weight"
+    sparse_by_default: bool = True
+
+    def matches(self, module: nn.Module) -> bool:
+        if isinstance(self.layer_type, str):
+            return any(
+                f"{cls.__module__}.{cls.__qualname__}" == self.layer_type
+                for cls in type(module).__mro__
+            )
+        return isinstance(module, self.layer_type)
+
+
+# Searched from the end: a later registration (a user's) wins over an earlier one.
+_LAYER_TYPES: list[LayerType] = [
+    LayerType(nn.Linear),
+    LayerType(nn.Conv1d),
+    LayerType(nn.Conv2d),
+    LayerType(nn.Conv3d),
+    # Transposed convolutions store (in, out/groups, *kernel): their output units are axis 1.
+    LayerType(nn.ConvTranspose1d, axis=1, sparse_by_default=False),
+    LayerType(nn.ConvTranspose2d, axis=1, sparse_by_default=False),
+    LayerType(nn.ConvTranspose3d, axis=1, sparse_by_default=False),
+    LayerType(nn.Embedding, sparse_by_default=False),
+    # Hugging Face's Conv1D (GPT-2, GPT, ...): a linear layer whose weight is (in, out).
+    LayerType("transformers.pytorch_utils.Conv1D", axis=1),
+]
+
+#: The module types whose weights are sparse by default (for messages).
 DEFAULT_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def register_layer_type(
+    layer_type: type[nn.Module] | str,
+    *,
+    axis: int,
+    param: str = "weight",
+    sparse_by_default: bool = True,
+) -> None:
+    """Declare how sparsecore treats parameter ``param`` of modules of ``layer_type``.
+
+    ``layer_type``: an ``nn.Module`` subclass, or its qualified name (``"package.module.Class"``)
+    so that the package need not be imported. ``axis``: the parameter's output axis (the axis of
+    the layer's output units: 0 for (out, in), 1 for (in, out)). ``sparse_by_default``: made
+    sparse without ``include`` (otherwise only the axis is declared, for when it is included).
+    A later registration of the same type and parameter replaces the earlier one. Applies to
+    ``attach`` calls made afterwards::
+
+        sparsecore.torch.register_layer_type(MyLinear, axis=1)   # MyLinear.weight is (in, out)
+    """
+    if not (
+        isinstance(layer_type, str)
+        or (isinstance(layer_type, type) and issubclass(layer_type, nn.Module))
+    ):
+        raise SparseCoreError(
+            f"layer_type must be an nn.Module subclass or a qualified class name, got "
+            f"{layer_type!r}"
+        )
+    if isinstance(axis, bool) or not isinstance(axis, int):
+        raise SparseCoreError(f"axis must be an integer, got {axis!r}")
+    if not isinstance(param, str) or not param:
+        raise SparseCoreError(f"param must be a parameter name, got {param!r}")
+    entry = LayerType(layer_type, axis, param, bool(sparse_by_default))
+    _LAYER_TYPES[:] = [
+        t for t in _LAYER_TYPES if (t.layer_type, t.param) != (layer_type, param)
+    ] + [entry]
+
+
+def layer_type_of(module: nn.Module, param: str) -> LayerType | None:
+    """The registered entry for parameter ``param`` of ``module`` (the latest that matches)."""
+    return next((t for t in reversed(_LAYER_TYPES) if t.param == param and t.matches(module)), None)
+
 
 Selector = str | type
 Selectors = Selector | Sequence[Selector] | None
@@ -48,13 +140,6 @@ def _as_list(selectors: Selectors, label: str) -> list[Selector]:
                 f"{label} takes parameter name patterns (str) or nn.Module subclasses, got {item!r}"
             )
     return items
-
-
-def _output_axis(module: nn.Module) -> int:
-    # Transposed convolutions store (in, out/groups, *kernel): their output units are axis 1.
-    if isinstance(module, (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)):
-        return 1
-    return 0
 
 
 def _matches(selector: Selector, names: Iterable[str], modules: Iterable[nn.Module]) -> bool:
@@ -103,9 +188,8 @@ def select_targets(
         param = params[key]
         aliases = names[key]
         modules = [m for m, _ in owners[key]]
-        default = param.ndim >= 2 and any(
-            isinstance(m, DEFAULT_TYPES) and p == "weight" for m, p in owners[key]
-        )
+        types = [t for m, p in owners[key] if (t := layer_type_of(m, p)) is not None]
+        default = param.ndim >= 2 and bool(types) and all(t.sparse_by_default for t in types)
         wanted = default
         for i, sel in enumerate(includes):
             if param.ndim >= 2 and _matches(sel, aliases, modules):
@@ -119,8 +203,16 @@ def select_targets(
             raise SparseCoreError(
                 f"parameter {aliases[0]!r} has dtype {param.dtype}; sparse layers need floating point"
             )
-        owner = next((m for m, p in owners[key] if isinstance(m, DEFAULT_TYPES)), modules[0])
-        chosen.append(Target(aliases[0], tuple(aliases), param, owner, _output_axis(owner)))
+        # The owner whose type says the most: sparse by default first, then any registered one.
+        typed = [(m, t) for m, p in owners[key] if (t := layer_type_of(m, p)) is not None]
+        typed.sort(key=lambda mt: not mt[1].sparse_by_default)
+        owner, axis = (typed[0][0], typed[0][1].axis) if typed else (modules[0], 0)
+        if not -param.ndim <= axis < param.ndim:
+            raise SparseCoreError(
+                f"parameter {aliases[0]!r} of shape {tuple(param.shape)}: its layer type "
+                f"{type(owner).__name__} declares output axis {axis}, out of range"
+            )
+        chosen.append(Target(aliases[0], tuple(aliases), param, owner, axis))
 
     for sel, hit in zip(includes, used):
         if not hit:
@@ -134,8 +226,16 @@ def select_targets(
     if not chosen:
         raise SparseCoreError(
             f"model {type(model).__name__} has no parameter to make sparse: by default only the "
-            f"trainable weights of {[t.__name__ for t in DEFAULT_TYPES]} are sparse "
+            f"trainable weights of {_default_type_names()} are sparse "
             f"(include={include!r}, exclude={exclude!r}, dense_first={dense_first}, "
             f"dense_last={dense_last})"
         )
     return chosen
+
+
+def _default_type_names() -> list[str]:
+    return [
+        t.layer_type if isinstance(t.layer_type, str) else t.layer_type.__name__
+        for t in _LAYER_TYPES
+        if t.sparse_by_default
+    ]

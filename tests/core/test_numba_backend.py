@@ -98,6 +98,7 @@ def layer_sets(draw):
         mask = (rng.random(shape) < density) if 0 < density < 1 else np.full(shape, density > 0)
         weight = draw(values(size, dtype)).reshape(shape) * mask
         momentum = draw(values(size, dtype)).reshape(shape)
+        momentum[rng.random(rows) < 0.3] = 0  # silent (dead) units
         grad = draw(values(size, dtype)).reshape(shape)
         layers.append(sc.Layer(f"layer{i}", weight, mask, momentum, grad))
     return layers
@@ -120,8 +121,13 @@ def assert_same_update(layers, variant, **options):
             want.net_pruned,
             want.net_grown,
         )
-    applied = sc.apply_masks(layers, got.masks, backend=variant)
-    reference = sc.apply_masks(layers, got.masks, backend=REFERENCE)
+        assert (have.units, have.dead_units, have.revived) == (
+            want.units,
+            want.dead_units,
+            want.revived,
+        )
+    applied = sc.new_weights(layers, got, backend=variant)
+    reference = sc.new_weights(layers, expected, backend=REFERENCE)
     for have, want in zip(applied, reference):
         assert have.dtype == want.dtype
         assert np.array_equal(have.view(np.uint8), want.view(np.uint8))  # bit for bit, +0.0
@@ -137,9 +143,10 @@ def assert_same_update(layers, variant, **options):
     rate=st.sampled_from([0.0, 0.1, 0.5, 0.97, 1.0]),
     seed=st.integers(0, 2**31 - 1),
     update_index=st.integers(1, 50),
+    revive=st.booleans(),
 )
 def test_update_equals_numpy(
-    variant, layers, prune, growth, redistribution, rate, seed, update_index
+    variant, layers, prune, growth, redistribution, rate, seed, update_index, revive
 ):
     assert_same_update(
         layers,
@@ -150,6 +157,7 @@ def test_update_equals_numpy(
         prune=prune,
         growth=growth,
         redistribution=redistribution,
+        revive_dead_units=revive,
     )
 
 
@@ -391,3 +399,28 @@ def test_jit_falls_back_quietly_without_a_cache_location():
     exec("def plus_one(x):\n    return x + 1\n", namespace)  # no source file: nowhere to cache
     compiled = bn._jit()(namespace["plus_one"])
     assert compiled(41) == 42
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64, np.bool_])
+def test_unit_nonzero_matches_the_reference_on_every_axis(dtype):
+    """The early-exit scan behind dead-unit counts: -0.0 is zero, any other value is not."""
+    rng = np.random.default_rng(5)
+    numba_backend = NumbaBackend()
+    for shape in [(6, 5), (4, 3, 2, 2), (3, 7), (1, 9)]:
+        x = rng.standard_normal(shape)
+        x[np.abs(x) < 0.9] = 0
+        x[rng.random(shape) < 0.2] = -0.0
+        x = (x != 0) if dtype is np.bool_ else x.astype(dtype)
+        for axis in range(-len(shape), len(shape)):
+            want = REFERENCE.unit_nonzero(x, axis)
+            assert np.array_equal(numba_backend.unit_nonzero(x, axis), want), (shape, axis)
+            strided = np.asfortranarray(x)  # not C-contiguous: the reference's way
+            assert np.array_equal(numba_backend.unit_nonzero(strided, axis), want)
+    zeros = np.zeros((4, 3), dtype=dtype)
+    assert not numba_backend.unit_nonzero(zeros, 0).any()
+
+
+def test_unit_nonzero_of_other_byte_orders_and_types_takes_the_reference_way():
+    x = np.array([[0.0, 1.5], [0.0, -0.0]], dtype=">f4")
+    assert NumbaBackend().unit_nonzero(x, 0).tolist() == [True, False]
+    assert NumbaBackend().unit_nonzero(x.astype(np.int32), 1).tolist() == [False, True]

@@ -342,7 +342,7 @@ def test_a_mode_registered_over_a_builtin_name_takes_the_generic_path():
 def test_engine_passes_the_new_weights_through():
     layers = small_layers()
     names = [x.name for x in layers]
-    config = sc.SparseConfig(density=0.3)
+    config = sc.SparseConfig.from_options(recipe="paper", density=0.3)  # the fused modes
     engine = sc.SparseEngine(config, names, [x.weight.shape for x in layers])
     masks = engine.initial_masks()
     layers = [sc.Layer(x.name, x.weight * m, m, x.momentum) for x, m in zip(layers, masks)]

@@ -91,9 +91,18 @@ def test_sparse_options_are_the_same_keywords_for_both_jobs() -> None:
     assert "stop_at" not in static
     set_options = Recipe(method="set", redistribution="momentum").sparse_options(1000)
     assert set_options is not None and set_options["redistribution"] == "momentum"
-    # every keyword is a SparseConfig option, so both adapters accept them
+    # every keyword is a SparseConfig option, so both adapters accept them; the job runs the
+    # paper's recipe whatever the library's defaults are
     for opts in (paper, stepwise, options, static, set_options):
-        SparseConfig(**{k: v for k, v in opts.items() if k not in ("dense_first", "dense_last")})
+        config = SparseConfig.from_options(
+            **{k: v for k, v in opts.items() if k not in ("dense_first", "dense_last")}
+        )
+        assert opts["recipe"] == "paper"
+        assert (config.cover_units, config.revive_dead_units) == (False, False)
+    plain = {k: v for k, v in paper.items() if k not in ("dense_first", "dense_last")}
+    assert SparseConfig.from_options(**plain).init == "uniform"
+    revived = Recipe(cover_units=True, revive_dead_units=True).sparse_options(1000)
+    assert revived is not None and revived["cover_units"] and revived["revive_dead_units"]
 
 
 def test_headline_counts_epochs_in_words_and_caveats_catch_a_dense_sparse_run():

@@ -239,3 +239,23 @@ def test_one_epoch_runs_say_1_epoch_and_the_accuracy_axis_has_whole_epochs(tmp_p
     figure = accuracy_figure(record, load_run(dense_run(tmp_path / "dense", epochs=3)))
     ticks = [t for t in figure.axes[0].get_xticks() if 1 <= t <= 3]
     assert ticks and all(float(t).is_integer() for t in ticks)
+
+
+def test_the_table_shows_dead_units_and_warns_about_mostly_dead_layers():
+    from sparsecore.report import LayerReport, UpdateReport
+    from sparsecore.reporting import dead_unit_warnings, format_table
+    from sparsecore.telemetry import RunRecord
+
+    def layer(name: str, dead: int) -> LayerReport:
+        return LayerReport(name, 40, 4, 4, 2, 2, 2, 2, 0.1, 0.5, 36, units=8, dead_units=dead)
+
+    record = RunRecord.from_reports([UpdateReport(1, 0.5, (layer("a", 5), layer("b", 4)), step=10)])
+    table = format_table(record)
+    header, _, row_a, row_b, row_all = table.splitlines()[3:8]
+    assert header.split()[-2:] == ["dead", "units"]
+    assert (
+        row_a.split()[-1] == "5/8" and row_b.split()[-1] == "4/8" and row_all.split()[-1] == "9/16"
+    )
+    warnings = dead_unit_warnings(record)
+    assert len(warnings) == 1 and warnings[0].startswith("warning: layer 'a': 5 of 8 output units")
+    assert warnings[0] in table  # only 'a': 4 of 8 is not most

@@ -130,3 +130,21 @@ def test_ever_active_of_the_wrong_shape_is_refused_instead_of_breaking_the_next_
     state["ever_active"][0] = ~SAVED["ever_active"][0]  # right shape, wrong content
     with pytest.raises(SparseCoreError, match="the last update counted"):
         engine.load_state_dict(state)
+
+
+def test_a_state_saved_before_dead_units_were_counted_still_loads():
+    """States of the previous version have no cover_units / revive_dead_units options and no
+    dead-unit counts in their reports: they load, with the options off (the run they saved
+    continues as it was) and the counts 0."""
+    old = copy.deepcopy(SAVED)
+    for key in ("cover_units", "revive_dead_units"):
+        del old["config"][key]
+    for report in old["history"]:
+        for layer in report["layers"]:
+            for key in ("units", "dead_units", "revived"):
+                del layer[key]
+    fresh = _run(0, seed=1)
+    fresh.load_state_dict(old)
+    assert (fresh.config.cover_units, fresh.config.revive_dead_units) == (False, False)
+    assert all(layer.units == 0 for r in fresh.history for layer in r.layers)
+    assert fresh.updates == 3

@@ -244,6 +244,14 @@ def test_summary_without_its_mask_updates(tmp_path):
         ),
         (lambda d: d["epochs"][0].update(test_acc=170.0), "test_acc must be a percentage"),
         (lambda d: d["layers"][0].update(size=0), r"layers\[0\].size must be an integer >= 1"),
+        (
+            lambda d: d["updates"][0]["layers"][0].update(dead_units=25),
+            r"dead_units 25 needs units, and at most that many \(units 24\)",
+        ),
+        (
+            lambda d: d["updates"][0]["layers"][0].update(revived=10**6),
+            "revived 1000000 exceeds the",
+        ),
     ],
 )
 def test_bad_fields_are_named(saved, change, message):
@@ -351,3 +359,29 @@ def test_the_tensorboard_extra_installs_a_writer_and_the_error_names_it(monkeypa
     monkeypatch.setattr(builtins, "__import__", no_writers)
     with pytest.raises(sc.SparseCoreError, match=r"pip install 'sparsecore\[tensorboard\]'"):
         telemetry.require_tensorboard()
+
+
+def test_dead_units_reach_the_record_and_survive_json(tmp_path):
+    """Dead units as the engine reported them; a report of before the count reads as unknown."""
+    engine, _ = run_engine(updates=3)
+    record = RunRecord.from_reports(engine.history)
+    for upd, report in zip(record.updates, engine.history):
+        for layer, lr in zip(upd.layers, report.layers):
+            assert (layer.units, layer.dead_units, layer.revived) == (
+                lr.units,
+                lr.dead_units,
+                lr.revived,
+            )
+            assert layer.units == dict(zip(NAMES, SHAPES))[layer.name][0]
+    again = RunRecord.load(record.save(tmp_path / "r.json"))
+    assert [[(x.units, x.dead_units) for x in u.layers] for u in again.updates] == [
+        [(x.units, x.dead_units) for x in u.layers] for u in record.updates
+    ]
+    assert again.totals()["layers"]["fc1"]["units"] == 24
+    old = [r.to_dict() for r in engine.history]
+    for r in old:  # a report written before dead units were counted
+        for layer in r["layers"]:
+            for key in ("units", "dead_units", "revived"):
+                del layer[key]
+    legacy = RunRecord.from_reports(old)
+    assert all(x.units is None and x.dead_fraction is None for x in legacy.updates[0].layers)

@@ -37,6 +37,11 @@ def _values(x: Any, key: Any, nullable: set[str], free_text: set[str]) -> list[s
     raise TypeError(f"no corruption for {type(x).__name__} at {key!r}")
 
 
+#: Fields added after states were first saved: a state without them is a valid older state
+#: (they read as off / 0), so their absence is no corruption. Their bad values still are.
+ADDED_LATER = frozenset({"cover_units", "revive_dead_units", "units", "dead_units", "revived"})
+
+
 def corruptions(
     state: Any, *, nullable: set[str] = frozenset(), free_text: set[str] = frozenset()
 ) -> list[Corruption]:
@@ -45,7 +50,7 @@ def corruptions(
 
     def walk(node: Any, path: Path, key: Any) -> None:
         if isinstance(node, dict):
-            out.extend((path, f"missing:{k}") for k in node)
+            out.extend((path, f"missing:{k}") for k in node if k not in ADDED_LATER)
             out.append((path, "extra"))
             for k, v in node.items():
                 walk(v, (*path, k), k)

@@ -81,3 +81,37 @@ def brute_split(total: int, weights: list[float], capacity: list[int]) -> list[i
             remaining -= cap[i]
             open_[i] = False
     return g
+
+
+def brute_dead_units(mask: np.ndarray, momentum: np.ndarray | None, axis: int) -> np.ndarray:
+    """Dead output units from the specification's words: no active weight, or momentum 0 at every
+    position of the unit while the layer's momentum is not 0 everywhere."""
+    rows_mask = np.moveaxis(mask, axis, 0).reshape(mask.shape[axis], -1)
+    dead = ~rows_mask.any(axis=1)
+    if momentum is not None and np.any(momentum != 0):
+        rows_p = np.moveaxis(momentum, axis, 0).reshape(mask.shape[axis], -1)
+        dead |= ~(rows_p != 0).any(axis=1)
+    return dead
+
+
+def brute_revive(
+    momentum: np.ndarray, kept: np.ndarray, budget: int, dead: np.ndarray, axis: int, key: HashKey
+) -> np.ndarray:
+    """Positions grown into dead units: their equal share of ``budget``, spread evenly (with each
+    unit's free slots as capacity), largest |momentum| first inside each unit, ties by hash."""
+    units = kept.shape[axis]
+    ids = np.moveaxis(np.arange(kept.size).reshape(kept.shape), axis, 0).reshape(units, -1)
+    free = [int((~kept.reshape(-1)[ids[j]]).sum()) if dead[j] else 0 for j in range(units)]
+    share = round(budget * int(dead.sum()) / units)
+    quotas = brute_split(min(share, sum(free)), [1.0 if d else 0.0 for d in dead], free)
+    out = np.zeros(kept.size, dtype=bool)
+    for j in range(units):
+        if quotas[j]:
+            candidates = np.zeros(kept.size, dtype=bool)
+            candidates[ids[j]] = True
+            candidates &= ~kept.reshape(-1)
+            chosen = brute_select(
+                np.abs(momentum).reshape(-1), candidates, quotas[j], largest=True, key=key
+            )
+            out |= chosen
+    return out.reshape(kept.shape)

@@ -61,6 +61,7 @@ def layer_sets(draw):
         w = (rng.integers(-levels, levels + 1, size=shape) * 0.5).astype(dtype)
         w = np.where(rng.random(shape) < 0.1, -0.0, w).astype(dtype)
         p = (rng.integers(-levels, levels + 1, size=shape) * 0.25).astype(dtype)
+        np.moveaxis(p, axis, 0)[rng.random(shape[axis]) < 0.3] = 0  # silent (dead) units
         g = rng.standard_normal(shape).astype(dtype)
         out_np.append(Layer(f"l{i}", w, mask, p, g, axis=axis))
         out_k.append(Layer(f"l{i}", _tensor(w), _tensor(mask), _tensor(p), _tensor(g), axis=axis))
@@ -77,9 +78,10 @@ def layer_sets(draw):
     update_index=st.integers(1, 50),
     seed=st.integers(0, 2**32 - 1),
     min_density=st.sampled_from([0.0, 0.1]),
+    revive=st.booleans(),
 )
 def test_update_equals_numpy(
-    layers, prune, growth, redistribution, rate, update_index, seed, min_density
+    layers, prune, growth, redistribution, rate, update_index, seed, min_density, revive
 ):
     layers_np, layers_k = layers
     kwargs = dict(
@@ -90,6 +92,7 @@ def test_update_equals_numpy(
         growth=growth,
         redistribution=redistribution,
         min_density=min_density,
+        revive_dead_units=revive,
     )
     try:
         ref = sparsecore.update(layers_np, **kwargs)
@@ -108,8 +111,9 @@ def test_update_equals_numpy(
             b.net_pruned,
             b.net_grown,
         )
-    new_np = sparsecore.apply_masks(layers_np, ref.masks)
-    new_k = sparsecore.apply_masks(layers_k, out.masks, backend=KB)
+        assert (a.units, a.dead_units, a.revived) == (b.units, b.dead_units, b.revived)
+    new_np = sparsecore.new_weights(layers_np, ref)
+    new_k = sparsecore.new_weights(layers_k, out, backend=KB)
     for a, b in zip(new_np, new_k):
         assert np.array_equal(a.view(np.uint8), _host(b).view(np.uint8))  # bit for bit
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import keras
@@ -91,7 +92,9 @@ def _snapshot(cb, model, reader_kind: str):
 def test_update_reads_optimizer_momentum_and_equals_numpy_reference(optimizer, adam_momentum):
     x, y = data()
     model = mlp(optimizer=optimizer())
-    cb = SparseCallback(update_every=None, density=0.2, seed=5, adam_momentum=adam_momentum)
+    cb = SparseCallback(
+        update_every=None, density=0.2, seed=5, adam_momentum=adam_momentum, recipe="paper"
+    )
     model.fit(x, y, batch_size=16, epochs=2, callbacks=[cb], verbose=0)
     slots = [cb._reader.read(w.variable, w.name) for w in cb.weights]
     assert all(np.any(host(s) != 0) for s in slots), "momentum must be read from the slots"
@@ -100,7 +103,6 @@ def test_update_reads_optimizer_momentum_and_equals_numpy_reference(optimizer, a
     assert any(np.any(layer.momentum[~layer.mask] != 0) for layer in layers)
     rate = 0.3
     ref = sparsecore.update(layers, prune_rate=rate, update_index=1, seed=5)
-    report = cb.update_masks(step=12) if False else None
     cb.engine.config = cb.engine.config.replace(prune_schedule="constant", prune_rate=rate)
     report = cb.update_masks(step=12)
     assert report.update == 1
@@ -230,25 +232,98 @@ def test_unknown_option_and_gradient_growth_are_refused():
         SparseCallback(growth="gradient")
 
 
+def test_dead_units_are_revived_with_the_engines_weights():
+    """The default options: a layer with dead units gets weights grown into them at +-scale,
+    exactly the NumPy reference's new weights."""
+    x, y = data()
+    model = mlp(optimizer=keras.optimizers.Adam(1e-2))
+    cb = SparseCallback(update_every=None, density=0.1, seed=2)
+    model.fit(x, y, batch_size=16, epochs=2, callbacks=[cb], verbose=0)
+    layers = _snapshot(cb, model, "exp_avg")
+    layers[1].momentum[:, :4] = 0  # fc2's first four units get no gradient: dead
+    config = cb.engine.config.replace(prune_schedule="constant", prune_rate=0.3)
+    ref = sparsecore.update(
+        layers, prune_rate=0.3, update_index=1, seed=2, growth=config.growth,
+        revive_dead_units=True,
+    )  # fmt: skip
+    assert ref.report.layers[1].dead_units >= 4 and ref.report.layers[1].revived > 0
+    reader = cb._reader
+    reader.read = lambda variable, name: next(  # the same momentum as the reference
+        layer.momentum for layer, w in zip(layers, cb.weights) if w.variable is variable
+    )
+    cb.engine.config = config
+    report = cb.update_masks(step=12)
+    assert [r.revived for r in report.layers] == [r.revived for r in ref.report.layers]
+    for new, w, c, mask in zip(
+        sparsecore.new_weights(layers, ref), cb.weights, cb.constraints, ref.masks
+    ):
+        assert np.array_equal(c.mask_numpy(), mask)
+        assert np.array_equal(host(w.variable).view(np.uint32), new.view(np.uint32)), w.name
+    scale = np.float32(1 / math.sqrt(32))  # fc2 kernel (32, 16): 32 inputs per unit
+    fc2 = host(cb.weights[1].variable)
+    fresh = ref.masks[1] & ~layers[1].mask & (np.abs(fc2) == scale)
+    assert fresh.sum() == ref.report.layers[1].revived
+
+
+class _KernelRecorder(keras.callbacks.Callback):
+    """The kernels after every batch (host copies)."""
+
+    def __init__(self, sparse):
+        super().__init__()
+        self.sparse = sparse
+        self.kernels = []
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.kernels.append([host(w.variable).copy() for w in self.sparse.weights])
+
+
 @pytest.mark.parametrize(
-    "optimizer,match",
+    "optimizer,name",
     [
-        (lambda: keras.optimizers.SGD(0.1), "SGD has momentum=0"),
-        (lambda: keras.optimizers.Adagrad(0.1), "Adagrad keeps no momentum"),
-        (lambda: keras.optimizers.RMSprop(0.01), "RMSprop has momentum=0"),
+        (lambda: keras.optimizers.SGD(0.1), "SGD"),
+        (lambda: keras.optimizers.Adagrad(0.1), "Adagrad"),
+        (lambda: keras.optimizers.RMSprop(0.01), "RMSprop"),
     ],
 )
-def test_optimizer_without_momentum_is_refused(optimizer, match):
+def test_optimizer_without_momentum_uses_the_own_gradient_average(optimizer, name, caplog):
     x, y = data()
     model = mlp(optimizer=optimizer())
-    kernels = [host(layer.kernel).copy() for layer in model.layers]
-    with pytest.raises(sparsecore.SparseCoreError, match=match):
-        model.fit(x, y, epochs=1, callbacks=[SparseCallback()], verbose=0)
-    _unchanged(model, kernels)
-    # modes that need no momentum work with such an optimizer
-    cb = SparseCallback(growth="random", redistribution="nonzero", update_every=2)
-    model.fit(x, y, batch_size=32, epochs=1, callbacks=[cb], verbose=0)
-    assert len(cb.history) == 1
+    cb = SparseCallback(density=0.3, update_every=4)
+    with caplog.at_level("INFO", logger="sparsecore"):
+        model.fit(x, y, batch_size=16, epochs=2, callbacks=[cb], verbose=0)
+    source = f"the library's own gradient average (beta 0.9): {name} keeps no momentum"
+    assert cb.momentum_source == source
+    assert [r.getMessage() for r in caplog.records].count(
+        f"sparsecore: sparse momentum reads {source}"
+    ) == 1
+    assert len(cb.history) == 2 and all(r.total_nnz == cb.engine.target for r in cb.history)
+    own = [host(cb._reader.read(w.variable, w.name)) for w in cb.weights]
+    masks = cb.masks()
+    # dense gradients: the average reaches inactive positions, where regrowth looks
+    inactive = [(p, ~masks[w.name]) for p, w in zip(own, cb.weights) if not masks[w.name].all()]
+    assert inactive and all(np.any(p[free] != 0) for p, free in inactive)
+
+
+def test_own_average_is_the_gradient_ema_of_the_keras_steps():
+    """With plain SGD, each step moves an active weight by -lr * gradient, so the own average at
+    active positions can be rebuilt from the kernels: P = sum_t beta^(T-t) (1 - beta) g_t."""
+    x, y = data()
+    lr, beta = 0.1, 0.8
+    model = mlp(optimizer=keras.optimizers.SGD(lr))
+    cb = SparseCallback(density=0.5, update_every=1000, momentum_beta=beta)  # no update
+    cb.attach(model)
+    start = [host(w.variable).copy() for w in cb.weights]
+    recorder = _KernelRecorder(cb)
+    model.fit(x, y, batch_size=32, epochs=1, shuffle=False, callbacks=[cb, recorder], verbose=0)
+    assert len(recorder.kernels) == 3
+    for i, w in enumerate(cb.weights):
+        mask = cb.masks()[w.name]
+        kernels = [start[i]] + [k[i] for k in recorder.kernels]
+        expected = np.zeros_like(start[i], dtype=np.float64)
+        for before, after in itertools.pairwise(kernels):
+            expected = beta * expected + (1 - beta) * (before - after) / lr
+        own = host(cb._reader.read(w.variable, w.name))
+        np.testing.assert_allclose(own[mask], expected[mask], rtol=2e-3, atol=1e-6)
 
 
 def test_model_without_prunable_layers():
@@ -348,11 +423,15 @@ def test_sparsifying_a_model_that_was_already_trained_dense():
 
 def test_takes_exactly_the_sparse_config_options():
     defaults = sparsecore.SparseConfig().to_dict()
-    assert set(defaults) == set(sparsecore.option_names())
+    assert set(defaults) | {"recipe"} == set(sparsecore.option_names())
     cb = SparseCallback(**defaults)
     assert cb.config == sparsecore.SparseConfig()
     custom = {"density": 0.3, "init": "ERK", "prune_rate": 0.4, "seed": 9, "max_density": 0.9}
     assert SparseCallback(**custom).config == sparsecore.SparseConfig(**custom)
+    paper = SparseCallback(recipe="paper", density=0.3).config
+    assert paper == sparsecore.SparseConfig(density=0.3, **sparsecore.config.RECIPES["paper"])
+    with pytest.raises(sparsecore.SparseCoreError, match="recipe must be one of"):
+        SparseCallback(recipe="papr")
 
 
 @pytest.mark.parametrize(
@@ -417,3 +496,17 @@ def test_default_schedule_keeps_async_batch_dispatch_and_updates_at_epoch_ends()
     assert hist.history["sparse_updates"] == [2.0, 4.0, 5.0]
     assert len(checker.totals) == 18 and set(checker.totals) == {cb.engine.target}
     assert sum(r.totals()["net_pruned"] for r in cb.history) > 0
+
+
+def test_dead_units_are_readable_on_the_callback():
+    x, y = data()
+    model = mlp()
+    cb = SparseCallback(density=0.05, update_every=3, recipe="paper")
+    cb.attach(model)
+    masks = cb.masks()
+    assert cb.dead_units() == {
+        name: (int((~m.any(axis=0)).sum()), m.shape[-1]) for name, m in masks.items()
+    }
+    model.fit(x, y, batch_size=16, epochs=1, callbacks=[cb], verbose=0)
+    last = cb.history[-1]
+    assert cb.dead_units() == {r.name: (r.dead_units, r.units) for r in last.layers}

@@ -14,6 +14,8 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+
 SCRIPT = textwrap.dedent(
     """
     import json
@@ -40,7 +42,7 @@ SCRIPT = textwrap.dedent(
             ]
         )
         model.compile(
-            optimizer=keras.optimizers.SGD(0.05, momentum=0.9),
+            optimizer=OPTIMIZER,
             loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         )
     rng = np.random.default_rng(0)
@@ -67,6 +69,15 @@ SCRIPT = textwrap.dedent(
             "count": int(masks[0].sum()),
         }
     out["target"] = cb.engine.target
+    out["momentum_source"] = cb.momentum_source
+    own = cb._reader.own
+    out["own_replicas_equal"] = own is None or all(
+        all(np.array_equal(parts[0], q) for q in parts)
+        for parts in (replicas(b)[0] for b in own.buffers)
+    )
+    out["own_nonzero"] = own is not None and all(
+        np.any(replicas(b)[0][0] != 0) for b in own.buffers
+    )
 
     # on_nonfinite='skip': a NaN in fc1's momentum at step 2, before the update due after it. The
     # update runs once, in cross-replica context, so its decision holds for every replica.
@@ -115,10 +126,16 @@ SCRIPT = textwrap.dedent(
 )
 
 
-def test_mirrored_strategy_replicas_share_masks():
+@pytest.mark.parametrize(
+    "optimizer", ["keras.optimizers.SGD(0.05, momentum=0.9)", "keras.optimizers.SGD(0.05)"]
+)
+def test_mirrored_strategy_replicas_share_masks(optimizer):
+    """With momentum from the optimizer, and with the library's own gradient average (SGD
+    without momentum), whose buffers must agree across replicas too."""
     env = dict(os.environ, KERAS_BACKEND="tensorflow", TF_CPP_MIN_LOG_LEVEL="2")
+    script = SCRIPT.replace("OPTIMIZER", optimizer)
     proc = subprocess.run(
-        [sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=300
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300
     )
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     assert proc.returncode == 0 and lines, proc.stderr[-3000:]
@@ -132,6 +149,10 @@ def test_mirrored_strategy_replicas_share_masks():
         assert layer["masks_equal"] and layer["kernels_equal"] and layer["zero_outside"], name
         total += layer["count"]
     assert total == result["target"]
+    assert result["own_replicas_equal"]
+    if "momentum=0.9" not in optimizer:
+        assert result["momentum_source"].startswith("the library's own gradient average")
+        assert result["own_nonzero"]
 
     # NaN momentum with on_nonfinite='skip': the update is decided once for all replicas
     skip = result["skip"]

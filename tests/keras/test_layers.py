@@ -164,3 +164,59 @@ def test_nested_functional_and_subclassed_models():
     assert len(cb.history) == 1
     for w in cb.weights:
         assert not np.any(host(w.variable)[~cb.masks()[w.name]])
+
+
+class OutIn(keras.layers.Layer):
+    """A user's dense layer whose weight ``w`` is stored as (out, in)."""
+
+    def __init__(self, units: int, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.units = units
+
+    def build(self, input_shape) -> None:
+        self.w = self.add_weight(shape=(self.units, input_shape[-1]), name="w")
+
+    def call(self, x):
+        return keras.ops.matmul(x, keras.ops.transpose(self.w))
+
+
+@pytest.fixture
+def user_rules():
+    from sparsecore.keras import discovery
+
+    saved = list(discovery._USER_RULES)
+    yield
+    discovery._USER_RULES[:] = saved
+
+
+def test_users_declare_their_own_layer_types(user_rules):
+    keras.utils.set_random_seed(2)
+    model = keras.Sequential(
+        [keras.Input((6,)), OutIn(9, name="mine"), L.Activation("relu"), L.Dense(3, name="head")]
+    )
+    assert [w.layer.name for w in find_sparse_weights(model)] == ["head"]
+    with pytest.raises(sparsecore.SparseCoreError, match="does not know which of its weights"):
+        find_sparse_weights(model, include=["mine", "head"])
+    sparsecore.keras.register_layer_type(OutIn, attr="w", axis=0)
+    found = find_sparse_weights(model)
+    assert [(w.layer.name, w.attr, w.axis, w.shape[w.axis]) for w in found] == [
+        ("mine", "w", 0, 9),
+        ("head", "kernel", -1, 3),
+    ]
+    model.compile(
+        optimizer=keras.optimizers.SGD(0.05, momentum=0.9),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((32, 6)).astype("float32")
+    y = rng.integers(0, 3, 32).astype("int32")
+    cb = SparseCallback(density=0.4, growth="momentum_neuron", update_every=2)
+    checker = BatchChecker(cb)
+    model.fit(x, y, batch_size=8, epochs=2, callbacks=[cb, checker], verbose=0)
+    assert len(cb.history) == 3 and set(checker.totals) == {cb.engine.target}
+    assert cb.history[-1].layers[0].units == 9  # output units along axis 0
+    with pytest.raises(sparsecore.SparseCoreError, match="keras.layers.Layer subclass"):
+        sparsecore.keras.register_layer_type(int, attr="w", axis=0)
+    sparsecore.keras.register_layer_type(OutIn, attr="w", axis=2)
+    with pytest.raises(sparsecore.SparseCoreError, match="has no output axis 2"):
+        find_sparse_weights(model)

@@ -16,7 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from sparsecore import HashKey, Layer, get_backend, layer_hash, update
+from sparsecore import HashKey, Layer, get_backend, layer_hash, new_weights, update
 from sparsecore.cupy.backend import BitPatternBackend
 
 REFERENCE = get_backend("numpy")
@@ -197,6 +197,7 @@ def _layers(put: Any, seed: int, n_layers: int, tie_heavy: bool) -> list[Layer]:
             momentum = rng.standard_normal(shape).astype(np.float32)
         mask = rng.random(shape) < 0.3
         weight = weight * mask
+        momentum[rng.random(shape[0]) < 0.3] = 0  # silent (dead) units
         grad = rng.standard_normal(shape).astype(np.float32)
         layers.append(Layer(f"l{i}", put(weight), put(mask), put(momentum), put(grad), axis=0))
     return layers
@@ -211,9 +212,10 @@ def _layers(put: Any, seed: int, n_layers: int, tie_heavy: bool) -> list[Layer]:
     st.sampled_from(["magnitude", "SET"]),
     st.sampled_from(["momentum", "random", "gradient", "momentum_neuron"]),
     st.sampled_from(["momentum", "magnitude", "nonzero", "none"]),
+    st.booleans(),
 )
 def test_whole_update_matches_reference(
-    target: _Target, seed, n_layers, tie_heavy, prune_rate, prune, growth, redistribution
+    target: _Target, seed, n_layers, tie_heavy, prune_rate, prune, growth, redistribution, revive
 ) -> None:
     ref_layers = _layers(np.asarray, seed, n_layers, tie_heavy)
     dev_layers = _layers(target.put, seed, n_layers, tie_heavy)
@@ -224,12 +226,21 @@ def test_whole_update_matches_reference(
         prune=prune,
         growth=growth,
         redistribution=redistribution,
+        revive_dead_units=revive,
     )
     expected = update(ref_layers, backend=REFERENCE, **kwargs)
     got = update(dev_layers, backend=target.backend, **kwargs)
     for m_ref, m in zip(expected.masks, got.masks):
         assert np.array_equal(target.get(m), m_ref)
     assert [r.nnz_after for r in got.report.layers] == [r.nnz_after for r in expected.report.layers]
+    assert [(r.dead_units, r.revived) for r in got.report.layers] == [
+        (r.dead_units, r.revived) for r in expected.report.layers
+    ]
+    for w_ref, w in zip(
+        new_weights(ref_layers, expected, REFERENCE),
+        new_weights(dev_layers, got, target.backend),
+    ):
+        assert np.array_equal(target.get(w).view(np.uint32), w_ref.view(np.uint32))
 
 
 @pytest.mark.gpu

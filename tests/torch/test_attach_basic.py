@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import sparsecore.torch as st
+from sparsecore import SparseConfig, SparseCoreError
 
 
 def _mlp() -> nn.Module:
@@ -56,16 +57,32 @@ def test_masks_after_every_step_and_updates_on_schedule():
     assert all(layer.importance > 0 for layer in sparse.history[0].layers)
 
 
-def test_default_attach_uses_paper_defaults():
+def test_default_attach_uses_the_library_defaults_and_the_paper_is_one_option_away():
     model = _mlp()
     with pytest.warns(UserWarning, match="total_steps"):
         sparse = st.attach(model)
     cfg = sparse.config
     assert (cfg.density, cfg.prune_rate, cfg.prune_schedule) == (0.05, 0.5, "cosine")
-    assert (cfg.prune, cfg.growth, cfg.redistribution) == ("magnitude", "momentum", "momentum")
+    assert (cfg.prune, cfg.growth, cfg.redistribution) == (
+        "magnitude",
+        "momentum_neuron",
+        "momentum",
+    )
+    assert (cfg.init, cfg.cover_units, cfg.revive_dead_units) == ("ER", True, True)
     assert sparse.density() == pytest.approx(0.05, abs=1e-3)
     assert _outside_mask_zero(sparse)
     sparse.detach()
+    with pytest.warns(UserWarning, match="total_steps"):
+        paper = st.attach(model, recipe="paper").config
+    assert (paper.init, paper.growth, paper.cover_units, paper.revive_dead_units) == (
+        "uniform",
+        "momentum",
+        False,
+        False,
+    )
+    assert paper == SparseConfig.from_options(recipe="paper")
+    with pytest.raises(SparseCoreError, match="recipe must be one of"):
+        st.attach(model, recipe="papers", total_steps=10)
 
 
 def test_summary_is_a_per_layer_table_and_repr_one_line():
@@ -84,12 +101,12 @@ def test_summary_is_a_per_layer_table_and_repr_one_line():
         mask = sparse.mask(name)
         cells = rows[name].split()
         assert f"({', '.join(str(d) for d in mask.shape)})" in rows[name]
-        assert cells[-7:-4] == [
+        assert cells[-8:-5] == [
             str(mask.numel()),
             str(int(mask.sum())),
             f"{100 * mask.float().mean():.2f}%",
         ]
-        assert cells[-3:-1] == [str(last.layers[i].pruned), str(last.layers[i].grown)]
+        assert cells[-4:-2] == [str(last.layers[i].pruned), str(last.layers[i].grown)]
     assert rows["all"].split()[1:3] == [
         str(sum(m.numel() for m in sparse.masks)),
         str(sparse.engine.target),

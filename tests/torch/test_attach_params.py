@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import sparsecore.torch as st
-from sparsecore import SparseCoreError
+from sparsecore import DeadUnitsWarning, SparseCoreError
 
 
 class Zoo(nn.Module):
@@ -136,6 +136,46 @@ def test_importance_reads_the_right_momentum(make_opt, kind):
         expected = float(p[mask].abs().double().sum()) / int(mask.sum())
         assert expected > 0
         assert layer.importance == pytest.approx(expected, rel=1e-12)
+
+
+@pytest.mark.parametrize(
+    ("make_opt", "source"),
+    [
+        (lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9), "SGD's momentum buffer"),
+        (lambda p: torch.optim.Adam(p, lr=0.01), "Adam's first moment (exp_avg)"),
+        (
+            lambda p: torch.optim.Adadelta(p, lr=1.0),
+            "the library's own gradient average (beta 0.9): Adadelta keeps no momentum",
+        ),
+        (
+            lambda p: torch.optim.SGD(p, lr=0.1),
+            "the library's own gradient average (beta 0.9): SGD keeps no momentum",
+        ),
+        (None, "the library's own gradient average (beta 0.9): no optimizer given"),
+    ],
+)
+def test_the_momentum_source_is_named_once_and_readable(make_opt, source, caplog):
+    model = _mlp()
+    opt = None if make_opt is None else make_opt(model.parameters())
+    with caplog.at_level("INFO", logger="sparsecore"):
+        sparse = st.attach(model, opt, density=0.3, total_steps=30)
+    assert sparse.momentum_source.startswith(source)
+    logged = [r.getMessage() for r in caplog.records if r.name == "sparsecore"]
+    assert logged == [f"sparsecore: sparse momentum reads {sparse.momentum_source}"]
+    sparse.detach()
+
+
+def test_mixed_momentum_sources_are_named_per_layer_count():
+    model = _mlp()
+    opt = torch.optim.SGD(
+        [{"params": [model[0].weight], "momentum": 0.9}, {"params": [model[2].weight]}],
+        lr=0.1,
+    )
+    sparse = st.attach(model, opt, density=0.3, total_steps=30)
+    assert sparse.momentum_source == (
+        "SGD's momentum buffer (momentum_buffer) for 1 of 2 sparse layers; the library's own "
+        "gradient average (beta 0.9): SGD keeps no momentum for 1 of 2 sparse layers"
+    )
 
 
 def test_momentum_at_inactive_positions_keeps_accumulating():
@@ -299,3 +339,17 @@ def test_growth_gradient_reads_dense_gradient():
     x, y = _data()
     _steps(model, opt, 4, x, y)
     assert len(sparse.history) == 2 and sparse.history[-1].totals()["grown"] > 0
+
+
+def test_dead_units_are_readable_on_the_handle():
+    model = _mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    with pytest.warns(DeadUnitsWarning, match="'0.weight': 1[89] of 24 output units start"):
+        sparse = st.attach(model, opt, density=0.02, update_every=2, total_steps=20, recipe="paper")
+    before = sparse.dead_units()
+    empty = [int((~sparse.mask(n).any(dim=1)).sum()) for n in sparse.names]
+    assert before == {n: (e, m.shape[0]) for n, e, m in zip(sparse.names, empty, sparse.masks)}
+    x, y = _data()
+    _steps(model, opt, 2, x, y)
+    last = sparse.last_report
+    assert sparse.dead_units() == {r.name: (r.dead_units, r.units) for r in last.layers}

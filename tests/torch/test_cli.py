@@ -136,14 +136,20 @@ def test_resume_after_epoch_one_matches_uninterrupted_run(tmp_path, method, caps
 
 
 def _initial_masks(method: str, seed: int, density: float) -> dict[str, torch.Tensor]:
-    """The masks attach() draws for LeNet-300-100 before any training."""
+    """The masks attach() draws for LeNet-300-100 before any training, under the job's recipe
+    (the paper's)."""
     model = build_model("lenet300")
     if method == "dense":
         return {n: torch.ones_like(p, dtype=torch.bool) for n, p in model.named_parameters()}
     import sparsecore.torch as st
 
     sparse = st.attach(
-        model, density=density, seed=seed, update_every=None, prune_schedule="constant"
+        model,
+        density=density,
+        seed=seed,
+        update_every=None,
+        prune_schedule="constant",
+        recipe="paper",
     )
     return {name: sparse.mask(name).clone() for name in sparse.layer_densities()}
 

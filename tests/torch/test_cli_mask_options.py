@@ -153,3 +153,20 @@ def test_help_documents_the_mask_options(capsys):
     text = capsys.readouterr().out
     for flag in ("--max-density", "--min-density", "--redistribution", "--growth", "--stop-at"):
         assert flag in text
+
+
+def test_the_job_runs_the_papers_recipe_and_offers_the_dead_unit_rules(tmp_path):
+    assert _train(tmp_path / "plain", *SPARSE, "--epochs", "2") == 0
+    config = _engine_config(tmp_path / "plain")
+    assert (config["init"], config["growth"], config["cover_units"]) == (
+        "uniform",
+        "momentum",
+        False,
+    )
+    assert config["revive_dead_units"] is False
+    args = [*SPARSE, "--epochs", "2", "--cover-units", "--revive-dead-units"]
+    assert _train(tmp_path / "revive", *args) == 0
+    config = _engine_config(tmp_path / "revive")
+    assert config["cover_units"] is True and config["revive_dead_units"] is True
+    (u,) = _updates(tmp_path / "revive")
+    assert all(layer["units"] == n for layer, n in zip(u["layers"], (300, 100, 10)))

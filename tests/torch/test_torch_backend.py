@@ -16,7 +16,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sparsecore import HashKey, Layer, get_backend, update
+from sparsecore import HashKey, Layer, get_backend, new_weights, update
 from sparsecore.modes import IMPORTANCE
 from sparsecore.torch.backend import TorchBackend
 
@@ -55,6 +55,7 @@ def layer_sets(draw):
         mask = rng.random(shape) < density
         weight = (_values(rng, shape, w_kind, dtype) * mask).astype(dtype)
         momentum = _values(rng, shape, p_kind, dtype)
+        momentum[rng.random(shape[0]) < 0.3] = 0  # silent units: dead, for revival
         grad = _values(rng, shape, w_kind, dtype)
         layers.append(Layer(f"layer{i}", weight, mask, momentum, grad, axis=0))
     return layers
@@ -82,9 +83,12 @@ def _to_torch(layers, device="cpu"):
     redistribution=st.sampled_from(REDISTRIBUTIONS),
     rate=st.sampled_from([0.0, 0.2, 0.5, 1.0]),
     u=st.integers(1, 50),
+    revive=st.booleans(),
 )
 @pytest.mark.parametrize("device", DEVICES)
-def test_update_equals_numpy_reference(device, layers, prune, growth, redistribution, rate, u):
+def test_update_equals_numpy_reference(
+    device, layers, prune, growth, redistribution, rate, u, revive
+):
     kwargs = dict(
         prune_rate=rate,
         update_index=u,
@@ -92,9 +96,14 @@ def test_update_equals_numpy_reference(device, layers, prune, growth, redistribu
         prune=prune,
         growth=growth,
         redistribution=redistribution,
+        revive_dead_units=revive,
     )
     ref = update(layers, backend="numpy", **kwargs)
-    out = update(_to_torch(layers, device), backend=TorchBackend(), **kwargs)
+    torch_layers = _to_torch(layers, device)
+    out = update(torch_layers, backend=TorchBackend(), **kwargs)
+    # the new weights, revived ones included, bit for bit
+    for a, b in zip(new_weights(layers, ref), new_weights(torch_layers, out, TorchBackend())):
+        np.testing.assert_array_equal(a.view(np.uint8), b.cpu().numpy().view(np.uint8))
     for a, b, layer in zip(ref.masks, out.masks, layers):
         assert isinstance(b, torch.Tensor) and b.dtype == torch.bool
         assert b.device.type == device
@@ -106,6 +115,7 @@ def test_update_equals_numpy_reference(device, layers, prune, growth, redistribu
             rb.net_pruned,
             rb.net_grown,
         )
+        assert (ra.units, ra.dead_units, ra.revived) == (rb.units, rb.dead_units, rb.revived)
         assert math.isclose(ra.importance, rb.importance, rel_tol=1e-12, abs_tol=0.0)
 
 
