@@ -38,9 +38,10 @@ engine's own. Per update, with ``L`` layers and float32 values:
    the budgets) and whether a weight was NaN/Inf.
 
 About 17 KiB per float32 layer per update (``digit_bits=4``: 32 rounds of 64 bytes, about 2.6
-KiB), 22 collectives, whatever the layer's size; the scratch memory is the packed update's
-(about 40 bytes per local float32 weight at the peak), taken ``max_packed`` local weights at a
-time on the largest shard.
+KiB), 23 collectives (the dead-unit count's all-reduce sends one int32 per output unit),
+whatever the layer's size; the scratch memory is the packed update's (about 40 bytes per
+local float32 weight at the peak), taken ``max_packed`` local weights at a time on the
+largest shard.
 
 Use (every process, the same layers in the same order)::
 
@@ -324,6 +325,40 @@ class ShardedBackend(ArrayBackend):
 
     def unit_count(self, mask: Any, axis: int, active: bool) -> np.ndarray:
         raise self._unsupported("per-unit counts (momentum_neuron growth)")
+
+    def units_nonzero(self, xs: Sequence[Any], axes: Sequence[int]) -> list[np.ndarray]:
+        """Per output unit of each whole layer, whether any entry is non-zero: the dead-unit
+        count of every update reads it. Each process marks the units its rows touch (a row is a
+        whole unit along axis 0; along another axis each process holds a part of every unit),
+        and one all-reduce of the layers' unit counts (one integer per unit: rows or channels,
+        never weights) gives every process the whole answer."""
+        if not xs:
+            return []
+        device = xs[0].device
+        parts = []
+        for x, axis in zip(xs, axes):
+            units = x.shape[axis]
+            local = x.local
+            row = math.prod(x.shape[1:])
+            hit = torch.zeros(units, dtype=torch.int32, device=device)
+            if local.numel() == 0 or row == 0:
+                parts.append(hit)
+                continue
+            nonzero = local.ne(0)
+            if axis == 0:
+                first = x.offset // row
+                rows = local.shape[0]
+                hit[first : first + rows] = nonzero.reshape(rows, -1).any(1).to(torch.int32)
+            else:
+                hit += nonzero.movedim(axis, 0).reshape(units, -1).any(1).to(torch.int32)
+            parts.append(hit)
+        flat = self._sum(torch.cat(parts))
+        answers = (flat > 0).cpu().numpy()
+        out, start = [], 0
+        for x, axis in zip(xs, axes):
+            out.append(answers[start : start + x.shape[axis]])
+            start += x.shape[axis]
+        return out
 
     def select(
         self,
