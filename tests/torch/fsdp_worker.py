@@ -1,0 +1,315 @@
+"""One rank of the tests of ``attach`` on an FSDP2 model (run by test_fsdp.py: real gloo processes).
+
+Usage: fsdp_worker.py RANK WORLD INIT_FILE OUT_FILE CKPT_DIR MODE. MODE ``save`` (2 ranks):
+train a ``fully_shard`` model under ``attach`` beside two single-process copies, checkpoint it
+through ``torch.distributed.checkpoint`` halfway, train on, then resume from the checkpoint in a
+fresh model and train to the end again. MODE ``load`` (any number of ranks): the same training
+beside the copies, then resume the checkpoint that ``save`` wrote on another number of ranks.
+Rank 0 writes what it found to OUT_FILE (whole tensors, gathered for the checks only).
+
+The two single-process copies take the same steps on every rank:
+
+- ``exact`` receives the FSDP model's gradients (the reduce-scattered ones, gathered) before each
+  step, so its weights and momentum stay those of the sharded model: its masks must equal the
+  sharded update's bit for bit at every update.
+- ``free`` computes its own gradients on the whole batch: the sum over the batch differs from the
+  ranks' reduce-scatter in the order of additions only, so it agrees to a tolerance (float64).
+
+A failed check raises; the rank leaves at once (``os._exit(1)``) so the others fail fast.
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime
+import json
+import os
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
+
+import sparsecore.torch as sct
+from sparsecore.errors import SparseCoreError
+
+STEPS, SAVE_AT, BATCH = 12, 6, 12
+OPTIONS: dict[str, Any] = dict(
+    density=0.3, update_every=3, total_steps=STEPS, seed=5, recipe="paper", prune_rate=0.4
+)
+#: float64 training: the whole-batch run and the sharded one differ by rounding in the gradient
+#: sums (about 1e-16 relative per step); this bound leaves room for 12 steps and any masks flip
+TOLERANCE = 1e-12
+
+
+def make_model() -> nn.Module:
+    torch.manual_seed(0)  # the same initial weights on every rank
+    return nn.Sequential(
+        nn.Linear(12, 20), nn.ReLU(), nn.Linear(20, 7), nn.ReLU(), nn.Linear(7, 5)
+    ).double()
+
+
+def shard(model: nn.Module, world: int) -> nn.Module:
+    mesh = init_device_mesh("cpu", (world,))
+    for m in model:
+        if isinstance(m, nn.Linear):
+            fully_shard(m, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
+
+
+def batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(100 + step)
+    return torch.randn(BATCH, 12, generator=g, dtype=torch.float64), torch.randint(
+        0, 5, (BATCH,), generator=g
+    )
+
+
+def whole(x: torch.Tensor) -> torch.Tensor:
+    """A DTensor gathered (gloo gathers no bool tensors: masks travel as bytes)."""
+    from torch.distributed.tensor import DTensor
+
+    if not isinstance(x, DTensor):
+        return x.detach().clone()
+    if x.dtype == torch.bool:
+        return x.to(torch.uint8).full_tensor().bool()
+    return x.full_tensor()
+
+
+def loss_of(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return nn.functional.cross_entropy(model(x), y)
+
+
+class Run:
+    """One sharded model under attach, with its optimizer."""
+
+    def __init__(self, world: int) -> None:
+        self.model = shard(make_model(), world)
+        self.opt = torch.optim.SGD(self.model.parameters(), lr=0.1, momentum=0.9)
+        self.sparse = sct.attach(self.model, self.opt, **OPTIONS)
+        self.world, self.rank = world, dist.get_rank()
+
+    def step(self, step: int) -> None:
+        x, y = batch(step)
+        part = BATCH // self.world
+        rows = slice(self.rank * part, (self.rank + 1) * part)
+        self.opt.zero_grad()
+        loss_of(self.model, x[rows], y[rows]).backward()
+        self.opt.step()
+
+    def whole_weights(self) -> list[torch.Tensor]:
+        return [whole(p) for p in self.model.parameters()]
+
+    def whole_masks(self) -> list[torch.Tensor]:
+        return [whole(self.sparse.mask(n)) for n in self.sparse.names]
+
+    def save(self, path: Path) -> None:
+        model_state, optim_state = get_state_dict(self.model, self.opt)
+        dcp.save(
+            {"model": model_state, "optim": optim_state, "sparse": self.sparse.state_dict()},
+            checkpoint_id=str(path),
+        )
+
+    def load(self, path: Path) -> None:
+        model_state, optim_state = get_state_dict(self.model, self.opt)
+        state = {"model": model_state, "optim": optim_state, "sparse": self.sparse.state_dict()}
+        dcp.load(state, checkpoint_id=str(path))
+        set_state_dict(
+            self.model, self.opt, model_state_dict=state["model"], optim_state_dict=state["optim"]
+        )
+        self.sparse.load_state_dict(state["sparse"])
+
+
+def history(handle: Any) -> list[dict[str, Any]]:
+    return [r.to_dict() for r in handle.history]
+
+
+def train_beside_copies(world: int, rank: int) -> dict[str, Any]:
+    """The sharded run beside ``exact`` (its gradients) and ``free`` (its own gradients)."""
+    run = Run(world)
+    exact, free = make_model(), make_model()
+    exact_opt = torch.optim.SGD(exact.parameters(), lr=0.1, momentum=0.9)
+    free_opt = torch.optim.SGD(free.parameters(), lr=0.1, momentum=0.9)
+    exact_sparse = sct.attach(exact, exact_opt, **OPTIONS)
+    free_sparse = sct.attach(free, free_opt, **OPTIONS)
+    # each rank holds its rows only: masks shaped like the local shards
+    for name, mask, p in zip(
+        run.sparse.names, run.sparse.masks, (t.param for t in run.sparse.targets)
+    ):
+        assert mask.shape == p.to_local().shape, (name, mask.shape)
+        assert mask.shape[0] < p.shape[0], name
+    assert run.sparse.density() == exact_sparse.density()
+    worst = 0.0
+    for step in range(1, STEPS + 1):
+        run.step(step)
+        x, y = batch(step)
+        exact_opt.zero_grad()
+        loss_of(exact, x, y).backward()
+        for mine, theirs in zip(exact.parameters(), run.model.parameters()):
+            assert mine.grad is not None and theirs.grad is not None
+            mine.grad.copy_(whole(theirs.grad))
+        exact_opt.step()
+        free_opt.zero_grad()
+        loss_of(free, x, y).backward()
+        free_opt.step()
+        masks, weights = run.whole_masks(), run.whole_weights()
+        exact_masks = [exact_sparse.mask(n) for n in exact_sparse.names]
+        assert all(torch.equal(a, b) for a, b in zip(masks, exact_masks)), f"masks, step {step}"
+        assert all(torch.equal(a, b) for a, b in zip(weights, exact.parameters())), step
+        free_masks = [free_sparse.mask(n) for n in free_sparse.names]
+        assert all(torch.equal(a, b) for a, b in zip(masks, free_masks)), f"free, step {step}"
+        worst = max(
+            worst,
+            max(float((a - b.detach()).abs().max()) for a, b in zip(weights, free.parameters())),
+        )
+        assert worst <= TOLERANCE, (step, worst)
+    assert run.sparse.last_update_backend == "torch-sharded"
+    same_reports(history(run.sparse), history(exact_sparse))
+    assert len(run.sparse.history) == 3  # after steps 3, 6 and 9 (none at the last step)
+    assert sum(r.layers[0].net_grown for r in run.sparse.history) > 0  # the masks moved
+    assert run.sparse.layer_densities() == exact_sparse.layer_densities()
+    # a single process's state (whole tensors) loads into the sharded model: each rank its rows
+    again = Run(world)
+    again.sparse.load_state_dict(exact_sparse.state_dict())
+    assert all(torch.equal(a, b) for a, b in zip(again.whole_masks(), exact_masks))
+    assert again.sparse.steps == STEPS and len(again.sparse.history) == 3
+    return {"updates": len(run.sparse.history), "free_max_diff": worst}
+
+
+def same_reports(a: list[dict[str, Any]], b: list[dict[str, Any]]) -> None:
+    """Equal reports: every count exactly; the importance (an exact sum on the sharded path, a
+    float64 sum in another order on the single-process CPU path) and the shares to 1e-12."""
+    assert len(a) == len(b)
+    for ra, rb in zip(a, b):
+        la, lb = ra.pop("layers"), rb.pop("layers")
+        assert ra == rb, (ra, rb)
+        for x, y in zip(la, lb):
+            for key in ("importance", "share"):
+                u, v = x.pop(key), y.pop(key)
+                assert abs(u - v) <= 1e-12 * max(abs(v), 1e-300), (key, u, v)
+            assert x == y, (x, y)
+
+
+def snapshot(run: Run) -> dict[str, Any]:
+    return {
+        "weights": run.whole_weights(),
+        "masks": run.whole_masks(),
+        "history": history(run.sparse),
+        "steps": run.sparse.steps,
+    }
+
+
+def same(a: dict[str, Any], b: dict[str, Any], tol: float = 0.0) -> None:
+    assert a["steps"] == b["steps"]
+    if tol == 0.0:
+        assert a["history"] == b["history"], (a["history"], b["history"])
+    else:
+        same_reports(copy.deepcopy(a["history"]), copy.deepcopy(b["history"]))
+    assert all(torch.equal(x, y) for x, y in zip(a["masks"], b["masks"]))
+    diff = max(float((x - y).abs().max()) for x, y in zip(a["weights"], b["weights"]))
+    assert diff <= tol, diff
+
+
+def refusals(world: int) -> int:
+    """What the sharded update cannot run is refused by attach, naming it; nothing changes."""
+    model = shard(make_model(), world)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    before = [whole(p) for p in model.parameters()]
+    checked = 0
+    for options, words in (
+        ({"density": 0.3}, "growth='momentum_neuron'"),
+        ({**OPTIONS, "revive_dead_units": True}, "revive_dead_units=True"),
+        ({**OPTIONS, "prune": "SET"}, "prune='SET'"),
+        ({**OPTIONS, "kernels": "cpu"}, "kernels='cpu'"),
+        ({**OPTIONS, "update_backend": "numba"}, "update_backend='numba'"),
+    ):
+        try:
+            sct.attach(model, opt, **options)
+        except SparseCoreError as err:
+            assert words in str(err) and "fully_shard" in str(err), str(err)
+            checked += 1
+    assert all(torch.equal(a, whole(p)) for a, p in zip(before, model.parameters()))
+    handle = sct.attach(model, opt, **OPTIONS)  # still attachable: nothing was left behind
+    try:
+        handle.export()
+    except SparseCoreError as err:
+        assert "torch.distributed.checkpoint" in str(err)
+        checked += 1
+    return checked
+
+
+def save_mode(world: int, rank: int, ckpt: Path) -> dict[str, Any]:
+    out = train_beside_copies(world, rank)
+    out["refused"] = refusals(world)
+    run = Run(world)
+    for step in range(1, SAVE_AT + 1):
+        run.step(step)
+    run.save(ckpt)
+    at_save = snapshot(run)
+    for step in range(SAVE_AT + 1, STEPS + 1):
+        run.step(step)
+    uninterrupted = snapshot(run)
+    resumed = Run(world)
+    resumed.load(ckpt)
+    same(snapshot(resumed), at_save)  # the checkpoint holds what was saved
+    for step in range(SAVE_AT + 1, STEPS + 1):
+        resumed.step(step)
+    same(snapshot(resumed), uninterrupted)  # resume equal to uninterrupted, bit for bit
+    if rank == 0:
+        torch.save({"at_save": at_save, "final": uninterrupted}, ckpt.parent / "expected.pt")
+    return dict(out, resumed=True)
+
+
+def load_mode(world: int, rank: int, ckpt: Path) -> dict[str, Any]:
+    out = train_beside_copies(world, rank)
+    expected = torch.load(ckpt.parent / "expected.pt", weights_only=True)
+    run = Run(world)
+    run.load(ckpt)
+    same(snapshot(run), expected["at_save"])  # resharded from 2 ranks, the same whole tensors
+    for step in range(SAVE_AT + 1, STEPS + 1):
+        run.step(step)
+    same(snapshot(run), expected["final"], TOLERANCE)  # another gradient sum order only
+    return dict(out, resharded=True)
+
+
+def main() -> None:
+    rank, world, init_file, out_file, ckpt, mode = (
+        int(sys.argv[1]),
+        int(sys.argv[2]),
+        sys.argv[3],
+        Path(sys.argv[4]),
+        Path(sys.argv[5]),
+        sys.argv[6],
+    )
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo",
+        init_method=f"file://{init_file}",
+        rank=rank,
+        world_size=world,
+        timeout=datetime.timedelta(seconds=60),
+    )
+    start = time.monotonic()
+    try:
+        out = (save_mode if mode == "save" else load_mode)(world, rank, ckpt)
+        out["seconds"] = round(time.monotonic() - start, 1)
+        if rank == 0:
+            out_file.write_text(json.dumps(out))
+        dist.barrier()
+    except BaseException:
+        traceback.print_exc()
+        sys.stdout.flush()
+        os._exit(1)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
