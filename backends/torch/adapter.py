@@ -788,8 +788,10 @@ class SparseTraining:
 
         masks = []
         if not self.history:  # a sharded model's masks, gathered for this report only
-            whole = [self.mask(n) for n in self.names]
-            masks = [(m.full_tensor() if self._sharded else m).cpu().numpy() for m in whole]
+            masks = [
+                (fsdp.whole_mask(m, t.param) if self._sharded else m).cpu().numpy()
+                for m, t in zip(self.masks, self.targets)
+            ]
         return dead_unit_counts(self.history, masks, self.names, [t.axis for t in self.targets])
 
     @property

@@ -38,6 +38,7 @@ __all__ = [
     "shard_of",
     "sharded_targets",
     "to_local_part",
+    "whole_mask",
 ]
 
 
@@ -125,6 +126,13 @@ def to_local_part(x: Any, param: torch.Tensor) -> Any:
     if isinstance(x, torch.Tensor) and x.shape == param.shape:
         return shard_of(param).part(x.to(local(param).device)).clone()
     return x
+
+
+def whole_mask(local_mask: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """A layer's whole mask, gathered from the ranks (as bytes: gloo gathers no booleans).
+    For reports only; the mask update never gathers."""
+    gathered = as_dtensor(local_mask.to(torch.uint8), param).full_tensor()  # type: ignore[attr-defined]
+    return gathered.to(torch.bool)
 
 
 def as_shard(local_part: torch.Tensor, param: torch.Tensor) -> Shard:

@@ -24,6 +24,7 @@ import copy
 import datetime
 import json
 import os
+import re
 import sys
 import time
 import traceback
@@ -32,9 +33,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
 from torch import nn
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 
@@ -48,6 +47,19 @@ OPTIONS: dict[str, Any] = dict(
 #: float64 training: the whole-batch run and the sharded one differ by rounding in the gradient
 #: sums (about 1e-16 relative per step); this bound leaves room for 12 steps and any masks flip
 TOLERANCE = 1e-12
+
+
+def doc_checkpoint() -> dict[str, Any]:
+    """save() and load() of docs/distributed.md, as written: the checkpoints here use them."""
+    doc = Path(__file__).resolve().parents[2] / "docs" / "distributed.md"
+    blocks = re.findall(r"```python\n(.*?)```", doc.read_text(), flags=re.S)
+    (block,) = [b for b in blocks if "def save(path" in b]
+    namespace: dict[str, Any] = {"__name__": "docs_distributed_checkpoint"}
+    exec(compile(block, f"{doc}:checkpoint", "exec"), namespace)
+    return namespace
+
+
+DOC_CHECKPOINT = doc_checkpoint()
 
 
 def make_model() -> nn.Module:
@@ -112,20 +124,10 @@ class Run:
         return [whole(self.sparse.mask(n)) for n in self.sparse.names]
 
     def save(self, path: Path) -> None:
-        model_state, optim_state = get_state_dict(self.model, self.opt)
-        dcp.save(
-            {"model": model_state, "optim": optim_state, "sparse": self.sparse.state_dict()},
-            checkpoint_id=str(path),
-        )
+        DOC_CHECKPOINT["save"](str(path), self.model, self.opt, self.sparse)
 
     def load(self, path: Path) -> None:
-        model_state, optim_state = get_state_dict(self.model, self.opt)
-        state = {"model": model_state, "optim": optim_state, "sparse": self.sparse.state_dict()}
-        dcp.load(state, checkpoint_id=str(path))
-        set_state_dict(
-            self.model, self.opt, model_state_dict=state["model"], optim_state_dict=state["optim"]
-        )
-        self.sparse.load_state_dict(state["sparse"])
+        DOC_CHECKPOINT["load"](str(path), self.model, self.opt, self.sparse)
 
 
 def history(handle: Any) -> list[dict[str, Any]]:
@@ -147,6 +149,12 @@ def train_beside_copies(world: int, rank: int) -> dict[str, Any]:
         assert mask.shape == p.to_local().shape, (name, mask.shape)
         assert mask.shape[0] < p.shape[0], name
     assert run.sparse.density() == exact_sparse.density()
+    assert run.sparse.dead_units() == exact_sparse.dead_units()  # gathered for the report
+    lines: list[str] = []
+    run.sparse.summary(lines.append)
+    exact_lines: list[str] = []
+    exact_sparse.summary(exact_lines.append)
+    assert lines == exact_lines
     worst = 0.0
     for step in range(1, STEPS + 1):
         run.step(step)
