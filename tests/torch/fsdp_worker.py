@@ -33,12 +33,14 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 
 import sparsecore.torch as sct
 from sparsecore.errors import SparseCoreError
+from sparsecore.torch.fsdp import as_dtensor as fsdp_as_dtensor
 
 STEPS, SAVE_AT, BATCH = 12, 6, 12
 OPTIONS: dict[str, Any] = dict(
@@ -91,6 +93,7 @@ def whole(x: torch.Tensor) -> torch.Tensor:
 
     if not isinstance(x, DTensor):
         return x.detach().clone()
+    x = x.detach()
     if x.dtype == torch.bool:
         return x.to(torch.uint8).full_tensor().bool()
     return x.full_tensor()
@@ -254,9 +257,50 @@ def refusals(world: int) -> int:
     return checked
 
 
+def own_momentum(world: int, ckpt: Path) -> float:
+    """SGD without momentum: the handle keeps its own gradient average, this rank's rows only;
+    masks equal a single-process copy's fed the same gradients, and the average survives a DCP
+    checkpoint (a DTensor placed like its parameter)."""
+    model = shard(make_model(), world)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sparse = sct.attach(model, opt, **OPTIONS)
+    exact = make_model()
+    exact_opt = torch.optim.SGD(exact.parameters(), lr=0.1)
+    exact_sparse = sct.attach(exact, exact_opt, **OPTIONS)
+    part = BATCH // world
+    rows = slice(dist.get_rank() * part, (dist.get_rank() + 1) * part)
+    for step in range(1, 7):
+        x, y = batch(step)
+        opt.zero_grad()
+        loss_of(model, x[rows], y[rows]).backward()
+        opt.step()
+        exact_opt.zero_grad()
+        loss_of(exact, x, y).backward()
+        for mine, theirs in zip(exact.parameters(), model.parameters()):
+            mine.grad.copy_(whole(theirs.grad))  # type: ignore[union-attr]
+        exact_opt.step()
+    assert len(sparse.history) == 2 and "own gradient average" in sparse.momentum_source
+    masks = [whole(sparse.mask(n)) for n in sparse.names]
+    assert all(torch.equal(a, exact_sparse.mask(n)) for a, n in zip(masks, sparse.names))
+    own = [o for o in sparse._own if o is not None]
+    assert len(own) == 3 and all(o.shape[0] < t.param.shape[0] for o, t in zip(own, sparse.targets))
+    state = sparse.state_dict()
+    dcp.save({"sparse": state}, checkpoint_id=str(ckpt))
+    fresh = sct.attach(shard(make_model(), world), None, **OPTIONS)
+    template = {"sparse": fresh.state_dict()}
+    assert template["sparse"]["own_momentum"][0] is not None
+    dcp.load(template, checkpoint_id=str(ckpt))
+    fresh.load_state_dict(template["sparse"])
+    want = exact_sparse.state_dict()["own_momentum"]
+    got = [whole(fsdp_as_dtensor(o, t.param)) for o, t in zip(fresh._own, fresh.targets)]
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+    return max(float((a - b).abs().max()) for a, b in zip(got, want))
+
+
 def save_mode(world: int, rank: int, ckpt: Path) -> dict[str, Any]:
     out = train_beside_copies(world, rank)
     out["refused"] = refusals(world)
+    out["own_momentum"] = own_momentum(world, ckpt.parent / "own")
     run = Run(world)
     for step in range(1, SAVE_AT + 1):
         run.step(step)

@@ -51,6 +51,7 @@ def test_fsdp_attach_checkpoint_and_reshard(tmp_path):
     saved = run_ranks(tmp_path, 2, "save", ckpt)
     assert saved["updates"] == 3 and saved["resumed"] and saved["refused"] == 6
     assert saved["free_max_diff"] <= 1e-12
+    assert saved["own_momentum"] == 0.0  # the library's own average, restored exactly
     assert (ckpt / ".metadata").exists()  # a DCP checkpoint: one file per rank plus metadata
     loaded = run_ranks(tmp_path, 3, "load", ckpt)
     assert loaded["updates"] == 3 and loaded["resharded"]
