@@ -122,7 +122,7 @@ def to_local_part(x: Any, param: torch.Tensor) -> Any:
     if is_dtensor(x):
         if tuple(x.placements) != tuple(param.placements) or x.shape != param.shape:  # type: ignore[attr-defined]
             return x  # reported by the caller as a wrong shape or placement
-        return x.to_local()
+        return x.to_local().clone()  # the handle keeps it: not the loading template's storage
     if isinstance(x, torch.Tensor) and x.shape == param.shape:
         return shard_of(param).part(x.to(local(param).device)).clone()
     return x
