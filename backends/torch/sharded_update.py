@@ -38,10 +38,9 @@ engine's own. Per update, with ``L`` layers and float32 values:
    the budgets) and whether a weight was NaN/Inf.
 
 About 17 KiB per float32 layer per update (``digit_bits=4``: 32 rounds of 64 bytes, about 2.6
-KiB), 23 collectives (the dead-unit count's all-reduce sends one int32 per output unit),
-whatever the layer's size; the scratch memory is the packed update's (about 40 bytes per
-local float32 weight at the peak), taken ``max_packed`` local weights at a time on the
-largest shard.
+KiB), 22 collectives, whatever the layer's size; the scratch memory is the packed update's
+(about 40 bytes per local float32 weight at the peak), taken ``max_packed`` local weights at a
+time on the largest shard.
 
 Use (every process, the same layers in the same order)::
 
@@ -58,6 +57,7 @@ redistribution (the engine's fused update). Other modes raise a :class:`SparseCo
 
 from __future__ import annotations
 
+import itertools
 import math
 import zlib
 from collections.abc import Callable, Sequence
@@ -324,41 +324,42 @@ class ShardedBackend(ArrayBackend):
         raise self._unsupported("per-unit sums (momentum_neuron growth)")
 
     def unit_count(self, mask: Any, axis: int, active: bool) -> np.ndarray:
-        raise self._unsupported("per-unit counts (momentum_neuron growth)")
+        """Exact: integer counts, summed over the processes in one all-reduce."""
+        return self._unit_counts([mask.like(mask.local == active)], [axis])[0]
+
+    def unit_nonzero(self, x: Any, axis: int) -> np.ndarray:
+        return self.units_nonzero([x], [axis])[0]
 
     def units_nonzero(self, xs: Sequence[Any], axes: Sequence[int]) -> list[np.ndarray]:
-        """Per output unit of each whole layer, whether any entry is non-zero: the dead-unit
-        count of every update reads it. Each process marks the units its rows touch (a row is a
-        whole unit along axis 0; along another axis each process holds a part of every unit),
-        and one all-reduce of the layers' unit counts (one integer per unit: rows or channels,
-        never weights) gives every process the whole answer."""
-        if not xs:
-            return []
-        device = xs[0].device
+        """Dead-unit counts of every layer in one all-reduce: each process counts its rows'
+        non-zero entries per unit; a unit is non-zero where the sum over processes is."""
+        counts = self._unit_counts([x.like(x.local != 0) for x in xs], axes)
+        return [c > 0 for c in counts]
+
+    def _unit_counts(self, flags: Sequence[Shard], axes: Sequence[int]) -> list[np.ndarray]:
+        """Per layer, per output unit (index along its axis), the number of True entries of the
+        boolean shard over all processes. A shard holds whole rows: along axis 0 its rows are the
+        units ``offset // row .. + rows``; along another axis every process holds part of every
+        unit."""
         parts = []
-        for x, axis in zip(xs, axes):
-            units = x.shape[axis]
-            local = x.local
-            row = math.prod(x.shape[1:])
-            hit = torch.zeros(units, dtype=torch.int32, device=device)
-            if local.numel() == 0 or row == 0:
-                parts.append(hit)
-                continue
-            nonzero = local.ne(0)
+        for flag, axis in zip(flags, axes):
+            units = flag.shape[axis]
+            local = flag.local
             if axis == 0:
-                first = x.offset // row
-                rows = local.shape[0]
-                hit[first : first + rows] = nonzero.reshape(rows, -1).any(1).to(torch.int32)
+                row = math.prod(flag.shape[1:])
+                first = flag.offset // row if row else 0
+                whole = torch.zeros(units, dtype=torch.int64, device=local.device)
+                rows = local.reshape(local.shape[0], row).sum(dim=1, dtype=torch.int64)
+                whole[first : first + local.shape[0]] = rows
             else:
-                hit += nonzero.movedim(axis, 0).reshape(units, -1).any(1).to(torch.int32)
-            parts.append(hit)
-        flat = self._sum(torch.cat(parts))
-        answers = (flat > 0).cpu().numpy()
-        out, start = [], 0
-        for x, axis in zip(xs, axes):
-            out.append(answers[start : start + x.shape[axis]])
-            start += x.shape[axis]
-        return out
+                moved = local.movedim(axis, 0).reshape(units, local.numel() // max(units, 1))
+                whole = moved.sum(dim=1, dtype=torch.int64)
+            parts.append(whole)
+        if not parts:
+            return []
+        total = self._sum(torch.cat(parts)).cpu().numpy()
+        sizes = np.cumsum([0] + [p.numel() for p in parts])
+        return [total[a:b].astype(np.int64) for a, b in itertools.pairwise(sizes)]
 
     def select(
         self,

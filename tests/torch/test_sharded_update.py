@@ -113,8 +113,8 @@ def test_one_process_equals_the_packed_update(redistribution, digit_bits):
 def test_engine_runs_on_shards():
     layers = spread_layers(np.random.default_rng(4), torch.float32)
     names, shapes = [x.name for x in layers], [tuple(x.weight.shape) for x in layers]
-    config = sc.SparseConfig(
-        density=0.3, update_every=1, total_steps=10, growth="momentum", revive_dead_units=False
+    config = sc.SparseConfig.from_options(
+        recipe="paper", density=0.3, update_every=1, total_steps=10
     )
     masks = [torch.from_numpy(m) for m in sc.SparseEngine(config, names, shapes).initial_masks()]
     layers = [sc.Layer(x.name, x.weight * m, m, x.momentum) for x, m in zip(layers, masks)]
