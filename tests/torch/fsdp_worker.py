@@ -297,10 +297,42 @@ def own_momentum(world: int, ckpt: Path) -> float:
     return max(float((a - b).abs().max()) for a, b in zip(got, want))
 
 
+def adam_with_reset(world: int) -> int:
+    """Adam's exp_avg as the momentum, and reset_optimizer_state=True: the optimizer's state at
+    positions whose mask changed is zeroed in each rank's rows; masks and Adam's state equal a
+    single-process copy's fed the same gradients, bit for bit."""
+    options = dict(OPTIONS, reset_optimizer_state=True)
+    model = shard(make_model(), world)
+    opt = torch.optim.Adam(model.parameters(), lr=0.01)
+    sparse = sct.attach(model, opt, **options)
+    exact = make_model()
+    exact_opt = torch.optim.Adam(exact.parameters(), lr=0.01)
+    exact_sparse = sct.attach(exact, exact_opt, **options)
+    part = BATCH // world
+    rows = slice(dist.get_rank() * part, (dist.get_rank() + 1) * part)
+    for step in range(1, 7):
+        x, y = batch(step)
+        opt.zero_grad()
+        loss_of(model, x[rows], y[rows]).backward()
+        opt.step()
+        exact_opt.zero_grad()
+        loss_of(exact, x, y).backward()
+        for mine, theirs in zip(exact.parameters(), model.parameters()):
+            mine.grad.copy_(whole(theirs.grad))  # type: ignore[union-attr]
+        exact_opt.step()
+    assert len(sparse.history) == 2 and "exp_avg" in sparse.momentum_source
+    for t, n, p in zip(sparse.targets, sparse.names, (u.param for u in exact_sparse.targets)):
+        assert torch.equal(whole(sparse.mask(n)), exact_sparse.mask(n)), n
+        for key in ("exp_avg", "exp_avg_sq"):
+            assert torch.equal(whole(opt.state[t.param][key]), exact_opt.state[p][key]), (n, key)
+    return len(sparse.history)
+
+
 def save_mode(world: int, rank: int, ckpt: Path) -> dict[str, Any]:
     out = train_beside_copies(world, rank)
     out["refused"] = refusals(world)
     out["own_momentum"] = own_momentum(world, ckpt.parent / "own")
+    out["adam_updates"] = adam_with_reset(world)
     run = Run(world)
     for step in range(1, SAVE_AT + 1):
         run.step(step)

@@ -3,7 +3,8 @@
 On 2 ranks: masks equal a single-process update's bit for bit at every update (given the same
 gradients), a whole-batch single-process run agrees to 1e-12 over 12 float64 steps, a
 ``torch.distributed.checkpoint`` save and resume equals the uninterrupted run bit for bit, and
-what the sharded update cannot run is refused. On 3 ranks: the same training, then the 2-rank
+what the sharded update cannot run is refused; the library's own momentum (SGD
+without momentum) and Adam with ``reset_optimizer_state`` give the single-process masks and state. On 3 ranks: the same training, then the 2-rank
 checkpoint loads (resharded) to the same whole tensors and trains on to the 2-rank result within
 the tolerance. Each run is bounded: the process group's timeout is 60 s, a failing rank exits
 at once, and the test kills what is left after 150 s.
@@ -52,6 +53,7 @@ def test_fsdp_attach_checkpoint_and_reshard(tmp_path):
     assert saved["updates"] == 3 and saved["resumed"] and saved["refused"] == 6
     assert saved["free_max_diff"] <= 1e-12
     assert saved["own_momentum"] == 0.0  # the library's own average, restored exactly
+    assert saved["adam_updates"] == 2  # Adam's exp_avg, reset_optimizer_state=True
     assert (ckpt / ".metadata").exists()  # a DCP checkpoint: one file per rank plus metadata
     loaded = run_ranks(tmp_path, 3, "load", ckpt)
     assert loaded["updates"] == 3 and loaded["resharded"]
