@@ -3,10 +3,10 @@
 On 2 ranks: masks equal a single-process update's bit for bit at every update (given the same
 gradients), a whole-batch single-process run agrees to 1e-12 over 12 float64 steps, a
 ``torch.distributed.checkpoint`` save and resume equals the uninterrupted run bit for bit, and
-what the sharded update cannot run is refused; the library's own momentum (SGD
-without momentum) and Adam with ``reset_optimizer_state`` give the single-process masks and state. On 3 ranks: the same training, then the 2-rank
-checkpoint loads (resharded) to the same whole tensors and trains on to the 2-rank result within
-the tolerance. Each run is bounded: the process group's timeout is 60 s, a failing rank exits
+what the sharded update cannot run is refused; the library's own momentum (SGD without
+momentum) and Adam with ``reset_optimizer_state`` give the single-process masks and state. On 3
+ranks: the same training, then the 2-rank checkpoint loads (resharded) to the same whole tensors
+and trains on to the 2-rank result within the tolerance. Each run is bounded: the process group's timeout is 60 s, a failing rank exits
 at once, and the test kills what is left after 150 s.
 """
 
