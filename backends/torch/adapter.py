@@ -60,7 +60,7 @@ from .backend import TorchBackend
 from .selection import Selectors, Target, select_targets
 from .threads import kernel_threads
 
-KERNEL_CHOICES = (None, "cpu", "cuda", "auto")
+KERNEL_CHOICES = (None, "cpu", "cuda", "auto", "compact", "compact+cpu", "compact+cuda")
 STATE_FORMAT = "sparsecore.torch/1"
 #: The fields of :meth:`SparseTraining.state_dict`, all required, no other allowed.
 STATE_FIELDS = (
@@ -108,7 +108,10 @@ def attach(
     static sparse baseline: masks never change (it sets ``update_every=None`` and
     ``update_at_epoch_end=False``). ``include``/``exclude``/``dense_first``/``dense_last``: which
     parameters are sparse (:mod:`sparsecore.torch.selection`). ``kernels``: ``None`` (dense
-    computation on masked weights) or ``'cpu'``/``'cuda'``/``'auto'`` (sparse kernels).
+    computation on masked weights), ``'cpu'``/``'cuda'``/``'auto'`` (sparse kernels) or
+    ``'compact'``/``'compact+cpu'``/``'compact+cuda'`` (each layer computed on its active rows and
+    read input channels only, with dense kernels or the sparse ones on that smaller block;
+    :mod:`sparsecore.torch.compact_functions`).
     ``fused_sgd``: for ``torch.optim.SGD`` steps of sparse CPU float32/float64 parameters, run
     SGD's update and the re-masking as one loop (same results bit for bit, about half the memory
     traffic; :mod:`sparsecore.torch.fused_step`); ``False`` keeps SGD's own step plus a multiply.

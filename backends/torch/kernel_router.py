@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .compact_functions import CompactFunction, CompactLayerState
 from .sparse_functions import (
     SUPPORTED_DTYPES,
     ConvLayerState,
@@ -30,12 +31,15 @@ from .sparse_functions import (
     SparseLinearFunction,
 )
 
-__all__ = ["DEFAULT_MIN_SPARSITY", "MODES", "KernelRouter"]
+__all__ = ["COMPACT_MODES", "DEFAULT_MIN_SPARSITY", "MODES", "KernelRouter"]
 
 #: Sparsity from which a layer runs on the CPU kernels (measured break-even, docs/kernels-cpu.md).
 DEFAULT_MIN_SPARSITY = 0.85
 
-MODES = ("cpu", "cuda", "auto")
+MODES = ("cpu", "cuda", "auto", "compact", "compact+cpu", "compact+cuda")
+#: Modes that run routed layers on their gathered active channels (compact_functions), and the
+#: kernels each runs on the gathered block.
+COMPACT_MODES = {"compact": "dense", "compact+cpu": "cpu", "compact+cuda": "cuda"}
 
 _MISSING = object()
 
@@ -44,7 +48,7 @@ _MISSING = object()
 class _Route:
     name: str
     module: nn.Module
-    state: LinearLayerState | ConvLayerState
+    state: LinearLayerState | ConvLayerState | CompactLayerState
     kind: str
     saved_forward: Any = _MISSING
     installed: bool = False
@@ -148,8 +152,19 @@ class KernelRouter:
                 f"mask of layer {name!r} has shape {tuple(mask.shape)}, "
                 f"weight has shape {tuple(weight.shape)}"
             )
-        state: LinearLayerState | ConvLayerState
-        if isinstance(module, nn.Linear):
+        state: LinearLayerState | ConvLayerState | CompactLayerState
+        if self.mode in COMPACT_MODES and isinstance(module, (nn.Linear, nn.Conv2d)):
+            kind = "linear" if isinstance(module, nn.Linear) else "conv2d"
+            state = CompactLayerState(
+                name=name,
+                mask=mask,
+                dense_weight_grad=self._dense_grad,
+                module=module,
+                inner=COMPACT_MODES[self.mode],
+                min_sparsity=self.min_sparsity,
+                padding=_conv_padding(module) if kind == "conv2d" else None,  # type: ignore[arg-type]
+            )
+        elif isinstance(module, nn.Linear):
             kind = "linear"
             state = LinearLayerState(name=name, mask=mask, dense_weight_grad=self._dense_grad)
         elif isinstance(module, nn.Conv2d):
@@ -177,6 +192,10 @@ class KernelRouter:
         base = nn.Linear if route.kind == "linear" else nn.Conv2d
         if type(module).forward is not base.forward:
             return f"{type(module).__name__} overrides forward"
+        if self.mode in COMPACT_MODES:
+            if route.kind == "conv2d" and int(module.groups) != 1:  # type: ignore[arg-type]
+                return f"grouped convolution (groups={module.groups}); compaction takes groups=1"
+            return None  # dense kernels on the block run on any device and dtype
         if route.kind == "conv2d" and _conv_padding(module) is None:  # type: ignore[arg-type]
             return "padding mode or asymmetric 'same' padding not supported"
         weight = module.weight
@@ -208,6 +227,8 @@ class KernelRouter:
     def _routed_forward(
         self, route: _Route, dense_forward: Callable[..., torch.Tensor]
     ) -> Callable[..., torch.Tensor]:
+        if isinstance(route.state, CompactLayerState):
+            return self._compact_forward(route, dense_forward)
         module = route.module
         state = route.state
         linear = route.kind == "linear"
@@ -239,10 +260,41 @@ class KernelRouter:
 
         return forward
 
+    def _compact_forward(
+        self, route: _Route, dense_forward: Callable[..., torch.Tensor]
+    ) -> Callable[..., torch.Tensor]:
+        module = route.module
+        state = route.state
+        assert isinstance(state, CompactLayerState)
+        linear = route.kind == "linear"
+
+        def forward(x: torch.Tensor) -> torch.Tensor:
+            weight = module.weight
+            assert isinstance(weight, torch.Tensor)
+            if (
+                route.use_sparse
+                and (x.dim() >= 1 if linear else x.dim() == 4)
+                and x.dtype == weight.dtype
+                and x.device == weight.device
+                and not torch.is_autocast_enabled(x.device.type)
+            ):
+                state.ensure()
+                if linear or state.block_mask is None or state.block_mask.numel() > 0:
+                    return CompactFunction.apply(x, weight, module.bias, state)  # type: ignore[no-any-return]
+            state.calls["dense_forward"] += 1
+            state.shapes["x".join(str(s) for s in weight.shape)] += 1
+            return dense_forward(x)
+
+        return forward
+
     def _decide(self) -> None:
         for route in self._routes:
             if not route.installed:
                 route.use_sparse = False
+                continue
+            if isinstance(route.state, CompactLayerState):
+                route.use_sparse = True  # exact whatever the density: never more work
+                route.state.refresh()
                 continue
             sparsity = 1.0 - route.state.density()
             route.use_sparse = sparsity >= self.min_sparsity
@@ -282,6 +334,14 @@ class KernelRouter:
                 "calls": dict(st.calls),
                 "rebuilds": st.rebuilds,
             }
+            if isinstance(st, CompactLayerState):
+                layers[route.name].update(
+                    shape=list(st.mask.shape),
+                    shape_run=list(st.block_shape()),
+                    block_density=st.block_density(),
+                    block_kernels=("dense" if st.inner_state is None else COMPACT_MODES[self.mode]),
+                    shapes_run=dict(st.shapes),
+                )
         calls = [r.state.calls for r in self._routes]
         return {
             "mode": self.mode,
