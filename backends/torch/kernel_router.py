@@ -294,6 +294,9 @@ class KernelRouter:
                 continue
             if isinstance(route.state, CompactLayerState):
                 route.use_sparse = True  # exact whatever the density: never more work
+                if route.state.min_sparsity != self.min_sparsity:  # inner kernels chosen again
+                    route.state.min_sparsity = self.min_sparsity
+                    route.state.rows = None
                 route.state.refresh()
                 continue
             sparsity = 1.0 - route.state.density()
