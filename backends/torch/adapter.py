@@ -444,6 +444,8 @@ class SparseTraining:
         if self._detached:
             return
         self.steps += 1
+        if self._router is not None:
+            self._router.note_step()
         done = masked or ()
         due = self._schedule.due(self.steps)
         # When a fused step did everything and no update is due, there is nothing left to do:
@@ -706,17 +708,32 @@ class SparseTraining:
     def summary(self, print_fn: Callable[[str], Any] | None = None) -> None:
         """Print a per-layer table, like Keras' ``model.summary()``: shape, size, active weights,
         density, ever-active fraction, what the last mask update pruned and regrew and the
-        layer's share of its regrowth budget, and the total. The same renderer as the table of
+        layer's share of its regrowth budget, the units and input channels that compaction
+        leaves out (and, under ``kernels="compact..."``, the weight shape each layer computes
+        with), and the total. The same renderer as the table of
         ``sparsecore report`` (:mod:`sparsecore.layer_table`). ``print_fn`` gets each line
         (default ``print``)."""
-        from sparsecore.layer_table import summary_text
+        from sparsecore.layer_table import removed_channels, summary_text
 
+        shapes_run = None
+        if self._router is not None and self._router.mode.startswith("compact"):
+            layers = self._router.telemetry()["layers"]
+            shapes_run = {
+                n: "x".join(str(d) for d in layer["shape_run"])
+                for n, layer in layers.items()
+                if "shape_run" in layer and layer["installed"]
+            }
         text = summary_text(
             "SparseTraining",
             self.history,
             shapes={n: tuple(m.shape) for n, m in zip(self.names, self.masks)},
             nnz={n: int(m.sum()) for n, m in zip(self.names, self.masks)},
             step=self.steps,
+            removed={
+                t.name: removed_channels(m.cpu().numpy(), t.axis)
+                for t, m in zip(self.targets, self.masks)
+            },
+            shapes_run=shapes_run,
         )
         for line in text.splitlines():
             (print_fn or print)(line)

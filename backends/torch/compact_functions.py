@@ -148,7 +148,8 @@ def _core(state: CompactLayerState, x: torch.Tensor, w: torch.Tensor) -> torch.T
     function = _inner_function(state, x, w)
     if function is not None:
         state.calls["block_sparse"] += 1
-        return function.apply(x, w, None, state.inner_state)  # type: ignore[no-any-return]
+        out: torch.Tensor = function.apply(x, w, None, state.inner_state)
+        return out
     state.calls["block_dense"] += 1
     if state.is_conv:
         conv = state.module
@@ -269,7 +270,9 @@ class CompactFunction(torch.autograd.Function):
                 dw = _dense_weight_grad(state, x_full, w_full, dy)
                 state.calls["weight_grad_dense"] += 1
             else:
-                dw_c = grads[id(w_leaf)] * state.block_mask
+                block_mask = state.block_mask
+                assert block_mask is not None
+                dw_c = grads[id(w_leaf)] * block_mask
                 if all_rows and all_cols:
                     dw = dw_c
                 else:

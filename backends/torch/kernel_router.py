@@ -15,8 +15,9 @@ autocast, a weight dtype that differs from the input's).
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -54,6 +55,42 @@ class _Route:
     installed: bool = False
     use_sparse: bool = False
     reason: str | None = None
+
+
+@dataclass
+class StepTimes:
+    """Wall time between consecutive optimizer steps (a whole training step: data, forward,
+    backward, optimizer, and the mask update when one is due), in seconds."""
+
+    steps: int = 0
+    total: float = 0.0
+    least: float = float("inf")
+    last: float = 0.0
+
+    def add(self, seconds: float) -> None:
+        self.steps += 1
+        self.total += seconds
+        self.least = min(self.least, seconds)
+        self.last = seconds
+
+    def as_dict(self) -> dict[str, Any]:
+        if not self.steps:
+            return {"steps": 0}
+        return {
+            "steps": self.steps,
+            "mean": self.total / self.steps,
+            "min": self.least,
+            "last": self.last,
+        }
+
+
+@dataclass
+class _StepClock:
+    """Step times, apart for steps inside the dense-gradient window and outside it."""
+
+    window: StepTimes = field(default_factory=StepTimes)
+    outside: StepTimes = field(default_factory=StepTimes)
+    last_end: float | None = None
 
 
 def _pair(v: Any) -> tuple[int, int]:
@@ -129,6 +166,7 @@ class KernelRouter:
         self.min_sparsity = float(min_sparsity)
         self._dense_grad = bool(dense_grad)
         self._dense_windows = 0
+        self._clock = _StepClock()
         self._routes = [self._make_route(name, module, mask) for name, module, mask in targets]
         names = [r.name for r in self._routes]
         if len(set(names)) != len(names):
@@ -280,7 +318,8 @@ class KernelRouter:
             ):
                 state.ensure()
                 if linear or state.block_mask is None or state.block_mask.numel() > 0:
-                    return CompactFunction.apply(x, weight, module.bias, state)  # type: ignore[no-any-return]
+                    out: torch.Tensor = CompactFunction.apply(x, weight, module.bias, state)
+                    return out
             state.calls["dense_forward"] += 1
             state.shapes["x".join(str(s) for s in weight.shape)] += 1
             return dense_forward(x)
@@ -318,6 +357,15 @@ class KernelRouter:
         self._dense_grad = on
         for route in self._routes:
             route.state.dense_weight_grad = on
+
+    def note_step(self) -> None:
+        """An optimizer step ended: its time is the time since the previous one ended (the
+        first step, which has no previous end, is not timed)."""
+        now = time.perf_counter()
+        clock = self._clock
+        if clock.last_end is not None:
+            (clock.window if self._dense_grad else clock.outside).add(now - clock.last_end)
+        clock.last_end = now
 
     @property
     def dense_weight_grad(self) -> bool:
@@ -357,6 +405,10 @@ class KernelRouter:
             "sparse_grad_steps": max((c["weight_grad_sparse"] for c in calls), default=0),
             "dense_grad_windows": self._dense_windows,
             "rebuilds": sum(r.state.rebuilds for r in self._routes),
+            "step_time_s": {
+                "window": self._clock.window.as_dict(),
+                "outside_window": self._clock.outside.as_dict(),
+            },
         }
 
     def remove(self) -> None:

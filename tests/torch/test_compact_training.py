@@ -274,3 +274,41 @@ def test_grouped_convolution_stays_dense() -> None:
     assert out.shape == (2, 3)
     sparse.detach()
     assert "forward" not in model[2].__dict__
+
+
+# -- telemetry, report, summary ----------------------------------------------------------------
+def test_shapes_run_and_step_times_reach_the_report_and_summary() -> None:
+    from sparsecore.reporting import format_table
+    from sparsecore.telemetry import RunRecord, flops_section
+    from sparsecore.torch.flops import count_flops
+
+    model, sparse, _ = _train(_mlp, "compact", momentum=0.9, density=0.02, steps=11)
+    tel = sparse.kernel_router.telemetry()
+    times = tel["step_time_s"]
+    # the first step has no previous end; every later one is timed, inside the window or not
+    assert times["window"]["steps"] + times["outside_window"].get("steps", 0) == 10
+    assert 0 < times["window"]["min"] <= times["window"]["mean"]
+    x, _ = _data(16)
+    masks = {name: sparse.mask(name) for name in sparse.names}
+    section = flops_section(count_flops(model, x, masks), batch=16, kernels=tel)
+    fc1 = next(e for e in section["layers"] if e["name"] == "2")
+    assert fc1["shape_run"] == tel["layers"]["2.weight"]["shape_run"]
+    assert fc1["units"] == 300 and fc1["inputs"] == 196
+    mask = sparse.mask("2.weight")
+    assert fc1["units_removed"] >= int((~mask.any(dim=1)).sum()) > 0  # cross-layer: maybe more
+    assert section["kernels"] == "compact" and section["step_time_s"] == times
+    record = RunRecord.from_reports(sparse.history, flops=section)
+    text = format_table(record)
+    assert "units removed" in text and "shape run" in text
+    assert "x".join(map(str, fc1["shape_run"])) in text
+    assert "time per step (kernels='compact'): dense-gradient window " in text
+    lines: list[str] = []
+    sparse.summary(print_fn=lines.append)
+    assert lines[1].split()[-6:] == ["units", "removed", "inputs", "unread", "shape", "run"]
+    fc1_row = next(line for line in lines if line.startswith("2.weight"))
+    rows_run, cols_run = tel["layers"]["2.weight"]["shape_run"]
+    assert fc1_row.split()[-3:] == [
+        f"{300 - rows_run}/300",
+        f"{196 - cols_run}/196",
+        f"{rows_run}x{cols_run}",
+    ]
