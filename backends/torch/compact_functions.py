@@ -212,7 +212,9 @@ class CompactFunction(torch.autograd.Function):
         xd = x.detach()
         wd = weight.detach()
         x_c = xd if all_cols else xd.index_select(dim, cols)
-        w_c = wd if all_rows and all_cols else wd.index_select(0, rows).index_select(1, cols)
+        # whole rows first (contiguous copies), then the columns of those rows
+        w_c = wd if all_rows else wd.index_select(0, rows)
+        w_c = w_c if all_cols else w_c.index_select(1, cols)
         need_dx, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         dense = bool(state.dense_weight_grad)
         with torch.enable_grad():
@@ -276,8 +278,14 @@ class CompactFunction(torch.autograd.Function):
                 if all_rows and all_cols:
                     dw = dw_c
                 else:
-                    dw = dw_c.new_zeros(state.mask.shape)
-                    dw[rows.unsqueeze(1), cols.unsqueeze(0)] = dw_c
+                    if not all_cols:  # the block's columns into full rows, then the rows
+                        wide = dw_c.new_zeros((dw_c.shape[0], *state.mask.shape[1:]))
+                        dw_c = wide.index_copy_(1, cols, dw_c)
+                    if all_rows:
+                        dw = dw_c
+                    else:
+                        dw = dw_c.new_zeros(state.mask.shape)
+                        dw.index_copy_(0, rows, dw_c)
                 state.calls["weight_grad_sparse"] += 1
         if ctx.has_bias and need_db:
             db = dy.sum(dim=tuple(d for d in range(dy.dim()) if d != dim))
