@@ -234,8 +234,8 @@ def removed_channels(mask: npt.ArrayLike, axis: int = 0) -> tuple[int, int, int,
         return (rows - int(np.count_nonzero(m)), rows, 0, 0)
     axis %= m.ndim
     in_axis = axis + 1 if axis == 0 else axis - 1
-    m = np.moveaxis(m, (axis, in_axis), (0, 1)).reshape(m.shape[axis], m.shape[in_axis], -1)
-    reads = m.any(axis=2)
+    by_unit = np.moveaxis(m, (axis, in_axis), (0, 1)).reshape(m.shape[axis], m.shape[in_axis], -1)
+    reads: npt.NDArray[np.bool_] = np.any(by_unit, axis=2)
     return (
         int(np.count_nonzero(~reads.any(axis=1))),
         int(reads.shape[0]),

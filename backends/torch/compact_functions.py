@@ -84,8 +84,8 @@ class CompactLayerState(_LayerStateBase):
         self._remember_mask()
 
     def _inner_state(self, block: torch.Tensor) -> LinearLayerState | ConvLayerState | None:
-        if self.inner == "dense" or block.numel() == 0:
-            return None
+        if self.inner == "dense" or block.numel() == 0 or block.device.type != self.inner:
+            return None  # the inner kernels run only on their own device
         if 1.0 - float(block.sum()) / block.numel() < self.min_sparsity:
             return None
         name = f"{self.name} (compact block)"

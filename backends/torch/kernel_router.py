@@ -11,6 +11,12 @@ decision is taken per layer at construction and again on every ``refresh()``, si
 momentum moves density between layers. A routed layer also falls back to the dense forward for
 inputs the kernels do not take (a device other than the CPU, a dtype other than float32/float64,
 autocast, a weight dtype that differs from the input's).
+
+The modes ``"compact"``, ``"compact+cpu"`` and ``"compact+cuda"`` route every sparse layer (a
+grouped convolution excepted) through :mod:`sparsecore.torch.compact_functions` instead: the
+layer computes on the block of its active rows and read input channels, with dense kernels or,
+where the block is still ``min_sparsity`` sparse, the CPU / CUDA sparse kernels on it. Compaction
+never adds work, so it is not gated by density.
 """
 
 from __future__ import annotations

@@ -312,3 +312,19 @@ def test_shapes_run_and_step_times_reach_the_report_and_summary() -> None:
         f"{196 - cols_run}/196",
         f"{rows_run}x{cols_run}",
     ]
+
+
+def test_compact_cuda_without_a_gpu_runs_dense_kernels_on_the_blocks() -> None:
+    """kernels='compact+cuda' on CPU layers: compaction still runs, the CUDA kernels cannot, and
+    the telemetry says so (as kernels='cuda' leaves CPU layers to the dense path)."""
+    model = _mlp()
+    sparse = st.attach(model, density=0.02, total_steps=10, kernels="compact+cuda")
+    sparse.kernel_router.min_sparsity = 0.0
+    sparse.kernel_router.refresh()
+    out = model(_data(4)[0])
+    assert out.shape == (4, 10)
+    layers = sparse.kernel_router.telemetry()["layers"]
+    assert all(
+        layer["installed"] and layer["block_kernels"] == "dense" for layer in layers.values()
+    )
+    assert all(layer["calls"]["block_dense"] == 1 for layer in layers.values())
