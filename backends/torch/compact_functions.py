@@ -64,6 +64,7 @@ class CompactLayerState(_LayerStateBase):
     block_mask: torch.Tensor | None = None
     inner_state: LinearLayerState | ConvLayerState | None = None
     shapes: Counter[str] = field(default_factory=Counter)
+    _block_values: torch.Tensor | None = None
 
     @property
     def is_conv(self) -> bool:
@@ -80,6 +81,7 @@ class CompactLayerState(_LayerStateBase):
         cols = mask.any(dim=col_dims).nonzero().flatten()
         block = mask.index_select(0, rows).index_select(1, cols)
         self.rows, self.cols, self.block_mask = rows, cols, block
+        self._block_values = None
         self.inner_state = self._inner_state(block)
         self._remember_mask()
 
@@ -104,6 +106,14 @@ class CompactLayerState(_LayerStateBase):
             dilation=_pair(conv.dilation),
             groups=1,
         )
+
+    def block_values(self, dtype: torch.dtype) -> torch.Tensor:
+        """The block's mask as 0/1 values of ``dtype`` (kept until the block changes)."""
+        cached = self._block_values
+        if cached is None or cached.dtype != dtype:
+            assert self.block_mask is not None
+            cached = self._block_values = self.block_mask.to(dtype)
+        return cached
 
     def refresh(self) -> None:
         """Gather again now if the mask changed (full comparison)."""
@@ -188,6 +198,63 @@ def _dense_weight_grad(
     return dw
 
 
+def _direct(state: CompactLayerState, x: torch.Tensor, w: torch.Tensor) -> bool:
+    """True where dense kernels run on the block and backward computes their gradients with
+    one call each (a linear layer; a convolution with zero padding)."""
+    if _inner_function(state, x, w) is not None:
+        return False
+    return not state.is_conv or state.padding is not None
+
+
+def _dense_core(state: CompactLayerState, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    state_conv = state.module
+    if state.is_conv:
+        assert isinstance(state_conv, nn.Conv2d)
+        return state_conv._conv_forward(x, w, None)
+    return F.linear(x, w)
+
+
+def _dense_core_grads(
+    state: CompactLayerState,
+    dy: torch.Tensor,
+    x: torch.Tensor | None,
+    w: torch.Tensor | None,
+    need_dx: bool,
+    need_dw: bool,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Input and weight gradients of :func:`_dense_core` on the block."""
+    if not (need_dx or need_dw):
+        return None, None
+    if state.is_conv:
+        conv = state.module
+        assert isinstance(conv, nn.Conv2d) and state.padding is not None
+        assert x is not None and w is not None
+        dx, dw, _ = torch.ops.aten.convolution_backward(
+            dy,
+            x,
+            w,
+            None,
+            _pair(conv.stride),
+            state.padding,
+            _pair(conv.dilation),
+            False,
+            [0, 0],
+            1,
+            [need_dx, need_dw, False],
+        )
+        return dx, dw
+    dy2 = dy.reshape(-1, dy.shape[-1])
+    dx = None
+    if need_dx:
+        assert w is not None
+        dx = (dy2 @ w).reshape(*dy.shape[:-1], w.shape[1])
+    dw = None
+    if need_dw:
+        assert x is not None
+        dw = dy2.t() @ x.reshape(-1, x.shape[-1])
+    return dx, dw
+
+
 class CompactFunction(torch.autograd.Function):
     """A routed ``nn.Linear`` (x of shape (..., in)) or ``nn.Conv2d`` (NCHW, groups=1) run on its
     gathered block. The block's own computation is recorded as a small autograd graph at forward
@@ -217,14 +284,21 @@ class CompactFunction(torch.autograd.Function):
         w_c = w_c if all_cols else w_c.index_select(1, cols)
         need_dx, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         dense = bool(state.dense_weight_grad)
-        with torch.enable_grad():
-            x_leaf = x_c.detach().requires_grad_(need_dx)
-            w_leaf = w_c.detach().requires_grad_(need_dw and not dense)
-            y_c = _core(state, x_leaf, w_leaf)
+        direct = _direct(state, x_c, w_c)
+        if direct:  # dense kernels whose gradients backward computes itself: no inner graph
+            state.calls["block_dense"] += 1
+            y_c = _dense_core(state, x_c, w_c)
+            ctx.graph = None
+        else:
+            with torch.enable_grad():
+                x_leaf = x_c.detach().requires_grad_(need_dx)
+                w_leaf = w_c.detach().requires_grad_(need_dw and not dense)
+                y_c = _core(state, x_leaf, w_leaf)
+            ctx.graph = (x_leaf, w_leaf, y_c)
         state.shapes["x".join(str(s) for s in w_c.shape)] += 1
         state.calls["forward"] += 1
         if all_rows:
-            y = y_c.detach().clone()
+            y = y_c.detach() if direct else y_c.detach().clone()
         else:
             shape = list(y_c.shape)
             shape[dim] = out_features
@@ -235,33 +309,41 @@ class CompactFunction(torch.autograd.Function):
             view[dim] = out_features
             y.add_(bias.detach().view(view))
         ctx.state = state
-        ctx.graph = (x_leaf, w_leaf, y_c)
         ctx.plan = (rows, cols, all_rows, all_cols, dim, dense)
         ctx.has_bias = bias is not None
         ctx.x_shape = tuple(x.shape)
-        ctx.save_for_backward(xd if (dense and need_dw) else None, wd if dense else None)
+        ctx.save_for_backward(
+            xd if (dense and need_dw) else None,
+            wd if dense else None,
+            x_c if direct else None,
+            w_c if direct else None,
+        )
         return y
 
     @staticmethod
     def backward(ctx: Any, dy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         state: CompactLayerState = ctx.state
-        x_leaf, w_leaf, y_c = ctx.graph
         rows, cols, all_rows, all_cols, dim, dense = ctx.plan
-        x_full, w_full = ctx.saved_tensors
+        x_full, w_full, x_c, w_c = ctx.saved_tensors
         need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
         dy_c = dy if all_rows else dy.index_select(dim, rows)
-        inputs = [t for t in (x_leaf, w_leaf) if t.requires_grad]
-        grads = dict(
-            zip(
-                [id(t) for t in inputs],
-                torch.autograd.grad(y_c, inputs, dy_c) if inputs else (),
-                strict=True,
+        if ctx.graph is None:
+            dx_c, dw_c = _dense_core_grads(state, dy_c, x_c, w_c, need_dx, need_dw and not dense)
+        else:
+            x_leaf, w_leaf, y_c = ctx.graph
+            inputs = [t for t in (x_leaf, w_leaf) if t.requires_grad]
+            grads = dict(
+                zip(
+                    [id(t) for t in inputs],
+                    torch.autograd.grad(y_c, inputs, dy_c) if inputs else (),
+                    strict=True,
+                )
             )
-        )
-        ctx.graph = None
+            dx_c, dw_c = grads.get(id(x_leaf)), grads.get(id(w_leaf))
+            ctx.graph = None
         dx = dw = db = None
         if need_dx:
-            dx_c = grads[id(x_leaf)]
+            assert dx_c is not None
             if all_cols:
                 dx = dx_c
             else:
@@ -272,9 +354,8 @@ class CompactFunction(torch.autograd.Function):
                 dw = _dense_weight_grad(state, x_full, w_full, dy)
                 state.calls["weight_grad_dense"] += 1
             else:
-                block_mask = state.block_mask
-                assert block_mask is not None
-                dw_c = grads[id(w_leaf)] * block_mask
+                assert dw_c is not None
+                dw_c = dw_c * state.block_values(dw_c.dtype)
                 if all_rows and all_cols:
                     dw = dw_c
                 else:
@@ -288,5 +369,6 @@ class CompactFunction(torch.autograd.Function):
                         dw.index_copy_(0, rows, dw_c)
                 state.calls["weight_grad_sparse"] += 1
         if ctx.has_bias and need_db:
-            db = dy.sum(dim=tuple(d for d in range(dy.dim()) if d != dim))
+            others = tuple(d for d in range(dy.dim()) if d != dim)
+            db = dy.sum(dim=others) if others else dy.clone()  # sum(dim=()) would sum all
         return dx, dw, db, None

@@ -84,9 +84,10 @@ def test_compact_conv_equals_masked_conv(
 
 
 @pytest.mark.parametrize("inner", ["dense", "cpu"])
-def test_compact_linear_equals_masked_linear(inner: str) -> None:
+@pytest.mark.parametrize("x_shape", [(4, 3, 20), (20,)])  # leading dimensions kept; unbatched
+def test_compact_linear_equals_masked_linear(inner: str, x_shape: tuple[int, ...]) -> None:
     torch.manual_seed(0)
-    _layer_case(nn.Linear(20, 12), (4, 3, 20), 0, inner)  # leading dimensions kept
+    _layer_case(nn.Linear(20, 12), x_shape, 0, inner)
 
 
 # -- training --------------------------------------------------------------------------------------
