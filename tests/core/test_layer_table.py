@@ -82,7 +82,7 @@ def test_summary_shows_the_live_masks_and_the_last_update():
         str(totals["pruned"]),
         str(totals["grown"]),
         "100.0%",
-        f"{sum(u.dead_units for u in last.layers)}/{sum(u.units for u in last.layers)}",
+        f"{sum(x.dead_units for x in last.layers)}/{sum(x.units for x in last.layers)}",
     ]
     assert "(after step 20)" in text.splitlines()[-1]
 
