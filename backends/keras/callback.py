@@ -426,7 +426,7 @@ class SparseCallback(keras.callbacks.Callback):
         """
         self._recompile_after_update = False
         if _is_jax():
-            own = self._reader.own
+            own = None if self._reader is None else self._reader.own
             if jax_step.is_installed(model, self.constraints, own):
                 return
             if own is None and jax_step.needs_nothing(model):

@@ -57,6 +57,7 @@ redistribution (the engine's fused update). Other modes raise a :class:`SparseCo
 
 from __future__ import annotations
 
+import itertools
 import math
 import zlib
 from collections.abc import Callable, Sequence
@@ -358,7 +359,7 @@ class ShardedBackend(ArrayBackend):
             return []
         total = self._sum(torch.cat(parts)).cpu().numpy()
         sizes = np.cumsum([0] + [p.numel() for p in parts])
-        return [total[a:b].astype(np.int64) for a, b in zip(sizes[:-1], sizes[1:])]
+        return [total[a:b].astype(np.int64) for a, b in itertools.pairwise(sizes)]
 
     def select(
         self,
