@@ -60,7 +60,7 @@ from .backend import TorchBackend
 from .selection import Selectors, Target, select_targets
 from .threads import kernel_threads
 
-KERNEL_CHOICES = (None, "cpu", "cuda", "auto")
+KERNEL_CHOICES = (None, "cpu", "cuda", "auto", "compact", "compact+cpu", "compact+cuda")
 STATE_FORMAT = "sparsecore.torch/1"
 #: The fields of :meth:`SparseTraining.state_dict`, all required, no other allowed.
 STATE_FIELDS = (
@@ -108,7 +108,10 @@ def attach(
     static sparse baseline: masks never change (it sets ``update_every=None`` and
     ``update_at_epoch_end=False``). ``include``/``exclude``/``dense_first``/``dense_last``: which
     parameters are sparse (:mod:`sparsecore.torch.selection`). ``kernels``: ``None`` (dense
-    computation on masked weights) or ``'cpu'``/``'cuda'``/``'auto'`` (sparse kernels).
+    computation on masked weights), ``'cpu'``/``'cuda'``/``'auto'`` (sparse kernels) or
+    ``'compact'``/``'compact+cpu'``/``'compact+cuda'`` (each layer computed on its active rows and
+    read input channels only, with dense kernels or the sparse ones on that smaller block;
+    :mod:`sparsecore.torch.compact_functions`).
     ``fused_sgd``: for ``torch.optim.SGD`` steps of sparse CPU float32/float64 parameters, run
     SGD's update and the re-masking as one loop (same results bit for bit, about half the memory
     traffic; :mod:`sparsecore.torch.fused_step`); ``False`` keeps SGD's own step plus a multiply.
@@ -455,6 +458,8 @@ class SparseTraining:
         if self._detached:
             return
         self.steps += 1
+        if self._router is not None:
+            self._router.note_step()
         done = masked or ()
         due = self._schedule.due(self.steps)
         # When a fused step did everything and no update is due, there is nothing left to do:
@@ -765,17 +770,32 @@ class SparseTraining:
     def summary(self, print_fn: Callable[[str], Any] | None = None) -> None:
         """Print a per-layer table, like Keras' ``model.summary()``: shape, size, active weights,
         density, ever-active fraction, what the last mask update pruned and regrew and the
-        layer's share of its regrowth budget, and the total. The same renderer as the table of
+        layer's share of its regrowth budget, the units and input channels that compaction
+        leaves out (and, under ``kernels="compact..."``, the weight shape each layer computes
+        with), and the total. The same renderer as the table of
         ``sparsecore report`` (:mod:`sparsecore.layer_table`). ``print_fn`` gets each line
         (default ``print``)."""
-        from sparsecore.layer_table import summary_text
+        from sparsecore.layer_table import removed_channels, summary_text
 
+        shapes_run = None
+        if self._router is not None and self._router.mode.startswith("compact"):
+            layers = self._router.telemetry()["layers"]
+            shapes_run = {
+                n: "x".join(str(d) for d in layer["shape_run"])
+                for n, layer in layers.items()
+                if "shape_run" in layer and layer["installed"]
+            }
         text = summary_text(
             "SparseTraining",
             self.history,
             shapes={n: tuple(t.param.shape) for n, t in zip(self.names, self.targets)},
             nnz=dict(zip(self.names, self._nnz())),
             step=self.steps,
+            removed={
+                t.name: removed_channels(m.cpu().numpy(), t.axis)
+                for t, m in zip(self.targets, self.masks)
+            },
+            shapes_run=shapes_run,
         )
         for line in text.splitlines():
             (print_fn or print)(line)
