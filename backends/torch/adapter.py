@@ -791,8 +791,10 @@ class SparseTraining:
             shapes={n: tuple(t.param.shape) for n, t in zip(self.names, self.targets)},
             nnz=dict(zip(self.names, self._nnz())),
             step=self.steps,
-            removed={
-                t.name: removed_channels(m.cpu().numpy(), t.axis)
+            removed={  # a sharded model's masks are gathered for this table only
+                t.name: removed_channels(
+                    (fsdp.whole_mask(m, t.param) if self._sharded else m).cpu().numpy(), t.axis
+                )
                 for t, m in zip(self.targets, self.masks)
             },
             shapes_run=shapes_run,
