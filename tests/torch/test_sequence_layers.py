@@ -15,7 +15,7 @@ from torch import nn
 
 import sparsecore
 import sparsecore.torch as st
-from sparsecore.torch.lm_models import GPTMini, LSTMLM
+from sparsecore.torch.lm_models import LSTMLM, GPTMini
 
 # Layers this small at these densities leave gate rows without weights: dead units, warned about.
 pytestmark = pytest.mark.filterwarnings("ignore::sparsecore.DeadUnitsWarning")
@@ -217,7 +217,11 @@ def _run_lm(model_fn, steps: int, include, stop: int | None = None):
         if stop is not None and i == stop:  # save, rebuild everything, load, go on
             buffer = io.BytesIO()
             torch.save(
-                {"model": model.state_dict(), "opt": opt.state_dict(), "sparse": sparse.state_dict()},
+                {
+                    "model": model.state_dict(),
+                    "opt": opt.state_dict(),
+                    "sparse": sparse.state_dict(),
+                },
                 buffer,
             )
             sparse.detach()
