@@ -101,9 +101,10 @@ class GPTMini(nn.Module):
         self.head = nn.Linear(width, num_classes, bias=False)
         self.head.weight = self.tokens.weight  # tied: one matrix, dense as the embedding
         self.apply(self._init)
-        for block in self.blocks:  # GPT-2's scaled init of the residual projections
-            for proj in (block.attn.proj, block.out):
-                nn.init.normal_(proj.weight, std=0.02 / math.sqrt(2 * blocks))
+        for block in self.blocks.modules():  # GPT-2's scaled init of the residual projections
+            if isinstance(block, _Block):
+                for proj in (block.attn.proj, block.out):
+                    nn.init.normal_(proj.weight, std=0.02 / math.sqrt(2 * blocks))
 
     @staticmethod
     def _init(module: nn.Module) -> None:

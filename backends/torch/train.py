@@ -512,15 +512,20 @@ def run_training(
     if dataset is None:
         dataset = _load_data(data, ckpt, ckpt_path, cfg.model)
     fingerprint = dataset.fingerprint
-    source = lm_job.data_source(dataset) if language_model else _data_source(dataset)
     if ckpt is not None:
         assert ckpt_path is not None
         _check_same_data(ckpt_path, ckpt, fingerprint)
-    if language_model:
+    if isinstance(dataset, TextDataset):
+        if not language_model:
+            raise ValueError(f"model {cfg.model} trains on images, not on a text")
+        source = lm_job.data_source(dataset)
         x_train, y_train, x_test, y_test = lm_job.lm_tensors(
             dataset, cfg.limit_train, cfg.limit_test
         )
     else:
+        if language_model:
+            raise ValueError(f"model {cfg.model} is a language model: its data is a text")
+        source = _data_source(dataset)
         cfg.check_images(dataset.image_shape, dataset.file_of("train_images"))
         if cfg.limit_train is not None or cfg.limit_test is not None:
             dataset = dataset.subset(cfg.limit_train, cfg.limit_test)
