@@ -37,12 +37,16 @@ _CONFIG_OPTIONS: list[tuple[str, str, dict[str, Any]]] = [
         },
     ),
     ("--density", "density", {"type": float, "help": "fraction of weights kept (default 0.05)"}),
-    ("--epochs", "epochs", {"type": int, "help": "default 20"}),
-    ("--batch-size", "batch_size", {"type": int, "help": "default 100"}),
+    ("--epochs", "epochs", {"type": int, "help": "default 20 (language models: 10)"}),
+    ("--batch-size", "batch_size", {"type": int, "help": "default 100 (language models: 32)"}),
     (
         "--lr",
         "lr",
-        {"type": float, "help": "initial learning rate, /10 at 50%% and 75%% (0.1; lenet5: 0.01)"},
+        {
+            "type": float,
+            "help": "initial learning rate, /10 at 50%% and 75%% "
+            "(0.1; lenet5: 0.01; lstm-lm: 1; gpt-mini: 0.1)",
+        },
     ),
     ("--momentum", "momentum", {"type": float, "help": "SGD Nesterov momentum (default 0.9)"}),
     ("--weight-decay", "weight_decay", {"type": float, "help": "default 5e-4"}),
@@ -145,8 +149,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     train = sub.add_parser(
         "train",
-        help="train a model on Fashion-MNIST (dense or sparse)",
-        description="Train a model on Fashion-MNIST (the installed copy, or the embedded subset). "
+        help="train a model on Fashion-MNIST, or a character-level language model (dense or "
+        "sparse)",
+        description="Train a model on Fashion-MNIST (the installed copy, or the embedded subset), "
+        "or a character-level language model on English text (--model lstm-lm | gpt-mini). "
         "After every epoch it writes to --out: checkpoint.pt (everything --resume needs), "
         "summary.json (options, metrics per epoch, final accuracy), mask_updates.json (one "
         "record per mask update) and telemetry.json (the run record 'sparsecore report' reads). "
@@ -164,7 +170,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument(
         "--data",
         help="folder with the Fashion-MNIST IDX files, or 'embedded' for the shipped subset "
-        "(default: /usr/share/datasets/fashion-mnist if present, else the embedded subset)",
+        "(default: /usr/share/datasets/fashion-mnist if present, else the embedded subset); for "
+        "lstm-lm and gpt-mini a plain-text file (.gz or not), or 'embedded' for the shipped "
+        "excerpt of the Jargon File (default: Debian's jargon-text copy if installed)",
     )
     train.add_argument("--out", help="run folder (default runs/MODEL-METHOD[-dDENSITY]-seedSEED)")
     train.add_argument(
@@ -320,7 +328,7 @@ def _say(line: str, stream: TextIO | None = None) -> None:
 def _train(args: argparse.Namespace) -> int:
     if vars(args).pop("framework", "torch") == "keras":
         return _train_keras(vars(args))
-    from sparsecore.recipe import DEFAULT_LR
+    from sparsecore.recipe import model_defaults
     from sparsecore.rundir import check_run_folder
 
     given = vars(args)
@@ -331,8 +339,8 @@ def _train(args: argparse.Namespace) -> int:
     resume = given.get("resume")
     try:
         if resume is None:
-            if "lr" not in overrides:
-                overrides["lr"] = DEFAULT_LR.get(overrides.get("model", "lenet300"), 0.1)
+            for key, value in model_defaults(overrides.get("model", "lenet300")).items():
+                overrides.setdefault(key, value)
             _announce(overrides, _MODELS, "", "PyTorch")
         else:
             _say(f"sparsecore train: resuming {resume}; loading PyTorch ...")

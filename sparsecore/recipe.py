@@ -25,10 +25,33 @@ METHODS = ("sparse", "dense", "static", "set")
 #: Default initial learning rate per model (``sparsecore train`` uses it when --lr is not given):
 #: the paper's 0.1, except LeNet-5, a plain ReLU stack without normalisation that stays at chance
 #: at 0.1 on Fashion-MNIST (dense, 2 epochs: 10.00%, loss 2.30) and trains well at 0.01.
-DEFAULT_LR: dict[str, float] = {"lenet300": 0.1, "lenet5": 0.01, "vgg": 0.1, "wrn": 0.1}
+DEFAULT_LR: dict[str, float] = {
+    "lenet300": 0.1,
+    "lenet5": 0.01,
+    "vgg": 0.1,
+    "wrn": 0.1,
+    "lstm-lm": 1.0,
+    "gpt-mini": 0.1,
+}
+
+#: Other defaults per model (``sparsecore train`` uses them for options not given): the
+#: character-level language models take batches of 32 windows of 64 characters (more optimizer
+#: steps per epoch than 100 would give on a small text) and 10 epochs, about 5 minutes on two
+#: cores over the embedded text.
+MODEL_DEFAULTS: dict[str, dict[str, Any]] = {
+    "lstm-lm": {"batch_size": 32, "epochs": 10},
+    "gpt-mini": {"batch_size": 32, "epochs": 10},
+}
+
+
+def model_defaults(model: str) -> dict[str, Any]:
+    """The options ``sparsecore train`` sets for ``model`` when not given: its learning rate
+    (:data:`DEFAULT_LR`) and its :data:`MODEL_DEFAULTS`."""
+    return {"lr": DEFAULT_LR.get(model, 0.1), **MODEL_DEFAULTS.get(model, {})}
+
 
 #: The models of each job (the Keras job builds the two LeNets only).
-TORCH_MODELS = ("lenet300", "lenet5", "vgg", "wrn")
+TORCH_MODELS = ("lenet300", "lenet5", "vgg", "wrn", "lstm-lm", "gpt-mini")
 KERAS_MODELS = ("lenet300", "lenet5")
 
 #: Normalisation constants of the full Fashion-MNIST training set (pixel / 255).

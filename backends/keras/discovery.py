@@ -6,6 +6,18 @@ output units are the input channels (one group of ``multiplier`` per channel). L
 anywhere in the model: nested models, functional graphs and subclassed models alike. Users declare
 their own layer types, the weight to make sparse and its output axis, with
 :func:`register_layer_type`.
+
+``EinsumDense`` kernels are sparse by default (so are the query, key, value and output
+projections of ``MultiHeadAttention``, which are EinsumDense layers); their output axis is the
+last kernel axis that the equation's output has and its input has not (the units of
+``attention_output``'s ``(heads, dim, out)`` kernel; for the query/key/value kernels
+``(in, heads, dim)``, the ``dim`` axis, so a unit there groups one dimension of every head).
+
+Recurrent layers (``LSTM``, ``GRU``, ``SimpleRNN``) and ``Embedding`` are dense unless included:
+naming the recurrent layer (or its cell) in ``include`` makes its cell's ``kernel`` ``(in,
+gates * units)`` and ``recurrent_kernel`` ``(units, gates * units)`` sparse, output axis -1, so
+every gate's columns are separate output units; ``embeddings=True`` or including an Embedding
+makes its table sparse.
 """
 
 from __future__ import annotations
@@ -24,6 +36,7 @@ __all__ = ["SparseWeight", "find_sparse_weights", "model_layers", "register_laye
 # (layer class, attribute holding the variable, attribute holding its constraint, output axis);
 # the first matching class wins, so subclasses come before their bases.
 _L = keras.layers
+_EINSUM_AXIS = 1 << 30  # marks "read the output axis from the layer's equation"
 _RULES: list[tuple[type, str, str, int]] = [
     (_L.SeparableConv1D, "depthwise_kernel", "depthwise_constraint", -2),
     (_L.SeparableConv1D, "pointwise_kernel", "pointwise_constraint", -1),
@@ -38,6 +51,16 @@ _RULES: list[tuple[type, str, str, int]] = [
     (_L.Conv2D, "kernel", "kernel_constraint", -1),
     (_L.Conv3D, "kernel", "kernel_constraint", -1),
     (_L.Dense, "kernel", "kernel_constraint", -1),
+    (_L.EinsumDense, "kernel", "kernel_constraint", _EINSUM_AXIS),
+]
+# Sparse only when included (the cell, or the recurrent layer that holds it).
+_CELL_RULES: list[tuple[type, str, str, int]] = [
+    (cell, attr, constraint, -1)
+    for cell in (_L.LSTMCell, _L.GRUCell, _L.SimpleRNNCell)
+    for attr, constraint in (
+        ("kernel", "kernel_constraint"),
+        ("recurrent_kernel", "recurrent_constraint"),
+    )
 ]
 # Rules users declared (register_layer_type), searched before the built-in ones.
 _USER_RULES: list[tuple[type, str, str, int]] = []
@@ -141,7 +164,25 @@ def _as_list(value: Any) -> list[Any]:
     return [value]
 
 
+def einsum_output_axis(layer: Any) -> int:
+    """The output axis of an EinsumDense kernel: the last kernel axis whose letter the
+    equation's output has and its input has not (negative, as Keras kernels count from the
+    end)."""
+    equation = str(layer.equation).replace(" ", "")
+    inputs, output = equation.split("->")
+    data, kernel = inputs.split(",")
+    axes = [i for i, c in enumerate(kernel) if c in output and c not in data]
+    if not axes:
+        raise SparseCoreError(
+            f"layer {layer.name!r}: EinsumDense equation {equation!r} has no output axis in "
+            f"its kernel"
+        )
+    return axes[-1] - len(kernel)
+
+
 def _rule_for(layer: Any, embeddings: bool) -> list[tuple[type, str, str, int]]:
+    if isinstance(layer, _L.RNN):
+        return []  # its cell holds the weights (see _CELL_RULES)
     table = [*reversed(_USER_RULES), *_RULES]
     rules = [r for r in table if type(layer) is r[0]] or [
         r for r in table if isinstance(layer, r[0])
@@ -152,6 +193,16 @@ def _rule_for(layer: Any, embeddings: bool) -> list[tuple[type, str, str, int]]:
     if not rules and embeddings and isinstance(layer, _EMBEDDING_RULE[0]):
         rules = [_EMBEDDING_RULE]
     return rules
+
+
+# Layers whose weights live in sublayers: including (or excluding) one includes its sublayers.
+_HOLDERS = (_L.RNN, _L.MultiHeadAttention)
+
+
+def _cell_rules(layer: Any) -> list[tuple[type, str, str, int]]:
+    return [r for r in _CELL_RULES if type(layer) is r[0]] or [
+        r for r in _CELL_RULES if isinstance(layer, r[0])
+    ]
 
 
 def find_sparse_weights(
@@ -165,9 +216,11 @@ def find_sparse_weights(
 ) -> list[SparseWeight]:
     """The model's sparse weights, in layer order.
 
-    By default: the kernels of Dense, Conv1D/2D/3D (transposed, depthwise and separable too).
-    ``include``/``exclude``: layer names, ``fnmatch`` patterns of names, class names or classes;
-    with ``include`` only matching layers are sparse. ``embeddings=True`` adds Embedding tables.
+    By default: the kernels of Dense, EinsumDense (MultiHeadAttention's projections included),
+    Conv1D/2D/3D (transposed, depthwise and separable too). ``include``/``exclude``: layer names,
+    ``fnmatch`` patterns of names, class names or classes; with ``include`` only matching layers
+    are sparse, and an included LSTM, GRU or SimpleRNN (or its cell) has its kernel and
+    recurrent kernel sparse. ``embeddings=True`` adds Embedding tables.
     ``dense_first``/``dense_last`` keep the first/last such layer dense.
     """
     if not getattr(model, "built", False):
@@ -179,17 +232,30 @@ def find_sparse_weights(
     found: list[SparseWeight] = []
     seen_vars: set[int] = set()
     candidates = []
-    for path, layer in model_layers(model):
-        rules = _rule_for(layer, embeddings or bool(includes and _matches(layer, includes)))
+    layers = model_layers(model)
+    by_path = dict(layers)
+
+    def hit(path: str, layer: Any, patterns: list[Any]) -> bool:
+        """``layer`` matches, or the recurrent or attention layer that holds it does."""
+        if _matches(layer, patterns):
+            return True
+        parent = by_path.get(path.rpartition("/")[0])
+        return isinstance(parent, _HOLDERS) and _matches(parent, patterns)
+
+    for path, layer in layers:
+        included = bool(includes) and hit(path, layer, includes)
+        rules = _rule_for(layer, embeddings or included)
+        if not rules and included:
+            rules = _cell_rules(layer)
         if not rules:
-            if includes and _matches(layer, includes) and not isinstance(layer, keras.Model):
+            if included and not isinstance(layer, (keras.Model, *_HOLDERS)):
                 has_weights = any(len(v.shape) >= 2 for v in layer.trainable_weights)
                 if has_weights:
                     raise SparseCoreError(
                         f"layer {layer.name!r} ({type(layer).__name__}) was included but "
                         f"sparsecore does not know which of its weights to make sparse; "
-                        f"supported: Dense, Conv*, DepthwiseConv*, SeparableConv*, "
-                        f"Conv*Transpose, Embedding"
+                        f"supported: Dense, EinsumDense, Conv*, DepthwiseConv*, SeparableConv*, "
+                        f"Conv*Transpose, Embedding, LSTM, GRU, SimpleRNN"
                     )
             continue
         if not layer.built:
@@ -201,9 +267,9 @@ def find_sparse_weights(
         candidates = candidates[:-1]
     names: set[str] = set()
     for path, layer, rules in candidates:
-        if includes and not _matches(layer, includes):
+        if includes and not hit(path, layer, includes):
             continue
-        if excludes and _matches(layer, excludes):
+        if excludes and hit(path, layer, excludes):
             continue
         if getattr(layer, "lora_enabled", False):
             raise SparseCoreError(
@@ -213,6 +279,8 @@ def find_sparse_weights(
             variable = getattr(layer, attr, None)
             if not isinstance(variable, keras.Variable) or not variable.trainable:
                 continue
+            if axis == _EINSUM_AXIS:
+                axis = einsum_output_axis(layer)
             if not -len(variable.shape) <= axis < len(variable.shape):
                 raise SparseCoreError(
                     f"layer {layer.name!r}: its weight {attr!r} of shape {tuple(variable.shape)} "

@@ -16,6 +16,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from .lm_models import LM_MODELS
+
 __all__ = [
     "MODELS",
     "LeNet5",
@@ -154,6 +156,7 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "lenet5": LeNet5,
     "vgg": SmallVGG,
     "wrn": SmallWRN,
+    **LM_MODELS,  # character-level language models (sparsecore.torch.lm_models)
 }
 
 

@@ -2,23 +2,36 @@
 
 By default (ALGORITHM.md, "Which parameters are sparse"): the trainable weights of the registered
 layer types that are sparse by default: ``nn.Linear``, ``nn.Conv1d/2d/3d`` (1x1, grouped and
-depthwise convolutions included) and Hugging Face ``transformers``' ``Conv1D`` (GPT-2's
-projections, weight stored as (in, out)). Biases, normalisation layers, embeddings and recurrent
-weights stay dense unless ``include`` names them, by parameter name pattern (``fnmatch``, e.g.
-``"rnn.weight_hh_*"``) or by module type (e.g. ``nn.Embedding``, ``nn.LSTM``: their weights of two
-or more dimensions). ``exclude`` (same forms) wins over both. ``dense_first`` / ``dense_last``
-then drop the first / last selected parameter in the order the model registers its modules.
-Frozen parameters (``requires_grad=False``) are never sparse. A parameter shared by several
-modules (tied weights) is one sparse layer with one mask; it is sparse by default only if every
-owner with a registered type is sparse by default, so a language model's output layer tied to its
-token embedding stays dense, as the embedding would, unless included.
+depthwise convolutions included), Hugging Face ``transformers``' ``Conv1D`` (GPT-2's
+projections, weight stored as (in, out)) and ``nn.MultiheadAttention``'s input projections
+(``in_proj_weight``, or ``q_proj_weight``/``k_proj_weight``/``v_proj_weight`` when the key and
+value sizes differ; its ``out_proj`` is an ``nn.Linear``), so Transformer encoder/decoder layers
+and GPT-style blocks written with ``nn.Linear`` are sparse in every projection. Biases,
+normalisation layers, embeddings and recurrent weights stay dense unless ``include`` names them,
+by parameter name pattern (``fnmatch``, e.g. ``"rnn.weight_hh_*"``) or by module type (e.g.
+``nn.Embedding``, ``nn.LSTM``: then every ``weight_ih_l*``, ``weight_hh_l*`` and LSTM projection
+``weight_hr_l*``, of every layer and direction). ``exclude`` (same forms) wins over both.
+``dense_first`` / ``dense_last`` then drop the first / last selected parameter in the order the
+model registers its modules. Frozen parameters (``requires_grad=False``) are never sparse. A
+parameter shared by several modules (tied weights) is one sparse layer with one mask; it is
+sparse by default only if every owner with a registered type is sparse by default, so a
+language model's output layer tied to its token embedding stays dense, as the embedding would,
+unless included.
+
+Recurrent and attention weights stack their gates (LSTM: input, forget, cell, output; GRU:
+reset, update, new) or their query/key/value projections along axis 0, one row per gate unit:
+with output axis 0 every row is its own output unit, so per-unit growth (``momentum_neuron``),
+dead-unit counts and ``cover_units`` treat each gate's rows as separate units, and the fan-in
+that ER densities and revived weights read is the input size (``weight_ih``) or hidden size
+(``weight_hh``), as for a linear layer.
 
 Each registered layer type also names its weight's output axis (0 for ``nn.Linear``'s (out, in)
 and convolutions' (out, in, k...), 1 for transposed convolutions and ``Conv1D``'s (in, out)),
 which per-unit growth, ER initial densities and dead-unit counts read. Declare your own layer
 types with :func:`register_layer_type`; a type can be given by class or by its qualified name
 (``"package.module.Class"``, matched along the module's class hierarchy), so that registering a
-library's layer never imports that library.
+library's layer never imports that library. ``param`` may be an ``fnmatch`` pattern of the
+parameter's name inside its module (``"weight_*_l*"``).
 """
 
 from __future__ import annotations
@@ -37,8 +50,9 @@ from sparsecore.validation import check_flag
 class LayerType:
     """How sparsecore treats the parameter ``param`` of modules of one type.
 
-    ``layer_type``: a module class, or its qualified name ``"module.Class"``. ``axis``: the
-    output axis of that parameter. ``sparse_by_default``: sparse without being included.
+    ``layer_type``: a module class, or its qualified name ``"module.Class"``. ``param``: the
+    parameter's name in the module, or an ``fnmatch`` pattern of it. ``axis``: the output axis
+    of that parameter. ``sparse_by_default``: sparse without being included.
     """
 
     layer_type: type[nn.Module] | str
@@ -68,10 +82,27 @@ _LAYER_TYPES: list[LayerType] = [
     LayerType(nn.Embedding, sparse_by_default=False),
     # Hugging Face's Conv1D (GPT-2, GPT, ...): a linear layer whose weight is (in, out).
     LayerType("transformers.pytorch_utils.Conv1D", axis=1),
+    # LSTM/GRU/RNN: (gates * hidden, in) and (gates * hidden, hidden), one row per gate unit;
+    # weight_hr_l* is an LSTM's (proj_size, hidden) output projection. "_reverse" included.
+    # Dense unless included (ALGORITHM.md): a recurrent matrix is applied at every time step.
+    LayerType(nn.RNNBase, param="weight_ih_l*", sparse_by_default=False),
+    LayerType(nn.RNNBase, param="weight_hh_l*", sparse_by_default=False),
+    LayerType(nn.RNNBase, param="weight_hr_l*", sparse_by_default=False),
+    # Attention's input projections: (3 * embed, embed) stacked, or one (embed, kdim/vdim) each.
+    LayerType(nn.MultiheadAttention, param="in_proj_weight"),
+    LayerType(nn.MultiheadAttention, param="q_proj_weight"),
+    LayerType(nn.MultiheadAttention, param="k_proj_weight"),
+    LayerType(nn.MultiheadAttention, param="v_proj_weight"),
 ]
 
 #: The module types whose weights are sparse by default (for messages).
-DEFAULT_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+DEFAULT_TYPES: tuple[type[nn.Module], ...] = (
+    nn.Linear,
+    nn.Conv1d,
+    nn.Conv2d,
+    nn.Conv3d,
+    nn.MultiheadAttention,
+)
 
 
 def register_layer_type(
@@ -84,7 +115,8 @@ def register_layer_type(
     """Declare how sparsecore treats parameter ``param`` of modules of ``layer_type``.
 
     ``layer_type``: an ``nn.Module`` subclass, or its qualified name (``"package.module.Class"``)
-    so that the package need not be imported. ``axis``: the parameter's output axis (the axis of
+    so that the package need not be imported. ``param``: the parameter's name in the module, or
+    an ``fnmatch`` pattern of names (``"weight_*"``). ``axis``: the parameter's output axis (the axis of
     the layer's output units: 0 for (out, in), 1 for (in, out)). ``sparse_by_default``: made
     sparse without ``include`` (otherwise only the axis is declared, for when it is included).
     A later registration of the same type and parameter replaces the earlier one. Applies to
@@ -111,8 +143,16 @@ def register_layer_type(
 
 
 def layer_type_of(module: nn.Module, param: str) -> LayerType | None:
-    """The registered entry for parameter ``param`` of ``module`` (the latest that matches)."""
-    return next((t for t in reversed(_LAYER_TYPES) if t.param == param and t.matches(module)), None)
+    """The registered entry for parameter ``param`` of ``module`` (the latest that matches:
+    the entry's type matches the module and its ``param`` pattern the parameter's name)."""
+    return next(
+        (
+            t
+            for t in reversed(_LAYER_TYPES)
+            if fnmatch.fnmatchcase(param, t.param) and t.matches(module)
+        ),
+        None,
+    )
 
 
 Selector = str | type

@@ -9,6 +9,11 @@ Everything the run needs to continue is in its checkpoint (model, optimizer, sch
 state, RNG states, metrics so far, epoch), and each epoch's shuffle is drawn from a generator
 seeded by (seed, epoch), so a run resumed from epoch e ends with the same weights, bit for bit,
 as one that was never interrupted.
+
+The language models (``--model lstm-lm | gpt-mini``) run the same loop on windows of text
+(:mod:`sparsecore.torch.lm_job`): the loss is per character, the held-out split is the last 10%
+of the text (reported as validation, with bits per character), and the run record has no FLOP
+section (FLOPs are counted for the image models' linear and convolution layers only).
 """
 
 from __future__ import annotations
@@ -30,7 +35,6 @@ from typing import Any, TextIO
 import numpy as np
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from sparsecore.datasets import (
     ImageDataset,
@@ -47,7 +51,9 @@ from sparsecore.recipe import (
     TrainingInterrupted,
 )
 from sparsecore.rundir import RunFolder
+from sparsecore.text import TextDataset
 
+from . import lm_job
 from .checkpoint import (
     CHECKPOINT_FORMAT,
     CheckpointError,
@@ -105,15 +111,28 @@ class TrainResult:
 
 
 def weight_densities(model: nn.Module) -> dict[str, float]:
-    """Measured fraction of nonzero entries of every linear/conv weight, by parameter name.
+    """Measured fraction of nonzero entries of every linear/conv weight (and recurrent and
+    attention projection weight), by parameter name.
 
     Counted on the weights themselves, so it checks what the adapter claims.
     """
     out: dict[str, float] = {}
-    for mod_name, module in model.named_modules():
+    names = {id(p): n for n, p in model.named_parameters()}  # a tied weight: its first name
+    for module in model.modules():
         if isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)):
-            w = module.weight.detach()
-            out[f"{mod_name}.weight"] = float((w != 0).sum().item() / w.numel())
+            weights = [("weight", module.weight)]
+        elif isinstance(module, (nn.RNNBase, nn.MultiheadAttention)):
+            weights = [
+                (n, p)
+                for n, p in module.named_parameters(recurse=False)
+                if p is not None and p.ndim >= 2
+            ]
+        else:
+            continue
+        for _, param in weights:
+            if id(param) in names:  # trainable or not, but a parameter of the model
+                w = param.detach()
+                out.setdefault(names[id(param)], float((w != 0).sum().item() / w.numel()))
     return out
 
 
@@ -156,15 +175,16 @@ def _epoch_generator(seed: int, epoch: int) -> torch.Generator:
 def evaluate(
     model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
 ) -> tuple[float, float]:
-    """(mean cross-entropy loss, accuracy in %) of ``model`` on (x, y)."""
+    """(mean cross-entropy loss, accuracy in %) of ``model`` on (x, y); for sequences (logits
+    ``(n, t, classes)``), per position."""
     was_training = model.training
     model.eval()
     loss_sum = 0.0
-    correct = 0
+    correct = 0.0
     for idx in _batches(x.shape[0], batch_size, None):
         logits = model(x[idx])
-        loss_sum += F.cross_entropy(logits, y[idx], reduction="sum").item()
-        correct += int((logits.argmax(1) == y[idx]).sum().item())
+        loss_sum += lm_job.loss_sum(logits, y[idx]).item()
+        correct += lm_job.correct_sum(logits, y[idx])
     model.train(was_training)
     n = x.shape[0]
     return loss_sum / n, 100.0 * correct / n
@@ -208,6 +228,9 @@ def _attach(
 
     options = cfg.sparse_options(schedule_steps, run_steps=run_steps)
     assert options is not None  # dense runs attach nothing
+    include = lm_job.job_include(cfg.model)
+    if include:
+        options["include"] = include
     return attach(model, optimizer, **options)
 
 
@@ -323,8 +346,19 @@ def _data_source(dataset: ImageDataset) -> str:
     return str(folder.resolve()) if folder.is_dir() else dataset.source
 
 
-def _load_data(data: str | None, ckpt: dict[str, Any] | None, path: Path | None) -> ImageDataset:
+def _load_data(
+    data: str | None, ckpt: dict[str, Any] | None, path: Path | None, model: str = "lenet300"
+) -> Any:
     """``--data`` if given; on a resume without it, the data the checkpoint records."""
+    if lm_job.is_language_model(model):
+        if data is None and ckpt is not None and ckpt.get("data") is None:
+            raise ResumeError(f"{path}: the checkpoint does not record its text; pass --data")
+        if data is None and ckpt is not None:
+            try:
+                return lm_job.load_lm_data(None, ckpt["data"])
+            except FileNotFoundError as err:
+                raise ResumeError(f"{path}: {err}") from None
+        return lm_job.load_lm_data(data, None)
     if data is None and ckpt is not None:
         record = ckpt.get("data")
         if record is None:
@@ -411,7 +445,7 @@ def run_training(
     cfg: TrainConfig,
     *,
     data: str | None = None,
-    dataset: ImageDataset | None = None,
+    dataset: ImageDataset | TextDataset | None = None,
     out_dir: str | os.PathLike[str] | None = None,
     resume: str | os.PathLike[str] | None = None,
     threads: int | None = None,
@@ -474,18 +508,29 @@ def run_training(
             out_dir = run_folder_of(ckpt_path)
     folder = RunFolder(out_dir) if out_dir is not None else None  # checks it before any work
 
+    language_model = lm_job.is_language_model(cfg.model)
     if dataset is None:
-        dataset = _load_data(data, ckpt, ckpt_path)
+        dataset = _load_data(data, ckpt, ckpt_path, cfg.model)
     fingerprint = dataset.fingerprint
-    source = _data_source(dataset)
     if ckpt is not None:
         assert ckpt_path is not None
         _check_same_data(ckpt_path, ckpt, fingerprint)
-    cfg.check_images(dataset.image_shape, dataset.file_of("train_images"))
-    if cfg.limit_train is not None or cfg.limit_test is not None:
-        dataset = dataset.subset(cfg.limit_train, cfg.limit_test)
-    x_train, y_train = _to_tensors(dataset.train_images, dataset.train_labels)
-    x_test, y_test = _to_tensors(dataset.test_images, dataset.test_labels)
+    if isinstance(dataset, TextDataset):
+        if not language_model:
+            raise ValueError(f"model {cfg.model} trains on images, not on a text")
+        source = lm_job.data_source(dataset)
+        x_train, y_train, x_test, y_test = lm_job.lm_tensors(
+            dataset, cfg.limit_train, cfg.limit_test
+        )
+    else:
+        if language_model:
+            raise ValueError(f"model {cfg.model} is a language model: its data is a text")
+        source = _data_source(dataset)
+        cfg.check_images(dataset.image_shape, dataset.file_of("train_images"))
+        if cfg.limit_train is not None or cfg.limit_test is not None:
+            dataset = dataset.subset(cfg.limit_train, cfg.limit_test)
+        x_train, y_train = _to_tensors(dataset.train_images, dataset.train_labels)
+        x_test, y_test = _to_tensors(dataset.test_images, dataset.test_labels)
 
     out = folder.path if folder is not None else None
     if folder is not None:
@@ -542,9 +587,10 @@ def run_training(
     history_seen = len(sparse.history) if sparse is not None else 0
 
     data_info = {**dataset.describe(), "fingerprint": fingerprint}
+    held_out, unit = ("validation", "characters") if language_model else ("test", "images")
     stream.write(
         f"dataset: {data_info['name']} from {data_info['source']} "
-        f"({data_info['train_size']} train / {data_info['test_size']} test images)\n"
+        f"({data_info['train_size']} train / {data_info['test_size']} {held_out} {unit})\n"
     )
     if start_epoch > 1:
         stream.write(f"resumed after epoch {start_epoch - 1}\n")
@@ -567,22 +613,24 @@ def run_training(
             lr = optimizer.param_groups[0]["lr"]
             gen = _epoch_generator(cfg.seed, epoch)
             loss_sum = 0.0
-            correct = 0
+            correct = 0.0
             seen = 0
             for step, idx in enumerate(_batches(x_train.shape[0], cfg.batch_size, gen), start=1):
                 xb, yb = x_train[idx], y_train[idx]
                 optimizer.zero_grad(set_to_none=True)
                 logits = model(xb)
-                loss = F.cross_entropy(logits, yb)
+                loss = lm_job.mean_loss(logits, yb)
                 if not torch.isfinite(loss):
                     raise FloatingPointError(
                         f"training loss became {loss.item()} at epoch {epoch}, batch {step} "
                         f"(lr {lr:g}); lower --lr"
                     )
                 loss.backward()
+                if language_model:
+                    nn.utils.clip_grad_norm_(model.parameters(), lm_job.CLIP_NORM)
                 optimizer.step()  # the adapter re-applies masks and updates them on schedule here
                 loss_sum += loss.item() * yb.shape[0]
-                correct += int((logits.detach().argmax(1) == yb).sum().item())
+                correct += lm_job.correct_sum(logits.detach(), yb)
                 seen += yb.shape[0]
                 bar.update(epoch, cfg.epochs, step, steps_per_epoch, loss_sum / seen)
             bar.clear()
@@ -622,15 +670,21 @@ def run_training(
                 "epoch_time_s": time.perf_counter() - t_epoch,
                 "wall_time_s": wall,
             }
+            if language_model:
+                record["test_bpc"] = lm_job.bits_per_char(test_loss)
             epochs_done.append(record)
             layers_txt = " ".join(
                 f"{k.removesuffix('.weight')}={v:.3f}" for k, v in layer_dens.items()
             )
+            held = (
+                f"valid loss {test_loss:.4f} bpc {record['test_bpc']:.4f} acc {test_acc:.2f}%"
+                if language_model
+                else f"test loss {test_loss:.4f} acc {test_acc:.2f}%"
+            )
             stream.write(
                 f"epoch {epoch:>{len(str(cfg.epochs))}}/{cfg.epochs}  lr {lr:.4g}  "
                 f"train loss {record['train_loss']:.4f} acc {record['train_acc']:.2f}%  "
-                f"test loss {test_loss:.4f} acc {test_acc:.2f}%  density {overall:.4f} "
-                f"[{layers_txt}]  {record['epoch_time_s']:.1f}s\n"
+                f"{held}  density {overall:.4f} [{layers_txt}]  {record['epoch_time_s']:.1f}s\n"
             )
             stream.flush()
 
@@ -671,7 +725,7 @@ def run_training(
                             mask_updates=mask_updates,
                             model=model,
                             example=x_train[: cfg.batch_size],
-                            sparse=sparse,
+                            sparse=None if language_model else sparse,
                         ),
                     },
                     tag=epoch,
@@ -707,8 +761,14 @@ def run_training(
     )
     if final:
         label = "final" if summary["completed"] else f"after epoch {final['epoch']}:"
+        metric = (
+            f"validation bits per character {final['test_bpc']:.4f} "
+            f"(loss {final['test_loss']:.4f}, accuracy {final['test_acc']:.2f}%)"
+            if language_model
+            else f"test accuracy {final['test_acc']:.2f}% (loss {final['test_loss']:.4f})"
+        )
         stream.write(
-            f"{label} test accuracy {final['test_acc']:.2f}% (loss {final['test_loss']:.4f}), "
+            f"{label} {metric}, "
             f"density {final['density']:.4f}, wall time {final['wall_time_s']:.1f}s"
             + (f"; results in {out}" if out is not None else "")
             + "\n"
@@ -742,6 +802,7 @@ def _summary(
             "epochs_completed": final.get("epoch", 0),
             "final_test_acc": final.get("test_acc"),
             "final_test_loss": final.get("test_loss"),
+            **({"final_test_bpc": final["test_bpc"]} if "test_bpc" in final else {}),
             "final_density": final.get("density"),
             "final_measured_density": final.get("measured_density"),
             "layer_densities": final.get("layer_densities", {}),
