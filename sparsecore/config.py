@@ -59,7 +59,7 @@ class SparseConfig:
     non-zero weights. Structure (:mod:`sparsecore.structured`): ``ablate_below`` (0, off, by
     default; at most 1) empties, at every update, the output units whose active fan-in pruning
     left below that fraction of the layer's mean, and gives their weights to the rest, so that
-    channel compaction removes them. :meth:`from_options` also takes ``recipe`` (:data:`RECIPES`).
+    channel compaction removes them; every sparse layer but the last (the outputs). :meth:`from_options` also takes ``recipe`` (:data:`RECIPES`).
     """
 
     density: float = 0.05
@@ -198,7 +198,11 @@ class SparseConfig:
 
 
 #: Options added after configs were first saved, with the value that behaves as before them.
-ADDED_OPTIONS: dict[str, Any] = {"cover_units": False, "revive_dead_units": False}
+ADDED_OPTIONS: dict[str, Any] = {
+    "cover_units": False,
+    "revive_dead_units": False,
+    "ablate_below": 0.0,
+}
 
 
 def option_names() -> list[str]:

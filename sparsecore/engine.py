@@ -81,7 +81,7 @@ def update(
     step: int | None = None,
     backend: ArrayBackend | str | None = None,
     revive_dead_units: bool = False,
-    ablate_below: float = 0.0,
+    ablate_below: float | Sequence[float] = 0.0,
 ) -> UpdateResult:
     """One mask update (ALGORITHM.md): importance, prune, redistribute, regrow.
 
@@ -97,10 +97,11 @@ def update(
     ``revive_dead_units``: dead output units (no active weight, or no gradient) first get their
     share of each layer's regrowth, with non-zero starting weights (:mod:`sparsecore.units`).
 
-    ``ablate_below`` (in [0, 1]; 0 is off): after pruning, output units whose active fan-in is
-    below this fraction of the mean fan-in of the layer's units with weights are emptied and get
-    no weight back at this update; their weights join the regrowth pool
-    (:mod:`sparsecore.structured`).
+    ``ablate_below`` (in [0, 1]; 0 is off; one value for every layer, or one per layer): after
+    pruning, output units whose active fan-in is below this fraction of the mean fan-in of the
+    layer's units with weights are emptied and get no weight back at this update; their weights
+    join the regrowth pool (:mod:`sparsecore.structured`). :class:`SparseEngine` leaves the
+    last layer (the network's outputs) out.
     """
     be = _resolve_backend(layers, backend)
     prune_rate, update_index, seed, max_density, min_density, step = _check_update_args(
@@ -120,10 +121,10 @@ def update(
         min_density,
         step,
         check_flag("revive_dead_units", revive_dead_units),
-        check_real("ablate_below", ablate_below, low=0.0, high=1.0),
+        _ablation_fractions(layers, ablate_below),
     )
     if (
-        plan.ablate_below == 0.0
+        not any(plan.ablate_below)
         and be.supports_fused_update
         and prune_fn is _FUSED_PRUNE
         and growth_fn is _FUSED_GROWTH
@@ -148,7 +149,7 @@ class _Plan:
     min_density: float
     step: int | None
     revive: bool = False
-    ablate_below: float = 0.0
+    ablate_below: tuple[float, ...] = ()
 
     def floors(self, sizes: Sequence[int]) -> list[int]:
         """Per layer, the fewest active weights pruning may leave (``min_density``)."""
@@ -253,13 +254,16 @@ def _generic_update(
     blocked: list[Any] = list(kept_masks)  # growth may only take positions inactive here
     cut: list[Any | None] = [None] * len(layers)  # every position of the ablated units
     room: list[int] | None = None
-    if plan.ablate_below > 0:
+    if any(plan.ablate_below):
         room = []
         for i, (layer, floor_l) in enumerate(zip(layers, plan.floors(sizes))):
+            if not plan.ablate_below[i]:
+                room.append(sizes[i])  # no bound beyond the capacity's own
+                continue
             active = be.unit_count(kept_masks[i], layer.axis, active=True)
             ablated[i] = ablated_units(
                 active,
-                ablate_below=plan.ablate_below,
+                ablate_below=plan.ablate_below[i],
                 per_unit=sizes[i] // active.size,
                 nnz_before=nnz[i],
                 removable=max(0, nnz[i] - floor_l) - pruned_counts[i],
@@ -555,6 +559,26 @@ def check_layers(
                 )
 
 
+def _ablation_fractions(
+    layers: Sequence[Layer], ablate_below: float | Sequence[float]
+) -> tuple[float, ...]:
+    """``ablate_below`` per layer: one value for all, or one per layer, each in [0, 1]."""
+    if isinstance(ablate_below, (str, bytes)) or not isinstance(ablate_below, Sequence):
+        value = check_real("ablate_below", ablate_below, low=0.0, high=1.0)
+        return (value,) * len(layers)
+    if len(ablate_below) != len(layers):
+        raise SparseCoreError(
+            f"ablate_below has {len(ablate_below)} values for {len(layers)} layers; give one "
+            f"value, or one per layer"
+        )
+    return tuple(
+        check_real(
+            f"layer {getattr(layer, 'name', layer)!r}: ablate_below", value, low=0.0, high=1.0
+        )
+        for layer, value in zip(layers, ablate_below)
+    )
+
+
 def _check_update_args(
     prune_rate: Any, update_index: Any, seed: Any, max_density: Any, min_density: Any, step: Any
 ) -> tuple[float, int, int, float, float, int | None]:
@@ -738,7 +762,8 @@ class SparseEngine:
             step=step,
             backend=be,
             revive_dead_units=cfg.revive_dead_units,
-            ablate_below=cfg.ablate_below,
+            # the last layer's units are the network's outputs: never ablated
+            ablate_below=[cfg.ablate_below] * (len(layers) - 1) + [0.0],
         )
 
     def commit(

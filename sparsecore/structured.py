@@ -24,6 +24,9 @@ hold the pool ``R`` and the total stays exactly N; with ``redistribution='none'`
 regrows its own ``r_l``. A unit emptied by ablation is a candidate at the next update too (its
 ``c_j = 0``), so once ablated it stays empty unless (i) or (ii) stops the ablation. Decisions are
 made on the host from per-unit counts, so every backend ablates the same units.
+
+:class:`~sparsecore.SparseEngine` applies ``ablate_below`` to every layer but the last, whose
+units are usually the network's outputs; :func:`sparsecore.update` takes one value per layer.
 """
 
 from __future__ import annotations

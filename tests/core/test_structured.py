@@ -222,6 +222,25 @@ def test_bad_ablate_below_is_refused(bad) -> None:
     assert np.all(layer.mask) and np.all(layer.weight == 1)
 
 
+def test_one_value_per_layer() -> None:
+    mask = np.zeros((4, 10), bool)
+    for j, c in enumerate([8, 8, 2, 1]):
+        mask[j, :c] = True
+    layers = [
+        Layer(n, np.where(mask, 1.0, 0.0).astype(f32), mask, np.ones((4, 10), f32))
+        for n in ("a", "b")
+    ]
+    res = update(layers, prune_rate=0.0, ablate_below=[0.5, 0.0])
+    assert [r.ablated for r in res.report.layers] == [2, 0]
+    assert (res.masks[1] >= mask).all()  # 'b' keeps its weights and may take some of 'a's
+    with pytest.raises(SparseCoreError, match="2 values for 1 layers"):
+        update(layers[:1], prune_rate=0.0, ablate_below=[0.5, 0.0])
+    with pytest.raises(
+        SparseCoreError, match=r"layer 'b': ablate_below must lie in \[0, 1\], got 2"
+    ):
+        update(layers, prune_rate=0.0, ablate_below=[0.5, 2.0])
+
+
 def test_engine_concentrates_weights_over_updates() -> None:
     shapes = [(300, 784), (100, 300), (10, 100)]
     counts = {}
@@ -244,7 +263,9 @@ def test_engine_concentrates_weights_over_updates() -> None:
         assert sum(int(m.sum()) for m in masks) == engine.target
         counts[a] = int(masks[0].any(axis=1).sum())
         if a:
-            assert sum(r.ablated for r in engine.history[-1].layers) > 0
+            last = engine.history[-1].layers
+            assert last[0].ablated > 0 and last[2].ablated == 0  # the output layer stays whole
+            assert masks[2].any(axis=1).all()
     assert counts[0.5] < counts[0.0]
     # saved before the option existed: off
     old = engine.config.to_dict()
