@@ -426,10 +426,21 @@ class SparseCallback(keras.callbacks.Callback):
         """
         self._recompile_after_update = False
         if _is_jax():
-            if jax_step.is_installed(model, self.constraints) or jax_step.needs_nothing(model):
+            own = None if self._reader is None else self._reader.own
+            if jax_step.is_installed(model, self.constraints, own):
                 return
-            if jax_step.install(model, self.constraints):
+            if own is None and jax_step.needs_nothing(model):
                 return
+            if jax_step.install(model, self.constraints, own):
+                return
+            if own is not None:
+                raise SparseCoreError(
+                    f"SparseCallback: {type(model.optimizer).__name__} keeps no momentum, and on "
+                    f"Keras' JAX backend the library's own gradient average needs the train step "
+                    f"sparsecore builds, which this model cannot take (a keras.distribution, Flax "
+                    f"NNX or a custom train function): use an optimizer with momentum (SGD with "
+                    f"momentum, Adam, ...) or growth/redistribution modes that read no momentum"
+                )
             self._recompile_after_update = True
         self._rebuild_train_function(model)
 

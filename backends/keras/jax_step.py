@@ -47,23 +47,24 @@ def _using(constraints: Sequence[Any], masks: Sequence[tuple[Any, Any]]) -> Iter
         _TRACED.reset(token)
 
 
-def _supported(model: Any) -> bool:
+def _supported(model: Any, *, compiled: bool = True) -> bool:
     from keras.src.backend.config import is_nnx_enabled
     from keras.src.distribution import distribution_lib
 
     return (
-        not model.run_eagerly
-        and bool(model.jit_compile)
+        (not compiled or (not model.run_eagerly and bool(model.jit_compile)))
         and not is_nnx_enabled()
         and distribution_lib.distribution() is None
         and callable(getattr(model, "_make_function", None))
     )
 
 
-def is_installed(model: Any, constraints: Sequence[Any]) -> bool:
-    """True if ``model.train_function`` is one :func:`install` made for these constraints."""
+def is_installed(model: Any, constraints: Sequence[Any], own: Any = None) -> bool:
+    """True if ``model.train_function`` is one :func:`install` made for these constraints (and
+    this own-momentum average)."""
     made_for = getattr(getattr(model, "train_function", None), _MARK, None)
-    return made_for is not None and made_for == [id(c) for c in constraints]
+    want = [id(c) for c in constraints] + ([id(own)] if own is not None else [])
+    return made_for is not None and made_for == want
 
 
 def needs_nothing(model: Any) -> bool:
@@ -71,30 +72,44 @@ def needs_nothing(model: Any) -> bool:
     return bool(model.run_eagerly or not model.jit_compile)
 
 
-def install(model: Any, constraints: Sequence[Any]) -> bool:
-    """Give ``model`` a train function that passes the constraints' masks as arguments.
+def install(model: Any, constraints: Sequence[Any], own: Any = None) -> bool:
+    """Give ``model`` a train function that passes the constraints' masks as arguments, and
+    the buffers of ``own`` (an :class:`~.momentum.OwnMomentum`, for optimizers without momentum)
+    as arguments that the step returns updated.
 
-    Returns False (and changes nothing) where Keras compiles its step in a way this does not
-    reproduce; the caller then recompiles after each mask update.
+    Returns False (and changes nothing) where Keras builds its step in a way this does not
+    reproduce; the caller then recompiles after each mask update (and refuses ``own``, whose
+    updates a stateless step would drop). With ``own``, a step that is not compiled
+    (``run_eagerly``, ``jit_compile=False``) gets the same function, run eagerly.
     """
     import jax
 
-    if not _supported(model):
+    compiled_step = own is None or not needs_nothing(model)
+    if not _supported(model, compiled=compiled_step):
         return False
     constraints = list(constraints)
     step = model.train_step  # a user's override of train_step is kept
 
-    def with_masks(state: Any, data: Any, masks: Any) -> Any:
+    def with_masks(state: Any, data: Any, masks: Any, buffers: Any) -> Any:
         with _using(constraints, masks):
-            return step(state, data)
+            if own is None:
+                return step(state, data), buffers
+            with own.traced(buffers) as box:
+                out = step(state, data)
+            return out, box
 
-    compiled = jax.jit(with_masks, donate_argnums=0)
+    compiled = jax.jit(with_masks, donate_argnums=0) if compiled_step else with_masks
 
     def train_step(state: Any, data: Any) -> Any:
         masks = [(None if c.keep is None else c.keep.value, c.mask.value) for c in constraints]
-        return compiled(state, data, masks)
+        buffers = [] if own is None else [b.value for b in own.buffers]
+        out, new = compiled(state, data, masks, buffers)
+        if own is not None:
+            for b, value in zip(own.buffers, new):
+                b.assign(value)
+        return out
 
     function = model._make_function(train_step)
-    setattr(function, _MARK, [id(c) for c in constraints])
+    setattr(function, _MARK, [id(c) for c in constraints] + ([id(own)] if own is not None else []))
     model.train_function = function
     return True

@@ -14,12 +14,18 @@ Ftrl, any other): the library keeps its own exponential moving average of each s
 gradient, ``P <- beta * P + (1 - beta) * g`` (``momentum_beta``), as the PyTorch adapter does.
 :class:`OwnMomentum` folds the gradients in inside the optimizer's ``apply`` (the call every Keras
 backend's train step makes with the gradients), before the optimizer uses them; under a
-``tf.distribute`` strategy the buffers average the replicas' gradients. The buffers are not saved
-with the model: a run continued from a checkpoint starts its average again.
+``tf.distribute`` strategy the buffers average the replicas' gradients. Keras' JAX trainer runs
+``apply`` in a stateless scope that threads only the model's and the optimizer's variables, so on
+JAX the compiled step takes the buffers as arguments and returns them (:mod:`.jax_step`;
+:meth:`OwnMomentum.traced`). The buffers are not saved with the model: a run continued from a
+checkpoint starts its average again.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+from collections.abc import Iterator
 from typing import Any
 
 import keras
@@ -28,6 +34,11 @@ from keras import ops
 from sparsecore.errors import SparseCoreError
 
 __all__ = ["OWN", "MomentumReader", "OwnMomentum", "optimizer_slots"]
+
+# While a JAX train step is traced: {id(OwnMomentum): the traced buffer values, read and replaced}.
+_TRACED: contextvars.ContextVar[dict[int, list[Any]] | None] = contextvars.ContextVar(
+    "sparsecore_own_momentum", default=None
+)
 
 #: The momentum source name of the library's own gradient average.
 OWN = "own"
@@ -131,26 +142,43 @@ class OwnMomentum:
         apply._sparsecore_original = original  # type: ignore[attr-defined]
         opt.apply = apply
 
+    @contextlib.contextmanager
+    def traced(self, values: list[Any]) -> Iterator[list[Any]]:
+        """While a JAX train step is traced: :meth:`fold` reads and replaces ``values`` (the
+        step's arguments) instead of assigning the buffers; the step returns the list."""
+        box = list(values)
+        token = _TRACED.set({id(self): box})
+        try:
+            yield box
+        finally:
+            _TRACED.reset(token)
+
     def fold(self, grads: Any, variables: Any) -> None:
         """``P <- beta * P + (1 - beta) * g`` for the sparse kernels among ``variables``."""
+        current = _TRACED.get()
+        box = None if current is None else current.get(id(self))
+        values: list[Any] = list(self.buffers) if box is None else box
         grads = list(grads)
-        seen = set()
+        new: dict[int, Any] = {}
         for g, v in zip(grads, variables):
             i = self._index.get(id(v))
             if i is None:
                 continue
-            seen.add(i)
-            buf = self.buffers[i]
             if g is None:
-                buf.assign(ops.multiply(buf, self.beta))
+                new[i] = ops.multiply(values[i], self.beta)
             else:
                 g32 = ops.cast(g, "float32")
-                buf.assign(
-                    ops.add(ops.multiply(buf, self.beta), ops.multiply(g32, 1.0 - self.beta))
+                new[i] = ops.add(
+                    ops.multiply(values[i], self.beta), ops.multiply(g32, 1.0 - self.beta)
                 )
-        for i, buf in enumerate(self.buffers):  # a kernel without a gradient this step
-            if i not in seen:
-                buf.assign(ops.multiply(buf, self.beta))
+        for i in range(len(self.buffers)):  # a kernel without a gradient this step
+            if i not in new:
+                new[i] = ops.multiply(values[i], self.beta)
+        for i, value in new.items():
+            if box is None:
+                self.buffers[i].assign(value)
+            else:
+                box[i] = value
 
     def read(self, variable: Any) -> Any:
         return ops.copy(self.buffers[self._index[id(variable)]])

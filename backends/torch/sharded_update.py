@@ -57,6 +57,7 @@ redistribution (the engine's fused update). Other modes raise a :class:`SparseCo
 
 from __future__ import annotations
 
+import itertools
 import math
 import zlib
 from collections.abc import Callable, Sequence
@@ -323,7 +324,42 @@ class ShardedBackend(ArrayBackend):
         raise self._unsupported("per-unit sums (momentum_neuron growth)")
 
     def unit_count(self, mask: Any, axis: int, active: bool) -> np.ndarray:
-        raise self._unsupported("per-unit counts (momentum_neuron growth)")
+        """Exact: integer counts, summed over the processes in one all-reduce."""
+        return self._unit_counts([mask.like(mask.local == active)], [axis])[0]
+
+    def unit_nonzero(self, x: Any, axis: int) -> np.ndarray:
+        return self.units_nonzero([x], [axis])[0]
+
+    def units_nonzero(self, xs: Sequence[Any], axes: Sequence[int]) -> list[np.ndarray]:
+        """Dead-unit counts of every layer in one all-reduce: each process counts its rows'
+        non-zero entries per unit; a unit is non-zero where the sum over processes is."""
+        counts = self._unit_counts([x.like(x.local != 0) for x in xs], axes)
+        return [c > 0 for c in counts]
+
+    def _unit_counts(self, flags: Sequence[Shard], axes: Sequence[int]) -> list[np.ndarray]:
+        """Per layer, per output unit (index along its axis), the number of True entries of the
+        boolean shard over all processes. A shard holds whole rows: along axis 0 its rows are the
+        units ``offset // row .. + rows``; along another axis every process holds part of every
+        unit."""
+        parts = []
+        for flag, axis in zip(flags, axes):
+            units = flag.shape[axis]
+            local = flag.local
+            if axis == 0:
+                row = math.prod(flag.shape[1:])
+                first = flag.offset // row if row else 0
+                whole = torch.zeros(units, dtype=torch.int64, device=local.device)
+                rows = local.reshape(local.shape[0], row).sum(dim=1, dtype=torch.int64)
+                whole[first : first + local.shape[0]] = rows
+            else:
+                moved = local.movedim(axis, 0).reshape(units, local.numel() // max(units, 1))
+                whole = moved.sum(dim=1, dtype=torch.int64)
+            parts.append(whole)
+        if not parts:
+            return []
+        total = self._sum(torch.cat(parts)).cpu().numpy()
+        sizes = np.cumsum([0] + [p.numel() for p in parts])
+        return [total[a:b].astype(np.int64) for a, b in itertools.pairwise(sizes)]
 
     def select(
         self,

@@ -53,7 +53,7 @@ def test_summary_shows_the_live_masks_and_the_last_update():
     )
     assert header.split() == [
         "layer", "shape", "size", "active", "density", "ever", "active", "last", "pruned",
-        "last", "grown", "share",
+        "last", "grown", "share", "dead", "units",
     ]  # fmt: skip
     rows = _rows(text)
     last = engine.history[-1]
@@ -71,6 +71,7 @@ def test_summary_shows_the_live_masks_and_the_last_update():
             str(report.pruned),
             str(report.grown),
             f"{100 * report.share:.1f}%",
+            f"{report.dead_units}/{report.units}",
         ], name
     totals = last.totals()
     assert rows["all"][1:] == [
@@ -81,6 +82,7 @@ def test_summary_shows_the_live_masks_and_the_last_update():
         str(totals["pruned"]),
         str(totals["grown"]),
         "100.0%",
+        f"{sum(x.dead_units for x in last.layers)}/{sum(x.units for x in last.layers)}",
     ]
     assert "(after step 20)" in text.splitlines()[-1]
 
@@ -97,7 +99,7 @@ def test_summary_before_any_update():
     assert text.splitlines()[0].endswith(f"(density {density:.4f}), 0 mask updates")
     row = _rows(text)["fc1"]
     # ever active is the initial mask itself; the last-update columns are empty
-    assert row[-4:] == [f"{100 * masks[1].mean():.2f}%", "-", "-", "-"]
+    assert row[-5:] == [f"{100 * masks[1].mean():.2f}%", "-", "-", "-", "-"]
 
 
 def test_a_column_added_to_the_list_appears_in_the_report(tmp_path, monkeypatch):

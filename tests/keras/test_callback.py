@@ -50,8 +50,9 @@ def test_summary_is_a_per_layer_table_and_repr_one_line():
     for i, (name, mask) in enumerate(cb.masks().items()):
         cells = rows[name].split()
         assert f"({mask.shape[0]}, {mask.shape[1]})" in rows[name]
-        assert cells[-7:-4] == [str(mask.size), str(int(mask.sum())), f"{100 * mask.mean():.2f}%"]
-        assert cells[-3:-1] == [str(last.layers[i].pruned), str(last.layers[i].grown)]
+        assert cells[-8:-5] == [str(mask.size), str(int(mask.sum())), f"{100 * mask.mean():.2f}%"]
+        assert cells[-4:-2] == [str(last.layers[i].pruned), str(last.layers[i].grown)]
+        assert cells[-1] == f"{last.layers[i].dead_units}/{last.layers[i].units}"
     assert rows["all"].split()[2] == str(cb.engine.target)
     assert "\n" not in repr(cb) and repr(cb).startswith("SparseCallback(3 sparse weights, density")
 
@@ -274,6 +275,7 @@ class _KernelRecorder(keras.callbacks.Callback):
         self.kernels = []
 
     def on_train_batch_end(self, batch, logs=None):
+        sync_jax_state(self.model)
         self.kernels.append([host(w.variable).copy() for w in self.sparse.weights])
 
 

@@ -185,7 +185,9 @@ def engine_run(rank: int, world: int) -> dict[str, Any]:
     rng = np.random.default_rng([world, 1000])
     shapes = [(7, 30), (world + 1, 5, 3, 3), (1, 64), (50, 11)]
     names = [f"w{i}" for i in range(len(shapes))]
-    config = sc.SparseConfig(density=0.15, total_steps=40, update_every=10, seed=3)
+    config = sc.SparseConfig.from_options(
+        recipe="paper", density=0.15, total_steps=40, update_every=10, seed=3
+    )
     full_engine = sc.SparseEngine(config, names, shapes)
     sharded_engine = sc.SparseEngine(config, names, shapes)
     masks = [torch.from_numpy(m) for m in full_engine.initial_masks()]
@@ -249,9 +251,13 @@ def traffic(rank: int, world: int) -> dict[str, int]:
     want = sc.update(full, prune_rate=0.5, backend=TorchBackend(fused=True))
     assert_parts_equal(got, want, splits, rank, "traffic")
     layers = len(shapes)
-    # scan 66 int64, 2 selections of 8 rounds of 256 int32, counts 5 int64 per layer
-    assert seen["all_reduce"] == 1 + 16 + 1, seen
-    assert seen["all_reduce_bytes"] == layers * (66 * 8 + 16 * 256 * 4 + 5 * 8), seen
+    # scan 66 int64, 2 selections of 8 rounds of 256 int32, counts 5 int64 per layer, and the
+    # dead units: one int64 per output unit for the mask and for the momentum
+    units = sum(s[0] for s in shapes)
+    assert seen["all_reduce"] == 1 + 16 + 1 + 1, seen
+    assert seen["all_reduce_bytes"] == layers * (66 * 8 + 16 * 256 * 4 + 5 * 8) + 2 * units * 8, (
+        seen
+    )
     # twice: a header of 2 int64, then 5 int64 per layer (sent by this rank)
     assert seen["all_gather"] == 4 and seen["all_gather_bytes"] == 2 * (16 + layers * 40), seen
     return seen
@@ -364,7 +370,9 @@ def fsdp_check(rank: int, world: int) -> dict[str, Any]:
     fully_shard(model, mesh=mesh)
     params = [m.weight for m in linears]
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    config = sc.SparseConfig(density=0.3, update_every=2, total_steps=8, seed=1)
+    config = sc.SparseConfig.from_options(
+        recipe="paper", density=0.3, update_every=2, total_steps=8, seed=1
+    )
     full_engine = sc.SparseEngine(config, names, shapes)
     sharded_engine = sc.SparseEngine(config, names, shapes)
     full_masks = [torch.from_numpy(m) for m in full_engine.initial_masks()]
