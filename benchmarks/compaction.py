@@ -11,9 +11,17 @@ For each model (LeNet-300-100, LeNet-5, the job's ``vgg``), growth mode (``momen
    (forward + backward, batch ``--batch``) computed densely, on the active weights only
    ("sparse", what sparse kernels compute) and by the compact model (:mod:`sparsecore.flops`,
    cross-layer removals included), and the measured time of that step (forward, cross-entropy,
-   backward) for the dense model with masked weights and for the compact model: median over
-   ``--repeats`` interleaved repeats, the ratio dense / compact with its 25th-75th percentile,
-   and how much of the FLOP estimate the measurement reaches.
+   backward) for the dense model with masked weights and for the exported compact model: median
+   over ``--repeats`` interleaved repeats, the ratio dense / compact with its 25th-75th
+   percentile, and how much of the FLOP estimate the measurement reaches;
+4. measure, interleaved in the same way, a whole training step (forward, cross-entropy,
+   backward, the job's SGD step) at the trained masks, in four ways: ``dense`` (the model
+   without sparsecore), ``masked`` (``attach(kernels=None)``: dense computation on masked
+   weights, the re-masking included), ``compact`` and ``compact+cpu``
+   (``attach(kernels="compact" | "compact+cpu")``: each layer on its active rows and read input
+   channels, with dense kernels or the sparse CPU kernels on that block). These steps are the
+   ones outside the dense-gradient window (masks fixed, ``growth="none"``); the
+   ``1 / (1 - momentum)`` steps before each mask update also compute the dense weight gradient.
 
 Timings are only worth publishing from a quiet machine (load average below 1); the script prints
 the load before and after, the commit and the machine. Usage:
@@ -27,6 +35,7 @@ the load before and after, the commit and the machine. Usage:
 from __future__ import annotations
 
 import argparse
+import copy
 import io
 import json
 import os
@@ -43,6 +52,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+import sparsecore.torch as st
 from sparsecore.datasets import load_fashion_mnist
 from sparsecore.recipe import DEFAULT_LR, FMNIST_MEAN, FMNIST_STD
 from sparsecore.torch import compact
@@ -103,6 +113,53 @@ def _step(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Callable[[], No
     return run
 
 
+#: The whole-training-step variants of item 4, in the order they are printed.
+TRAIN_VARIANTS = ("dense", "masked", "compact", "compact+cpu")
+
+
+def _train_step(
+    model: nn.Module, cfg: TrainConfig, kernels: str | bool | None, x: torch.Tensor, y: torch.Tensor
+) -> Callable[[], None]:
+    """One whole training step of a copy of ``model`` at its current masks (its zero weights):
+    ``kernels=False`` trains the copy without sparsecore, else under ``attach(kernels=...)``
+    with the masks held fixed."""
+    model = copy.deepcopy(model).train()
+    optimizer = torch.optim.SGD(
+        model.parameters(),
+        lr=cfg.lr,
+        momentum=cfg.momentum,
+        nesterov=cfg.nesterov and cfg.momentum > 0,
+        weight_decay=cfg.weight_decay,
+    )
+    if kernels is not False:
+        sparse = st.attach(
+            model,
+            optimizer,
+            density=cfg.density,
+            growth="none",
+            prune_schedule="constant",
+            kernels=kernels,
+            cover_units=False,
+            revive_dead_units=False,
+        )
+        # The trained masks are the copy's nonzero weights (exactly zero outside the masks).
+        # There is no public call that replaces the masks of a live handle: set them, and the
+        # integer copies the re-masking multiplies by, in place, then rebuild the kernels.
+        with torch.no_grad():
+            for t, mask, keep in zip(sparse.targets, sparse.masks, sparse._keep):
+                mask.copy_(t.param.detach() != 0)
+                keep.copy_(mask)
+        if sparse.kernel_router is not None:
+            sparse.kernel_router.refresh()
+
+    def run() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x), y).backward()
+        optimizer.step()
+
+    return run
+
+
 @torch.no_grad()
 def _predictions(model: nn.Module, x: torch.Tensor, batch: int = 1000) -> torch.Tensor:
     model.eval()
@@ -154,6 +211,14 @@ def measure(args: argparse.Namespace, dataset: Any, model_name: str, growth: str
             "speedup_iqr": [float(q1), float(q3)],
             "of_estimate": float(med / estimate) if estimate else float("nan"),
         }
+    train_ms: dict[str, float] = {k: float("nan") for k in TRAIN_VARIANTS}
+    if args.repeats > 0:
+        steps = {
+            name: _train_step(model, cfg, False if name == "dense" else kernels, x, y)
+            for name, kernels in zip(TRAIN_VARIANTS, (False, None, "compact", "compact+cpu"))
+        }
+        step_times = interleaved(steps, args.repeats, args.inner)
+        train_ms = {k: float(np.median(v) * 1e3) for k, v in step_times.items()}
     return {
         "model": model_name,
         "growth": growth,
@@ -169,6 +234,7 @@ def measure(args: argparse.Namespace, dataset: Any, model_name: str, growth: str
         "flops_compact": flops.total("compact"),
         "flop_speedup_compact": estimate,
         **timing,
+        "train_step_ms": train_ms,
         "layers": [
             {
                 "name": layer.name,
@@ -182,6 +248,13 @@ def measure(args: argparse.Namespace, dataset: Any, model_name: str, growth: str
             for layer, f in zip(report.layers, flops.layers)
         ],
     }
+
+
+def _step_cell(train_ms: dict[str, float], key: str) -> str:
+    ms, dense = train_ms[key], train_ms["dense"]
+    if not np.isfinite(ms):
+        return f"{'-':>18}"
+    return f"{ms:>11.2f} {dense / ms:>5.2f}x"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -229,6 +302,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{'model':<9}{'growth':<16}{'dens':>5}{'acc%':>7}{'removed':>9}{'GFLOP dense':>12}"
         f"{'sparse':>8}{'compact':>9}{'est.':>7}{'dense ms':>10}{'compact ms':>11}"
         f"{'measured':>20}{'of est.':>8}{'same':>7}"
+        + "".join(f"{'step ' + k:>18}" for k in TRAIN_VARIANTS)
     )
     print(head)
     rows = []
@@ -250,9 +324,14 @@ def main(argv: list[str] | None = None) -> int:
                     f"{100 * r['fraction_removed']:>8.1f}%{r['flops_dense'] / 1e9:>12.3f}"
                     f"{r['flops_sparse'] / 1e9:>8.3f}{r['flops_compact'] / 1e9:>9.3f}"
                     f"{r['flop_speedup_compact']:>6.2f}x{timed}"
-                    f"{100 * r['same_predictions']:>6.1f}%",
+                    f"{100 * r['same_predictions']:>6.1f}%"
+                    + "".join(_step_cell(r["train_step_ms"], k) for k in TRAIN_VARIANTS),
                     flush=True,
                 )
+    print(
+        "# step <variant>: ms of a whole training step (forward, loss, backward, SGD step) at "
+        "the trained masks, and dense ms / that"
+    )
     load_after = _load()
     print(f"# load before {load_before}, after {load_after}")
     if args.json:

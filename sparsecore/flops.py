@@ -47,6 +47,21 @@ class LayerFlops:
     sparse_backward_dense_wgrad: int
     compact_forward: int
     compact_backward: int
+    #: output units and input channels of the layer, and how many of each the compact count keeps
+    units: int = 0
+    units_kept: int = 0
+    inputs: int = 0
+    inputs_kept: int = 0
+
+    @property
+    def units_removed(self) -> int:
+        """Output units (filters) the compact network does not compute."""
+        return self.units - self.units_kept
+
+    @property
+    def inputs_removed(self) -> int:
+        """Input channels the compact network does not read."""
+        return self.inputs - self.inputs_kept
 
     @property
     def dense(self) -> int:
@@ -100,17 +115,17 @@ class ModelFlops:
         return "\n".join(rows)
 
 
-def _active_channels(
+def _kept_per_group(
     mask: npt.NDArray[np.bool_],
     groups: int,
     kept: tuple[npt.NDArray[np.bool_], npt.NDArray[np.bool_]] | None = None,
-) -> int:
-    """Sum over groups of (output channels kept) x (input channels kept): by default those with
-    an active weight, else the given ``(outputs, inputs)`` (boolean, over all channels)."""
+) -> list[tuple[int, int]]:
+    """Per group, (output channels kept, input channels kept): by default those with an active
+    weight, else the given ``(outputs, inputs)`` (boolean, over all channels)."""
     n_out = mask.shape[0]
     per_group = n_out // groups
     per_in = mask.shape[1]
-    total = 0
+    counts = []
     for g in range(groups):
         if kept is not None:
             rows = int(np.count_nonzero(kept[0][g * per_group : (g + 1) * per_group]))
@@ -120,8 +135,8 @@ def _active_channels(
             axes_out = tuple(range(1, block.ndim))
             rows = int(np.count_nonzero(block.any(axis=axes_out)))
             cols = int(np.count_nonzero(block.any(axis=(0, *range(2, block.ndim)))))
-        total += rows * cols
-    return total
+        counts.append((rows, cols))
+    return counts
 
 
 def _kept_channels(
@@ -191,9 +206,9 @@ def layer_flops(
             _kept_channels(name, kept_outputs, mask.shape[0], "kept_outputs"),
             _kept_channels(name, kept_inputs, mask.shape[1] * groups, "kept_inputs"),
         )
-    compact_macs = _active_channels(mask, groups, kept) * taps
+    per_group = _kept_per_group(mask, groups, kept)
+    compact_macs = sum(rows * cols for rows, cols in per_group) * taps
     n_back = 2 if input_grad else 1
-
     return LayerFlops(
         name=name,
         kind=kind,
@@ -204,6 +219,10 @@ def layer_flops(
         sparse_backward_dense_wgrad=(n_back - 1) * per_mac * sparse_macs + per_mac * dense_macs,
         compact_forward=per_mac * compact_macs,
         compact_backward=n_back * per_mac * compact_macs,
+        units=int(mask.shape[0]),
+        units_kept=sum(rows for rows, _ in per_group),
+        inputs=int(mask.shape[1]) * groups,
+        inputs_kept=sum(cols for _, cols in per_group),
     )
 
 

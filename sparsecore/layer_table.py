@@ -14,6 +14,9 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
+import numpy as np
+import numpy.typing as npt
+
 from .report import UpdateReport
 from .telemetry import LayerUpdate, RunRecord
 
@@ -25,6 +28,7 @@ __all__ = [
     "LayerStats",
     "format_rows",
     "layer_stats",
+    "removed_channels",
     "render",
     "summary_text",
 ]
@@ -231,6 +235,46 @@ def format_rows(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[st
     return [fmt(header), "  ".join("-" * w for w in widths), *(fmt(r) for r in rows)]
 
 
+def removed_channels(mask: npt.ArrayLike, axis: int = 0) -> tuple[int, int, int, int]:
+    """``(empty output units, output units, unread input channels, input channels)`` of one
+    weight mask whose output units lie along ``axis`` and input channels along the axis next to
+    it (``(out, in, ...)``, ``(in, out)``, ``(kh, kw, in, out)``): what per-layer compaction
+    (``attach(kernels="compact")``) leaves out."""
+    m = np.asarray(mask, dtype=bool)
+    if m.ndim < 2:
+        rows = int(m.size)
+        return (rows - int(np.count_nonzero(m)), rows, 0, 0)
+    axis %= m.ndim
+    in_axis = axis + 1 if axis == 0 else axis - 1
+    by_unit = np.moveaxis(m, (axis, in_axis), (0, 1)).reshape(m.shape[axis], m.shape[in_axis], -1)
+    reads: npt.NDArray[np.bool_] = np.any(by_unit, axis=2)
+    return (
+        int(np.count_nonzero(~reads.any(axis=1))),
+        int(reads.shape[0]),
+        int(np.count_nonzero(~reads.any(axis=0))),
+        int(reads.shape[1]),
+    )
+
+
+def _compaction_columns(
+    removed: Mapping[str, tuple[int, int, int, int]], shapes_run: Mapping[str, str] | None
+) -> list[Column]:
+    def counts(stats: LayerStats, first: int) -> str:
+        parts = list(removed.values()) if stats.name == "all" else [removed.get(stats.name)]
+        known = [p for p in parts if p is not None]
+        if len(known) != len(parts):
+            return "-"
+        return f"{sum(p[first] for p in known)}/{sum(p[first + 1] for p in known)}"
+
+    columns = [
+        Column("units removed", lambda s: counts(s, 0)),
+        Column("inputs unread", lambda s: counts(s, 2)),
+    ]
+    if shapes_run is not None:
+        columns.append(Column("shape run", lambda s: shapes_run.get(s.name, "-")))
+    return columns
+
+
 def summary_text(
     title: str,
     reports: Sequence[UpdateReport],
@@ -239,12 +283,18 @@ def summary_text(
     nnz: Mapping[str, int],
     step: int | None = None,
     columns: Sequence[Column] = SUMMARY_COLUMNS,
+    removed: Mapping[str, tuple[int, int, int, int]] | None = None,
+    shapes_run: Mapping[str, str] | None = None,
 ) -> str:
     """The text of an adapter's ``summary()``: a header line, the table and a legend.
 
     ``reports`` is the adapter's history; ``shapes`` and ``nnz`` (live active counts) are by
-    sparse weight name, in the run's order.
+    sparse weight name, in the run's order. ``removed`` (:func:`removed_channels` per weight)
+    adds the "units removed" column, ``shapes_run`` (the weight shape each routed layer
+    computes with under ``kernels="compact..."``) the "shape run" column.
     """
+    if removed is not None:
+        columns = [*columns, *_compaction_columns(removed, shapes_run)]
     sizes = {name: _size(shape) for name, shape in shapes.items()}
     record = RunRecord.from_reports(reports, layers=sizes, source=title)
     stats = layer_stats(record, shapes=shapes, nnz=nnz)
@@ -264,6 +314,13 @@ def summary_text(
         + ("" if last_step is None else f" (after step {last_step})")
         + "; share: of its regrowth budget; dead units: output units with no active weight or "
         "no gradient at the last mask update"
+        + (
+            ""
+            if removed is None
+            else "; units removed / inputs unread: output units with no active weight, input "
+            "channels no active weight reads (what compaction leaves out)"
+        )
+        + ("" if shapes_run is None else "; shape run: the weight shape the layer computes with")
     )
     return "\n".join([head, *render(stats, columns), legend])
 

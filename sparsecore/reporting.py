@@ -134,7 +134,26 @@ def format_table(record: RunRecord, baseline: RunRecord | None = None) -> str:
     if rows:
         lines.append("")
         lines.extend(_flops_table(rows))
+        lines.extend(_step_time_lines(record))
     return "\n".join(lines) + "\n"
+
+
+def _step_time_lines(record: RunRecord) -> list[str]:
+    """The measured wall time per training step, when the run's kernels recorded it."""
+    section = record.flops if isinstance(record.flops, Mapping) else {}
+    times = section.get("step_time_s")
+    if not isinstance(times, Mapping):
+        return []
+    parts = []
+    for key, label in (("window", "dense-gradient window"), ("outside_window", "other steps")):
+        t = times.get(key)
+        if isinstance(t, Mapping) and isinstance(t.get("mean"), (int, float)) and t.get("steps"):
+            parts.append(f"{label} {1000 * float(t['mean']):.3g} ms over {int(t['steps'])} steps")
+    if not parts:
+        return []
+    kernels = section.get("kernels")
+    label = f" (kernels={kernels!r})" if isinstance(kernels, str) else ""
+    return [f"time per step{label}: " + ", ".join(parts)]
 
 
 def _layer_table(record: RunRecord) -> list[str]:
@@ -225,9 +244,28 @@ def flops_rows(record: RunRecord) -> list[dict[str, Any]]:
                 "compact_flops": _first(entry, "compact_flops", "compact"),
                 "dense_ms": _first(entry, "dense_ms", "dense_time_ms"),
                 "sparse_ms": _first(entry, "sparse_ms", "sparse_time_ms"),
+                "units_removed": _removed(entry, "units"),
+                "inputs_removed": _removed(entry, "inputs"),
+                "shape_run": _shape_run(entry.get("shape_run")),
             }
         )
     return rows
+
+
+def _removed(entry: Mapping[str, Any], what: str) -> str | None:
+    """``"removed/total"`` of the layer's output units or input channels, if recorded."""
+    total, removed = _first(entry, what), _first(entry, f"{what}_removed")
+    if not total or removed is None:
+        return None
+    return f"{int(removed)}/{int(total)}"
+
+
+def _shape_run(value: Any) -> str | None:
+    if not isinstance(value, (list, tuple)) or not value:
+        return None
+    if not all(isinstance(d, int) and not isinstance(d, bool) for d in value):
+        return None
+    return "x".join(str(d) for d in value)
 
 
 def _first(entry: Mapping[str, Any], *keys: str) -> float | None:
@@ -239,26 +277,33 @@ def _first(entry: Mapping[str, Any], *keys: str) -> float | None:
 
 
 def _flops_table(rows: list[dict[str, Any]]) -> list[str]:
-    header = (
-        "layer", "dense FLOPs", "sparse FLOPs", "ratio", "compact FLOPs", "dense ms",
-        "sparse ms", "speedup",
-    )  # fmt: skip
+    # Columns for units and shapes appear when the record has them (records written before
+    # they were counted show the table they always showed).
+    units = any(r["units_removed"] is not None for r in rows)
+    shapes = any(r["shape_run"] is not None for r in rows)
+    header = ["layer", "dense FLOPs", "sparse FLOPs", "ratio", "compact FLOPs"]
+    header += ["units removed", "inputs removed"] if units else []
+    header += ["shape run"] if shapes else []
+    header += ["dense ms", "sparse ms", "speedup"]
     out = []
     for r in rows:
         ratio = r["dense_flops"] / r["sparse_flops"] if r["sparse_flops"] else float("inf")
         timed = r["dense_ms"] is not None and r["sparse_ms"] is not None
-        out.append(
-            (
-                r["name"],
-                f"{r['dense_flops']:.3g}",
-                f"{r['sparse_flops']:.3g}",
-                f"{ratio:.1f}x",
-                "-" if r["compact_flops"] is None else f"{r['compact_flops']:.3g}",
-                "-" if r["dense_ms"] is None else f"{r['dense_ms']:.3g}",
-                "-" if r["sparse_ms"] is None else f"{r['sparse_ms']:.3g}",
-                f"{r['dense_ms'] / r['sparse_ms']:.2f}x" if timed and r["sparse_ms"] else "-",
-            )
-        )
+        cells = [
+            r["name"],
+            f"{r['dense_flops']:.3g}",
+            f"{r['sparse_flops']:.3g}",
+            f"{ratio:.1f}x",
+            "-" if r["compact_flops"] is None else f"{r['compact_flops']:.3g}",
+        ]
+        cells += [r["units_removed"] or "-", r["inputs_removed"] or "-"] if units else []
+        cells += [r["shape_run"] or "-"] if shapes else []
+        cells += [
+            "-" if r["dense_ms"] is None else f"{r['dense_ms']:.3g}",
+            "-" if r["sparse_ms"] is None else f"{r['sparse_ms']:.3g}",
+            f"{r['dense_ms'] / r['sparse_ms']:.2f}x" if timed and r["sparse_ms"] else "-",
+        ]
+        out.append(cells)
     dense = sum(r["dense_flops"] for r in rows)
     sparse = sum(r["sparse_flops"] for r in rows)
     note = (
@@ -267,7 +312,15 @@ def _flops_table(rows: list[dict[str, Any]]) -> list[str]:
         if sparse
         else "FLOPs of one training step (forward + backward)"
     )
-    return [*format_rows(header, out), note]
+    legend = []
+    if units:
+        legend.append(
+            "units removed / inputs removed: output units and input channels the compact "
+            "network drops"
+        )
+    if shapes:
+        legend.append("shape run: the weight shape the layer computes with (kernels='compact...')")
+    return [*format_rows(header, out), note, *(["; ".join(legend)] if legend else [])]
 
 
 if __name__ == "__main__":  # pragma: no cover

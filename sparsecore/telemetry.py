@@ -511,14 +511,20 @@ def flops_section(
     *,
     times_ms: Mapping[str, tuple[float, float]] | None = None,
     batch: int | None = None,
+    kernels: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The ``flops`` entry of a run record from a :class:`sparsecore.flops.ModelFlops`.
 
     Per layer: dense, sparse and compact FLOPs of one training step (forward + backward) and
-    their forward/backward parts; ``times_ms`` optionally maps a layer name to measured
-    (dense, sparse) milliseconds of one step, shown beside the counts.
+    their forward/backward parts, and the output units and input channels the compact count
+    removes; ``times_ms`` optionally maps a layer name to measured (dense, sparse)
+    milliseconds of one step, shown beside the counts. ``kernels`` is a kernel router's
+    ``telemetry()`` (``attach(kernels=...)``): it adds, per layer it routes (by module name or
+    weight name), the weight shape the layer runs now (``shape_run``) and how many forward
+    passes ran each shape (``shapes_run``), and the run's wall time per step (``step_time_s``).
     """
     times = dict(times_ms or {})
+    routed = dict(kernels.get("layers", {})) if kernels is not None else {}
     layers = []
     for layer in model_flops.layers:
         entry: dict[str, Any] = {
@@ -533,10 +539,21 @@ def flops_section(
             "sparse_backward_dense_wgrad", "compact_forward", "compact_backward",
         ):  # fmt: skip
             entry[key] = int(getattr(layer, key))
+        for key in ("units", "units_removed", "inputs", "inputs_removed"):
+            entry[key] = int(getattr(layer, key, 0))
         if layer.name in times:
             entry["dense_ms"], entry["sparse_ms"] = (float(t) for t in times[layer.name])
+        run = routed.get(layer.name, routed.get(f"{layer.name}.weight"))
+        if isinstance(run, Mapping) and "shape_run" in run:
+            entry["shape_run"] = [int(d) for d in run["shape_run"]]
+            entry["shapes_run"] = {str(k): int(v) for k, v in run.get("shapes_run", {}).items()}
         layers.append(entry)
-    return {"batch": batch, "layers": layers}
+    section: dict[str, Any] = {"batch": batch, "layers": layers}
+    if kernels is not None:
+        section["kernels"] = kernels.get("mode")
+        if "step_time_s" in kernels:
+            section["step_time_s"] = kernels["step_time_s"]
+    return section
 
 
 def _from_mask_updates(path: Path, data: Any) -> RunRecord:

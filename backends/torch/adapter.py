@@ -52,7 +52,7 @@ from sparsecore.report import UpdateReport
 from sparsecore.saved_state import EngineState, StateFields, expected_counts, read_engine_state
 from sparsecore.units import revival_scale
 
-from . import agreement
+from . import agreement, fsdp
 from . import fused_step as fs
 from . import host_update as hu
 from . import momentum as mom
@@ -60,7 +60,7 @@ from .backend import TorchBackend
 from .selection import Selectors, Target, select_targets
 from .threads import kernel_threads
 
-KERNEL_CHOICES = (None, "cpu", "cuda", "auto")
+KERNEL_CHOICES = (None, "cpu", "cuda", "auto", "compact", "compact+cpu", "compact+cuda")
 STATE_FORMAT = "sparsecore.torch/1"
 #: The fields of :meth:`SparseTraining.state_dict`, all required, no other allowed.
 STATE_FIELDS = (
@@ -108,7 +108,10 @@ def attach(
     static sparse baseline: masks never change (it sets ``update_every=None`` and
     ``update_at_epoch_end=False``). ``include``/``exclude``/``dense_first``/``dense_last``: which
     parameters are sparse (:mod:`sparsecore.torch.selection`). ``kernels``: ``None`` (dense
-    computation on masked weights) or ``'cpu'``/``'cuda'``/``'auto'`` (sparse kernels).
+    computation on masked weights), ``'cpu'``/``'cuda'``/``'auto'`` (sparse kernels) or
+    ``'compact'``/``'compact+cpu'``/``'compact+cuda'`` (each layer computed on its active rows and
+    read input channels only, with dense kernels or the sparse ones on that smaller block;
+    :mod:`sparsecore.torch.compact_functions`).
     ``fused_sgd``: for ``torch.optim.SGD`` steps of sparse CPU float32/float64 parameters, run
     SGD's update and the re-masking as one loop (same results bit for bit, about half the memory
     traffic; :mod:`sparsecore.torch.fused_step`); ``False`` keeps SGD's own step plus a multiply.
@@ -134,6 +137,14 @@ def attach(
     if not isinstance(fused_sgd, bool):
         raise SparseCoreError(f"fused_sgd must be True or False, got {fused_sgd!r}")
     _check_update_backend(update_backend, targets)
+    if fsdp.sharded_targets([t.name for t in targets], [t.param for t in targets]):
+        fsdp.check_config(config)
+        if kernels is not None or update_backend == "numba":
+            raise SparseCoreError(
+                f"a model sharded with fully_shard runs its mask updates sharded (kernels=None, "
+                f"update_backend='auto' or 'torch'), got kernels={kernels!r}, "
+                f"update_backend={update_backend!r}"
+            )
     return SparseTraining(
         model,
         optimizer,
@@ -150,8 +161,8 @@ def _check_update_backend(update_backend: Any, targets: list[Target]) -> None:
         raise SparseCoreError(
             f"update_backend must be one of {list(hu.UPDATE_BACKENDS)}, got {update_backend!r}"
         )
-    if update_backend != "numba":
-        return
+    if update_backend != "numba" or any(fsdp.is_dtensor(t.param) for t in targets):
+        return  # a sharded model refuses 'numba' in attach
     problem = next(
         (
             f"layer {t.name!r}: weight {why}"
@@ -229,6 +240,8 @@ class SparseTraining:
         self._schedule = config.schedule()  # built once: due() runs after every step
         self.targets = targets
         self.names = [t.name for t in targets]
+        # FSDP2 (fully_shard): masks, own momentum and updates of this rank's rows only
+        self._sharded = fsdp.sharded_targets(self.names, [t.param for t in targets])
         self.engine = SparseEngine(
             config, self.names, [tuple(t.param.shape) for t in targets], [t.axis for t in targets]
         )
@@ -242,7 +255,8 @@ class SparseTraining:
         ]
         self._kinds = [mom.momentum_kind(g, config.adam_momentum) for g in self._groups]
         self._own: list[torch.Tensor | None] = [
-            mom.own_buffer(t.param) if k == mom.OWN else None for t, k in zip(targets, self._kinds)
+            mom.own_buffer(self._local(t.param)) if k == mom.OWN else None
+            for t, k in zip(targets, self._kinds)
         ]
         self._momentum_source = mom.describe(self._kinds, optimizer, config.momentum_beta)
         if config.schedule().total_steps is None and config.prune_schedule != "constant":
@@ -256,7 +270,10 @@ class SparseTraining:
             )
         masks_np = self.engine.initial_masks()
         self.masks = [
-            torch.as_tensor(m).to(device=t.param.device) for m, t in zip(masks_np, targets)
+            fsdp.to_local_part(torch.as_tensor(m), t.param).to(device=self._local(t.param).device)
+            if self._sharded
+            else torch.as_tensor(m).to(device=t.param.device)
+            for m, t in zip(masks_np, targets)
         ]
         # The per-step re-masking multiplies the weights' bits, viewed as integers of the same
         # width, by a 0/1 integer tensor: one streaming pass, as fast as a float multiply and
@@ -279,11 +296,12 @@ class SparseTraining:
 
         # --- from here on the model and optimizer change (nothing below can fail) ---
         self._apply_masks()
+        self._sharded_backend: Any = fsdp.ShardedBackend() if self._sharded else None
         handle_ref = weakref.ref(self)
         _ATTACHED_MODELS[model] = handle_ref
         for t in targets:
             _ATTACHED_PARAMS[id(t.param)] = handle_ref
-        self._fused_sgd = fused_sgd
+        self._fused_sgd = fused_sgd and not self._sharded  # SGD steps DTensors itself
         self._update_backend = update_backend
         self._last_update_backend: str | None = None
         # gradients held over an SGD step, with their group's options
@@ -425,13 +443,12 @@ class SparseTraining:
         self._after_step()
 
     def _nonfinite_grad(self) -> str | None:
-        flags = [
-            torch.isfinite(t.param.grad).all() for t in self.targets if t.param.grad is not None
-        ]
+        grads = [None if t.param.grad is None else self._local(t.param.grad) for t in self.targets]
+        flags = [torch.isfinite(g).all() for g in grads if g is not None]
         if not flags or bool(torch.stack(flags).all()):
             return None
-        for t in self.targets:
-            if t.param.grad is not None and not bool(torch.isfinite(t.param.grad).all()):
+        for t, g in zip(self.targets, grads):
+            if g is not None and not bool(torch.isfinite(g).all()):
                 return t.name
         return None  # pragma: no cover
 
@@ -441,6 +458,8 @@ class SparseTraining:
         if self._detached:
             return
         self.steps += 1
+        if self._router is not None:
+            self._router.note_step()
         done = masked or ()
         due = self._schedule.due(self.steps)
         # When a fused step did everything and no update is due, there is nothing left to do:
@@ -466,6 +485,7 @@ class SparseTraining:
             if grad is None:
                 own.mul_(beta)
             else:
+                grad = self._local(grad)
                 bufs.append(own)
                 grads.append(grad if grad.dtype == own.dtype else grad.to(own.dtype))
         if bufs:
@@ -506,7 +526,9 @@ class SparseTraining:
         if cfg.total_steps is None and cfg.prune_schedule != "constant":
             rate = cfg.prune_rate
         self._apply_masks()
-        if agreement.world_size() > 1:
+        if self._sharded:
+            result = self._sharded_update(step, rate)
+        elif agreement.world_size() > 1:
             result = self._agreed_update(step, rate)
         else:
             result = self._engine_update(step, rate)
@@ -531,6 +553,33 @@ class SparseTraining:
         if self._router is not None:
             self._router.refresh()
         return report
+
+    def _sharded_update(self, step: int, rate: float | None) -> UpdateResult:
+        """A mask update of a ``fully_shard`` model: each rank passes its rows of every layer
+        (weights, mask, momentum) to the sharded update, which agrees with the other ranks
+        through per-layer sums and selection histograms only (:mod:`.sharded_update`); errors
+        and skips come out the same on every rank. The masks come back as this rank's rows."""
+        layers = []
+        for t, mask, kind, own in zip(self.targets, self.masks, self._kinds, self._own):
+            weight = fsdp.shard_of(t.param)
+            momentum = mom.read_momentum(t.name, t.param, kind, self.optimizer, own)
+            layers.append(
+                Layer(
+                    t.name,
+                    weight,
+                    weight.like(mask),
+                    momentum=fsdp.as_shard(self._local(momentum), t.param),
+                    axis=t.axis,
+                )
+            )
+        self._last_update_backend = self._sharded_backend.name
+        result = self.engine.update(layers, step, backend=self._sharded_backend, prune_rate=rate)
+        masks = [m.local if isinstance(m, fsdp.Shard) else m for m in result.masks]
+        return replace(result, masks=masks, weights=None)
+
+    def _local(self, x: torch.Tensor) -> torch.Tensor:
+        """This rank's part of a parameter-shaped tensor (the tensor itself unless sharded)."""
+        return fsdp.local(x) if self._sharded else x
 
     def _numba_for(self, layers: list[Layer]) -> Any:
         """The Numba backend when this update runs on NumPy views of the tensors, else None."""
@@ -640,7 +689,7 @@ class SparseTraining:
         if self.optimizer is not None:
             for value in self.optimizer.state.get(param, {}).values():
                 if isinstance(value, torch.Tensor) and value.shape == param.shape:
-                    value.masked_fill_(changed, 0)
+                    self._local(value).masked_fill_(changed, 0)
 
     def _warn_skip(self, report: UpdateReport) -> None:
         warnings.warn(
@@ -657,7 +706,10 @@ class SparseTraining:
         rest = [i for i in range(len(self.targets)) if i not in skip]
         if rest:
             torch._foreach_mul_(
-                [self.targets[i].param.detach().view(self._keep[i].dtype) for i in rest],
+                [
+                    self._local(self.targets[i].param.detach()).view(self._keep[i].dtype)
+                    for i in rest
+                ],
                 [self._keep[i] for i in rest],
             )
 
@@ -685,35 +737,67 @@ class SparseTraining:
     def last_report(self) -> UpdateReport | None:
         return self.engine.history[-1] if self.engine.history else None
 
+    def _nnz(self) -> list[int]:
+        """Active weights per sparse parameter (of the whole layers: summed over the ranks of a
+        sharded model, a collective every rank must call)."""
+        counts = [int(n) for n in torch.stack([m.sum() for m in self.masks]).tolist()]
+        if self._sharded:
+            counts = fsdp.global_sums(counts, self.masks[0].device)
+        return counts
+
+    def _sizes(self) -> list[int]:
+        return [t.param.numel() for t in self.targets]
+
     def density(self) -> float:
-        """Active fraction of all sparse parameters together."""
-        total = sum(m.numel() for m in self.masks)
-        return sum(int(m.sum()) for m in self.masks) / total
+        """Active fraction of all sparse parameters together (whole layers, also when
+        sharded: then every rank must call it)."""
+        return sum(self._nnz()) / sum(self._sizes())
 
     def layer_densities(self) -> dict[str, float]:
         """Active fraction per sparse parameter, by qualified parameter name."""
-        return {name: int(m.sum()) / m.numel() for name, m in zip(self.names, self.masks)}
+        return {n: c / s for n, c, s in zip(self.names, self._nnz(), self._sizes())}
 
     def mask(self, name: str) -> torch.Tensor:
-        """The live boolean mask of parameter ``name`` (do not modify it)."""
+        """The live boolean mask of parameter ``name`` (do not modify it): a DTensor placed like
+        the parameter (this rank's rows, the same storage) when the model is sharded."""
         if name not in self.names:
             raise SparseCoreError(f"no sparse parameter {name!r}; sparse parameters: {self.names}")
-        return self.masks[self.names.index(name)]
+        i = self.names.index(name)
+        if self._sharded:
+            return fsdp.as_dtensor(self.masks[i], self.targets[i].param)
+        return self.masks[i]
 
     def summary(self, print_fn: Callable[[str], Any] | None = None) -> None:
         """Print a per-layer table, like Keras' ``model.summary()``: shape, size, active weights,
         density, ever-active fraction, what the last mask update pruned and regrew and the
-        layer's share of its regrowth budget, and the total. The same renderer as the table of
+        layer's share of its regrowth budget, the units and input channels that compaction
+        leaves out (and, under ``kernels="compact..."``, the weight shape each layer computes
+        with), and the total. The same renderer as the table of
         ``sparsecore report`` (:mod:`sparsecore.layer_table`). ``print_fn`` gets each line
         (default ``print``)."""
-        from sparsecore.layer_table import summary_text
+        from sparsecore.layer_table import removed_channels, summary_text
 
+        shapes_run = None
+        if self._router is not None and self._router.mode.startswith("compact"):
+            layers = self._router.telemetry()["layers"]
+            shapes_run = {
+                n: "x".join(str(d) for d in layer["shape_run"])
+                for n, layer in layers.items()
+                if "shape_run" in layer and layer["installed"]
+            }
         text = summary_text(
             "SparseTraining",
             self.history,
-            shapes={n: tuple(m.shape) for n, m in zip(self.names, self.masks)},
-            nnz={n: int(m.sum()) for n, m in zip(self.names, self.masks)},
+            shapes={n: tuple(t.param.shape) for n, t in zip(self.names, self.targets)},
+            nnz=dict(zip(self.names, self._nnz())),
             step=self.steps,
+            removed={  # a sharded model's masks are gathered for this table only
+                t.name: removed_channels(
+                    (fsdp.whole_mask(m, t.param) if self._sharded else m).cpu().numpy(), t.axis
+                )
+                for t, m in zip(self.targets, self.masks)
+            },
+            shapes_run=shapes_run,
         )
         for line in text.splitlines():
             (print_fn or print)(line)
@@ -724,7 +808,12 @@ class SparseTraining:
         update, the units that start without a weight."""
         from sparsecore.units import dead_unit_counts
 
-        masks = [m.cpu().numpy() for m in self.masks] if not self.history else []
+        masks = []
+        if not self.history:  # a sharded model's masks, gathered for this report only
+            masks = [
+                (fsdp.whole_mask(m, t.param) if self._sharded else m).cpu().numpy()
+                for m, t in zip(self.masks, self.targets)
+            ]
         return dead_unit_counts(self.history, masks, self.names, [t.axis for t in self.targets])
 
     @property
@@ -749,6 +838,8 @@ class SparseTraining:
     def state_dict(self) -> dict[str, Any]:
         """Masks, engine state, step/epoch counts and own momentum: save it with model/optimizer."""
         engine = self.engine.state_dict()
+        if self._sharded:
+            return self._sharded_state(engine)
         if engine["ever_active"] is not None:
             engine["ever_active"] = [e.cpu() for e in engine["ever_active"]]
         return {
@@ -762,6 +853,69 @@ class SparseTraining:
             "engine": engine,
         }
 
+    def _sharded_state(self, engine: dict[str, Any]) -> dict[str, Any]:
+        """:meth:`state_dict` of a ``fully_shard`` model, for ``torch.distributed.checkpoint``:
+        masks, ever-active masks and own momentum as DTensors placed like their parameters
+        (copies of this rank's rows), and the engine's history as one JSON string."""
+        params = [t.param for t in self.targets]
+
+        def spread(parts: list[Any]) -> list[Any]:
+            return [
+                None if x is None else fsdp.as_dtensor(fsdp.local(x).clone(), p)
+                for x, p in zip(parts, params)
+            ]
+
+        # before the first update the engine has no ever-active masks (None): the masks are
+        # saved in their place, which restores to the same, so that the state's keys are the
+        # same at every step (DCP loads into a fresh handle's state_dict as a template)
+        ever = engine["ever_active"]
+        engine["ever_active"] = spread(
+            list(self.masks) if ever is None else [e.local for e in ever]
+        )
+        engine["history"] = fsdp.history_to_text(engine["history"])
+        return {
+            "format": STATE_FORMAT,
+            "names": list(self.names),
+            "masks": spread(list(self.masks)),
+            "own_momentum": spread(list(self._own)),
+            "steps": self.steps,
+            "epochs": self.epochs,
+            "steps_per_epoch": self._steps_per_epoch,
+            "engine": engine,
+        }
+
+    def _localise(self, state: Any) -> Any:
+        """A sharded model: the state with this rank's rows of its DTensors or whole tensors
+        (masks and own momentum as local tensors, ever-active masks as shards) and the
+        history read from JSON; the whole-layer checks then run on the ranks together."""
+        if not (
+            self._sharded and isinstance(state, dict) and isinstance(state.get("engine"), dict)
+        ):
+            return state
+        params = [t.param for t in self.targets]
+
+        def parts(values: Any) -> Any:
+            if not isinstance(values, list) or len(values) != len(params):
+                return values
+            return [fsdp.to_local_part(v, p) for v, p in zip(values, params)]
+
+        engine = dict(
+            state["engine"], history=fsdp.history_from_text(state["engine"].get("history"))
+        )
+        ever = parts(engine.get("ever_active"))
+        if isinstance(ever, list):
+            ever = [
+                fsdp.as_shard(e, p) if isinstance(e, torch.Tensor) and not fsdp.is_dtensor(e) else e
+                for e, p in zip(ever, params)
+            ]
+        engine["ever_active"] = ever
+        return dict(
+            state,
+            masks=parts(state.get("masks")),
+            own_momentum=parts(state.get("own_momentum")),
+            engine=engine,
+        )
+
     @torch.no_grad()
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore :meth:`state_dict` output: all or nothing.
@@ -774,10 +928,11 @@ class SparseTraining:
         stay exactly as they were. The saved sparse options replace those given to ``attach``.
         """
         self._check_live()
+        state = self._localise(state)
         checked = self._read_state(state)
         masks, own = state["masks"], state["own_momentum"]
         self.engine.restore(checked)
-        if self.engine.ever_active is not None:
+        if self.engine.ever_active is not None and not self._sharded:
             self.engine.ever_active = [
                 e.to(m.device) for e, m in zip(self.engine.ever_active, self.masks)
             ]
@@ -817,7 +972,14 @@ class SparseTraining:
         own = f.sequence(state["own_momentum"], "own_momentum", n)
         for i, (t, m, o, cur_own) in enumerate(zip(self.targets, masks, own, self._own)):
             shape = tuple(t.param.shape)
-            if not isinstance(m, torch.Tensor) or m.dtype != torch.bool or m.shape != shape:
+            # a sharded model's state holds this rank's rows here (_localise)
+            held = tuple(self._local(t.param).shape)
+            if (
+                not isinstance(m, torch.Tensor)
+                or fsdp.is_dtensor(m)
+                or m.dtype != torch.bool
+                or m.shape != held
+            ):
                 raise f.error(f"masks[{i}]", f"must be a torch.bool tensor of shape {shape} "
                               f"(layer {t.name!r}), got {_describe(m)}")  # fmt: skip
             if cur_own is None and o is not None:
@@ -827,7 +989,10 @@ class SparseTraining:
                     f"here (was the optimizer changed?)",
                 )
             if cur_own is not None and (
-                not isinstance(o, torch.Tensor) or not o.is_floating_point() or o.shape != shape
+                not isinstance(o, torch.Tensor)
+                or fsdp.is_dtensor(o)
+                or not o.is_floating_point()
+                or o.shape != held
             ):
                 raise f.error(
                     f"own_momentum[{i}]",
@@ -867,10 +1032,23 @@ class SparseTraining:
         )
         want, source = expected_counts(checked.history, initial)
         counts = [int(m.sum()) for m in masks]
+        outside = [
+            int(
+                bool(
+                    (
+                        m & ~self._local(e if isinstance(e, torch.Tensor) else e.local).to(m.device)
+                    ).any()
+                )
+            )
+            for m, e in zip(masks, checked.ever_active or [])
+        ]
+        if self._sharded:  # whole layers: every rank checks the same sums
+            both = fsdp.global_sums(counts + outside, self.masks[0].device)
+            counts, outside = both[: len(counts)], both[len(counts) :]
         if counts != want:
             raise f.error("masks", f"hold {counts} active weights, {source} gives {want}")
-        for i, (m, e) in enumerate(zip(masks, checked.ever_active or [])):
-            if bool((m & ~e.to(m.device)).any()):
+        for i, bad in enumerate(outside):
+            if bad:
                 raise f.error(
                     f"engine.ever_active[{i}]", f"leaves out active positions of masks[{i}]"
                 )
@@ -884,6 +1062,12 @@ class SparseTraining:
         """
         from .export import export_sparse
 
+        if self._sharded:
+            raise SparseCoreError(
+                "export() takes whole weights; for a model sharded with fully_shard, save "
+                "with torch.distributed.checkpoint (state_dict() holds DTensor masks) and export "
+                "from one process that loads it"
+            )
         return export_sparse(self.model, dict(zip(self.names, self.masks)))
 
     # -- detaching ------------------------------------------------------------------------------

@@ -11,17 +11,25 @@ decision is taken per layer at construction and again on every ``refresh()``, si
 momentum moves density between layers. A routed layer also falls back to the dense forward for
 inputs the kernels do not take (a device other than the CPU, a dtype other than float32/float64,
 autocast, a weight dtype that differs from the input's).
+
+The modes ``"compact"``, ``"compact+cpu"`` and ``"compact+cuda"`` route every sparse layer (a
+grouped convolution excepted) through :mod:`sparsecore.torch.compact_functions` instead: the
+layer computes on the block of its active rows and read input channels, with dense kernels or,
+where the block is still ``min_sparsity`` sparse, the CPU / CUDA sparse kernels on it. Compaction
+never adds work, so it is not gated by density.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
+from .compact_functions import CompactFunction, CompactLayerState
 from .sparse_functions import (
     SUPPORTED_DTYPES,
     ConvLayerState,
@@ -30,12 +38,15 @@ from .sparse_functions import (
     SparseLinearFunction,
 )
 
-__all__ = ["DEFAULT_MIN_SPARSITY", "MODES", "KernelRouter"]
+__all__ = ["COMPACT_MODES", "DEFAULT_MIN_SPARSITY", "MODES", "KernelRouter"]
 
 #: Sparsity from which a layer runs on the CPU kernels (measured break-even, docs/kernels-cpu.md).
 DEFAULT_MIN_SPARSITY = 0.85
 
-MODES = ("cpu", "cuda", "auto")
+MODES = ("cpu", "cuda", "auto", "compact", "compact+cpu", "compact+cuda")
+#: Modes that run routed layers on their gathered active channels (compact_functions), and the
+#: kernels each runs on the gathered block.
+COMPACT_MODES = {"compact": "dense", "compact+cpu": "cpu", "compact+cuda": "cuda"}
 
 _MISSING = object()
 
@@ -44,12 +55,48 @@ _MISSING = object()
 class _Route:
     name: str
     module: nn.Module
-    state: LinearLayerState | ConvLayerState
+    state: LinearLayerState | ConvLayerState | CompactLayerState
     kind: str
     saved_forward: Any = _MISSING
     installed: bool = False
     use_sparse: bool = False
     reason: str | None = None
+
+
+@dataclass
+class StepTimes:
+    """Wall time between consecutive optimizer steps (a whole training step: data, forward,
+    backward, optimizer, and the mask update when one is due), in seconds."""
+
+    steps: int = 0
+    total: float = 0.0
+    least: float = float("inf")
+    last: float = 0.0
+
+    def add(self, seconds: float) -> None:
+        self.steps += 1
+        self.total += seconds
+        self.least = min(self.least, seconds)
+        self.last = seconds
+
+    def as_dict(self) -> dict[str, Any]:
+        if not self.steps:
+            return {"steps": 0}
+        return {
+            "steps": self.steps,
+            "mean": self.total / self.steps,
+            "min": self.least,
+            "last": self.last,
+        }
+
+
+@dataclass
+class _StepClock:
+    """Step times, apart for steps inside the dense-gradient window and outside it."""
+
+    window: StepTimes = field(default_factory=StepTimes)
+    outside: StepTimes = field(default_factory=StepTimes)
+    last_end: float | None = None
 
 
 def _pair(v: Any) -> tuple[int, int]:
@@ -125,6 +172,7 @@ class KernelRouter:
         self.min_sparsity = float(min_sparsity)
         self._dense_grad = bool(dense_grad)
         self._dense_windows = 0
+        self._clock = _StepClock()
         self._routes = [self._make_route(name, module, mask) for name, module, mask in targets]
         names = [r.name for r in self._routes]
         if len(set(names)) != len(names):
@@ -148,8 +196,19 @@ class KernelRouter:
                 f"mask of layer {name!r} has shape {tuple(mask.shape)}, "
                 f"weight has shape {tuple(weight.shape)}"
             )
-        state: LinearLayerState | ConvLayerState
-        if isinstance(module, nn.Linear):
+        state: LinearLayerState | ConvLayerState | CompactLayerState
+        if self.mode in COMPACT_MODES and isinstance(module, (nn.Linear, nn.Conv2d)):
+            kind = "linear" if isinstance(module, nn.Linear) else "conv2d"
+            state = CompactLayerState(
+                name=name,
+                mask=mask,
+                dense_weight_grad=self._dense_grad,
+                module=module,
+                inner=COMPACT_MODES[self.mode],
+                min_sparsity=self.min_sparsity,
+                padding=_conv_padding(module) if kind == "conv2d" else None,  # type: ignore[arg-type]
+            )
+        elif isinstance(module, nn.Linear):
             kind = "linear"
             state = LinearLayerState(name=name, mask=mask, dense_weight_grad=self._dense_grad)
         elif isinstance(module, nn.Conv2d):
@@ -177,6 +236,10 @@ class KernelRouter:
         base = nn.Linear if route.kind == "linear" else nn.Conv2d
         if type(module).forward is not base.forward:
             return f"{type(module).__name__} overrides forward"
+        if self.mode in COMPACT_MODES:
+            if route.kind == "conv2d" and int(module.groups) != 1:  # type: ignore[arg-type]
+                return f"grouped convolution (groups={module.groups}); compaction takes groups=1"
+            return None  # dense kernels on the block run on any device and dtype
         if route.kind == "conv2d" and _conv_padding(module) is None:  # type: ignore[arg-type]
             return "padding mode or asymmetric 'same' padding not supported"
         weight = module.weight
@@ -208,6 +271,8 @@ class KernelRouter:
     def _routed_forward(
         self, route: _Route, dense_forward: Callable[..., torch.Tensor]
     ) -> Callable[..., torch.Tensor]:
+        if isinstance(route.state, CompactLayerState):
+            return self._compact_forward(route, dense_forward)
         module = route.module
         state = route.state
         linear = route.kind == "linear"
@@ -239,10 +304,45 @@ class KernelRouter:
 
         return forward
 
+    def _compact_forward(
+        self, route: _Route, dense_forward: Callable[..., torch.Tensor]
+    ) -> Callable[..., torch.Tensor]:
+        module = route.module
+        state = route.state
+        assert isinstance(state, CompactLayerState)
+        linear = route.kind == "linear"
+
+        def forward(x: torch.Tensor) -> torch.Tensor:
+            weight = module.weight
+            assert isinstance(weight, torch.Tensor)
+            if (
+                route.use_sparse
+                and (x.dim() >= 1 if linear else x.dim() == 4)
+                and x.dtype == weight.dtype
+                and x.device == weight.device
+                and not torch.is_autocast_enabled(x.device.type)
+            ):
+                state.ensure()
+                if linear or state.block_mask is None or state.block_mask.numel() > 0:
+                    out: torch.Tensor = CompactFunction.apply(x, weight, module.bias, state)
+                    return out
+            state.calls["dense_forward"] += 1
+            state.shapes["x".join(str(s) for s in weight.shape)] += 1
+            return dense_forward(x)
+
+        return forward
+
     def _decide(self) -> None:
         for route in self._routes:
             if not route.installed:
                 route.use_sparse = False
+                continue
+            if isinstance(route.state, CompactLayerState):
+                route.use_sparse = True  # exact whatever the density: never more work
+                if route.state.min_sparsity != self.min_sparsity:  # inner kernels chosen again
+                    route.state.min_sparsity = self.min_sparsity
+                    route.state.rows = None
+                route.state.refresh()
                 continue
             sparsity = 1.0 - route.state.density()
             route.use_sparse = sparsity >= self.min_sparsity
@@ -264,6 +364,15 @@ class KernelRouter:
         for route in self._routes:
             route.state.dense_weight_grad = on
 
+    def note_step(self) -> None:
+        """An optimizer step ended: its time is the time since the previous one ended (the
+        first step, which has no previous end, is not timed)."""
+        now = time.perf_counter()
+        clock = self._clock
+        if clock.last_end is not None:
+            (clock.window if self._dense_grad else clock.outside).add(now - clock.last_end)
+        clock.last_end = now
+
     @property
     def dense_weight_grad(self) -> bool:
         return self._dense_grad
@@ -282,6 +391,14 @@ class KernelRouter:
                 "calls": dict(st.calls),
                 "rebuilds": st.rebuilds,
             }
+            if isinstance(st, CompactLayerState):
+                layers[route.name].update(
+                    shape=list(st.mask.shape),
+                    shape_run=list(st.block_shape()),
+                    block_density=st.block_density(),
+                    block_kernels=("dense" if st.inner_state is None else COMPACT_MODES[self.mode]),
+                    shapes_run=dict(st.shapes),
+                )
         calls = [r.state.calls for r in self._routes]
         return {
             "mode": self.mode,
@@ -294,6 +411,10 @@ class KernelRouter:
             "sparse_grad_steps": max((c["weight_grad_sparse"] for c in calls), default=0),
             "dense_grad_windows": self._dense_windows,
             "rebuilds": sum(r.state.rebuilds for r in self._routes),
+            "step_time_s": {
+                "window": self._clock.window.as_dict(),
+                "outside_window": self._clock.outside.as_dict(),
+            },
         }
 
     def remove(self) -> None:

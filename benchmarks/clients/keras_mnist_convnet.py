@@ -46,7 +46,7 @@ def build(keras: object, width: float) -> object:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     common.add_common_args(parser, density=0.1)
-    parser.add_argument("--backend", choices=("tensorflow", "torch"), default="tensorflow")
+    parser.add_argument("--backend", choices=("tensorflow", "torch", "jax"), default="tensorflow")
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--limit-train", type=int, default=None)
     args = parser.parse_args()
@@ -58,6 +58,12 @@ def main() -> None:
         import torch
 
         torch.set_num_threads(args.threads)
+    elif args.backend == "jax":  # XLA's CPU thread pool is set before jax is imported
+        os.environ.setdefault("JAX_PLATFORMS", "cpu")
+        if args.threads == 1:
+            os.environ.setdefault(
+                "XLA_FLAGS", "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
+            )
     else:
         import tensorflow as tf
 

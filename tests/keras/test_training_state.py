@@ -43,7 +43,7 @@ def test_training_continues_with_the_updated_masks(step, monkeypatch):
     """On JAX: ``compiled`` passes the masks to the compiled step, ``recompiled`` is the
     fallback that compiles the step again after each update, ``eager`` compiles nothing."""
     if step == "recompiled":
-        monkeypatch.setattr(jax_step, "install", lambda model, constraints: False)
+        monkeypatch.setattr(jax_step, "install", lambda model, constraints, own=None: False)
     x, y = data()
     model = mlp(seed=3)
     if step == "eager":

@@ -441,7 +441,11 @@ def fsdp_check(rank: int, world: int) -> dict[str, Any]:
 def doc_example(rank: int, world: int) -> dict[str, Any]:
     """The example of docs/distributed.md, as written, on these ranks."""
     doc = Path(__file__).resolve().parents[2] / "docs" / "distributed.md"
-    (block,) = re.findall(r"```python\n(.*?)```", doc.read_text(), flags=re.S)
+    (block,) = [
+        b
+        for b in re.findall(r"```python\n(.*?)```", doc.read_text(), flags=re.S)
+        if "ShardedBackend()" in b
+    ]
     namespace: dict[str, Any] = {"__name__": "docs_distributed"}
     exec(compile(block, f"{doc}:example", "exec"), namespace)
     engine, shards, masks = namespace["engine"], namespace["shards"], namespace["masks"]

@@ -101,12 +101,15 @@ def test_summary_is_a_per_layer_table_and_repr_one_line():
         mask = sparse.mask(name)
         cells = rows[name].split()
         assert f"({', '.join(str(d) for d in mask.shape)})" in rows[name]
-        assert cells[-8:-5] == [
+        assert cells[-10:-7] == [
             str(mask.numel()),
             str(int(mask.sum())),
             f"{100 * mask.float().mean():.2f}%",
         ]
-        assert cells[-4:-2] == [str(last.layers[i].pruned), str(last.layers[i].grown)]
+        assert cells[-6:-4] == [str(last.layers[i].pruned), str(last.layers[i].grown)]
+        empty_rows = int((~mask.any(dim=1)).sum())
+        unread = int((~mask.any(dim=0)).sum())
+        assert cells[-2:] == [f"{empty_rows}/{mask.shape[0]}", f"{unread}/{mask.shape[1]}"]
     assert rows["all"].split()[1:3] == [
         str(sum(m.numel() for m in sparse.masks)),
         str(sparse.engine.target),

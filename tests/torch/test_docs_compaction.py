@@ -29,3 +29,15 @@ def test_docs_examples_run(capsys) -> None:
     assert re.search(r"compact: \d+\.\d+x fewer FLOPs than dense", out)
     report = namespace["report"]
     assert report.max_abs_difference is not None
+
+
+def test_training_compacted_example_runs(capsys) -> None:
+    blocks = section_blocks(DOC.read_text(), "Training compacted")
+    assert len(blocks) == 1
+    namespace: dict = {"__name__": "docs_compaction_training"}
+    exec(compile(blocks[0], f"{DOC}:training", "exec"), namespace)
+    out = capsys.readouterr().out
+    assert "runs [" in out and "units removed" in out and "shape run" in out
+    layers = namespace["telemetry"]["layers"]
+    assert all(layer["calls"]["forward"] == 120 for layer in layers.values())
+    assert namespace["telemetry"]["step_time_s"]["window"]["steps"] > 0
