@@ -105,6 +105,17 @@ _MASK_OPTIONS: list[tuple[str, str, dict[str, Any]]] = [
         },
     ),
     (
+        "--ablate-below",
+        "ablate_below",
+        {
+            "type": float,
+            "metavar": "FRACTION",
+            "help": "structure: each mask update empties the output units whose fan-in pruning "
+            "left below FRACTION of the layer's mean and gives their weights to the rest, so "
+            "that compaction removes them (default 0: off)",
+        },
+    ),
+    (
         "--stop-at",
         "stop_at",
         {

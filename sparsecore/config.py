@@ -56,7 +56,10 @@ class SparseConfig:
     read NaN/Inf. ``seed`` fixes initial masks, random growth and tie-breaking. Dead units
     (:mod:`sparsecore.units`): ``cover_units`` gives every output unit an initial weight where
     the budget allows; ``revive_dead_units`` regrows units without weights or gradient with
-    non-zero weights. :meth:`from_options` also takes ``recipe`` (:data:`RECIPES`).
+    non-zero weights. Structure (:mod:`sparsecore.structured`): ``ablate_below`` (0, off, by
+    default; at most 1) empties, at every update, the output units whose active fan-in pruning
+    left below that fraction of the layer's mean, and gives their weights to the rest, so that
+    channel compaction removes them; every sparse layer but the last (the outputs). :meth:`from_options` also takes ``recipe`` (:data:`RECIPES`).
     """
 
     density: float = 0.05
@@ -80,6 +83,7 @@ class SparseConfig:
     seed: int = 0
     cover_units: bool = True
     revive_dead_units: bool = True
+    ablate_below: float = 0.0
 
     def __post_init__(self) -> None:
         self._validate()
@@ -104,6 +108,7 @@ class SparseConfig:
             ),
             "cover_units": check_flag("cover_units", self.cover_units),
             "revive_dead_units": check_flag("revive_dead_units", self.revive_dead_units),
+            "ablate_below": check_real("ablate_below", self.ablate_below, low=0.0, high=1.0),
             "update_every": None
             if self.update_every is None
             else check_integer(
@@ -193,7 +198,11 @@ class SparseConfig:
 
 
 #: Options added after configs were first saved, with the value that behaves as before them.
-ADDED_OPTIONS: dict[str, Any] = {"cover_units": False, "revive_dead_units": False}
+ADDED_OPTIONS: dict[str, Any] = {
+    "cover_units": False,
+    "revive_dead_units": False,
+    "ablate_below": 0.0,
+}
 
 
 def option_names() -> list[str]:

@@ -33,6 +33,7 @@ from .modes import (
 from .redistribute import capacities, importance_shares, split_budget
 from .report import LayerReport, UpdateReport
 from .saved_state import EngineState, read_engine_state
+from .structured import ablated_units
 from .units import dead_units_of, revival_quotas, revival_scale
 from .validation import check_flag, check_integer, check_real, check_shape
 
@@ -80,6 +81,7 @@ def update(
     step: int | None = None,
     backend: ArrayBackend | str | None = None,
     revive_dead_units: bool = False,
+    ablate_below: float | Sequence[float] = 0.0,
 ) -> UpdateResult:
     """One mask update (ALGORITHM.md): importance, prune, redistribute, regrow.
 
@@ -94,6 +96,12 @@ def update(
 
     ``revive_dead_units``: dead output units (no active weight, or no gradient) first get their
     share of each layer's regrowth, with non-zero starting weights (:mod:`sparsecore.units`).
+
+    ``ablate_below`` (in [0, 1]; 0 is off; one value for every layer, or one per layer): after
+    pruning, output units whose active fan-in is below this fraction of the mean fan-in of the
+    layer's units with weights are emptied and get no weight back at this update; their weights
+    join the regrowth pool (:mod:`sparsecore.structured`). :class:`SparseEngine` leaves the
+    last layer (the network's outputs) out.
     """
     be = _resolve_backend(layers, backend)
     prune_rate, update_index, seed, max_density, min_density, step = _check_update_args(
@@ -113,9 +121,11 @@ def update(
         min_density,
         step,
         check_flag("revive_dead_units", revive_dead_units),
+        _ablation_fractions(layers, ablate_below),
     )
     if (
-        be.supports_fused_update
+        not any(plan.ablate_below)
+        and be.supports_fused_update
         and prune_fn is _FUSED_PRUNE
         and growth_fn is _FUSED_GROWTH
         and (importance_fn is None or importance_fn in _FUSED_SOURCE)
@@ -139,6 +149,7 @@ class _Plan:
     min_density: float
     step: int | None
     revive: bool = False
+    ablate_below: tuple[float, ...] = ()
 
     def floors(self, sizes: Sequence[int]) -> list[int]:
         """Per layer, the fewest active weights pruning may leave (``min_density``)."""
@@ -154,9 +165,15 @@ def _budgets(
     kept: list[int],
     pruned_counts: list[int],
     shares: np.ndarray,
+    room: list[int] | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Step 3, the shared host routine: capacities, budgets g_l and the reported shares."""
+    """Step 3, the shared host routine: capacities, budgets g_l and the reported shares.
+
+    ``room``: per layer, the free positions outside ablated units (``ablate_below``), a further
+    bound on the capacity."""
     caps = capacities(sizes, kept, plan.max_density)
+    if room is not None:
+        caps = np.minimum(caps, np.asarray(room, dtype=caps.dtype))
     total_pruned = sum(pruned_counts)
     if plan.redistribution == "none":
         budgets = np.asarray(pruned_counts, dtype=np.int64)
@@ -231,27 +248,67 @@ def _generic_update(
             )
         kept_masks.append(kept_mask)
         pruned_counts.append(r)
+
+    # 2b. ablate units left with a small fan-in (ablate_below): their weights join the pool
+    ablated = [np.zeros(dead[i].size, dtype=bool) for i in range(len(layers))]
+    blocked: list[Any] = list(kept_masks)  # growth may only take positions inactive here
+    cut: list[Any | None] = [None] * len(layers)  # every position of the ablated units
+    room: list[int] | None = None
+    if any(plan.ablate_below):
+        room = []
+        for i, (layer, floor_l) in enumerate(zip(layers, plan.floors(sizes))):
+            if not plan.ablate_below[i]:
+                room.append(sizes[i])  # no bound beyond the capacity's own
+                continue
+            active = be.unit_count(kept_masks[i], layer.axis, active=True)
+            ablated[i] = ablated_units(
+                active,
+                ablate_below=plan.ablate_below[i],
+                per_unit=sizes[i] // active.size,
+                nnz_before=nnz[i],
+                removable=max(0, nnz[i] - floor_l) - pruned_counts[i],
+                key=keys[i],
+            )
+            if ablated[i].any():
+                quotas = np.where(ablated[i], sizes[i] // active.size, 0).astype(np.int64)
+                cut[i] = be.select_per_unit(
+                    layer.weight,
+                    be.zeros_mask(layer.mask),
+                    quotas,
+                    axis=layer.axis,
+                    among_active=False,
+                    largest=True,
+                    magnitude=True,
+                    key=keys[i],
+                )
+                kept_mask = be.and_not(kept_masks[i], cut[i])
+                pruned_counts[i] += int(active[ablated[i]].sum())
+                kept_masks[i] = kept_mask
+                blocked[i] = be.logical_or(kept_mask, cut[i])
+            room.append(sizes[i] - be.count(blocked[i]))
     kept = [n - r for n, r in zip(nnz, pruned_counts)]
 
     # 3. redistribute
-    caps, budgets, shares = _budgets(layers, plan, sizes, kept, pruned_counts, shares)
+    caps, budgets, shares = _budgets(layers, plan, sizes, kept, pruned_counts, shares, room)
 
     # 4. regrow (dead units first, when reviving), 5. new masks
     masks, reports = [], []
     revived: list[Any | None] = [None] * len(layers)
     for i, layer in enumerate(layers):
         g = int(budgets[i])
-        start = kept_masks[i]
-        if plan.revive and g > 0 and dead[i].any():
-            start, revived[i] = _revive(be, layer, kept_masks[i], g, dead[i], keys[i])
-        rest = g - (be.count(start) - kept[i])  # what the growth mode places
+        start = blocked[i]
+        to_revive = dead[i] & ~ablated[i]
+        if plan.revive and g > 0 and to_revive.any():
+            start, revived[i] = _revive(be, layer, blocked[i], g, to_revive, keys[i])
+        rest = g - (0 if revived[i] is None else be.count(revived[i]))  # for the growth mode
         grown = growth_fn(be, layer, start, rest, keys[i])
-        new_mask = be.logical_or(start, grown)
+        joined = be.logical_or(start, grown)
+        new_mask = joined if cut[i] is None else be.and_not(joined, cut[i])
         if be.count(grown) != rest or be.count(new_mask) != kept[i] + g:
             raise SparseCoreError(
                 f"layer {layer.name!r}: growth mode {growth!r} must activate exactly {rest} "
                 f"inactive positions, got {be.count(grown)} (of which "
-                f"{be.count(start) + be.count(grown) - be.count(new_mask)} were already active)"
+                f"{be.count(start) + be.count(grown) - be.count(joined)} were already active)"
             )
         if revived[i] is not None:  # only positions inactive before start at +-scale
             fresh = be.and_not(revived[i], layer.mask)
@@ -275,6 +332,7 @@ def _generic_update(
                 units=int(dead[i].size),
                 dead_units=int(dead[i].sum()),
                 revived=0 if revived[i] is None else be.count(revived[i]),
+                ablated=int(ablated[i].sum()),
             )
         )
     if all(r is None for r in revived):
@@ -501,6 +559,26 @@ def check_layers(
                 )
 
 
+def _ablation_fractions(
+    layers: Sequence[Layer], ablate_below: float | Sequence[float]
+) -> tuple[float, ...]:
+    """``ablate_below`` per layer: one value for all, or one per layer, each in [0, 1]."""
+    if isinstance(ablate_below, (str, bytes)) or not isinstance(ablate_below, Sequence):
+        value = check_real("ablate_below", ablate_below, low=0.0, high=1.0)
+        return (value,) * len(layers)
+    if len(ablate_below) != len(layers):
+        raise SparseCoreError(
+            f"ablate_below has {len(ablate_below)} values for {len(layers)} layers; give one "
+            f"value, or one per layer"
+        )
+    return tuple(
+        check_real(
+            f"layer {getattr(layer, 'name', layer)!r}: ablate_below", value, low=0.0, high=1.0
+        )
+        for layer, value in zip(layers, ablate_below)
+    )
+
+
 def _check_update_args(
     prune_rate: Any, update_index: Any, seed: Any, max_density: Any, min_density: Any, step: Any
 ) -> tuple[float, int, int, float, float, int | None]:
@@ -684,6 +762,8 @@ class SparseEngine:
             step=step,
             backend=be,
             revive_dead_units=cfg.revive_dead_units,
+            # the last layer's units are the network's outputs: never ablated
+            ablate_below=[cfg.ablate_below] * (len(layers) - 1) + [0.0],
         )
 
     def commit(
@@ -719,8 +799,12 @@ class SparseEngine:
         self.ever_active = ever
         self.history.append(report)
         for layer in report.layers:
+            # units emptied on purpose (ablate_below) are not the dead units this warns about
             self._warn_dead(
-                layer.name, layer.dead_units, layer.units, "were dead at this mask update"
+                layer.name,
+                max(0, layer.dead_units - layer.ablated),
+                layer.units,
+                "were dead at this mask update",
             )
         return UpdateResult(proposal.masks, report, proposal.weights, proposal.revived)
 

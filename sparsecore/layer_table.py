@@ -21,6 +21,7 @@ from .report import UpdateReport
 from .telemetry import LayerUpdate, RunRecord
 
 __all__ = [
+    "ABLATED_COLUMN",
     "REPORT_COLUMNS",
     "SUMMARY_COLUMNS",
     "Column",
@@ -91,6 +92,17 @@ def _dead(stats: LayerStats) -> str:
     if last is None or last.dead_units is None or not last.units:
         return "-"
     return f"{last.dead_units}/{last.units}"
+
+
+def _ablated(stats: LayerStats) -> str:
+    last = stats.last
+    if last is None or last.ablated is None or not last.units:
+        return "-"
+    return f"{last.ablated}/{last.units}"
+
+
+#: Added to the tables of runs whose updates ablated units (``ablate_below``).
+ABLATED_COLUMN = Column("ablated units", _ablated)
 
 
 def _shape(stats: LayerStats) -> str:

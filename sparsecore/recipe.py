@@ -71,7 +71,7 @@ _TYPES = {
     ),
     **dict.fromkeys(
         ("density", "lr", "momentum", "weight_decay", "lr_decay_factor", "prune_rate",
-         "max_density", "min_density", "stop_at"),
+         "max_density", "min_density", "stop_at", "ablate_below"),
         "real",
     ),
     **dict.fromkeys(("nesterov", "dense_first", "dense_last", "scale_init"), "flag"),
@@ -150,6 +150,8 @@ class Recipe:
     # job runs the paper's recipe whatever the library's defaults are (options given win).
     cover_units: bool = False
     revive_dead_units: bool = False
+    # Structure (SparseConfig's ablate_below): 0 is off, as in the paper.
+    ablate_below: float = 0.0
 
     def check(self, models: Collection[str], framework: str = "") -> None:
         """Raise ValueError naming the option and value for anything out of range."""
@@ -229,6 +231,10 @@ class Recipe:
             )
         if self.growth is not None and self.growth not in GROWTH:
             raise ValueError(f"invalid growth: {self.growth!r}; choose one of {', '.join(GROWTH)}")
+        if not 0.0 <= self.ablate_below <= 1.0:
+            raise ValueError(
+                f"invalid ablate_below: {self.ablate_below!r} (a fraction in [0, 1]; 0 is off)"
+            )
         if self.stop_at is not None and not 0.0 < self.stop_at <= 1.0:
             raise ValueError(f"invalid stop_at: {self.stop_at!r} (a fraction in (0, 1])")
 
@@ -284,6 +290,7 @@ class Recipe:
             "min_density": self.min_density,
             "cover_units": self.cover_units,
             "revive_dead_units": self.revive_dead_units,
+            "ablate_below": self.ablate_below,
         }
         if self.redistribution is not None:
             options["redistribution"] = self.redistribution

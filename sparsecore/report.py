@@ -16,7 +16,9 @@ class LayerReport:
     layer's fraction of the regrowth), ``capacity`` c_l. ``units`` is the number of output units,
     ``dead_units`` how many were dead when the update found the layer (no active weight, or no
     gradient: :mod:`sparsecore.units`) and ``revived`` how many weights were grown into them with
-    a non-zero start (``revive_dead_units``). Reports written before these existed read as 0.
+    a non-zero start (``revive_dead_units``). ``ablated`` is how many units the update emptied
+    and kept empty (``ablate_below``, :mod:`sparsecore.structured`). Reports written before these
+    existed read as 0.
     """
 
     name: str
@@ -33,6 +35,7 @@ class LayerReport:
     units: int = 0
     dead_units: int = 0
     revived: int = 0
+    ablated: int = 0
 
     @property
     def density(self) -> float:

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from .errors import SparseCoreError
-from .layer_table import REPORT_COLUMNS, format_rows, layer_stats, render
+from .layer_table import ABLATED_COLUMN, REPORT_COLUMNS, format_rows, layer_stats, render
 from .recipe import plural
 from .telemetry import RunRecord, load_run, write_tensorboard
 
@@ -163,16 +163,26 @@ def _layer_table(record: RunRecord) -> list[str]:
         "mean share: of the regrowth budget; ever active: positions active at any time; "
         "dead units: output units with no active weight or no gradient at the last update"
     )
-    return [*render(layer_stats(record), REPORT_COLUMNS), note, *dead_unit_warnings(record)]
+    columns = REPORT_COLUMNS
+    if any(layer.ablated for upd in record.applied for layer in upd.layers):
+        columns = (*REPORT_COLUMNS, ABLATED_COLUMN)
+        note += (
+            "; ablated units: output units emptied and kept empty by ablate_below at the last "
+            "update (compaction removes them)"
+        )
+    return [*render(layer_stats(record), columns), note, *dead_unit_warnings(record)]
 
 
 def dead_unit_warnings(record: RunRecord) -> list[str]:
-    """One warning line per layer most of whose output units were dead at the last update."""
+    """One warning line per layer most of whose output units were dead at the last update
+    (units ablated on purpose, ``ablate_below``, left out)."""
     if not record.applied:
         return []
     lines = []
     for layer in record.applied[-1].layers:
         fraction = layer.dead_fraction
+        if fraction is not None and layer.ablated and layer.units:
+            fraction = max(0, int(layer.dead_units or 0) - layer.ablated) / layer.units
         if fraction is not None and fraction > 0.5:
             lines.append(
                 f"warning: layer {layer.name!r}: {layer.dead_units} of {layer.units} output "

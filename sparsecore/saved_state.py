@@ -35,8 +35,9 @@ __all__ = [
 #: The fields of :meth:`SparseEngine.state_dict`, all required, no other allowed.
 ENGINE_FIELDS = ("config", "names", "shapes", "axes", "target", "updates", "history", "ever_active")
 
-#: Layer-report fields added since states were first saved (dead units): optional, 0 if absent.
-_ADDED_LAYER_FIELDS = ("units", "dead_units", "revived")
+#: Layer-report fields added since states were first saved (dead units, ablated units):
+#: optional, 0 if absent.
+_ADDED_LAYER_FIELDS = ("units", "dead_units", "revived", "ablated")
 _LAYER_FIELDS = tuple(f.name for f in fields(LayerReport) if f.name not in _ADDED_LAYER_FIELDS)
 _REPORT_FIELDS = ("update", "prune_rate", "layers", "step", "skipped", "reason", "extra")
 _REPORT_TOTALS = ("pruned", "grown", "net_pruned", "net_grown")
@@ -263,6 +264,8 @@ def _read_layer(f: StateFields, data: Any, path: str, name: str, size: int) -> L
         raise f.error(f"{path}.dead_units", f"is {values['dead_units']}, more than its units")
     if values["revived"] > values["grown"]:
         raise f.error(f"{path}.revived", f"is {values['revived']}, more than the weights grown")
+    if values["ablated"] > values["units"]:
+        raise f.error(f"{path}.ablated", f"is {values['ablated']}, more than its units")
     layer = LayerReport(**values)
     if type(data["density"]) is bool or data["density"] != layer.density:
         raise f.error(

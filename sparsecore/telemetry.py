@@ -75,6 +75,8 @@ class LayerUpdate:
     is the number of output units and ``dead_units`` how many of them the update found dead (no
     active weight, or no gradient: :mod:`sparsecore.units`); ``revived`` counts the weights grown
     into dead units with a non-zero start. All three are ``None`` in records of older versions.
+    ``ablated`` is how many units the update emptied and kept empty (``ablate_below``): the units
+    the structured option removed so far (``None`` in older records).
     """
 
     name: str
@@ -91,6 +93,7 @@ class LayerUpdate:
     units: int | None = None
     dead_units: int | None = None
     revived: int | None = None
+    ablated: int | None = None
 
     @property
     def density(self) -> float:
@@ -257,6 +260,7 @@ class RunRecord:
                 "units": rows[-1].units if rows else None,
                 "dead_units": rows[-1].dead_units if rows else None,
                 "revived": sum(int(r.revived or 0) for r in rows) if rows else None,
+                "ablated_units": rows[-1].ablated if rows else None,
                 **{key: sum(int(getattr(r, key)) for r in rows) for key in keys},
                 "mean_share": (sum(r.share for r in rows) / len(rows)) if rows else None,
             }
@@ -621,6 +625,7 @@ def _from_report(report: UpdateReport, epoch: int | None) -> UpdateRecord:
             units=int(lr.units) if lr.units else None,
             dead_units=int(lr.dead_units) if lr.units else None,
             revived=int(lr.revived) if lr.units else None,
+            ablated=int(lr.ablated) if lr.units else None,
         )
         for i, lr in enumerate(report.layers)
     )
@@ -692,6 +697,7 @@ def _update_to_dict(u: UpdateRecord) -> dict[str, Any]:
                 "units": layer.units,
                 "dead_units": layer.dead_units,
                 "revived": layer.revived,
+                "ablated": layer.ablated,
             }
             for layer in u.layers
         ],
@@ -707,7 +713,9 @@ def _update_from_dict(data: Any, where: str) -> UpdateRecord:
         name = _str(_get(entry, "name", lw), f"{lw}.name")
         lw = f"{where}, layer {name!r}"
         ever = entry.get("ever_active")
-        units, dead, revived = (entry.get(k) for k in ("units", "dead_units", "revived"))
+        units, dead, revived, ablated = (
+            entry.get(k) for k in ("units", "dead_units", "revived", "ablated")
+        )
         layers.append(
             LayerUpdate(
                 name=name,
@@ -724,6 +732,7 @@ def _update_from_dict(data: Any, where: str) -> UpdateRecord:
                 units=None if units is None else _int(units, f"{lw}: units", minimum=1),
                 dead_units=None if dead is None else _int(dead, f"{lw}: dead_units"),
                 revived=None if revived is None else _int(revived, f"{lw}: revived"),
+                ablated=None if ablated is None else _int(ablated, f"{lw}: ablated"),
             )
         )
     step = data.get("step")
@@ -758,6 +767,11 @@ def _check_layer(layer: LayerUpdate, size: int, where: str) -> None:
     if layer.dead_units is not None and (layer.units is None or layer.dead_units > layer.units):
         raise TelemetryError(
             f"{where}: dead_units {layer.dead_units} needs units, and at most that many "
+            f"(units {layer.units})"
+        )
+    if layer.ablated is not None and (layer.units is None or layer.ablated > layer.units):
+        raise TelemetryError(
+            f"{where}: ablated {layer.ablated} needs units, and at most that many "
             f"(units {layer.units})"
         )
     if layer.revived is not None and layer.revived > layer.grown:
@@ -853,6 +867,8 @@ def write_tensorboard(record: RunRecord, logdir: str | os.PathLike[str]) -> Path
                     writer.add_scalar(f"ever_active/{layer.name}", layer.ever_active_fraction, x)
                 if layer.dead_units is not None:
                     writer.add_scalar(f"dead_units/{layer.name}", layer.dead_units, x)
+                if layer.ablated:
+                    writer.add_scalar(f"ablated_units/{layer.name}", layer.ablated, x)
         for epoch in record.epochs:
             for key in ("test_acc", "test_loss", "train_acc", "train_loss"):
                 if _is_number(epoch.get(key)):

@@ -121,10 +121,11 @@ def assert_same_update(layers, variant, **options):
             want.net_pruned,
             want.net_grown,
         )
-        assert (have.units, have.dead_units, have.revived) == (
+        assert (have.units, have.dead_units, have.revived, have.ablated) == (
             want.units,
             want.dead_units,
             want.revived,
+            want.ablated,
         )
     applied = sc.new_weights(layers, got, backend=variant)
     reference = sc.new_weights(layers, expected, backend=REFERENCE)
@@ -144,9 +145,10 @@ def assert_same_update(layers, variant, **options):
     seed=st.integers(0, 2**31 - 1),
     update_index=st.integers(1, 50),
     revive=st.booleans(),
+    ablate_below=st.sampled_from([0.0, 0.5, 1.0]),
 )
 def test_update_equals_numpy(
-    variant, layers, prune, growth, redistribution, rate, seed, update_index, revive
+    variant, layers, prune, growth, redistribution, rate, seed, update_index, revive, ablate_below
 ):
     assert_same_update(
         layers,
@@ -158,6 +160,7 @@ def test_update_equals_numpy(
         growth=growth,
         redistribution=redistribution,
         revive_dead_units=revive,
+        ablate_below=ablate_below,
     )
 
 

@@ -137,14 +137,15 @@ def test_a_state_saved_before_dead_units_were_counted_still_loads():
     dead-unit counts in their reports: they load, with the options off (the run they saved
     continues as it was) and the counts 0."""
     old = copy.deepcopy(SAVED)
-    for key in ("cover_units", "revive_dead_units"):
+    for key in ("cover_units", "revive_dead_units", "ablate_below"):
         del old["config"][key]
     for report in old["history"]:
         for layer in report["layers"]:
-            for key in ("units", "dead_units", "revived"):
+            for key in ("units", "dead_units", "revived", "ablated"):
                 del layer[key]
     fresh = _run(0, seed=1)
     fresh.load_state_dict(old)
     assert (fresh.config.cover_units, fresh.config.revive_dead_units) == (False, False)
+    assert fresh.config.ablate_below == 0.0
     assert all(layer.units == 0 for r in fresh.history for layer in r.layers)
     assert fresh.updates == 3

@@ -39,7 +39,17 @@ def _values(x: Any, key: Any, nullable: set[str], free_text: set[str]) -> list[s
 
 #: Fields added after states were first saved: a state without them is a valid older state
 #: (they read as off / 0), so their absence is no corruption. Their bad values still are.
-ADDED_LATER = frozenset({"cover_units", "revive_dead_units", "units", "dead_units", "revived"})
+ADDED_LATER = frozenset(
+    {
+        "cover_units",
+        "revive_dead_units",
+        "units",
+        "dead_units",
+        "revived",
+        "ablate_below",
+        "ablated",
+    }
+)
 
 
 def corruptions(

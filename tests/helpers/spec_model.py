@@ -115,3 +115,39 @@ def brute_revive(
             )
             out |= chosen
     return out.reshape(kept.shape)
+
+
+def brute_ablate(
+    kept: np.ndarray,
+    *,
+    ablate_below: float,
+    axis: int,
+    nnz_before: int,
+    removable: int,
+    key: HashKey,
+) -> np.ndarray:
+    """Ablated output units from the specification's words (docs/algorithm.md, "Structure"):
+    units whose active count after pruning is below ``ablate_below`` times the mean count of
+    the units that have weights, fewest first, ties by the hash of the unit index (larger first)
+    then lower index, while the weights removed stay within ``removable`` and the units left
+    hold at least ``nnz_before`` positions."""
+    units = kept.shape[axis]
+    per_unit = kept.size // units
+    counts = [int(c) for c in np.moveaxis(kept, axis, 0).reshape(units, -1).sum(axis=1)]
+    live = [c for c in counts if c > 0]
+    out = np.zeros(units, dtype=bool)
+    if ablate_below <= 0 or not live:
+        return out
+    threshold = ablate_below * sum(live) / len(live)
+    hashes = position_hash(key, np.arange(units)).astype(np.int64)
+    candidates = sorted(
+        (j for j in range(units) if counts[j] < threshold),
+        key=lambda j: (counts[j], -hashes[j], j),
+    )
+    removed = 0
+    for taken, j in enumerate(candidates):
+        removed += counts[j]
+        if removed > removable or (units - taken - 1) * per_unit < nnz_before:
+            break
+        out[j] = True
+    return out

@@ -79,9 +79,19 @@ def layer_sets(draw):
     seed=st.integers(0, 2**32 - 1),
     min_density=st.sampled_from([0.0, 0.1]),
     revive=st.booleans(),
+    ablate_below=st.sampled_from([0.0, 0.5, 1.0]),
 )
 def test_update_equals_numpy(
-    layers, prune, growth, redistribution, rate, update_index, seed, min_density, revive
+    layers,
+    prune,
+    growth,
+    redistribution,
+    rate,
+    update_index,
+    seed,
+    min_density,
+    revive,
+    ablate_below,
 ):
     layers_np, layers_k = layers
     kwargs = dict(
@@ -93,6 +103,7 @@ def test_update_equals_numpy(
         redistribution=redistribution,
         min_density=min_density,
         revive_dead_units=revive,
+        ablate_below=ablate_below,
     )
     try:
         ref = sparsecore.update(layers_np, **kwargs)
@@ -111,7 +122,12 @@ def test_update_equals_numpy(
             b.net_pruned,
             b.net_grown,
         )
-        assert (a.units, a.dead_units, a.revived) == (b.units, b.dead_units, b.revived)
+        assert (a.units, a.dead_units, a.revived, a.ablated) == (
+            b.units,
+            b.dead_units,
+            b.revived,
+            b.ablated,
+        )
     new_np = sparsecore.new_weights(layers_np, ref)
     new_k = sparsecore.new_weights(layers_k, out, backend=KB)
     for a, b in zip(new_np, new_k):

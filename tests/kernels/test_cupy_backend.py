@@ -213,9 +213,19 @@ def _layers(put: Any, seed: int, n_layers: int, tie_heavy: bool) -> list[Layer]:
     st.sampled_from(["momentum", "random", "gradient", "momentum_neuron"]),
     st.sampled_from(["momentum", "magnitude", "nonzero", "none"]),
     st.booleans(),
+    st.sampled_from([0.0, 0.5, 1.0]),
 )
 def test_whole_update_matches_reference(
-    target: _Target, seed, n_layers, tie_heavy, prune_rate, prune, growth, redistribution, revive
+    target: _Target,
+    seed,
+    n_layers,
+    tie_heavy,
+    prune_rate,
+    prune,
+    growth,
+    redistribution,
+    revive,
+    ablate_below,
 ) -> None:
     ref_layers = _layers(np.asarray, seed, n_layers, tie_heavy)
     dev_layers = _layers(target.put, seed, n_layers, tie_heavy)
@@ -227,14 +237,15 @@ def test_whole_update_matches_reference(
         growth=growth,
         redistribution=redistribution,
         revive_dead_units=revive,
+        ablate_below=ablate_below,
     )
     expected = update(ref_layers, backend=REFERENCE, **kwargs)
     got = update(dev_layers, backend=target.backend, **kwargs)
     for m_ref, m in zip(expected.masks, got.masks):
         assert np.array_equal(target.get(m), m_ref)
     assert [r.nnz_after for r in got.report.layers] == [r.nnz_after for r in expected.report.layers]
-    assert [(r.dead_units, r.revived) for r in got.report.layers] == [
-        (r.dead_units, r.revived) for r in expected.report.layers
+    assert [(r.dead_units, r.revived, r.ablated) for r in got.report.layers] == [
+        (r.dead_units, r.revived, r.ablated) for r in expected.report.layers
     ]
     for w_ref, w in zip(
         new_weights(ref_layers, expected, REFERENCE),

@@ -84,10 +84,11 @@ def _to_torch(layers, device="cpu"):
     rate=st.sampled_from([0.0, 0.2, 0.5, 1.0]),
     u=st.integers(1, 50),
     revive=st.booleans(),
+    ablate_below=st.sampled_from([0.0, 0.5, 1.0]),
 )
 @pytest.mark.parametrize("device", DEVICES)
 def test_update_equals_numpy_reference(
-    device, layers, prune, growth, redistribution, rate, u, revive
+    device, layers, prune, growth, redistribution, rate, u, revive, ablate_below
 ):
     kwargs = dict(
         prune_rate=rate,
@@ -97,6 +98,7 @@ def test_update_equals_numpy_reference(
         growth=growth,
         redistribution=redistribution,
         revive_dead_units=revive,
+        ablate_below=ablate_below,
     )
     ref = update(layers, backend="numpy", **kwargs)
     torch_layers = _to_torch(layers, device)
@@ -115,7 +117,12 @@ def test_update_equals_numpy_reference(
             rb.net_pruned,
             rb.net_grown,
         )
-        assert (ra.units, ra.dead_units, ra.revived) == (rb.units, rb.dead_units, rb.revived)
+        assert (ra.units, ra.dead_units, ra.revived, ra.ablated) == (
+            rb.units,
+            rb.dead_units,
+            rb.revived,
+            rb.ablated,
+        )
         assert math.isclose(ra.importance, rb.importance, rel_tol=1e-12, abs_tol=0.0)
 
 
