@@ -217,6 +217,11 @@ def markdown(results: dict[str, Any]) -> str:
     lines = []
     for client, data in results["clients"].items():
         fmt = "{:.2f}" if data["higher_is_better"] else "{:.4f}"
+
+        def interval(lo: float, hi: float, fmt: str = fmt) -> str:
+            # one seed has no interval
+            return "-" if math.isnan(lo) else f"[{fmt.format(lo)}, {fmt.format(hi)}]"
+
         lines += [f"**{client}** ({data['metric']}, "
                   f"{'higher' if data['higher_is_better'] else 'lower'} is better)", "",
                   "| arm | mean | 95% CI | per seed | dead conv filters (per seed) |",
@@ -230,15 +235,15 @@ def markdown(results: dict[str, Any]) -> str:
                 for d in a["dead_units"]
             ]
             lines.append(
-                f"| {arm} | {fmt.format(a['mean'])} | [{fmt.format(a['ci95'][0])}, "
-                f"{fmt.format(a['ci95'][1])}] | {' '.join(fmt.format(v) for v in a['values'])} | "
+                f"| {arm} | {fmt.format(a['mean'])} | {interval(*a['ci95'])} | "
+                f"{' '.join(fmt.format(v) for v in a['values'])} | "
                 f"{' '.join(dead)} |"
             )
         lines += ["", "| paired difference | mean | 95% CI | per seed |", "|---|---|---|---|"]
         for name, p in data["paired"].items():
             lines.append(
-                f"| {name} | {fmt.format(p['mean'])} | [{fmt.format(p['ci95'][0])}, "
-                f"{fmt.format(p['ci95'][1])}] | {' '.join(fmt.format(v) for v in p['values'])} |"
+                f"| {name} | {fmt.format(p['mean'])} | {interval(*p['ci95'])} | "
+                f"{' '.join(fmt.format(v) for v in p['values'])} |"
             )
         if "halfway" in data:
             lines.append(f"\nhalfway from narrow to dense: {fmt.format(data['halfway'])}")
