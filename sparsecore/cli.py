@@ -9,10 +9,12 @@ silence.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import importlib.util
 import sys
-from collections.abc import Sequence
+import warnings
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -416,6 +418,30 @@ def _report(argv: Sequence[str]) -> int:
     return int(result or 0)
 
 
+@contextlib.contextmanager
+def warnings_as_lines() -> Iterator[None]:
+    """While the job runs, show each warning as one line (``sparsecore train: Category: text``)
+    on stderr, not as Python's ``file:line`` and the source line that raised it: the job is an
+    application, and its warnings (dead units, a density of 1, ...) are addressed to its user."""
+
+    def show(
+        message: Warning | str,
+        category: type[Warning],
+        filename: str,
+        lineno: int,
+        file: TextIO | None = None,
+        line: str | None = None,
+    ) -> None:
+        print(f"sparsecore train: {category.__name__}: {message}", file=file or sys.stderr)
+
+    previous = warnings.showwarning
+    warnings.showwarning = show
+    try:
+        yield
+    finally:
+        warnings.showwarning = previous
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``sparsecore`` console script; returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -427,7 +453,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     del args.command
-    return _train(args)
+    with warnings_as_lines():
+        return _train(args)
 
 
 if __name__ == "__main__":
