@@ -420,9 +420,10 @@ def _report(argv: Sequence[str]) -> int:
 
 @contextlib.contextmanager
 def warnings_as_lines() -> Iterator[None]:
-    """While the job runs, show each warning as one line (``sparsecore train: Category: text``)
-    on stderr, not as Python's ``file:line`` and the source line that raised it: the job is an
-    application, and its warnings (dead units, a density of 1, ...) are addressed to its user."""
+    """While the job runs, show sparsecore's own warnings as one line each (``sparsecore train:
+    Category: text``) on stderr, not as Python's ``file:line`` and the source line that raised
+    it: the job is an application, and those warnings (dead units, ...) are addressed to its
+    user. Other libraries' warnings are shown as before."""
 
     def show(
         message: Warning | str,
@@ -432,6 +433,9 @@ def warnings_as_lines() -> Iterator[None]:
         file: TextIO | None = None,
         line: str | None = None,
     ) -> None:
+        if not category.__module__.startswith("sparsecore"):
+            previous(message, category, filename, lineno, file, line)
+            return
         print(f"sparsecore train: {category.__name__}: {message}", file=file or sys.stderr)
 
     previous = warnings.showwarning

@@ -22,3 +22,17 @@ def test_job_warnings_are_one_line_each(capsys):
         == "sparsecore train: DeadUnitsWarning: sparsecore: layer 'fc1.weight': 155 of 300 units\n"
     )
     assert warnings.showwarning is before  # restored for the caller
+
+
+def test_other_libraries_warnings_are_shown_as_before():
+    seen = []
+
+    def record(message, category, filename, lineno, file=None, line=None):
+        seen.append((str(message), category))
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = record
+        with warnings_as_lines():
+            warnings.warn("a third-party remark", UserWarning, stacklevel=1)
+    assert seen == [("a third-party remark", UserWarning)]
