@@ -57,7 +57,6 @@ redistribution (the engine's fused update). Other modes raise a :class:`SparseCo
 
 from __future__ import annotations
 
-import itertools
 import math
 import zlib
 from collections.abc import Callable, Sequence
@@ -357,9 +356,8 @@ class ShardedBackend(ArrayBackend):
             parts.append(whole)
         if not parts:
             return []
-        total = self._sum(torch.cat(parts)).cpu().numpy()
-        sizes = np.cumsum([0] + [p.numel() for p in parts])
-        return [total[a:b].astype(np.int64) for a, b in itertools.pairwise(sizes)]
+        total = self._sum(torch.cat(parts)).cpu().numpy().astype(np.int64)
+        return list(np.split(total, np.cumsum([p.numel() for p in parts])[:-1]))
 
     def select(
         self,

@@ -211,16 +211,18 @@ def tabulate(root: Path, args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
+def _interval(ci: list[float], fmt: str) -> str:
+    """A 95% interval for the tables; one seed has none."""
+    lo, hi = ci
+    return "-" if math.isnan(lo) else f"[{fmt.format(lo)}, {fmt.format(hi)}]"
+
+
 def markdown(results: dict[str, Any]) -> str:
     """The tables of docs/results.md: per client, each arm's mean, 95% interval and seeds, its
     dead conv filters, then the paired differences."""
     lines = []
     for client, data in results["clients"].items():
         fmt = "{:.2f}" if data["higher_is_better"] else "{:.4f}"
-
-        def interval(lo: float, hi: float, fmt: str = fmt) -> str:
-            # one seed has no interval
-            return "-" if math.isnan(lo) else f"[{fmt.format(lo)}, {fmt.format(hi)}]"
 
         lines += [f"**{client}** ({data['metric']}, "
                   f"{'higher' if data['higher_is_better'] else 'lower'} is better)", "",
@@ -235,14 +237,14 @@ def markdown(results: dict[str, Any]) -> str:
                 for d in a["dead_units"]
             ]
             lines.append(
-                f"| {arm} | {fmt.format(a['mean'])} | {interval(*a['ci95'])} | "
+                f"| {arm} | {fmt.format(a['mean'])} | {_interval(a['ci95'], fmt)} | "
                 f"{' '.join(fmt.format(v) for v in a['values'])} | "
                 f"{' '.join(dead)} |"
             )
         lines += ["", "| paired difference | mean | 95% CI | per seed |", "|---|---|---|---|"]
         for name, p in data["paired"].items():
             lines.append(
-                f"| {name} | {fmt.format(p['mean'])} | {interval(*p['ci95'])} | "
+                f"| {name} | {fmt.format(p['mean'])} | {_interval(p['ci95'], fmt)} | "
                 f"{' '.join(fmt.format(v) for v in p['values'])} |"
             )
         if "halfway" in data:

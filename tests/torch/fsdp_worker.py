@@ -257,6 +257,25 @@ def refusals(world: int) -> int:
     return checked
 
 
+def step_beside_exact(
+    world: int, model: nn.Module, opt: Any, exact: nn.Module, exact_opt: Any, *, steps: int
+) -> None:
+    """``steps`` training steps of the sharded ``model`` on this rank's part of each batch, and
+    of the single-process ``exact`` copy fed the sharded model's reduced gradients."""
+    part = BATCH // world
+    rows = slice(dist.get_rank() * part, (dist.get_rank() + 1) * part)
+    for step in range(1, steps + 1):
+        x, y = batch(step)
+        opt.zero_grad()
+        loss_of(model, x[rows], y[rows]).backward()
+        opt.step()
+        exact_opt.zero_grad()
+        loss_of(exact, x, y).backward()
+        for mine, theirs in zip(exact.parameters(), model.parameters()):
+            mine.grad.copy_(whole(theirs.grad))  # type: ignore[union-attr]
+        exact_opt.step()
+
+
 def own_momentum(world: int, ckpt: Path) -> float:
     """SGD without momentum: the handle keeps its own gradient average, this rank's rows only;
     masks equal a single-process copy's fed the same gradients, and the average survives a DCP
@@ -267,18 +286,7 @@ def own_momentum(world: int, ckpt: Path) -> float:
     exact = make_model()
     exact_opt = torch.optim.SGD(exact.parameters(), lr=0.1)
     exact_sparse = sct.attach(exact, exact_opt, **OPTIONS)
-    part = BATCH // world
-    rows = slice(dist.get_rank() * part, (dist.get_rank() + 1) * part)
-    for step in range(1, 7):
-        x, y = batch(step)
-        opt.zero_grad()
-        loss_of(model, x[rows], y[rows]).backward()
-        opt.step()
-        exact_opt.zero_grad()
-        loss_of(exact, x, y).backward()
-        for mine, theirs in zip(exact.parameters(), model.parameters()):
-            mine.grad.copy_(whole(theirs.grad))  # type: ignore[union-attr]
-        exact_opt.step()
+    step_beside_exact(world, model, opt, exact, exact_opt, steps=6)
     assert len(sparse.history) == 2 and "own gradient average" in sparse.momentum_source
     masks = [whole(sparse.mask(n)) for n in sparse.names]
     assert all(torch.equal(a, exact_sparse.mask(n)) for a, n in zip(masks, sparse.names))
@@ -308,18 +316,7 @@ def adam_with_reset(world: int) -> int:
     exact = make_model()
     exact_opt = torch.optim.Adam(exact.parameters(), lr=0.01)
     exact_sparse = sct.attach(exact, exact_opt, **options)
-    part = BATCH // world
-    rows = slice(dist.get_rank() * part, (dist.get_rank() + 1) * part)
-    for step in range(1, 7):
-        x, y = batch(step)
-        opt.zero_grad()
-        loss_of(model, x[rows], y[rows]).backward()
-        opt.step()
-        exact_opt.zero_grad()
-        loss_of(exact, x, y).backward()
-        for mine, theirs in zip(exact.parameters(), model.parameters()):
-            mine.grad.copy_(whole(theirs.grad))  # type: ignore[union-attr]
-        exact_opt.step()
+    step_beside_exact(world, model, opt, exact, exact_opt, steps=6)
     assert len(sparse.history) == 2 and "exp_avg" in sparse.momentum_source
     for t, n, p in zip(sparse.targets, sparse.names, (u.param for u in exact_sparse.targets)):
         assert torch.equal(whole(sparse.mask(n)), exact_sparse.mask(n)), n
