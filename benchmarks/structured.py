@@ -29,6 +29,10 @@ the script prints the load before and after, the commit and the machine).
     nice python benchmarks/structured.py --threads 1                 # the whole study
     python benchmarks/structured.py --quick                          # proves it runs (minutes)
     python benchmarks/structured.py --report-only                    # tabulate finished runs
+    python benchmarks/structured.py --retime                         # time again (quiet), tabulate
+
+Each sparse run keeps its trained weights beside its JSON (``.pt``), so the accuracy runs may go
+on a busy machine with ``--repeats 0`` and ``--retime`` time every step later on a quiet one.
 """
 
 from __future__ import annotations
@@ -111,9 +115,11 @@ def run_one(
         "test_acc": float(result.summary["final_test_acc"]),
         "train_wall_s": time.perf_counter() - t0,
     }
-    if options is not None:
-        row.update(_compact_and_time(args, dataset, model_name, result.model, limit))
     path.parent.mkdir(parents=True, exist_ok=True)
+    if options is not None:
+        # the trained weights (zero where masked), so that --retime can time the step again
+        torch.save(_plain_state(model_name, result.model), path.with_suffix(".pt"))
+        row.update(_compact_and_time(args, dataset, model_name, result.model, limit))
     path.write_text(json.dumps(row, indent=1) + "\n")
     return row
 
@@ -126,6 +132,55 @@ def run_path(
     data = "" if limit is None and args.limit_test is None else f"-n{limit}-{args.limit_test}"
     where = "" if name == "dense" else f"-d{density:g}"
     return Path(args.runs_dir) / f"{model_name}{where}-{name}-e{epochs}{data}-seed{seed}.json"
+
+
+def _plain_state(model_name: str, model: Any) -> dict[str, torch.Tensor]:
+    """The trained model's parameters and buffers under the plain model's names (masked weights
+    are zero in them), for a later :func:`retime`."""
+    keys = build_model(model_name).state_dict().keys()
+    state = model.state_dict()
+    return {k: state[k].detach().clone() for k in keys}
+
+
+def _time_steps(
+    args: argparse.Namespace, model_name: str, small: Any, x: torch.Tensor, y: torch.Tensor
+) -> dict[str, float]:
+    """One training step of a plain dense model against the compact one, interleaved."""
+    dense = build_model(model_name).train()
+    small.train()
+    times = interleaved(
+        {"dense": _step(dense, x, y), "compact": _step(small, x, y)}, args.repeats, args.inner
+    )
+    return {
+        "dense_step_ms": float(np.median(times["dense"]) * 1e3),
+        "compact_step_ms": float(np.median(times["compact"]) * 1e3),
+        "step_speedup": float(np.median(times["dense"] / times["compact"])),
+    }
+
+
+def retime(args: argparse.Namespace, dataset: Any) -> int:
+    """Time the step again for every finished sparse run that kept its weights: the accuracy
+    runs can go on a busy machine, and this pass alone on a quiet one."""
+    done = 0
+    for path in sorted(Path(args.runs_dir).glob("*.json")):
+        weights = path.with_suffix(".pt")
+        if path.name == "results.json" or not weights.exists():
+            continue
+        row = json.loads(path.read_text())
+        model = build_model(row["model"])
+        model.load_state_dict(torch.load(weights))
+        limit = args.vgg_limit_train if row["model"] == "vgg" else args.limit_train
+        sub = dataset.subset(limit, args.limit_test)
+        x, y = _tensors(sub.train_images[: args.batch], sub.train_labels[: args.batch])
+        small, report = compact(model, x)
+        if report.units_removed != row["units_removed"]:
+            raise SystemExit(f"{path.name}: the kept weights do not give the run's compaction")
+        row.update(_time_steps(args, row["model"], small, x, y))
+        row["timed_load"] = _load()
+        path.write_text(json.dumps(row, indent=1) + "\n")
+        print(f"{path.stem}: step {row['step_speedup']:.2f}x", flush=True)
+        done += 1
+    return done
 
 
 def _compact_and_time(
@@ -152,14 +207,7 @@ def _compact_and_time(
         "step_speedup": float("nan"),
     }
     if args.repeats > 0:
-        dense = build_model(model_name).train()
-        small.train()
-        times = interleaved(
-            {"dense": _step(dense, x, y), "compact": _step(small, x, y)}, args.repeats, args.inner
-        )
-        out["dense_step_ms"] = float(np.median(times["dense"]) * 1e3)
-        out["compact_step_ms"] = float(np.median(times["compact"]) * 1e3)
-        out["step_speedup"] = float(np.median(times["dense"] / times["compact"]))
+        out.update(_time_steps(args, model_name, small, x, y))
     return out
 
 
@@ -279,6 +327,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs-dir", default="runs/structured")
     parser.add_argument("--report-only", action="store_true", help="tabulate finished runs only")
     parser.add_argument(
+        "--retime",
+        action="store_true",
+        help="time the step again for the finished runs (on a quiet machine), then tabulate",
+    )
+    parser.add_argument(
         "--quick",
         action="store_true",
         help="1 and 2 epochs on 1000 images, one seed, 2 repeats: proves the script works",
@@ -316,6 +369,9 @@ def main(argv: list[str] | None = None) -> int:
             for d in args.vgg_densities.split(","):
                 jobs.append(("vgg", float(d), args.vgg_epochs, seeds["vgg"][k]))
     dataset = None if args.report_only else load_fashion_mnist(args.data)
+    if args.retime:
+        print(f"# retimed {retime(args, dataset)} runs; load after {_load()}", flush=True)
+        args.report_only = True
     rows = []
     t0 = time.perf_counter()
     for model_name, density, epochs, seed in jobs:
