@@ -30,6 +30,7 @@ the load before and after, the commit and the machine. Usage:
     python benchmarks/compaction.py --quick              # a small run that proves it works
     python benchmarks/compaction.py --threads 1 --json out.json
     python benchmarks/compaction.py --models lenet300 --epochs 20 --repeats 0   # structure only
+    python benchmarks/compaction.py --models lenet300 --epochs 20 --profile     # what limits it
 """
 
 from __future__ import annotations
@@ -160,6 +161,18 @@ def _train_step(
     return run
 
 
+def _profile(step: Callable[[], None], steps: int) -> str:
+    """Where a training step spends its time: torch's profiler over ``steps`` steps, the
+    operators with the most time of their own."""
+    from torch.profiler import ProfilerActivity, profile
+
+    step()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            step()
+    return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12)
+
+
 @torch.no_grad()
 def _predictions(model: nn.Module, x: torch.Tensor, batch: int = 1000) -> torch.Tensor:
     model.eval()
@@ -219,6 +232,10 @@ def measure(args: argparse.Namespace, dataset: Any, model_name: str, growth: str
         }
         step_times = interleaved(steps, args.repeats, args.inner)
         train_ms = {k: float(np.median(v) * 1e3) for k, v in step_times.items()}
+        if args.profile:
+            for name in ("dense", "compact"):
+                print(f"\n## profile: {model_name} {growth} {density:g} {name} training step")
+                print(_profile(steps[name], args.inner * 4), flush=True)
     return {
         "model": model_name,
         "growth": growth,
@@ -275,6 +292,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--data", default=None, help="Fashion-MNIST folder (default: found)")
     parser.add_argument("--json", default=None, help="also write the results to this file")
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="also print where the dense and compact training steps spend their time",
+    )
     parser.add_argument(
         "--quick",
         action="store_true",
