@@ -27,7 +27,7 @@ import numpy as np
 from keras import ops
 
 from sparsecore.backend import ArrayBackend, Sign
-from sparsecore.hashing import MASK32, MUL1, MUL2, HashKey
+from sparsecore.hashing import MASK32, HashKey, mix
 
 __all__ = ["KerasBackend", "wide_scope"]
 
@@ -69,18 +69,35 @@ def _to_host(x: Any) -> np.ndarray:
     return np.asarray(ops.convert_to_numpy(x))
 
 
-def _mix32(x: Any) -> Any:
-    """The 32-bit mixing function on an int64 tensor holding values in [0, 2**32).
+class _KerasInt:
+    """An int64 Keras tensor with the operators :func:`sparsecore.hashing.mix` uses (``^ >> * &``),
+    which TensorFlow tensors do not all have: the hash keeps its one definition."""
 
-    int64 multiplication wraps modulo 2**64, so masking the product to 32 bits after each
-    multiply gives the exact uint32 result.
-    """
-    mask = ops.convert_to_tensor(MASK32, dtype="int64")
-    x = ops.bitwise_xor(x, ops.right_shift(x, 16))
-    x = ops.bitwise_and(ops.multiply(x, ops.convert_to_tensor(MUL1, dtype="int64")), mask)
-    x = ops.bitwise_xor(x, ops.right_shift(x, 15))
-    x = ops.bitwise_and(ops.multiply(x, ops.convert_to_tensor(MUL2, dtype="int64")), mask)
-    return ops.bitwise_xor(x, ops.right_shift(x, 16))
+    __slots__ = ("t",)
+
+    def __init__(self, t: Any) -> None:
+        self.t = t
+
+    @staticmethod
+    def _of(other: Any) -> Any:
+        return other.t if isinstance(other, _KerasInt) else ops.convert_to_tensor(other, "int64")
+
+    def __xor__(self, other: Any) -> _KerasInt:
+        return _KerasInt(ops.bitwise_xor(self.t, self._of(other)))
+
+    def __rshift__(self, bits: int) -> _KerasInt:
+        return _KerasInt(ops.right_shift(self.t, bits))
+
+    def __mul__(self, other: Any) -> _KerasInt:
+        return _KerasInt(ops.multiply(self.t, self._of(other)))
+
+    def __and__(self, other: Any) -> _KerasInt:
+        return _KerasInt(ops.bitwise_and(self.t, self._of(other)))
+
+
+def _mix32(x: Any) -> Any:
+    """:func:`sparsecore.hashing.mix` on an int64 tensor holding values in [0, 2**32)."""
+    return mix(_KerasInt(x)).t
 
 
 def _select_rows(keys: Any, hashes: Any, candidates: Any, ks: np.ndarray) -> Any:

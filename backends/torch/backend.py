@@ -24,28 +24,15 @@ import numpy as np
 import torch
 
 from sparsecore.backend import ArrayBackend, FusedLayer, LayerScan, Sign
-from sparsecore.hashing import MASK32, MUL1, MUL2, HashKey
+from sparsecore.hashing import MASK32, HashKey, mix
 from sparsecore.layers import Layer
 
 _HALF = (torch.float16, torch.bfloat16)
 
 
-def _mix32(x: torch.Tensor) -> torch.Tensor:
-    """The 32-bit mixing function on an int64 tensor holding values in [0, 2**32).
-
-    Each product is masked back to 32 bits; int64 multiplication wraps, which keeps the low
-    32 bits right even when the product exceeds 2**63.
-    """
-    x = x ^ (x >> 16)
-    x = (x * MUL1) & MASK32
-    x = x ^ (x >> 15)
-    x = (x * MUL2) & MASK32
-    return x ^ (x >> 16)
-
-
 def torch_position_hash(key: HashKey, ids: torch.Tensor) -> torch.Tensor:
     """Hash (int64 in [0, 2**32)) of the flat positions ``ids`` of one layer."""
-    return _mix32((ids.to(torch.int64) & MASK32) ^ key.prefix())
+    return mix((ids.to(torch.int64) & MASK32) ^ key.prefix())  # a new tensor: mixed in place
 
 
 _LANES_PER_CHUNK = 255  # int64 words summed per chunk: a byte lane reaches at most 255, no carry
