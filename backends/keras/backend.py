@@ -26,7 +26,7 @@ import keras
 import numpy as np
 from keras import ops
 
-from sparsecore.backend import ArrayBackend, Sign
+from sparsecore.backend import ArrayBackend, Sign, register_backend_factory
 from sparsecore.hashing import MASK32, HashKey, mix
 
 __all__ = ["KerasBackend", "wide_scope"]
@@ -193,6 +193,54 @@ class KerasBackend(ArrayBackend):
     def all_finite(self, x: Any) -> bool:
         return bool(_to_host(ops.all(ops.isfinite(x))))
 
+    # -- the required primitives (the rest is overridden below, for speed) ------------------
+    def from_numpy(self, a: np.ndarray, like: Any) -> Any:
+        if a.dtype == np.uint32:  # hashes: int64 sorts and compares on every Keras backend
+            a = a.astype(np.int64)
+        return ops.convert_to_tensor(a)
+
+    def reshape(self, x: Any, shape: tuple[int, ...]) -> Any:
+        return ops.reshape(x, shape)
+
+    def moveaxis(self, x: Any, source: int, destination: int) -> Any:
+        return ops.moveaxis(x, source, destination)
+
+    def abs(self, x: Any) -> Any:
+        return ops.abs(x)
+
+    def positive(self, x: Any) -> Any:
+        return ops.greater(x, ops.zeros_like(x))
+
+    def isfinite(self, x: Any) -> Any:
+        return ops.isfinite(x)
+
+    def where(self, cond: Any, a: Any, b: Any) -> Any:
+        return ops.where(cond, a, b)
+
+    def nonzero(self, flat: Any) -> Any:
+        return ops.cast(ops.nonzero(flat)[0], "int64")
+
+    def take(self, flat: Any, index: Any) -> Any:
+        return flat[index] if isinstance(index, slice) else ops.take(flat, index)
+
+    def mark(self, positions: Any, size: int, like: Any) -> Any:
+        ones = ops.ones(self.shape(positions), dtype="int32")
+        marks = ops.scatter(ops.reshape(positions, (-1, 1)), ones, (size,))
+        return ops.greater(marks, ops.zeros_like(marks))
+
+    def argsort(self, flat: Any, *, descending: bool) -> Any:
+        if keras.backend.backend() == "tensorflow":  # Keras' argsort is not stable there
+            import tensorflow as tf
+
+            direction = "DESCENDING" if descending else "ASCENDING"
+            return ops.cast(tf.argsort(flat, direction=direction, stable=True), "int64")
+        # torch and JAX sort stably; negated scores keep ties tied (-0.0 == +0.0)
+        return ops.cast(ops.argsort(ops.negative(flat) if descending else flat), "int64")
+
+    def sum(self, x: Any, axis: int | None = None) -> np.ndarray:
+        dtype = "float64" if self.dtype_kind(x) == "f" else "int64"
+        return _to_host(ops.sum(ops.cast(x, dtype), axis=axis))
+
     # -- reductions -------------------------------------------------------------------------
     def count(self, mask: Any) -> int:
         return int(_to_host(ops.sum(ops.cast(mask, "int64"))))
@@ -334,3 +382,8 @@ def _widen(cls: type) -> None:
 
 
 _widen(KerasBackend)
+
+
+# Also announced as the "keras" entry point (pyproject.toml); registered here too, so that
+# importing sparsecore.keras is enough even where the package metadata lacks it.
+register_backend_factory("keras", KerasBackend, framework="keras")
