@@ -1,7 +1,7 @@
 """The backend interface: every operation of every backend equals the brute-force model.
 
 One suite for all NumPy-array backends: the reference (``numpy``, its own O(n) selection), the
-compiled one (``numba``), and ``minimal`` (tests/helpers/minimal_backend.py), which implements only
+compiled one (``numba``), the CuPy backend's code on NumPy (``bit-pattern``), and ``minimal`` (tests/helpers/minimal_backend.py), which implements only
 the required primitives, so that it checks the defaults written once in ``sparsecore.backend`` and
 ``sparsecore.selection``. A backend's fast override of an operation passes the same properties as
 the default it replaces. The torch backend runs the same checks in tests/torch/test_torch_backend.py.
@@ -27,11 +27,13 @@ import sparsecore as sc
 from sparsecore import backend as backend_module
 from sparsecore import selection
 from sparsecore.backend import REQUIRED_PRIMITIVES, ArrayBackend
+from sparsecore.cupy import BitPatternBackend
 from sparsecore.hashing import HashKey, layer_hash
 
 BACKENDS = {
     "numpy": sc.get_backend("numpy"),
     "numba": sc.get_backend("numba"),
+    "bit-pattern": BitPatternBackend(np),  # the CuPy backend's code, on NumPy
     "minimal": MinimalBackend(),
 }
 NAMES = list(BACKENDS)
