@@ -237,7 +237,8 @@ def test_engine_picks_a_backend_for_keras_tensors_by_itself():
     assert np.array_equal(ref.masks[0], _host(out.masks[0]))
 
 
-# KerasBackend's primitives under the interface's defaults: its own operations set aside
+# KerasBackend's primitives under the interface's defaults: its own operations set aside. Those
+# defaults do not run under KerasBackend's wide_scope (JAX's 64-bit mode), so the tests open it.
 KerasDefaults = defaults_only(KerasBackend)
 
 
@@ -261,7 +262,11 @@ def test_the_defaults_on_keras_primitives_equal_numpy(shape, seed, largest, magn
     k = int(rng.integers(0, int(candidates.sum()) + 1))
     key = HashKey(seed, 2, 1)
     kw = dict(among_active=True, largest=largest, magnitude=magnitude, key=key)
-    defaults = KerasDefaults()
+    with wide_scope():
+        _check_defaults(KerasDefaults(), x, mask, k, sign, kw, rng, shape)
+
+
+def _check_defaults(defaults, x, mask, k, sign, kw, rng, shape):
     a = NB.select(x, mask, k, sign=sign, **kw)
     b = defaults.select(_tensor(x), _tensor(mask), k, sign=sign, **kw)
     assert np.array_equal(a, _host(b))
@@ -291,6 +296,7 @@ def test_an_update_on_keras_primitives_alone_equals_numpy():
     ]
     for options in (dict(), dict(prune="SET", growth="random"), dict(growth="momentum_neuron")):
         ref = sparsecore.update(layers, prune_rate=0.5, **options)
-        out = sparsecore.update(tensors, prune_rate=0.5, backend=KerasDefaults(), **options)
+        with wide_scope():
+            out = sparsecore.update(tensors, prune_rate=0.5, backend=KerasDefaults(), **options)
         for a, b in zip(ref.masks, out.masks):
             assert np.array_equal(a, _host(b))
