@@ -1,11 +1,12 @@
 """The engine's fused update in compiled code: two passes per layer and a resolution.
 
--- the fused update (engine capability) ------------------------------------------------------
 Pass 1 (:func:`_chunk_scan`): nnz and the |x| sums of the importance source in one read.
-Pass 2 (:func:`_chunk_decide`): with magnitude intervals from a sample, decide pruning
-and growth together for every position, write the new mask and the new weights, and flag the
-few positions whose fate depends on the exact k-th value; :func:`_fused_resolve` settles those.
-Intervals are half-open bit-pattern ranges of |x| (sign bit cleared): pruning takes |w| < plo
+Pass 2 (:func:`_chunk_decide`): with magnitude intervals from a sample, decide pruning and growth
+together for every position, write the new mask and the new weights, and flag the few positions
+whose fate depends on the exact k-th value; :func:`_fused_resolve` settles those. Intervals are
+half-open bit-pattern ranges of |x| (sign bit cleared): pruning takes |w| < plo for sure and leaves
+[plo, phi) open; growth takes |p| >= ghi for sure and leaves [glo, ghi). :class:`BufferPool` keeps
+the output arrays between updates.
 """
 
 from __future__ import annotations
