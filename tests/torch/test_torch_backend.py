@@ -16,6 +16,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from minimal_backend import defaults_only
+from subprocesses import run_python
 
 from sparsecore import HashKey, Layer, get_backend, new_weights, update
 from sparsecore.modes import IMPORTANCE
@@ -250,6 +251,19 @@ def test_backend_is_found_for_tensors():
     from sparsecore import backend_for
 
     assert backend_for(torch.zeros(2)).name == "torch"
+
+
+def test_the_core_finds_the_torch_backend_without_naming_it(tmp_path):
+    """``import sparsecore`` alone: the torch backend comes from the package's entry point, by
+    name and by tensor, and only then is sparsecore.torch imported."""
+    code = (
+        "import json, sys, torch, sparsecore\n"
+        "before = 'sparsecore.torch' in sys.modules\n"
+        "found = sparsecore.backend_for(torch.zeros(2)).name\n"
+        "print(json.dumps([before, found, sparsecore.get_backend('torch').name,\n"
+        "                  'sparsecore.torch' in sys.modules]))\n"
+    )
+    assert run_python(code, tmp_path) == [False, "torch", "torch", True]
 
 
 def test_apply_keeps_weights_bit_for_bit_and_zeroes_the_rest():
