@@ -75,10 +75,9 @@ class FusedLayer:
 class ArrayBackend(abc.ABC):
     """Array operations of one framework. Arrays stay on their framework and device.
 
-    Implement :meth:`owns`, :meth:`shape`, :meth:`dtype_kind` and the primitives listed in
-    :data:`REQUIRED_PRIMITIVES` (each one line on an array library; ``tests/core/
-    test_backend_interface.py`` holds a complete backend of that size); override any other
-    method for speed. Host values (counts, float64 sums) are returned as Python ``int``/``float``
+    Implement the primitives listed in :data:`REQUIRED_PRIMITIVES` (each about one line on an
+    array library: ``tests/helpers/minimal_backend.py`` is a complete backend, and docs/core.md
+    shows one); override any other method for speed. Host values (counts, float64 sums) are returned as Python ``int``/``float``
     or NumPy arrays; that is the only data that leaves the device during an update.
     """
 
