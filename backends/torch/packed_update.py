@@ -59,7 +59,7 @@ import numpy as np
 import torch
 
 from sparsecore.backend import FusedLayer, LayerScan
-from sparsecore.hashing import MASK32, MUL1, MUL2, HashKey
+from sparsecore.hashing import MASK32, HashKey, mix
 from sparsecore.layers import Layer
 
 from . import exact_sum
@@ -229,12 +229,7 @@ def inverted_hash(layout: Layout, prefixes: torch.Tensor) -> torch.Tensor:
     """``2**32 - 1 - hash`` of every packed position (its bits in an int32): smaller first."""
     x = layout.row_first + layout.columns  # position in its layer
     x ^= prefixes[layout.row_layer].reshape(-1, 1)
-    # hashing.mix32 in place (one int64 temporary at a time, not one per step)
-    x ^= x >> 16
-    x.mul_(MUL1).bitwise_and_(MASK32)
-    x ^= x >> 15
-    x.mul_(MUL2).bitwise_and_(MASK32)
-    x ^= x >> 16
+    x = mix(x)  # in place: one int64 temporary at a time, not one per step
     return x.neg_().add_(MASK32).to(torch.int32)
 
 
