@@ -1,8 +1,19 @@
 """One sparse-momentum mask update, written once against the array-backend interface.
 
 :func:`update` is a pure function: it reads layers (weights, masks, momentum, gradients) and returns
-new masks plus a report, changing nothing it was given. :class:`SparseEngine` adds the little state a
-training run needs (the target count N, the update counter, the history) and the schedule.
+new masks plus a report, changing nothing it was given. It reads top to bottom as the algorithm
+(ALGORITHM.md): check the options and layers once (:func:`_plan`, :func:`_check_structure`), then
+
+1. :func:`_importance`: each layer's score, before pruning;
+2. :func:`_prune` (and :func:`_ablate` with ``ablate_below``): what each layer loses;
+3. :func:`_redistribute`: the shared host routine that turns scores into integer budgets;
+4. :func:`_regrow`: what each layer gains (dead units first, when reviving);
+5. :func:`_apply`: the report, and the new weights where the update computes them.
+
+A backend whose fused update serves the chosen modes (:mod:`sparsecore.fusion`) runs steps 1, 2
+and 4's array work in its own two passes instead (:func:`_fused_update`); the host steps, the
+masks and the report are the same. :class:`SparseEngine` adds the little state a training run
+needs (the target count N, the update counter, the history) and the schedule.
 """
 
 from __future__ import annotations
@@ -15,21 +26,14 @@ from typing import Any
 
 import numpy as np
 
-from .backend import ArrayBackend, backend_for, get_backend
+from .backend import ArrayBackend, LayerScan, backend_for, get_backend
 from .config import SparseConfig
 from .errors import DeadUnitsWarning, NonFiniteError, SparseCoreError
+from .fusion import Fusion, choose
 from .hashing import HashKey
 from .init import layer_counts
 from .layers import Layer
-from .modes import (
-    GROWTH,
-    IMPORTANCE,
-    NEEDS_GRAD,
-    NEEDS_MOMENTUM,
-    PRUNE,
-    lookup,
-    magnitude_prune_count,
-)
+from .modes import GROWTH, IMPORTANCE, PRUNE, ModeInfo, magnitude_prune_count
 from .redistribute import capacities, importance_shares, split_budget
 from .report import LayerReport, UpdateReport
 from .saved_state import EngineState, read_engine_state
@@ -56,17 +60,6 @@ class UpdateResult:
     revived: list[Any] | None = None
 
 
-# The built-in modes the fused backend capability implements, captured at import: a mode
-# registered later under the same name is a different function and takes the generic path.
-_FUSED_PRUNE = PRUNE["magnitude"]
-_FUSED_GROWTH = GROWTH["momentum"]
-_FUSED_SOURCE = {
-    IMPORTANCE["momentum"]: "momentum",
-    IMPORTANCE["magnitude"]: "weight",
-    IMPORTANCE["nonzero"]: None,
-}
-
-
 def update(
     layers: Sequence[Layer],
     *,
@@ -83,16 +76,17 @@ def update(
     revive_dead_units: bool = False,
     ablate_below: float | Sequence[float] = 0.0,
 ) -> UpdateResult:
-    """One mask update (ALGORITHM.md): importance, prune, redistribute, regrow.
+    """One mask update (ALGORITHM.md): importance, prune, redistribute, regrow, apply.
 
     Returns the new masks; the given arrays are not touched (see :func:`apply_masks`). Every
     input is checked before any work: a bad layer raises :class:`~sparsecore.SparseCoreError`
     naming it. ``update_index`` (u >= 1) and ``seed`` feed the tie-breaking hash, so equal inputs
     give equal masks on every backend and process.
 
-    A backend that offers the fused capability (``supports_fused_update``) runs magnitude
-    pruning with momentum growth in two reads per layer and also returns the new weights; the
-    masks and the report are those of the generic path.
+    A backend whose fused update (:mod:`sparsecore.fusion`) serves the chosen modes (magnitude
+    pruning with momentum growth, any built-in redistribution, on the built-in backends) runs
+    the array work in two reads per layer and also returns the new weights; the masks and the
+    report are those of the step-by-step path.
 
     ``revive_dead_units``: dead output units (no active weight, or no gradient) first get their
     share of each layer's regrowth, with non-zero starting weights (:mod:`sparsecore.units`).
@@ -104,42 +98,39 @@ def update(
     last layer (the network's outputs) out.
     """
     be = _resolve_backend(layers, backend)
-    prune_rate, update_index, seed, max_density, min_density, step = _check_update_args(
-        prune_rate, update_index, seed, max_density, min_density, step
+    plan = _plan(
+        layers,
+        prune_rate=prune_rate,
+        update_index=update_index,
+        seed=seed,
+        prune=prune,
+        growth=growth,
+        redistribution=redistribution,
+        max_density=max_density,
+        min_density=min_density,
+        step=step,
+        revive=revive_dead_units,
+        ablate_below=ablate_below,
     )
-    prune_fn = lookup(PRUNE, "prune", prune)
-    growth_fn = lookup(GROWTH, "growth", growth)
-    importance_fn = (
-        None if redistribution == "none" else lookup(IMPORTANCE, "importance", redistribution)
+    # The inputs' structure is checked once, here; NaN/Inf are found by the path's own reads.
+    _check_structure(be, layers, momentum=plan.reads("momentum"), grad=plan.reads("grad"))
+    fusion = (
+        None if any(plan.ablate_below) else choose(be, plan.prune, plan.growth, plan.importance)
     )
-    plan = _Plan(
-        prune_rate,
-        update_index,
-        seed,
-        redistribution,
-        max_density,
-        min_density,
-        step,
-        check_flag("revive_dead_units", revive_dead_units),
-        _ablation_fractions(layers, ablate_below),
-    )
-    if (
-        not any(plan.ablate_below)
-        and be.supports_fused_update
-        and prune_fn is _FUSED_PRUNE
-        and growth_fn is _FUSED_GROWTH
-        and (importance_fn is None or importance_fn in _FUSED_SOURCE)
-    ):
-        source = None if importance_fn is None else _FUSED_SOURCE[importance_fn]
-        result = _fused_update(be, layers, plan, source)
+    if fusion is not None:
+        result = _fused_update(be, layers, plan, fusion)
         if result is not None:
             return result
-    return _generic_update(be, layers, plan, prune, growth, prune_fn, growth_fn, importance_fn)
+    _check_finite(be, layers, plan)
+    return _stepwise_update(be, layers, plan)
+
+
+# -- the plan: every option checked, every mode looked up --------------------------------------
 
 
 @dataclass(frozen=True)
 class _Plan:
-    """The options of one update that both paths share."""
+    """The options of one update, checked, with the chosen modes' registrations."""
 
     prune_rate: float
     update_index: int
@@ -148,8 +139,16 @@ class _Plan:
     max_density: float
     min_density: float
     step: int | None
+    prune: ModeInfo
+    growth: ModeInfo
+    importance: ModeInfo | None  # None: redistribution "none"
     revive: bool = False
     ablate_below: tuple[float, ...] = ()
+
+    def reads(self, signal: str) -> bool:
+        """Does a chosen mode read ``signal`` (:data:`sparsecore.modes.SIGNALS`)?"""
+        modes = (self.prune, self.growth, self.importance)
+        return any(signal in mode.reads for mode in modes if mode is not None)
 
     def floors(self, sizes: Sequence[int]) -> list[int]:
         """Per layer, the fewest active weights pruning may leave (``min_density``)."""
@@ -157,26 +156,194 @@ class _Plan:
             min(math.ceil(self.min_density * n), math.floor(self.max_density * n)) for n in sizes
         ]
 
+    def keys(self, layers: int) -> list[HashKey]:
+        """Per layer, the key of this update's tie-breaking hash."""
+        return [HashKey(self.seed, self.update_index, i) for i in range(layers)]
 
-def _budgets(
+
+def _plan(
     layers: Sequence[Layer],
-    plan: _Plan,
-    sizes: list[int],
-    kept: list[int],
-    pruned_counts: list[int],
-    shares: np.ndarray,
-    room: list[int] | None = None,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Step 3, the shared host routine: capacities, budgets g_l and the reported shares.
+    *,
+    prune_rate: Any,
+    update_index: Any,
+    seed: Any,
+    prune: str,
+    growth: str,
+    redistribution: str,
+    max_density: Any,
+    min_density: Any,
+    step: Any,
+    revive: Any,
+    ablate_below: Any,
+) -> _Plan:
+    rate, index, seed, max_density, min_density, step = _check_update_args(
+        prune_rate, update_index, seed, max_density, min_density, step
+    )
+    prune_mode = PRUNE.info(prune)
+    growth_mode = GROWTH.info(growth)
+    importance = None if redistribution == "none" else IMPORTANCE.info(redistribution)
+    return _Plan(
+        rate,
+        index,
+        seed,
+        redistribution,
+        max_density,
+        min_density,
+        step,
+        prune_mode,
+        growth_mode,
+        importance,
+        check_flag("revive_dead_units", revive),
+        _ablation_fractions(layers, ablate_below),
+    )
 
-    ``room``: per layer, the free positions outside ablated units (``ablate_below``), a further
-    bound on the capacity."""
-    caps = capacities(sizes, kept, plan.max_density)
-    if room is not None:
-        caps = np.minimum(caps, np.asarray(room, dtype=caps.dtype))
-    total_pruned = sum(pruned_counts)
+
+@dataclass(frozen=True)
+class _Found:
+    """The layers as the update found them: sizes, active counts, hash keys, dead units."""
+
+    sizes: list[int]
+    nnz: list[int]
+    keys: list[HashKey]
+    dead: list[np.ndarray]
+
+
+# -- the update, step by step on the backend's operations ---------------------------------------
+
+
+def _stepwise_update(be: ArrayBackend, layers: Sequence[Layer], plan: _Plan) -> UpdateResult:
+    """The update written once against the backend interface, for any modes."""
+    found = _Found(
+        sizes=[math.prod(be.shape(layer.mask)) for layer in layers],
+        nnz=[be.count(layer.mask) for layer in layers],
+        keys=plan.keys(len(layers)),
+        dead=dead_units_of(be, layers),
+    )
+    scores = _importance(be, layers, plan, found)
+    pruned = _prune(be, layers, plan, found)
+    if any(plan.ablate_below):
+        _ablate(be, layers, plan, found, pruned)
+    budgets = _redistribute(layers, plan, found, pruned, scores)
+    grown = _regrow(be, layers, plan, found, pruned, budgets)
+    return _apply(be, layers, plan, found, pruned, budgets, grown, scores)
+
+
+def _importance(
+    be: ArrayBackend, layers: Sequence[Layer], plan: _Plan, found: _Found
+) -> list[float]:
+    """Step 1: each layer's importance score, read before pruning (0 without redistribution)."""
+    if plan.importance is None:
+        return [0.0] * len(layers)
+    fn = plan.importance.fn
+    scores = [float(fn(be, layer, n)) for layer, n in zip(layers, found.nnz)]
+    _check_scores(layers, scores, plan.redistribution)
+    return scores
+
+
+@dataclass
+class _Pruned:
+    """What pruning (and ablation) left: per layer, the kept mask, how many weights went, the
+    positions growth may not take (``blocked``) and the ablated units' positions (``cut``)."""
+
+    kept_masks: list[Any]
+    counts: list[int]
+    blocked: list[Any]
+    cut: list[Any | None]
+    ablated: list[np.ndarray]
+    room: list[int] | None = None  # free positions outside ablated units (ablate_below)
+
+
+def _prune(be: ArrayBackend, layers: Sequence[Layer], plan: _Plan, found: _Found) -> _Pruned:
+    """Step 2: the prune mode's choice per layer, checked (active positions, within the floor)."""
+    kept_masks, counts = [], []
+    fn, name = plan.prune.fn, plan.prune.name
+    for layer, n, floor_l, key in zip(layers, found.nnz, plan.floors(found.sizes), found.keys):
+        pruned = fn(be, layer, plan.prune_rate, max(0, n - floor_l), key)
+        r = be.count(pruned)
+        kept_mask = be.and_not(layer.mask, pruned)
+        # |mask & ~pruned| == n - r exactly when every pruned position was active.
+        if be.count(kept_mask) != n - r:
+            raise SparseCoreError(
+                f"layer {layer.name!r}: prune mode {name!r} selected inactive positions"
+            )
+        if r > max(0, n - floor_l):
+            raise SparseCoreError(
+                f"layer {layer.name!r}: prune mode {name!r} removed {r} weights, more than the "
+                f"{max(0, n - floor_l)} allowed by min_density={plan.min_density}"
+            )
+        kept_masks.append(kept_mask)
+        counts.append(r)
+    return _Pruned(
+        kept_masks=kept_masks,
+        counts=counts,
+        blocked=list(kept_masks),  # growth may only take positions inactive here
+        cut=[None] * len(layers),
+        ablated=[np.zeros(d.size, dtype=bool) for d in found.dead],
+    )
+
+
+def _ablate(
+    be: ArrayBackend, layers: Sequence[Layer], plan: _Plan, found: _Found, pruned: _Pruned
+) -> None:
+    """Step 2b (``ablate_below``): empty the units pruning left with a small fan-in; their
+    weights join the regrowth pool and their positions stay empty at this update."""
+    pruned.room = []
+    for i, (layer, floor_l) in enumerate(zip(layers, plan.floors(found.sizes))):
+        size = found.sizes[i]
+        if not plan.ablate_below[i]:
+            pruned.room.append(size)  # no bound beyond the capacity's own
+            continue
+        active = be.unit_count(pruned.kept_masks[i], layer.axis, active=True)
+        ablated = ablated_units(
+            active,
+            ablate_below=plan.ablate_below[i],
+            per_unit=size // active.size,
+            nnz_before=found.nnz[i],
+            removable=max(0, found.nnz[i] - floor_l) - pruned.counts[i],
+            key=found.keys[i],
+        )
+        pruned.ablated[i] = ablated
+        if ablated.any():
+            quotas = np.where(ablated, size // active.size, 0).astype(np.int64)
+            cut = be.select_per_unit(
+                layer.weight,
+                be.zeros_mask(layer.mask),
+                quotas,
+                axis=layer.axis,
+                among_active=False,
+                largest=True,
+                magnitude=True,
+                key=found.keys[i],
+            )
+            kept_mask = be.and_not(pruned.kept_masks[i], cut)
+            pruned.counts[i] += int(active[ablated].sum())
+            pruned.kept_masks[i] = kept_mask
+            pruned.cut[i] = cut
+            pruned.blocked[i] = be.logical_or(kept_mask, cut)
+        pruned.room.append(size - be.count(pruned.blocked[i]))
+
+
+@dataclass(frozen=True)
+class _Budgets:
+    """Step 3's result per layer: capacity, regrowth budget g_l and the reported share."""
+
+    caps: np.ndarray
+    grow: np.ndarray
+    shares: np.ndarray
+
+
+def _redistribute(
+    layers: Sequence[Layer], plan: _Plan, found: _Found, pruned: _Pruned, scores: list[float]
+) -> _Budgets:
+    """Step 3, the shared host routine: capacities, then budgets g_l from the importance shares
+    (:func:`~sparsecore.redistribute.split_budget`), or each layer's own pruned count."""
+    kept = [n - r for n, r in zip(found.nnz, pruned.counts)]
+    caps = capacities(found.sizes, kept, plan.max_density)
+    if pruned.room is not None:
+        caps = np.minimum(caps, np.asarray(pruned.room, dtype=caps.dtype))
+    total_pruned = sum(pruned.counts)
     if plan.redistribution == "none":
-        budgets = np.asarray(pruned_counts, dtype=np.int64)
+        budgets = np.asarray(pruned.counts, dtype=np.int64)
         over = np.flatnonzero(budgets > caps)
         if over.size:
             i = int(over[0])
@@ -186,127 +353,47 @@ def _budgets(
             )
         shares = budgets / total_pruned if total_pruned else np.zeros(len(layers))
     else:
+        shares = importance_shares(scores, found.sizes)
         budgets = split_budget(total_pruned, shares, caps)
-    return caps, budgets, shares
+    return _Budgets(caps, budgets, shares)
 
 
-def _check_scores(layers: Sequence[Layer], scores: list[float], redistribution: str) -> None:
-    for layer, s in zip(layers, scores):
-        if not (math.isfinite(s) and s >= 0):
-            raise SparseCoreError(
-                f"layer {layer.name!r}: importance mode {redistribution!r} returned {s!r}; "
-                f"it must be finite and >= 0"
-            )
+@dataclass(frozen=True)
+class _Grown:
+    """Step 4's result per layer: the new mask and the revived positions (None: none)."""
+
+    masks: list[Any]
+    revived: list[Any | None]
 
 
-def _generic_update(
+def _regrow(
     be: ArrayBackend,
     layers: Sequence[Layer],
     plan: _Plan,
-    prune: str,
-    growth: str,
-    prune_fn: Any,
-    growth_fn: Any,
-    importance_fn: Any,
-) -> UpdateResult:
-    """The update written once against the backend interface, for any modes."""
-    check_layers(
-        be,
-        layers,
-        momentum=plan.redistribution in NEEDS_MOMENTUM["importance"]
-        or growth in NEEDS_MOMENTUM["growth"],
-        grad=growth in NEEDS_GRAD["growth"],
-    )
-
-    sizes = [math.prod(be.shape(layer.mask)) for layer in layers]
-    nnz = [be.count(layer.mask) for layer in layers]
-    keys = [HashKey(plan.seed, plan.update_index, i) for i in range(len(layers))]
-    dead = dead_units_of(be, layers)  # as the update found the layers
-
-    # 1. importance, before pruning
-    scores = [0.0] * len(layers)
-    if importance_fn is not None:
-        scores = [float(importance_fn(be, layer, n)) for layer, n in zip(layers, nnz)]
-        _check_scores(layers, scores, plan.redistribution)
-    shares = importance_shares(scores, sizes)
-
-    # 2. prune
-    kept_masks, pruned_counts = [], []
-    for layer, n, floor_l, key in zip(layers, nnz, plan.floors(sizes), keys):
-        pruned = prune_fn(be, layer, plan.prune_rate, max(0, n - floor_l), key)
-        r = be.count(pruned)
-        kept_mask = be.and_not(layer.mask, pruned)
-        # |mask & ~pruned| == n - r exactly when every pruned position was active.
-        if be.count(kept_mask) != n - r:
-            raise SparseCoreError(
-                f"layer {layer.name!r}: prune mode {prune!r} selected inactive positions"
-            )
-        if r > max(0, n - floor_l):
-            raise SparseCoreError(
-                f"layer {layer.name!r}: prune mode {prune!r} removed {r} weights, more than the "
-                f"{max(0, n - floor_l)} allowed by min_density={plan.min_density}"
-            )
-        kept_masks.append(kept_mask)
-        pruned_counts.append(r)
-
-    # 2b. ablate units left with a small fan-in (ablate_below): their weights join the pool
-    ablated = [np.zeros(dead[i].size, dtype=bool) for i in range(len(layers))]
-    blocked: list[Any] = list(kept_masks)  # growth may only take positions inactive here
-    cut: list[Any | None] = [None] * len(layers)  # every position of the ablated units
-    room: list[int] | None = None
-    if any(plan.ablate_below):
-        room = []
-        for i, (layer, floor_l) in enumerate(zip(layers, plan.floors(sizes))):
-            if not plan.ablate_below[i]:
-                room.append(sizes[i])  # no bound beyond the capacity's own
-                continue
-            active = be.unit_count(kept_masks[i], layer.axis, active=True)
-            ablated[i] = ablated_units(
-                active,
-                ablate_below=plan.ablate_below[i],
-                per_unit=sizes[i] // active.size,
-                nnz_before=nnz[i],
-                removable=max(0, nnz[i] - floor_l) - pruned_counts[i],
-                key=keys[i],
-            )
-            if ablated[i].any():
-                quotas = np.where(ablated[i], sizes[i] // active.size, 0).astype(np.int64)
-                cut[i] = be.select_per_unit(
-                    layer.weight,
-                    be.zeros_mask(layer.mask),
-                    quotas,
-                    axis=layer.axis,
-                    among_active=False,
-                    largest=True,
-                    magnitude=True,
-                    key=keys[i],
-                )
-                kept_mask = be.and_not(kept_masks[i], cut[i])
-                pruned_counts[i] += int(active[ablated[i]].sum())
-                kept_masks[i] = kept_mask
-                blocked[i] = be.logical_or(kept_mask, cut[i])
-            room.append(sizes[i] - be.count(blocked[i]))
-    kept = [n - r for n, r in zip(nnz, pruned_counts)]
-
-    # 3. redistribute
-    caps, budgets, shares = _budgets(layers, plan, sizes, kept, pruned_counts, shares, room)
-
-    # 4. regrow (dead units first, when reviving), 5. new masks
-    masks, reports = [], []
+    found: _Found,
+    pruned: _Pruned,
+    budgets: _Budgets,
+) -> _Grown:
+    """Step 4: the growth mode's choice per layer (dead units first, when reviving), checked
+    (exactly the budget, inactive positions only), joined with what pruning kept."""
+    masks: list[Any] = []
     revived: list[Any | None] = [None] * len(layers)
+    name = plan.growth.name
     for i, layer in enumerate(layers):
-        g = int(budgets[i])
-        start = blocked[i]
-        to_revive = dead[i] & ~ablated[i]
+        g = int(budgets.grow[i])
+        start = pruned.blocked[i]
+        to_revive = found.dead[i] & ~pruned.ablated[i]
         if plan.revive and g > 0 and to_revive.any():
-            start, revived[i] = _revive(be, layer, blocked[i], g, to_revive, keys[i])
+            start, revived[i] = _revive(be, layer, pruned.blocked[i], g, to_revive, found.keys[i])
         rest = g - (0 if revived[i] is None else be.count(revived[i]))  # for the growth mode
-        grown = growth_fn(be, layer, start, rest, keys[i])
+        grown = plan.growth.fn(be, layer, start, rest, found.keys[i])
         joined = be.logical_or(start, grown)
-        new_mask = joined if cut[i] is None else be.and_not(joined, cut[i])
-        if be.count(grown) != rest or be.count(new_mask) != kept[i] + g:
+        cut = pruned.cut[i]
+        new_mask = joined if cut is None else be.and_not(joined, cut)
+        kept = found.nnz[i] - pruned.counts[i]
+        if be.count(grown) != rest or be.count(new_mask) != kept + g:
             raise SparseCoreError(
-                f"layer {layer.name!r}: growth mode {growth!r} must activate exactly {rest} "
+                f"layer {layer.name!r}: growth mode {name!r} must activate exactly {rest} "
                 f"inactive positions, got {be.count(grown)} (of which "
                 f"{be.count(start) + be.count(grown) - be.count(joined)} were already active)"
             )
@@ -314,36 +401,7 @@ def _generic_update(
             fresh = be.and_not(revived[i], layer.mask)
             revived[i] = fresh if be.count(fresh) else None
         masks.append(new_mask)
-        # nnz_after - nnz_before == net_grown - net_pruned, so one count gives both.
-        net_grown = be.count(be.and_not(new_mask, layer.mask))
-        reports.append(
-            LayerReport(
-                name=layer.name,
-                size=sizes[i],
-                nnz_before=nnz[i],
-                nnz_after=kept[i] + g,
-                pruned=pruned_counts[i],
-                grown=g,
-                net_pruned=net_grown - (kept[i] + g - nnz[i]),
-                net_grown=net_grown,
-                importance=scores[i],
-                share=float(shares[i]),
-                capacity=int(caps[i]),
-                units=int(dead[i].size),
-                dead_units=int(dead[i].sum()),
-                revived=0 if revived[i] is None else be.count(revived[i]),
-                ablated=int(ablated[i].sum()),
-            )
-        )
-    if all(r is None for r in revived):
-        return _finish(plan, nnz, masks, reports, None)
-    weights = []
-    for layer, mask, fresh, key in zip(layers, masks, revived, keys):
-        w = be.apply(layer.weight, layer.mask, mask)
-        if fresh is not None:
-            w = be.signed_fill(w, fresh, revival_scale(be.shape(w), layer.axis), key)
-        weights.append(w)
-    return _finish(plan, nnz, masks, reports, weights, revived)
+    return _Grown(masks, revived)
 
 
 def _revive(
@@ -371,76 +429,146 @@ def _revive(
     return be.logical_or(kept_mask, grown), grown
 
 
-def _fused_update(
-    be: ArrayBackend, layers: Sequence[Layer], plan: _Plan, source: str | None
-) -> UpdateResult | None:
-    """Magnitude pruning + momentum growth through the backend's fused capability.
+def _apply(
+    be: ArrayBackend,
+    layers: Sequence[Layer],
+    plan: _Plan,
+    found: _Found,
+    pruned: _Pruned,
+    budgets: _Budgets,
+    grown: _Grown,
+    scores: list[float],
+) -> UpdateResult:
+    """Step 5: the report, and the new weights when dead units were revived (grown at
+    +-scale); otherwise the caller applies the masks (:func:`apply_masks`)."""
+    reports = []
+    for i, (layer, new_mask) in enumerate(zip(layers, grown.masks)):
+        g, kept = int(budgets.grow[i]), found.nnz[i] - pruned.counts[i]
+        # nnz_after - nnz_before == net_grown - net_pruned, so one count gives both.
+        net_grown = be.count(be.and_not(new_mask, layer.mask))
+        revived = grown.revived[i]
+        reports.append(
+            LayerReport(
+                name=layer.name,
+                size=found.sizes[i],
+                nnz_before=found.nnz[i],
+                nnz_after=kept + g,
+                pruned=pruned.counts[i],
+                grown=g,
+                net_pruned=net_grown - (kept + g - found.nnz[i]),
+                net_grown=net_grown,
+                importance=scores[i],
+                share=float(budgets.shares[i]),
+                capacity=int(budgets.caps[i]),
+                units=int(found.dead[i].size),
+                dead_units=int(found.dead[i].sum()),
+                revived=0 if revived is None else be.count(revived),
+                ablated=int(pruned.ablated[i].sum()),
+            )
+        )
+    if all(r is None for r in grown.revived):
+        return _finish(plan, found.nnz, grown.masks, reports, None)
+    weights = []
+    for layer, mask, fresh, key in zip(layers, grown.masks, grown.revived, found.keys):
+        w = be.apply(layer.weight, layer.mask, mask)
+        if fresh is not None:
+            w = be.signed_fill(w, fresh, revival_scale(be.shape(w), layer.axis), key)
+        weights.append(w)
+    return _finish(plan, found.nnz, grown.masks, reports, weights, grown.revived)
 
-    Same checks, host routine, masks and report as :func:`_generic_update`; the finiteness checks
-    ride along the two reads. Whenever something is wrong, the generic checks run first so the
-    error raised is the generic path's. Returns None to hand the update to the generic path
-    (layers the backend's fused kernels do not take).
+
+# -- the update through a backend's fused passes -----------------------------------------------
+
+
+def _fused_update(
+    be: ArrayBackend, layers: Sequence[Layer], plan: _Plan, fusion: Fusion
+) -> UpdateResult | None:
+    """The same steps with the array work in the backend's two fused passes (:mod:`.fusion`):
+    the scan gives what step 1 and the prune counts need, the host routine (step 3) runs as
+    step by step, one pass prunes and regrows (steps 2 and 4), and the report is the same.
+
+    NaN/Inf are found by the passes' reads; when they find one, :func:`_check_finite` names the
+    array exactly as the step-by-step path would have. Returns None to go step by step (layers
+    the backend's passes do not take, or dead units to revive).
     """
-    try:
-        check_layers(be, layers, momentum=True, grad=False, finite=False)
-    except SparseCoreError:
-        check_layers(be, layers, momentum=True, grad=False)  # an earlier NaN is reported first
-        raise
-    scans = be.fused_scan(layers, source=source)
+    scans = fusion.update.scan(layers, source=fusion.source)
     if scans is None:
         return None
     if not all(scan.finite for scan in scans):
-        check_layers(be, layers, momentum=True, grad=False)  # raises the generic path's error
-        return None  # pragma: no cover - a float64 sum overflowed: the generic path decides
-    sizes = [math.prod(be.shape(layer.mask)) for layer in layers]
-    nnz = [scan.nnz for scan in scans]
-    keys = [HashKey(plan.seed, plan.update_index, i) for i in range(len(layers))]
-    dead = dead_units_of(be, layers)
+        _check_finite(be, layers, plan)
+        return None  # pragma: no cover - a float64 sum overflowed: the step-by-step path decides
+    found = _Found(
+        sizes=[math.prod(be.shape(layer.mask)) for layer in layers],
+        nnz=[scan.nnz for scan in scans],
+        keys=plan.keys(len(layers)),
+        dead=dead_units_of(be, layers),
+    )
     try:
-        if source is None:
-            scores = [float(n) if plan.redistribution == "nonzero" else 0.0 for n in nnz]
-        else:  # the mean over active positions, or over all of an empty layer (modes.py)
-            scores = [
-                float(scan.active_abs_sum / n if n else scan.total_abs_sum / size)
-                for scan, n, size in zip(scans, nnz, sizes)
-            ]
+        scores = [_scanned_importance(plan, scan, size) for scan, size in zip(scans, found.sizes)]
         _check_scores(layers, scores, plan.redistribution)
-        shares = importance_shares(scores, sizes)
-        pruned_counts = [
+        counts = [
             magnitude_prune_count(plan.prune_rate, n, max(0, n - floor_l))
-            for n, floor_l in zip(nnz, plan.floors(sizes))
+            for n, floor_l in zip(found.nnz, plan.floors(found.sizes))
         ]
-        kept = [n - r for n, r in zip(nnz, pruned_counts)]
-        caps, budgets, shares = _budgets(layers, plan, sizes, kept, pruned_counts, shares)
+        pruned = _Pruned(
+            kept_masks=[],
+            counts=counts,
+            blocked=[],
+            cut=[None] * len(layers),
+            ablated=[np.zeros(d.size, dtype=bool) for d in found.dead],
+        )
+        budgets = _redistribute(layers, plan, found, pruned, scores)
     except SparseCoreError:
-        # the generic path checks every weight for NaN/Inf before it gets here
-        check_layers(be, layers, momentum=True, grad=False)
+        _check_finite(be, layers, plan)  # a NaN weight (not read by the scan) is reported first
         raise
-    if plan.revive and any(d.any() and g > 0 for d, g in zip(dead, budgets)):
-        return None  # dead units to revive: the generic path grows them
-    fused = be.fused_prune_regrow(layers, nnz, pruned_counts, [int(g) for g in budgets], keys)
+    if plan.revive and any(d.any() and g > 0 for d, g in zip(found.dead, budgets.grow)):
+        return None  # dead units to revive: the step-by-step path grows them
+    fused = fusion.update.prune_regrow(
+        layers, found.nnz, counts, [int(g) for g in budgets.grow], found.keys
+    )
     if fused is None:
-        check_layers(be, layers, momentum=True, grad=False)  # raises the generic path's error
+        _check_finite(be, layers, plan)  # raises, naming the NaN/Inf weight
         raise RuntimeError("the fused update reported a NaN/Inf weight the checks did not find")
     reports = [
         LayerReport(
             name=layer.name,
-            size=sizes[i],
-            nnz_before=nnz[i],
-            nnz_after=kept[i] + int(budgets[i]),
-            pruned=pruned_counts[i],
-            grown=int(budgets[i]),
+            size=found.sizes[i],
+            nnz_before=found.nnz[i],
+            nnz_after=found.nnz[i] - counts[i] + int(budgets.grow[i]),
+            pruned=counts[i],
+            grown=int(budgets.grow[i]),
             net_pruned=out.net_pruned,
             net_grown=out.net_grown,
             importance=scores[i],
-            share=float(shares[i]),
-            capacity=int(caps[i]),
-            units=int(dead[i].size),
-            dead_units=int(dead[i].sum()),
+            share=float(budgets.shares[i]),
+            capacity=int(budgets.caps[i]),
+            units=int(found.dead[i].size),
+            dead_units=int(found.dead[i].sum()),
         )
         for i, (layer, out) in enumerate(zip(layers, fused))
     ]
-    return _finish(plan, nnz, [out.mask for out in fused], reports, [out.weight for out in fused])
+    return _finish(
+        plan, found.nnz, [out.mask for out in fused], reports, [out.weight for out in fused]
+    )
+
+
+def _scanned_importance(plan: _Plan, scan: LayerScan, size: int) -> float:
+    """Step 1 from a scan: the built-in rules' scores (:mod:`sparsecore.modes`)."""
+    if plan.importance is None:
+        return 0.0
+    if plan.importance.rule == "nonzero":
+        return float(scan.nnz)
+    # the mean |x| over the active positions, or over all of an empty layer
+    return float(scan.active_abs_sum / scan.nnz if scan.nnz else scan.total_abs_sum / size)
+
+
+def _check_scores(layers: Sequence[Layer], scores: list[float], redistribution: str) -> None:
+    for layer, s in zip(layers, scores):
+        if not (math.isfinite(s) and s >= 0):
+            raise SparseCoreError(
+                f"layer {layer.name!r}: importance mode {redistribution!r} returned {s!r}; "
+                f"it must be finite and >= 0"
+            )
 
 
 def _finish(
@@ -449,7 +577,7 @@ def _finish(
     masks: list[Any],
     reports: list[LayerReport],
     weights: list[Any] | None,
-    revived: list[Any] | None = None,
+    revived: list[Any | None] | None = None,
 ) -> UpdateResult:
     if sum(r.nnz_after for r in reports) != sum(nnz):  # pragma: no cover - guarded above
         raise RuntimeError("mask update changed the total number of active weights")
@@ -498,8 +626,39 @@ def check_layers(
 ) -> None:
     """Raise :class:`SparseCoreError` for the first bad layer; change nothing.
 
-    ``finite=False`` leaves out the NaN/Inf checks (the fused update makes them in its passes).
+    First the structure of every layer (types, dtypes, shapes, the arrays the modes read), then,
+    unless ``finite=False``, NaN/Inf in the arrays read (:class:`NonFiniteError`).
     """
+    _check_structure(backend, layers, momentum=momentum, grad=grad)
+    if finite:
+        _check_finite_arrays(backend, layers, momentum=momentum, grad=grad)
+
+
+def _check_finite(backend: ArrayBackend, layers: Sequence[Layer], plan: _Plan) -> None:
+    """NaN/Inf in the arrays this update reads: the first one raises naming layer and array."""
+    _check_finite_arrays(backend, layers, momentum=plan.reads("momentum"), grad=plan.reads("grad"))
+
+
+def _check_finite_arrays(
+    backend: ArrayBackend, layers: Sequence[Layer], *, momentum: bool, grad: bool
+) -> None:
+    for layer in layers:
+        for label, array, read in (
+            ("weight", layer.weight, True),
+            ("momentum", layer.momentum, momentum),
+            ("grad", layer.grad, grad),
+        ):
+            if read and not backend.all_finite(array):
+                raise NonFiniteError(
+                    f"layer {layer.name!r}: {label} contains NaN or Inf; the mask update was not "
+                    f"made (nothing changed)"
+                )
+
+
+def _check_structure(
+    backend: ArrayBackend, layers: Sequence[Layer], *, momentum: bool, grad: bool
+) -> None:
+    """Types, dtypes and shapes of every layer, and the presence of the arrays read."""
     if len(layers) == 0:
         raise SparseCoreError("no layers given: a mask update needs at least one sparse layer")
     seen: set[str] = set()
@@ -531,31 +690,23 @@ def check_layers(
             raise SparseCoreError(
                 f"layer {name!r}: output axis {layer.axis} is out of range for shape {shape}"
             )
-        needed = [
-            ("weight", layer.weight, True),
+        for label, array, required in (
             ("momentum", layer.momentum, momentum),
             ("grad", layer.grad, grad),
-        ]
-        for label, array, required in needed:
+        ):
             if array is None:
                 if required:
                     raise SparseCoreError(
                         f"layer {name!r}: this update needs its {label} (the chosen modes read it)"
                     )
                 continue
-            if label != "weight":
-                if not backend.owns(array) or backend.dtype_kind(array) != "f":
-                    raise SparseCoreError(
-                        f"layer {name!r}: {label} must be a floating-point {backend.name} array"
-                    )
-                if backend.shape(array) != shape:
-                    raise SparseCoreError(
-                        f"layer {name!r}: {label} shape {backend.shape(array)} differs from weight shape {shape}"
-                    )
-            if finite and required and not backend.all_finite(array):
-                raise NonFiniteError(
-                    f"layer {name!r}: {label} contains NaN or Inf; the mask update was not made "
-                    f"(nothing changed)"
+            if not backend.owns(array) or backend.dtype_kind(array) != "f":
+                raise SparseCoreError(
+                    f"layer {name!r}: {label} must be a floating-point {backend.name} array"
+                )
+            if backend.shape(array) != shape:
+                raise SparseCoreError(
+                    f"layer {name!r}: {label} shape {backend.shape(array)} differs from weight shape {shape}"
                 )
 
 
