@@ -116,7 +116,7 @@ def test_the_decorator_takes_reads_too(registered) -> None:
     ("reads", "match"),
     [
         ("momentum", r"reads must be a tuple .* reads=\('momentum',\)"),
-        (("hessian",), r"unknown signal\(s\) \['hessian'\]"),
+        (("hessian",), r"reads names unknown signal\(s\) \['hessian'\]"),
         (3, "reads must be a tuple"),
     ],
 )
