@@ -187,7 +187,10 @@ def signals_read(*, prune: str, growth: str, redistribution: str) -> frozenset[s
     modes = [PRUNE.info(prune), GROWTH.info(growth)]
     if redistribution != "none":
         modes.append(IMPORTANCE.info(redistribution))
-    return frozenset().union(*(m.reads for m in modes))
+    signals: frozenset[str] = frozenset()
+    for mode in modes:
+        signals |= mode.reads
+    return signals
 
 
 def _registrar(table: ModeTable[Any], name: str, fn: Any, reads: Iterable[str] | None) -> Any:
