@@ -94,7 +94,10 @@ class ModeTable(MutableMapping[str, Fn], Generic[Fn]):
             )
         if not callable(fn):
             raise SparseCoreError(f"{self.kind} mode {name!r} must be a function, got {fn!r}")
-        rule, builtin_reads = _BUILTIN.get(fn, (None, frozenset()))
+        try:
+            rule, builtin_reads = _BUILTIN.get(fn, (None, frozenset()))
+        except TypeError:  # an unhashable callable object: never a built-in
+            rule, builtin_reads = None, frozenset()
         signals = builtin_reads if reads is None else _check_reads(self.kind, name, reads)
         info = ModeInfo(self.kind, name, fn, signals, rule)
         self._modes[name] = info
@@ -241,14 +244,15 @@ def register_growth(name: str, fn: Any = None, *, reads: Iterable[str] | None = 
     return _registrar(GROWTH, name, fn, reads)
 
 
-def _builtin(table: ModeTable[Any], name: str, *reads: str) -> Callable[[Mode], Mode]:
-    """Register a library mode: its rule is its name, and it keeps it (and ``reads``) wherever
-    it is registered again."""
+def _builtin(register: Callable[..., Any], name: str, *reads: str) -> Callable[[Mode], Mode]:
+    """Register a library mode through the public ``register`` function, exactly as a user
+    would, and record the rule it computes (its name) with what it reads: the function keeps
+    both wherever it is registered again (:class:`ModeInfo`)."""
 
     def decorate(fn: Mode) -> Mode:
         _BUILTIN[fn] = (name, frozenset(reads))
-        table.register(name, fn)
-        return fn
+        registered: Mode = register(name, fn, reads=reads)
+        return registered
 
     return decorate
 
@@ -280,19 +284,19 @@ def _mean_abs_active(backend: ArrayBackend, x: Any, layer: Layer, nnz: int) -> f
     return backend.abs_sum(x, layer.mask) / nnz
 
 
-@_builtin(IMPORTANCE, "momentum", "momentum")
+@_builtin(register_importance, "momentum", "momentum")
 def momentum_importance(backend: ArrayBackend, layer: Layer, nnz: int) -> float:
     """Mean ``|momentum|`` over the active positions (the paper's redistribution)."""
     return _mean_abs_active(backend, layer.momentum, layer, nnz)
 
 
-@_builtin(IMPORTANCE, "magnitude", "weight")
+@_builtin(register_importance, "magnitude", "weight")
 def magnitude_importance(backend: ArrayBackend, layer: Layer, nnz: int) -> float:
     """Mean ``|weight|`` over the active positions."""
     return _mean_abs_active(backend, layer.weight, layer, nnz)
 
 
-@_builtin(IMPORTANCE, "nonzero")
+@_builtin(register_importance, "nonzero")
 def nonzero_importance(backend: ArrayBackend, layer: Layer, nnz: int) -> float:
     """The layer's active count: the freed weights go back in proportion to layer size."""
     return float(nnz)
@@ -307,7 +311,7 @@ def magnitude_prune_count(rate: float, nnz: int, max_prune: int) -> int:
     return min(round_half_even(rate * nnz), max_prune)
 
 
-@_builtin(PRUNE, "magnitude", "weight")
+@_builtin(register_prune, "magnitude", "weight")
 def magnitude_prune(
     backend: ArrayBackend, layer: Layer, rate: float, max_prune: int, key: HashKey
 ) -> Any:
@@ -318,7 +322,7 @@ def magnitude_prune(
     )
 
 
-@_builtin(PRUNE, "SET", "weight")
+@_builtin(register_prune, "SET", "weight")
 def set_prune(
     backend: ArrayBackend, layer: Layer, rate: float, max_prune: int, key: HashKey
 ) -> Any:
@@ -359,7 +363,7 @@ def set_prune(
 # -- growth -----------------------------------------------------------------------------------
 
 
-@_builtin(GROWTH, "momentum", "momentum")
+@_builtin(register_growth, "momentum", "momentum")
 def momentum_growth(backend: ArrayBackend, layer: Layer, mask: Any, k: int, key: HashKey) -> Any:
     """Activate the ``k`` inactive positions with the largest ``|momentum|``."""
     return backend.select(
@@ -367,7 +371,7 @@ def momentum_growth(backend: ArrayBackend, layer: Layer, mask: Any, k: int, key:
     )
 
 
-@_builtin(GROWTH, "gradient", "grad")
+@_builtin(register_growth, "gradient", "grad")
 def gradient_growth(backend: ArrayBackend, layer: Layer, mask: Any, k: int, key: HashKey) -> Any:
     """Activate the ``k`` inactive positions with the largest ``|dense gradient|`` (as RigL)."""
     return backend.select(
@@ -375,7 +379,7 @@ def gradient_growth(backend: ArrayBackend, layer: Layer, mask: Any, k: int, key:
     )
 
 
-@_builtin(GROWTH, "random")
+@_builtin(register_growth, "random")
 def random_growth(backend: ArrayBackend, layer: Layer, mask: Any, k: int, key: HashKey) -> Any:
     """Activate ``k`` inactive positions ranked by the position hash: random, reproducible."""
     scores = backend.position_hash(key, layer.weight)
@@ -384,7 +388,7 @@ def random_growth(backend: ArrayBackend, layer: Layer, mask: Any, k: int, key: H
     )
 
 
-@_builtin(GROWTH, "momentum_neuron", "momentum")
+@_builtin(register_growth, "momentum_neuron", "momentum")
 def momentum_neuron_growth(
     backend: ArrayBackend, layer: Layer, mask: Any, k: int, key: HashKey
 ) -> Any:

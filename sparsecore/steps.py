@@ -84,6 +84,8 @@ def make_plan(
     revive: Any,
     ablate_below: Any,
 ) -> Plan:
+    """Every option checked (a bad one raises naming it and its range) and every mode looked
+    up (an unknown one raises listing the registered ones)."""
     rate, index, seed, max_density, min_density, step = check_update_args(
         prune_rate, update_index, seed, max_density, min_density, step
     )
