@@ -27,8 +27,8 @@ def check_layers(
 ) -> None:
     """Raise :class:`SparseCoreError` for the first bad layer; change nothing.
 
-    First the structure of every layer (types, dtypes, shapes, the arrays the modes read), then,
-    unless ``finite=False``, NaN/Inf in the arrays read (:class:`NonFiniteError`).
+    ``finite=False`` leaves out the NaN/Inf checks (:func:`check_finite`), which a fused update
+    makes in its own passes.
     """
     check_structure(backend, layers, momentum=momentum, grad=grad)
     if finite:
@@ -38,6 +38,8 @@ def check_layers(
 def check_finite(
     backend: ArrayBackend, layers: Sequence[Layer], *, momentum: bool, grad: bool
 ) -> None:
+    """NaN/Inf in the arrays read (the weight; momentum and gradient when ``momentum`` and
+    ``grad`` say they are read): the first one, in layer order, raises naming layer and array."""
     for layer in layers:
         for label, array, read in (
             ("weight", layer.weight, True),
@@ -54,56 +56,72 @@ def check_finite(
 def check_structure(
     backend: ArrayBackend, layers: Sequence[Layer], *, momentum: bool, grad: bool
 ) -> None:
-    """Types, dtypes and shapes of every layer, and the presence of the arrays read."""
+    """Types, dtypes and shapes of every layer, and the presence of the arrays read.
+
+    The first bad layer is the one named, as if each layer were checked in full in turn: on a
+    bad layer, the layers before it are checked for NaN/Inf first (only then, on the way to an
+    error; an update that goes on checks them once, in its own way).
+    """
     if len(layers) == 0:
         raise SparseCoreError("no layers given: a mask update needs at least one sparse layer")
     seen: set[str] = set()
-    for layer in layers:
-        if not isinstance(layer, Layer):
-            raise SparseCoreError(f"expected sparsecore.Layer objects, got {type(layer).__name__}")
-        name = layer.name
-        if name in seen:
-            raise SparseCoreError(f"two layers are named {name!r}; layer names must be unique")
-        seen.add(name)
-        for label, array, kind in (("weight", layer.weight, "f"), ("mask", layer.mask, "b")):
-            if array is None or not backend.owns(array):
-                raise SparseCoreError(
-                    f"layer {name!r}: {label} must be a {backend.name} array, got {type(array).__name__}"
-                )
-            if backend.dtype_kind(array) != kind:
-                want = "a floating-point" if kind == "f" else "a boolean"
-                raise SparseCoreError(
-                    f"layer {name!r}: {label} must be {want} array, got dtype {array.dtype}"
-                )
-        shape = backend.shape(layer.weight)
-        if backend.shape(layer.mask) != shape:
+    for i, layer in enumerate(layers):
+        try:
+            _check_layer_structure(backend, layer, seen, momentum=momentum, grad=grad)
+        except SparseCoreError:
+            check_finite(backend, layers[:i], momentum=momentum, grad=grad)
+            raise
+
+
+def _check_layer_structure(
+    backend: ArrayBackend, layer: Layer, seen: set[str], *, momentum: bool, grad: bool
+) -> None:
+    """One layer's structure (``seen``: the names of the layers before it)."""
+    if not isinstance(layer, Layer):
+        raise SparseCoreError(f"expected sparsecore.Layer objects, got {type(layer).__name__}")
+    name = layer.name
+    if name in seen:
+        raise SparseCoreError(f"two layers are named {name!r}; layer names must be unique")
+    seen.add(name)
+    for label, array, kind in (("weight", layer.weight, "f"), ("mask", layer.mask, "b")):
+        if array is None or not backend.owns(array):
             raise SparseCoreError(
-                f"layer {name!r}: mask shape {backend.shape(layer.mask)} differs from weight shape {shape}"
+                f"layer {name!r}: {label} must be a {backend.name} array, got {type(array).__name__}"
             )
-        if len(shape) == 0 or math.prod(shape) == 0:
-            raise SparseCoreError(f"layer {name!r}: weight of shape {shape} has no elements")
-        if not -len(shape) <= layer.axis < len(shape):
+        if backend.dtype_kind(array) != kind:
+            want = "a floating-point" if kind == "f" else "a boolean"
             raise SparseCoreError(
-                f"layer {name!r}: output axis {layer.axis} is out of range for shape {shape}"
+                f"layer {name!r}: {label} must be {want} array, got dtype {array.dtype}"
             )
-        for label, array, required in (
-            ("momentum", layer.momentum, momentum),
-            ("grad", layer.grad, grad),
-        ):
-            if array is None:
-                if required:
-                    raise SparseCoreError(
-                        f"layer {name!r}: this update needs its {label} (the chosen modes read it)"
-                    )
-                continue
-            if not backend.owns(array) or backend.dtype_kind(array) != "f":
+    shape = backend.shape(layer.weight)
+    if backend.shape(layer.mask) != shape:
+        raise SparseCoreError(
+            f"layer {name!r}: mask shape {backend.shape(layer.mask)} differs from weight shape {shape}"
+        )
+    if len(shape) == 0 or math.prod(shape) == 0:
+        raise SparseCoreError(f"layer {name!r}: weight of shape {shape} has no elements")
+    if not -len(shape) <= layer.axis < len(shape):
+        raise SparseCoreError(
+            f"layer {name!r}: output axis {layer.axis} is out of range for shape {shape}"
+        )
+    for label, array, required in (
+        ("momentum", layer.momentum, momentum),
+        ("grad", layer.grad, grad),
+    ):
+        if array is None:
+            if required:
                 raise SparseCoreError(
-                    f"layer {name!r}: {label} must be a floating-point {backend.name} array"
+                    f"layer {name!r}: this update needs its {label} (the chosen modes read it)"
                 )
-            if backend.shape(array) != shape:
-                raise SparseCoreError(
-                    f"layer {name!r}: {label} shape {backend.shape(array)} differs from weight shape {shape}"
-                )
+            continue
+        if not backend.owns(array) or backend.dtype_kind(array) != "f":
+            raise SparseCoreError(
+                f"layer {name!r}: {label} must be a floating-point {backend.name} array"
+            )
+        if backend.shape(array) != shape:
+            raise SparseCoreError(
+                f"layer {name!r}: {label} shape {backend.shape(array)} differs from weight shape {shape}"
+            )
 
 
 def ablation_fractions(

@@ -240,3 +240,18 @@ def test_the_builtin_fused_backends_are_offered_through_the_protocol() -> None:
                            IMPORTANCE.info("magnitude"))  # fmt: skip
     assert chosen is not None and chosen.source == "weight"
     assert fusion.choose(numba, PRUNE.info("SET"), GROWTH.info("momentum"), None) is None
+
+
+def test_the_first_bad_layer_is_named_on_both_paths() -> None:
+    """A NaN weight in an earlier layer is named before a later layer's wrong shape, as if each
+    layer were checked in full in turn, though the fused path checks NaN/Inf in its passes."""
+    bad = layers()
+    bad[0].weight[1, 1] = math.nan
+    bad[2] = sc.Layer("l2", bad[2].weight, bad[2].mask, np.zeros((2, 2), np.float32))
+    for backend in (REFERENCE, FusingBackend()):
+        with pytest.raises(sc.NonFiniteError, match="'l0': weight contains NaN"):
+            sc.update(bad, prune_rate=0.5, backend=backend)
+    bad[0].weight[1, 1] = 0.0
+    for backend in (REFERENCE, FusingBackend()):
+        with pytest.raises(sc.SparseCoreError, match="'l2': momentum shape"):
+            sc.update(bad, prune_rate=0.5, backend=backend)
