@@ -398,19 +398,19 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _report(argv: Sequence[str]) -> int:
-    if importlib.util.find_spec("sparsecore.report") is None:
+    if importlib.util.find_spec("sparsecore.reporting") is None:
         print(
-            "sparsecore report: not available in this installation (module sparsecore.report "
+            "sparsecore report: not available in this installation (module sparsecore.reporting "
             "is missing)",
             file=sys.stderr,
         )
         return 2
-    module = importlib.import_module("sparsecore.report")
+    module = importlib.import_module("sparsecore.reporting")
     entry = getattr(module, "main", None)
     if not callable(entry):
         print(
             "sparsecore report: not available in this installation "
-            "(sparsecore.report has no main())",
+            "(sparsecore.reporting has no main())",
             file=sys.stderr,
         )
         return 2

@@ -95,10 +95,3 @@ class UpdateReport:
             extra=dict(data.get("extra", {})),
         )
 
-
-def main(argv: list[str] | None = None) -> int:
-    """``sparsecore report``: the command lives in :mod:`sparsecore.reporting` (loaded on demand,
-    so importing the report dataclasses never pulls in plotting)."""
-    from .reporting import main as report_main
-
-    return report_main(argv)
