@@ -398,19 +398,19 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _report(argv: Sequence[str]) -> int:
-    if importlib.util.find_spec("sparsecore.reporting") is None:
+    if importlib.util.find_spec("sparsecore.records.report_command") is None:
         print(
-            "sparsecore report: not available in this installation (module sparsecore.reporting "
-            "is missing)",
+            "sparsecore report: not available in this installation (module "
+            "sparsecore.records.report_command is missing)",
             file=sys.stderr,
         )
         return 2
-    module = importlib.import_module("sparsecore.reporting")
+    module = importlib.import_module("sparsecore.records.report_command")
     entry = getattr(module, "main", None)
     if not callable(entry):
         print(
             "sparsecore report: not available in this installation "
-            "(sparsecore.reporting has no main())",
+            "(sparsecore.records.report_command has no main())",
             file=sys.stderr,
         )
         return 2

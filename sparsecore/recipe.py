@@ -13,6 +13,8 @@ from collections.abc import Collection
 from dataclasses import asdict, dataclass, fields
 from typing import Any, TypeVar
 
+from .records.layer_table import plural
+
 #: SparseConfig options per method; "dense" attaches nothing. "static" keeps its initial random
 #: mask: with no update schedule (neither every-k-steps nor epoch ends) masks never change.
 METHOD_OPTIONS: dict[str, dict[str, Any]] = {
@@ -105,11 +107,6 @@ class TrainingInterrupted(KeyboardInterrupt):
             f"{where}; the last checkpoint is after epoch {self.saved_epoch}; continue with "
             f"`sparsecore train --resume {self.out}`"
         )
-
-
-def plural(count: int, noun: str) -> str:
-    """``"1 epoch"``, ``"20 epochs"``."""
-    return f"{count} {noun}{'' if count == 1 else 's'}"
 
 
 @dataclass

@@ -42,7 +42,7 @@ from sparsecore.errors import SparseCoreError
 from sparsecore.init import layer_counts
 from sparsecore.layers import Layer
 from sparsecore.modes import NEEDS_GRAD, NEEDS_MOMENTUM
-from sparsecore.report import UpdateReport
+from sparsecore.records.updates import UpdateReport
 from sparsecore.saved_state import (
     ENGINE_FIELDS,
     EngineState,
@@ -236,9 +236,9 @@ class SparseCallback(keras.callbacks.Callback):
         """Print a per-layer table, like Keras' ``model.summary()``: shape, size, active weights,
         density, ever-active fraction, what the last mask update pruned and regrew and the
         weight's share of its regrowth budget, and the total. The same renderer as the table of
-        ``sparsecore report`` (:mod:`sparsecore.layer_table`). ``print_fn`` gets each line
+        ``sparsecore report`` (:mod:`sparsecore.records.layer_table`). ``print_fn`` gets each line
         (default ``print``)."""
-        from sparsecore.layer_table import summary_text
+        from sparsecore.records.layer_table import summary_text
 
         engine = self.engine
         if engine is None:

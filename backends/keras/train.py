@@ -288,8 +288,8 @@ def run_training(
             SUMMARY_NAME: lambda path: path.write_text(json.dumps(summary, indent=2) + "\n"),
         }
         if isinstance(sparse, SparseCallback):
-            # run record for `sparsecore report` (sparsecore.telemetry)
-            from sparsecore.telemetry import TELEMETRY_NAME, record_from_run
+            # run record for `sparsecore report` (sparsecore.records.run_record)
+            from sparsecore.records.run_record import TELEMETRY_NAME, record_from_run
 
             reports = [r.to_dict() for r in sparse.history]
             files[TELEMETRY_NAME] = record_from_run(summary, reports).save

@@ -48,7 +48,7 @@ from sparsecore.hashing import HashKey
 from sparsecore.init import layer_counts
 from sparsecore.layers import Layer
 from sparsecore.modes import NEEDS_GRAD, NEEDS_MOMENTUM
-from sparsecore.report import UpdateReport
+from sparsecore.records.updates import UpdateReport
 from sparsecore.saved_state import EngineState, StateFields, expected_counts, read_engine_state
 from sparsecore.units import revival_scale
 
@@ -773,9 +773,9 @@ class SparseTraining:
         layer's share of its regrowth budget, the units and input channels that compaction
         leaves out (and, under ``kernels="compact..."``, the weight shape each layer computes
         with), and the total. The same renderer as the table of
-        ``sparsecore report`` (:mod:`sparsecore.layer_table`). ``print_fn`` gets each line
+        ``sparsecore report`` (:mod:`sparsecore.records.layer_table`). ``print_fn`` gets each line
         (default ``print``)."""
-        from sparsecore.layer_table import removed_channels, summary_text
+        from sparsecore.records.layer_table import removed_channels, summary_text
 
         shapes_run = None
         if self._router is not None and self._router.mode.startswith("compact"):

@@ -80,7 +80,9 @@ __all__ = [
 CHECKPOINT_NAME = "checkpoint.pt"
 SUMMARY_NAME = "summary.json"
 MASK_UPDATES_NAME = "mask_updates.json"
-TELEMETRY_NAME = "telemetry.json"  # sparsecore.telemetry's name for it (checked by the tests)
+TELEMETRY_NAME = (
+    "telemetry.json"  # sparsecore.records.run_record's name for it (checked by the tests)
+)
 
 
 class ResumeError(ValueError):
@@ -491,7 +493,7 @@ def run_training(
             raise ValueError(f"invalid threads: {threads!r}")
         torch.set_num_threads(threads)
     if tensorboard is not None:
-        from sparsecore.telemetry import require_tensorboard
+        from sparsecore.records.tensorboard import require_tensorboard
 
         require_tensorboard()
 
@@ -743,7 +745,8 @@ def run_training(
         raise TrainingInterrupted(epoch, saved_epoch, out) from None
 
     if tensorboard is not None and epochs_done:
-        from sparsecore.telemetry import record_from_run, write_tensorboard
+        from sparsecore.records.run_record import record_from_run
+        from sparsecore.records.tensorboard import write_tensorboard
 
         write_tensorboard(record_from_run(_json_ready(summary), mask_updates), tensorboard)
     if start_epoch > cfg.epochs:
@@ -818,7 +821,7 @@ def _summary(
     )
 
 
-# -- run record for `sparsecore report` (sparsecore.telemetry) --------------------------------------
+# -- run record for `sparsecore report` (sparsecore.records) -----------------------------------
 def _write_telemetry(
     path: Path,
     summary: dict[str, Any],
@@ -829,7 +832,7 @@ def _write_telemetry(
 ) -> None:
     """Write telemetry.json at ``path``: mask updates, epochs and, for sparse runs, per-layer
     FLOPs."""
-    from sparsecore.telemetry import flops_section, record_from_run
+    from sparsecore.records.run_record import flops_section, record_from_run
 
     from .flops import count_flops
 
