@@ -7,9 +7,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from .records.updates import LayerReport, UpdateReport
+from .records.updates import COUNT_KEYS, LayerReport, UpdateReport
 
-__all__ = ["LayerReport", "UpdateReport", "main"]
+__all__ = ["COUNT_KEYS", "LayerReport", "UpdateReport", "main"]
 
 
 def main(argv: Sequence[str] | None = None) -> int:

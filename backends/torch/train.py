@@ -36,12 +36,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from sparsecore.datasets import (
+from sparsecore.job.datasets import (
     ImageDataset,
     load_embedded_fashion_mnist,
     load_fashion_mnist,
 )
-from sparsecore.recipe import (
+from sparsecore.job.recipe import (
     DEFAULT_LR,
     FMNIST_MEAN,
     FMNIST_STD,
@@ -50,8 +50,8 @@ from sparsecore.recipe import (
     Recipe,
     TrainingInterrupted,
 )
-from sparsecore.rundir import RunFolder
-from sparsecore.text import TextDataset
+from sparsecore.job.rundir import RunFolder
+from sparsecore.job.text import TextDataset
 
 from . import lm_job
 from .checkpoint import (
@@ -463,7 +463,7 @@ def run_training(
     ``data``: a folder of Fashion-MNIST IDX files, ``"embedded"`` for the shipped subset, or None
     (the default search; on a resume, the data the checkpoint records); ``dataset`` an
     :class:`ImageDataset` instead. ``out_dir`` is written as a run folder that always holds one
-    epoch's files (:mod:`sparsecore.rundir`).
+    epoch's files (:mod:`sparsecore.job.rundir`).
     ``resume`` continues a run from its checkpoint: ``cfg`` must equal the checkpoint's config
     except for a larger ``epochs``, which extends the run, and the data must be the checkpoint's
     (same fingerprint); otherwise :class:`ResumeError` lists each difference. Ctrl-C raises

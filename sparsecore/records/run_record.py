@@ -517,9 +517,7 @@ def _from_report(report: UpdateReport, epoch: int | None) -> UpdateReport:
         for i, lr in enumerate(report.layers)
     )
     # ``extra`` is the engine's (its counts are now in the layers): a record does not keep it
-    return replace(
-        report, layers=layers, epoch=report.epoch if epoch is None else epoch, extra={}
-    )
+    return replace(report, layers=layers, epoch=report.epoch if epoch is None else epoch, extra={})
 
 
 def _update_from_report_dict(data: Mapping[str, Any], where: str) -> UpdateReport:

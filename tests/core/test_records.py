@@ -2,13 +2,11 @@
 
 The engine's reports and a run record's updates are the same classes (``UpdateReport`` and
 ``LayerReport``), so every count has one name; run records written by earlier versions read
-and write back unchanged; every module that moved into ``sparsecore.records`` is still importable
-under its old name.
+and write back unchanged; the data model's old names still import.
 """
 
 from __future__ import annotations
 
-import importlib
 import json
 from pathlib import Path
 
@@ -89,19 +87,6 @@ def test_a_record_of_an_earlier_version_reads_and_writes_back(name, tmp_path):
         )
         assert layer.pop("revived") == 0
     assert after == before
-
-
-OLD_PATHS = {
-    "sparsecore.reporting": "sparsecore.records.report_command",
-    "sparsecore.layer_table": "sparsecore.records.layer_table",
-    "sparsecore.plots": "sparsecore.records.plots",
-    "sparsecore.selectivity": "sparsecore.records.selectivity",
-}
-
-
-@pytest.mark.parametrize("old", sorted(OLD_PATHS))
-def test_a_moved_module_is_the_same_module_under_its_old_name(old):
-    assert importlib.import_module(old) is importlib.import_module(OLD_PATHS[old])
 
 
 def test_the_old_names_of_the_data_model_still_import():
