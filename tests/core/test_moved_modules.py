@@ -28,6 +28,8 @@ ALIASES = {
     "sparsecore.recipe": "sparsecore.job.recipe",
     "sparsecore.text": "sparsecore.job.text",
     "sparsecore.rundir": "sparsecore.job.rundir",
+    "sparsecore.cpu_kernels": "sparsecore.kernels.cpu",
+    "sparsecore.structures": "sparsecore.kernels.structures",
 }
 
 #: old import path -> the new modules whose public names it re-exports
