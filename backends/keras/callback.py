@@ -115,8 +115,10 @@ class SparseCallback(keras.callbacks.Callback):
     ``update_every``, ...) with the paper's defaults, plus which layers are sparse:
     ``include``/``exclude`` (layer names, name patterns, class names or classes),
     ``dense_first``/``dense_last`` and ``embeddings`` (make Embedding tables sparse too), and
-    where updates run: ``update_backend='auto'`` (NumPy when the kernels are on the CPU, else
-    ``keras.ops`` on their device), ``'numpy'`` or ``'keras'``; every choice gives the same masks.
+    where updates run: ``update_backend='auto'`` (on the host with NumPy when the kernels are on
+    the CPU, else on the device with ``keras.ops``), ``'host'`` or ``'device'``
+    (:mod:`sparsecore.placement`; ``'numpy'`` and ``'keras'`` are their earlier names); every
+    choice gives the same masks.
     ``total_steps`` (the optimizer step at which training ends) defaults to the steps already
     taken plus those of the current ``fit`` (``(epochs - initial_epoch) * steps_per_epoch``), so
     ``fit(initial_epoch=e, epochs=E)`` after loading a checkpoint keeps the schedule. Pass it when

@@ -48,6 +48,7 @@ from sparsecore.hashing import HashKey
 from sparsecore.init import layer_counts
 from sparsecore.layers import Layer
 from sparsecore.modes import NEEDS_GRAD, NEEDS_MOMENTUM
+from sparsecore.placement import placement_of
 from sparsecore.records.updates import UpdateReport
 from sparsecore.saved_state import EngineState, StateFields, expected_counts, read_engine_state
 from sparsecore.units import revival_scale
@@ -115,11 +116,13 @@ def attach(
     ``fused_sgd``: for ``torch.optim.SGD`` steps of sparse CPU float32/float64 parameters, run
     SGD's update and the re-masking as one loop (same results bit for bit, about half the memory
     traffic; :mod:`sparsecore.torch.fused_step`); ``False`` keeps SGD's own step plus a multiply.
-    ``update_backend``: what computes the mask updates. ``'auto'`` runs them through the Numba
-    backend on NumPy views when every array is a CPU tensor in float16/32/64 (the same masks bit
-    for bit, in about half the time; :mod:`sparsecore.torch.host_update`) and through the torch
-    backend otherwise; ``'torch'`` always uses the torch backend; ``'numba'`` requires the Numba
-    path.
+    ``update_backend``: where the mask updates run (:mod:`sparsecore.placement`, the same words
+    as the Keras callback's). ``'auto'`` runs them on the host, through the Numba backend on NumPy
+    views, when every array is a CPU tensor in float16/32/64 (the same masks bit for bit, in
+    about half the time; :mod:`sparsecore.torch.host_update`) and on the device, through the
+    torch backend, otherwise; ``'device'`` always uses the torch backend; ``'host'`` requires the
+    Numba path. ``'torch'`` and ``'numba'``, the earlier names, are aliases of ``'device'`` and
+    ``'host'``.
 
     Everything is checked before the model is touched: a bad option, a model without sparse
     parameters, an optimizer that does not hold them, or a model already attached raises
@@ -139,10 +142,10 @@ def attach(
     _check_update_backend(update_backend, targets)
     if fsdp.sharded_targets([t.name for t in targets], [t.param for t in targets]):
         fsdp.check_config(config)
-        if kernels is not None or update_backend == "numba":
+        if kernels is not None or placement_of(update_backend, "torch") == "host":
             raise SparseCoreError(
                 f"a model sharded with fully_shard runs its mask updates sharded (kernels=None, "
-                f"update_backend='auto' or 'torch'), got kernels={kernels!r}, "
+                f"update_backend='auto' or 'device'), got kernels={kernels!r}, "
                 f"update_backend={update_backend!r}"
             )
     return SparseTraining(
@@ -157,12 +160,9 @@ def attach(
 
 
 def _check_update_backend(update_backend: Any, targets: list[Target]) -> None:
-    if update_backend not in hu.UPDATE_BACKENDS:
-        raise SparseCoreError(
-            f"update_backend must be one of {list(hu.UPDATE_BACKENDS)}, got {update_backend!r}"
-        )
-    if update_backend != "numba" or any(fsdp.is_dtensor(t.param) for t in targets):
-        return  # a sharded model refuses 'numba' in attach
+    placement = placement_of(update_backend, "torch")
+    if placement != "host" or any(fsdp.is_dtensor(t.param) for t in targets):
+        return  # a sharded model refuses the host in attach
     problem = next(
         (
             f"layer {t.name!r}: weight {why}"
@@ -173,7 +173,7 @@ def _check_update_backend(update_backend: Any, targets: list[Target]) -> None:
     )
     problem = problem or hu.numba_backend()[1]
     if problem is not None:
-        raise SparseCoreError(f"update_backend='numba' cannot be used: {problem}")
+        raise SparseCoreError(f"update_backend={update_backend!r} cannot be used: {problem}")
 
 
 def _make_config(options: dict[str, Any]) -> SparseConfig:
@@ -302,7 +302,8 @@ class SparseTraining:
         for t in targets:
             _ATTACHED_PARAMS[id(t.param)] = handle_ref
         self._fused_sgd = fused_sgd and not self._sharded  # SGD steps DTensors itself
-        self._update_backend = update_backend
+        self._update_backend = update_backend  # as given, for messages
+        self._placement = placement_of(update_backend, "torch")
         self._last_update_backend: str | None = None
         # gradients held over an SGD step, with their group's options
         self._taken: list[tuple[int, torch.Tensor, fs.GroupPlan]] = []
@@ -583,13 +584,15 @@ class SparseTraining:
 
     def _numba_for(self, layers: list[Layer]) -> Any:
         """The Numba backend when this update runs on NumPy views of the tensors, else None."""
-        if self._update_backend == "torch":
+        if self._placement == "device":
             return None
         problem = hu.why_not_viewable(layers)
         if problem is None:
             return hu.numba_backend()[0]
-        if self._update_backend == "numba":
-            raise SparseCoreError(f"update_backend='numba' cannot be used: {problem}")
+        if self._placement == "host":
+            raise SparseCoreError(
+                f"update_backend={self._update_backend!r} cannot be used: {problem}"
+            )
         return None
 
     def _agreed_update(self, step: int, rate: float | None) -> UpdateResult:
