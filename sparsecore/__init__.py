@@ -13,8 +13,8 @@ from .hashing import HashKey, layer_hash, mix32, position_hash
 from .init import initial_mask, initial_masks, layer_counts, layer_densities, target_count
 from .layers import Layer
 from .modes import register_growth, register_importance, register_prune
+from .records.updates import LayerReport, UpdateReport
 from .redistribute import capacities, importance_shares, split_budget
-from .report import LayerReport, UpdateReport
 from .schedules import UpdateSchedule, prune_rate_at
 
 register_builtin_backends()

@@ -36,12 +36,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from sparsecore.datasets import (
+from sparsecore.job.datasets import (
     ImageDataset,
     load_embedded_fashion_mnist,
     load_fashion_mnist,
 )
-from sparsecore.recipe import (
+from sparsecore.job.recipe import (
     DEFAULT_LR,
     FMNIST_MEAN,
     FMNIST_STD,
@@ -50,8 +50,8 @@ from sparsecore.recipe import (
     Recipe,
     TrainingInterrupted,
 )
-from sparsecore.rundir import RunFolder
-from sparsecore.text import TextDataset
+from sparsecore.job.rundir import RunFolder
+from sparsecore.job.text import TextDataset
 
 from . import lm_job
 from .checkpoint import (
@@ -80,7 +80,9 @@ __all__ = [
 CHECKPOINT_NAME = "checkpoint.pt"
 SUMMARY_NAME = "summary.json"
 MASK_UPDATES_NAME = "mask_updates.json"
-TELEMETRY_NAME = "telemetry.json"  # sparsecore.telemetry's name for it (checked by the tests)
+TELEMETRY_NAME = (
+    "telemetry.json"  # sparsecore.records.run_record's name for it (checked by the tests)
+)
 
 
 class ResumeError(ValueError):
@@ -461,7 +463,7 @@ def run_training(
     ``data``: a folder of Fashion-MNIST IDX files, ``"embedded"`` for the shipped subset, or None
     (the default search; on a resume, the data the checkpoint records); ``dataset`` an
     :class:`ImageDataset` instead. ``out_dir`` is written as a run folder that always holds one
-    epoch's files (:mod:`sparsecore.rundir`).
+    epoch's files (:mod:`sparsecore.job.rundir`).
     ``resume`` continues a run from its checkpoint: ``cfg`` must equal the checkpoint's config
     except for a larger ``epochs``, which extends the run, and the data must be the checkpoint's
     (same fingerprint); otherwise :class:`ResumeError` lists each difference. Ctrl-C raises
@@ -491,7 +493,7 @@ def run_training(
             raise ValueError(f"invalid threads: {threads!r}")
         torch.set_num_threads(threads)
     if tensorboard is not None:
-        from sparsecore.telemetry import require_tensorboard
+        from sparsecore.records.tensorboard import require_tensorboard
 
         require_tensorboard()
 
@@ -743,7 +745,8 @@ def run_training(
         raise TrainingInterrupted(epoch, saved_epoch, out) from None
 
     if tensorboard is not None and epochs_done:
-        from sparsecore.telemetry import record_from_run, write_tensorboard
+        from sparsecore.records.run_record import record_from_run
+        from sparsecore.records.tensorboard import write_tensorboard
 
         write_tensorboard(record_from_run(_json_ready(summary), mask_updates), tensorboard)
     if start_epoch > cfg.epochs:
@@ -818,7 +821,7 @@ def _summary(
     )
 
 
-# -- run record for `sparsecore report` (sparsecore.telemetry) --------------------------------------
+# -- run record for `sparsecore report` (sparsecore.records) -----------------------------------
 def _write_telemetry(
     path: Path,
     summary: dict[str, Any],
@@ -829,7 +832,7 @@ def _write_telemetry(
 ) -> None:
     """Write telemetry.json at ``path``: mask updates, epochs and, for sparse runs, per-layer
     FLOPs."""
-    from sparsecore.telemetry import flops_section, record_from_run
+    from sparsecore.records.run_record import flops_section, record_from_run
 
     from .flops import count_flops
 
