@@ -27,7 +27,7 @@ from .errors import DeadUnitsWarning, NonFiniteError, SparseCoreError
 from .fusion import Fusion, choose
 from .init import layer_counts
 from .layers import Layer
-from .report import LayerReport, UpdateReport
+from .records.updates import LayerReport, UpdateReport
 from .saved_state import EngineState, read_engine_state
 from .validation import check_shape
 

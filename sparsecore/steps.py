@@ -29,8 +29,8 @@ from .errors import SparseCoreError
 from .hashing import HashKey
 from .layers import Layer
 from .modes import GROWTH, IMPORTANCE, PRUNE, ModeInfo, magnitude_prune_count
+from .records.updates import LayerReport
 from .redistribute import capacities, importance_shares, split_budget
-from .report import LayerReport
 from .structured import ablated_units
 from .units import dead_units_of, revival_quotas, revival_scale
 from .validation import check_flag

@@ -15,8 +15,6 @@ import ast
 import importlib.util
 from pathlib import Path
 
-import pytest
-
 #: The packages of the distribution (``pyproject.toml`` maps each onto its own folder).
 PACKAGES = (
     "sparsecore",
@@ -24,18 +22,6 @@ PACKAGES = (
     "sparsecore.keras",
     "sparsecore.cupy",
     "sparsecore.kernels",
-)
-
-#: Edges of the one known cycle ``backend <-> backend_numba/backend_numpy <-> engine``, left out
-#: of the graph until the backend interface is rewritten (the registry stops naming its backends
-#: and the Numba backend stops importing the engine). Delete an entry once the edge is gone:
-#: ``test_known_exceptions_are_current`` fails on an entry that no longer exists.
-KNOWN_EXCEPTIONS = frozenset(
-    {
-        ("sparsecore.backend", "sparsecore.backend_numba"),
-        ("sparsecore.backend", "sparsecore.backend_numpy"),
-        ("sparsecore.backend_numba", "sparsecore.engine"),
-    }
 )
 
 
@@ -170,17 +156,7 @@ def test_imports_inside_functions_count(tmp_path):
 
 def test_no_import_cycles():
     graph = import_graph()
-    for source, target in KNOWN_EXCEPTIONS:
-        graph.get(source, set()).discard(target)
     found = cycles(graph)
     assert not found, "import cycles in the package:\n" + "\n\n".join(
         describe(c, graph) for c in found
-    )
-
-
-@pytest.mark.parametrize("edge", sorted(KNOWN_EXCEPTIONS), ids="->".join)
-def test_known_exceptions_are_current(edge):
-    source, target = edge
-    assert target in import_graph().get(source, set()), (
-        f"{source} no longer imports {target}: delete the entry from KNOWN_EXCEPTIONS"
     )
