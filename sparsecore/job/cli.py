@@ -12,6 +12,7 @@ import argparse
 import contextlib
 import importlib
 import importlib.util
+import os
 import sys
 import warnings
 from collections.abc import Iterator, Sequence
@@ -327,12 +328,20 @@ def _announce(options: dict[str, Any], models: Sequence[str], framework: str, na
     recipe = Recipe.from_dict({k: v for k, v in options.items() if k in _RECIPE_FIELDS})
     recipe.check(models, framework=name if framework == "keras" else "")
     _say(recipe.headline(framework if framework == "keras" else ""))
-    for caveat in recipe.caveats():
+    for caveat in recipe.caveats() if _first_rank() else []:
         print(f"sparsecore train: warning: {caveat}", file=sys.stderr)
     _say(f"loading {name} and the dataset ...")
 
 
+def _first_rank() -> bool:
+    """False on the ranks but the first of a ``torchrun`` launch, which print nothing of their
+    own (the job's lines come from rank 0)."""
+    return os.environ.get("RANK", "0") == "0"
+
+
 def _say(line: str, stream: TextIO | None = None) -> None:
+    if not _first_rank():
+        return
     out = sys.stdout if stream is None else stream
     out.write(line + "\n")
     out.flush()
