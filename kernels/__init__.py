@@ -1,12 +1,23 @@
-"""CUDA C kernels of sparsecore and their CuPy loader (imported as ``sparsecore.kernels``).
+"""The sparse layer kernels of sparsecore (imported as ``sparsecore.kernels``): CPU and CUDA.
+
+- :mod:`~sparsecore.kernels.structures`: the sparse index structures (CSR per output unit or
+  channel) that every kernel consumes, built on the host from a mask;
+- :mod:`~sparsecore.kernels.cpu`: the CPU kernels (Numba, parallel over cores);
+- the CUDA C sources (``*.cu``, ``*.cuh``) with this module, their CuPy loader, and their
+  host-side layouts (:mod:`~sparsecore.kernels.layout`, :mod:`~sparsecore.kernels.launch`;
+  :mod:`~sparsecore.kernels.emulate` runs the same launches in NumPy for tests without a GPU).
+
+The framework bindings live in the adapters (``sparsecore.torch.sparse_functions`` for the CPU kernels,
+``sparsecore.torch.cuda_kernels`` for the CUDA ones).
 
 The sources (``*.cu``, ``*.cuh``) ship inside the package and are compiled at first use with
 CuPy's ``RawModule`` (NVRTC), once per device; compiled modules are cached. Kernels launch on a
 caller-given stream (PyTorch's current stream in :mod:`sparsecore.torch.cuda_kernels`) and take
 arrays exchanged by DLPack, so no data is copied.
 
-Importing this package never imports CuPy: it is imported on the first compile or launch, and
-:func:`cuda_available` answers False when CuPy or a GPU is missing.
+Importing this package imports neither Numba (:mod:`~sparsecore.kernels.cpu` does) nor CuPy:
+CuPy is imported on the first compile or launch, and :func:`cuda_available` answers False when
+CuPy or a GPU is missing.
 """
 
 from __future__ import annotations

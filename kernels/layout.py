@@ -1,4 +1,4 @@
-"""Host-side layouts the CUDA kernels consume, built from :mod:`sparsecore.structures`.
+"""Host-side layouts the CUDA kernels consume, built from :mod:`sparsecore.kernels.structures`.
 
 Every kernel in this package computes one formulation (``gather.cu``): a sparse *row* is a list
 of entries ``(wflat[k], offsets[k])``, and output position ``(n, p, q)`` of the row reads the
@@ -27,7 +27,8 @@ import numpy as np
 import numpy.typing as npt
 
 from sparsecore.errors import SparseCoreError
-from sparsecore.structures import ConvCSR, LinearCSR
+
+from .structures import ConvCSR, LinearCSR
 
 __all__ = [
     "ConvLayout",

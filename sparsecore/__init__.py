@@ -5,6 +5,7 @@ imports NumPy only; framework adapters live in ``sparsecore.torch`` and ``sparse
 """
 
 from .backend import ArrayBackend, backend_for, get_backend, register_backend
+from .builtin_backends import register_builtin_backends
 from .config import SparseConfig, option_names
 from .engine import SparseEngine, UpdateResult, apply_masks, check_layers, new_weights, update
 from .errors import DeadUnitsWarning, NonFiniteError, SparseCoreError
@@ -12,9 +13,11 @@ from .hashing import HashKey, layer_hash, mix32, position_hash
 from .init import initial_mask, initial_masks, layer_counts, layer_densities, target_count
 from .layers import Layer
 from .modes import register_growth, register_importance, register_prune
+from .records.updates import LayerReport, UpdateReport
 from .redistribute import capacities, importance_shares, split_budget
-from .report import LayerReport, UpdateReport
 from .schedules import UpdateSchedule, prune_rate_at
+
+register_builtin_backends()
 
 __version__ = "0.1.0"
 

@@ -53,6 +53,50 @@ class ArrayModuleBackend(ArrayBackend):
     def all_finite(self, x: Any) -> bool:
         return bool(self.xp.isfinite(x).all())
 
+    # -- the required primitives ---------------------------------------------------------
+    def from_numpy(self, a: np.ndarray, like: Any) -> Any:
+        return self.xp.asarray(a)
+
+    def reshape(self, x: Any, shape: tuple[int, ...]) -> Any:
+        return x.reshape(shape)
+
+    def moveaxis(self, x: Any, source: int, destination: int) -> Any:
+        return self.xp.moveaxis(x, source, destination)
+
+    def abs(self, x: Any) -> Any:
+        return self.xp.abs(x)
+
+    def positive(self, x: Any) -> Any:
+        return x > 0
+
+    def isfinite(self, x: Any) -> Any:
+        return self.xp.isfinite(x)
+
+    def where(self, cond: Any, a: Any, b: Any) -> Any:
+        return self.xp.where(cond, a, b)
+
+    def nonzero(self, flat: Any) -> Any:
+        return self.xp.flatnonzero(flat)
+
+    def take(self, flat: Any, index: Any) -> Any:
+        return flat[index]
+
+    def mark(self, positions: Any, size: int, like: Any) -> Any:
+        out = self.xp.zeros(size, dtype=bool)
+        out[positions] = True
+        return out
+
+    def argsort(self, flat: Any, *, descending: bool) -> Any:
+        if not descending:
+            return self.xp.argsort(flat, kind="stable")
+        # Stable descending: sort the reversed array, reverse the order, index from the front.
+        return flat.size - 1 - self.xp.argsort(flat[::-1], kind="stable")[::-1]
+
+    def sum(self, x: Any, axis: int | None = None) -> np.ndarray:
+        dtype = self.xp.float64 if x.dtype.kind == "f" else self.xp.int64
+        total = x.sum(axis=axis, dtype=dtype)
+        return np.asarray(total) if isinstance(total, (np.ndarray, np.generic)) else total.get()
+
     # -- reductions ---------------------------------------------------------------------
     def count(self, mask: Any) -> int:
         return int(self.xp.count_nonzero(mask))

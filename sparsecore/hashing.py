@@ -8,7 +8,7 @@ bijection, positions of one layer (flat index below 2**32) never share a hash wi
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -16,16 +16,36 @@ MASK32 = 0xFFFFFFFF
 MUL1 = 0x7FEB352D
 MUL2 = 0x846CA68B
 
+#: The constants of :func:`mix` as Python ints: the two shifts, the two multipliers, the 32-bit mask.
+MIX_CONSTANTS = (16, 15, MUL1, MUL2, MASK32)
+
+
+def mix(x: Any, c: tuple[Any, ...] = MIX_CONSTANTS) -> Any:
+    """The 32-bit mixing function, the one definition every backend runs.
+
+    ``x`` holds 32-bit values in any integer type whose ``^ >> * &`` wrap: a Python int, a NumPy
+    or CuPy ``uint32``/``int64`` array, a torch ``int64`` tensor, a Numba ``uint64`` (the Numba
+    backend compiles this very function), a Keras tensor behind :class:`IntOps`-like operators.
+    ``c`` gives :data:`MIX_CONSTANTS` in ``x``'s own type where mixing types would widen (Numba:
+    ``uint64`` shifts, else it computes in float64). The mask after each product keeps the low 32
+    bits in wider types (64-bit multiplication wraps, so those bits are exact).
+
+    Arrays are updated in place where the type allows (no temporary per step): pass one you own.
+    """
+    s16, s15, m1, m2, low = c
+    x ^= x >> s16
+    x *= m1
+    x &= low
+    x ^= x >> s15
+    x *= m2
+    x &= low
+    x ^= x >> s16
+    return x
+
 
 def mix32(x: int) -> int:
     """The 32-bit mixing function on a Python integer (host side)."""
-    x &= MASK32
-    x ^= x >> 16
-    x = (x * MUL1) & MASK32
-    x ^= x >> 15
-    x = (x * MUL2) & MASK32
-    x ^= x >> 16
-    return x
+    return int(mix(x & MASK32))
 
 
 class HashKey(NamedTuple):
@@ -43,18 +63,15 @@ class HashKey(NamedTuple):
         return mix32(self.layer ^ mix32(self.update ^ mix32(self.seed)))
 
 
+_UINT32_MIX = tuple(np.uint32(c) for c in MIX_CONSTANTS)
+
+
 def mix32_array(x: np.ndarray) -> np.ndarray:
-    """``mix32`` elementwise on a uint32 array (wrapping multiplication).
+    """:func:`mix` elementwise on a copy of ``x`` as uint32 (wrapping multiplication).
 
     Only array methods and operators are used, so a CuPy array is hashed on its device.
     """
-    x = x.astype(np.uint32, copy=True)
-    x ^= x >> np.uint32(16)
-    x *= np.uint32(MUL1)
-    x ^= x >> np.uint32(15)
-    x *= np.uint32(MUL2)
-    x ^= x >> np.uint32(16)
-    return x
+    return mix(x.astype(np.uint32, copy=True), _UINT32_MIX)
 
 
 def position_hash(key: HashKey, ids: np.ndarray) -> np.ndarray:

@@ -20,7 +20,7 @@ from typing import Any
 from .config import ADDED_OPTIONS, SparseConfig, option_names
 from .errors import SparseCoreError
 from .init import layer_counts
-from .report import LayerReport, UpdateReport
+from .records.updates import LayerReport, UpdateReport
 from .validation import check_flag, check_integer, check_real, is_integer
 
 __all__ = [
@@ -38,7 +38,13 @@ ENGINE_FIELDS = ("config", "names", "shapes", "axes", "target", "updates", "hist
 #: Layer-report fields added since states were first saved (dead units, ablated units):
 #: optional, 0 if absent.
 _ADDED_LAYER_FIELDS = ("units", "dead_units", "revived", "ablated")
-_LAYER_FIELDS = tuple(f.name for f in fields(LayerReport) if f.name not in _ADDED_LAYER_FIELDS)
+#: A run record's own layer field (an engine keeps its ever-active counts in ``extra``).
+_RECORD_LAYER_FIELDS = ("ever_active",)
+_LAYER_FIELDS = tuple(
+    f.name
+    for f in fields(LayerReport)
+    if f.name not in _ADDED_LAYER_FIELDS and f.name not in _RECORD_LAYER_FIELDS
+)
 _REPORT_FIELDS = ("update", "prune_rate", "layers", "step", "skipped", "reason", "extra")
 _REPORT_TOTALS = ("pruned", "grown", "net_pruned", "net_grown")
 _EXTRA_FIELDS = ("ever_active", "ever_active_fraction")

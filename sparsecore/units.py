@@ -25,8 +25,8 @@ import numpy as np
 
 from .backend import ArrayBackend
 from .layers import Layer
+from .records.updates import UpdateReport
 from .redistribute import split_budget
-from .report import UpdateReport
 
 __all__ = ["dead_unit_counts", "dead_units", "dead_units_of", "revival_quotas", "revival_scale"]
 

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from sparsecore.backend import Sign
+from sparsecore.backend import Sign, register_backend_factory
 from sparsecore.backend_numpy import ArrayModuleBackend
 from sparsecore.hashing import HashKey
 
@@ -68,7 +68,10 @@ class BitPatternBackend(ArrayModuleBackend):
         subnormal = bits.astype(xp.float64) * _F32_SUBNORMAL_UNIT
         return xp.where(bits < _F32_MIN_NORMAL_BITS, subnormal, normal)
 
-    # -- reductions ---------------------------------------------------------------------
+    # -- primitives and reductions -------------------------------------------------------
+    def positive(self, x: Any) -> Any:
+        return self._positive(x) if x.dtype.kind == "f" else super().positive(x)
+
     def count_positive(self, x: Any, mask: Any) -> int:
         return int(self.xp.count_nonzero(mask & self._positive(x)))
 
@@ -119,3 +122,8 @@ class CupyBackend(BitPatternBackend):
         import cupy
 
         super().__init__(cupy)
+
+
+# Also announced as the "cupy" entry point (pyproject.toml); registered here too, so that importing
+# sparsecore.cupy is enough even where the package metadata lacks it.
+register_backend_factory("cupy", CupyBackend, framework="cupy")

@@ -26,8 +26,8 @@ import keras
 import numpy as np
 from keras import ops
 
-from sparsecore.backend import ArrayBackend, Sign
-from sparsecore.hashing import MASK32, MUL1, MUL2, HashKey
+from sparsecore.backend import ArrayBackend, Sign, register_backend_factory
+from sparsecore.hashing import MASK32, HashKey, mix
 
 __all__ = ["KerasBackend", "wide_scope"]
 
@@ -69,18 +69,35 @@ def _to_host(x: Any) -> np.ndarray:
     return np.asarray(ops.convert_to_numpy(x))
 
 
-def _mix32(x: Any) -> Any:
-    """The 32-bit mixing function on an int64 tensor holding values in [0, 2**32).
+class _KerasInt:
+    """An int64 Keras tensor with the operators :func:`sparsecore.hashing.mix` uses (``^ >> * &``),
+    which TensorFlow tensors do not all have: the hash keeps its one definition."""
 
-    int64 multiplication wraps modulo 2**64, so masking the product to 32 bits after each
-    multiply gives the exact uint32 result.
-    """
-    mask = ops.convert_to_tensor(MASK32, dtype="int64")
-    x = ops.bitwise_xor(x, ops.right_shift(x, 16))
-    x = ops.bitwise_and(ops.multiply(x, ops.convert_to_tensor(MUL1, dtype="int64")), mask)
-    x = ops.bitwise_xor(x, ops.right_shift(x, 15))
-    x = ops.bitwise_and(ops.multiply(x, ops.convert_to_tensor(MUL2, dtype="int64")), mask)
-    return ops.bitwise_xor(x, ops.right_shift(x, 16))
+    __slots__ = ("t",)
+
+    def __init__(self, t: Any) -> None:
+        self.t = t
+
+    @staticmethod
+    def _of(other: Any) -> Any:
+        return other.t if isinstance(other, _KerasInt) else ops.convert_to_tensor(other, "int64")
+
+    def __xor__(self, other: Any) -> _KerasInt:
+        return _KerasInt(ops.bitwise_xor(self.t, self._of(other)))
+
+    def __rshift__(self, bits: int) -> _KerasInt:
+        return _KerasInt(ops.right_shift(self.t, bits))
+
+    def __mul__(self, other: Any) -> _KerasInt:
+        return _KerasInt(ops.multiply(self.t, self._of(other)))
+
+    def __and__(self, other: Any) -> _KerasInt:
+        return _KerasInt(ops.bitwise_and(self.t, self._of(other)))
+
+
+def _mix32(x: Any) -> Any:
+    """:func:`sparsecore.hashing.mix` on an int64 tensor holding values in [0, 2**32)."""
+    return mix(_KerasInt(x)).t
 
 
 def _select_rows(keys: Any, hashes: Any, candidates: Any, ks: np.ndarray) -> Any:
@@ -175,6 +192,54 @@ class KerasBackend(ArrayBackend):
 
     def all_finite(self, x: Any) -> bool:
         return bool(_to_host(ops.all(ops.isfinite(x))))
+
+    # -- the required primitives (the rest is overridden below, for speed) ------------------
+    def from_numpy(self, a: np.ndarray, like: Any) -> Any:
+        if a.dtype == np.uint32:  # hashes: int64 sorts and compares on every Keras backend
+            a = a.astype(np.int64)
+        return ops.convert_to_tensor(a)
+
+    def reshape(self, x: Any, shape: tuple[int, ...]) -> Any:
+        return ops.reshape(x, shape)
+
+    def moveaxis(self, x: Any, source: int, destination: int) -> Any:
+        return ops.moveaxis(x, source, destination)
+
+    def abs(self, x: Any) -> Any:
+        return ops.abs(x)
+
+    def positive(self, x: Any) -> Any:
+        return ops.greater(x, ops.zeros_like(x))
+
+    def isfinite(self, x: Any) -> Any:
+        return ops.isfinite(x)
+
+    def where(self, cond: Any, a: Any, b: Any) -> Any:
+        return ops.where(cond, a, b)
+
+    def nonzero(self, flat: Any) -> Any:
+        return ops.cast(ops.nonzero(flat)[0], "int64")
+
+    def take(self, flat: Any, index: Any) -> Any:
+        return flat[index] if isinstance(index, slice) else ops.take(flat, index)
+
+    def mark(self, positions: Any, size: int, like: Any) -> Any:
+        ones = ops.ones(self.shape(positions), dtype="int32")
+        marks = ops.scatter(ops.reshape(positions, (-1, 1)), ones, (size,))
+        return ops.greater(marks, ops.zeros_like(marks))
+
+    def argsort(self, flat: Any, *, descending: bool) -> Any:
+        if keras.backend.backend() == "tensorflow":  # Keras' argsort is not stable there
+            import tensorflow as tf
+
+            direction = "DESCENDING" if descending else "ASCENDING"
+            return ops.cast(tf.argsort(flat, direction=direction, stable=True), "int64")
+        # torch and JAX sort stably; negated scores keep ties tied (-0.0 == +0.0)
+        return ops.cast(ops.argsort(ops.negative(flat) if descending else flat), "int64")
+
+    def sum(self, x: Any, axis: int | None = None) -> np.ndarray:
+        dtype = "float64" if self.dtype_kind(x) == "f" else "int64"
+        return _to_host(ops.sum(ops.cast(x, dtype), axis=axis))
 
     # -- reductions -------------------------------------------------------------------------
     def count(self, mask: Any) -> int:
@@ -317,3 +382,8 @@ def _widen(cls: type) -> None:
 
 
 _widen(KerasBackend)
+
+
+# Also announced as the "keras" entry point (pyproject.toml); registered here too, so that
+# importing sparsecore.keras is enough even where the package metadata lacks it.
+register_backend_factory("keras", KerasBackend, framework="keras")

@@ -42,7 +42,7 @@ from sparsecore.errors import SparseCoreError
 from sparsecore.init import layer_counts
 from sparsecore.layers import Layer
 from sparsecore.modes import NEEDS_GRAD, NEEDS_MOMENTUM
-from sparsecore.report import UpdateReport
+from sparsecore.records.updates import UpdateReport
 from sparsecore.saved_state import (
     ENGINE_FIELDS,
     EngineState,
@@ -115,8 +115,10 @@ class SparseCallback(keras.callbacks.Callback):
     ``update_every``, ...) with the paper's defaults, plus which layers are sparse:
     ``include``/``exclude`` (layer names, name patterns, class names or classes),
     ``dense_first``/``dense_last`` and ``embeddings`` (make Embedding tables sparse too), and
-    where updates run: ``update_backend='auto'`` (NumPy when the kernels are on the CPU, else
-    ``keras.ops`` on their device), ``'numpy'`` or ``'keras'``; every choice gives the same masks.
+    where updates run: ``update_backend='auto'`` (on the host with NumPy when the kernels are on
+    the CPU, else on the device with ``keras.ops``), ``'host'`` or ``'device'``
+    (:mod:`sparsecore.placement`; ``'numpy'`` and ``'keras'`` are their earlier names); every
+    choice gives the same masks.
     ``total_steps`` (the optimizer step at which training ends) defaults to the steps already
     taken plus those of the current ``fit`` (``(epochs - initial_epoch) * steps_per_epoch``), so
     ``fit(initial_epoch=e, epochs=E)`` after loading a checkpoint keeps the schedule. Pass it when
@@ -236,9 +238,9 @@ class SparseCallback(keras.callbacks.Callback):
         """Print a per-layer table, like Keras' ``model.summary()``: shape, size, active weights,
         density, ever-active fraction, what the last mask update pruned and regrew and the
         weight's share of its regrowth budget, and the total. The same renderer as the table of
-        ``sparsecore report`` (:mod:`sparsecore.layer_table`). ``print_fn`` gets each line
+        ``sparsecore report`` (:mod:`sparsecore.records.layer_table`). ``print_fn`` gets each line
         (default ``print``)."""
-        from sparsecore.layer_table import summary_text
+        from sparsecore.records.layer_table import summary_text
 
         engine = self.engine
         if engine is None:

@@ -1,5 +1,9 @@
 """Where ``SparseCallback`` runs a mask update: on the host with NumPy, or on the device with ``keras.ops``.
 
+``update_backend`` takes the placements of :mod:`sparsecore.placement` (``"auto"``, ``"host"``,
+``"device"``), the same words as the PyTorch adapter's; ``"numpy"`` and ``"keras"``, the earlier
+names, are aliases of ``"host"`` and ``"device"``.
+
 A mask update is a few hundred small array operations (counts, selections, boolean algebra) on
 tensors of a few hundred thousand elements. On a CPU, each eager ``keras.ops`` call costs tens of
 microseconds of dispatch (TensorFlow's eager executor, or PyTorch's) and every count is a
@@ -23,7 +27,7 @@ import numpy as np
 from keras import ops
 
 from sparsecore.backend import ArrayBackend, get_backend
-from sparsecore.errors import SparseCoreError
+from sparsecore.placement import ALIASES, PLACEMENTS, placement_of
 
 __all__ = [
     "UPDATE_BACKENDS",
@@ -33,8 +37,8 @@ __all__ = [
     "resolve_update_backend",
 ]
 
-#: Values of ``SparseCallback(update_backend=...)``.
-UPDATE_BACKENDS = ("auto", "numpy", "keras")
+#: Values of ``SparseCallback(update_backend=...)``: the placements, then Keras' earlier names.
+UPDATE_BACKENDS = (*PLACEMENTS, *ALIASES["keras"])
 
 
 def on_host(variable: Any) -> bool:
@@ -53,19 +57,18 @@ def on_host(variable: Any) -> bool:
 
 
 def check_update_backend(choice: str) -> None:
-    """Raise :class:`SparseCoreError` naming the value unless it is one of :data:`UPDATE_BACKENDS`."""
-    if choice not in UPDATE_BACKENDS:
-        raise SparseCoreError(
-            f"update_backend must be one of {list(UPDATE_BACKENDS)}, got {choice!r}"
-        )
+    """Raise :class:`~sparsecore.SparseCoreError` naming the value unless it is one of
+    :data:`UPDATE_BACKENDS`."""
+    placement_of(choice, "keras")
 
 
 def resolve_update_backend(choice: str, variables: Sequence[Any]) -> ArrayBackend:
-    """The backend a mask update runs on: ``'auto'`` picks NumPy when every variable is on the CPU."""
-    check_update_backend(choice)
-    if choice == "auto":
-        choice = "numpy" if all(on_host(v) for v in variables) else "keras"
-    return get_backend(choice)
+    """The backend a mask update runs on: ``'auto'`` picks the host (NumPy) when every variable
+    is on the CPU, else the device (``keras.ops``)."""
+    placement = placement_of(choice, "keras")
+    if placement == "auto":
+        placement = "host" if all(on_host(v) for v in variables) else "device"
+    return get_backend("numpy" if placement == "host" else "keras")
 
 
 def as_update_array(x: Any, backend: ArrayBackend) -> Any:

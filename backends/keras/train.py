@@ -26,15 +26,15 @@ from typing import Any, TextIO
 import keras
 import numpy as np
 
-from sparsecore.datasets import ImageDataset, load_fashion_mnist
-from sparsecore.recipe import (
+from sparsecore.job.datasets import ImageDataset, load_fashion_mnist
+from sparsecore.job.recipe import (
     FMNIST_MEAN,
     FMNIST_STD,
     KERAS_MODELS,
     Recipe,
     TrainingInterrupted,
 )
-from sparsecore.rundir import RunFolder
+from sparsecore.job.rundir import RunFolder
 
 __all__ = ["KERAS_MODELS", "KerasTrainConfig", "build_model", "run_training"]
 
@@ -282,14 +282,14 @@ def run_training(
         f"{final['density']:.4f}, wall time {wall:.1f}s\n"
     )
     if folder is not None:
-        # model, summary and run record appear together (sparsecore.rundir)
+        # model, summary and run record appear together (sparsecore.job.rundir)
         files: dict[str, Callable[[Path], Any]] = {
             MODEL_NAME: model.save,
             SUMMARY_NAME: lambda path: path.write_text(json.dumps(summary, indent=2) + "\n"),
         }
         if isinstance(sparse, SparseCallback):
-            # run record for `sparsecore report` (sparsecore.telemetry)
-            from sparsecore.telemetry import TELEMETRY_NAME, record_from_run
+            # run record for `sparsecore report` (sparsecore.records.run_record)
+            from sparsecore.records.run_record import TELEMETRY_NAME, record_from_run
 
             reports = [r.to_dict() for r in sparse.history]
             files[TELEMETRY_NAME] = record_from_run(summary, reports).save

@@ -3,7 +3,7 @@
 Forward hooks record each chosen module's output batch by batch under ``torch.no_grad()`` in eval
 mode; conv outputs ``(N, C, H, W)`` are averaged over space in the hook, so only ``(N, C)`` is
 kept and a whole test set fits in memory. The result feeds
-:func:`sparsecore.selectivity.class_selectivity`.
+:func:`sparsecore.records.selectivity.class_selectivity`.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from sparsecore.errors import SparseCoreError
-from sparsecore.selectivity import SelectivityResult, class_selectivity
+from sparsecore.records.selectivity import SelectivityResult, class_selectivity
 
 __all__ = ["collect_activations", "default_layers", "layer_selectivity"]
 

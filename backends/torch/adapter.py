@@ -23,15 +23,21 @@ How it hooks into training:
   and computes the update, the ranks agree on update, skip or error in one small all-reduce
   (:mod:`sparsecore.torch.agreement`), then rank 0's masks and report are broadcast and
   recorded everywhere, so all ranks hold identical masks and histories by construction.
+
+This module is the lifecycle (attach, the per-step routine, the mask update, reading the state,
+detach), like the Keras callback: at a mask update it builds the layers, calls the engine where
+the update placement says, and copies the new masks in. The parts it composes are each their own
+module: the fused SGD step (:mod:`.fused_sgd`), where updates run (:mod:`.update_placement`),
+distributed agreement and the FSDP2 sharded update (:mod:`.distributed_update`), the sparse
+kernels' routing and gradient window (:mod:`.kernel_routing`), saving and restoring
+(:mod:`.persistence`) and the registry of attached models (:mod:`.attached`).
 """
 
 from __future__ import annotations
 
 import logging
 import warnings
-import weakref
 from collections.abc import Callable, Collection
-from dataclasses import replace
 from typing import Any
 
 import torch
@@ -42,46 +48,30 @@ from torch.optim.optimizer import (
 )
 
 from sparsecore.config import SparseConfig, option_names
-from sparsecore.engine import SparseEngine, UpdateResult
+from sparsecore.engine import SparseEngine
 from sparsecore.errors import NonFiniteError, SparseCoreError
 from sparsecore.hashing import HashKey
-from sparsecore.init import layer_counts
 from sparsecore.layers import Layer
-from sparsecore.modes import NEEDS_GRAD, NEEDS_MOMENTUM
-from sparsecore.report import UpdateReport
-from sparsecore.saved_state import EngineState, StateFields, expected_counts, read_engine_state
+from sparsecore.placement import placement_of
+from sparsecore.records.updates import UpdateReport
 from sparsecore.units import revival_scale
 
-from . import agreement, fsdp
-from . import fused_step as fs
-from . import host_update as hu
+from . import agreement, attached, fsdp, persistence
+from . import distributed_update as du
+from . import kernel_routing as routing
 from . import momentum as mom
 from .backend import TorchBackend
+from .fused_sgd import FusedSGD
+from .persistence import STATE_FIELDS, STATE_FORMAT
 from .selection import Selectors, Target, select_targets
-from .threads import kernel_threads
+from .update_placement import UpdatePlacement, check_placement
+
+__all__ = ["KERNEL_CHOICES", "STATE_FIELDS", "STATE_FORMAT", "SparseTraining", "attach"]
 
 KERNEL_CHOICES = (None, "cpu", "cuda", "auto", "compact", "compact+cpu", "compact+cuda")
-STATE_FORMAT = "sparsecore.torch/1"
-#: The fields of :meth:`SparseTraining.state_dict`, all required, no other allowed.
-STATE_FIELDS = (
-    "format",
-    "names",
-    "masks",
-    "own_momentum",
-    "steps",
-    "epochs",
-    "steps_per_epoch",
-    "engine",
-)
 
-# Models and parameters currently under an attached SparseTraining (weak: never keep a model alive).
-_ATTACHED_MODELS: weakref.WeakKeyDictionary[nn.Module, Any] = weakref.WeakKeyDictionary()
-# Parameters by id (tensors compare elementwise, so they cannot be weak dictionary keys); an entry
-# counts only while its handle is alive, attached, and still holds that very parameter.
-_ATTACHED_PARAMS: dict[int, Any] = {}
-
+#: The device backend of the mask updates (the torch backend on the tensors' device).
 _BACKEND = TorchBackend()
-_UNSET: Any = object()
 _LOG = logging.getLogger("sparsecore")
 
 
@@ -115,11 +105,13 @@ def attach(
     ``fused_sgd``: for ``torch.optim.SGD`` steps of sparse CPU float32/float64 parameters, run
     SGD's update and the re-masking as one loop (same results bit for bit, about half the memory
     traffic; :mod:`sparsecore.torch.fused_step`); ``False`` keeps SGD's own step plus a multiply.
-    ``update_backend``: what computes the mask updates. ``'auto'`` runs them through the Numba
-    backend on NumPy views when every array is a CPU tensor in float16/32/64 (the same masks bit
-    for bit, in about half the time; :mod:`sparsecore.torch.host_update`) and through the torch
-    backend otherwise; ``'torch'`` always uses the torch backend; ``'numba'`` requires the Numba
-    path.
+    ``update_backend``: where the mask updates run (:mod:`sparsecore.placement`, the same words
+    as the Keras callback's). ``'auto'`` runs them on the host, through the Numba backend on NumPy
+    views, when every array is a CPU tensor in float16/32/64 (the same masks bit for bit, in
+    about half the time; :mod:`sparsecore.torch.host_update`) and on the device, through the
+    torch backend, otherwise; ``'device'`` always uses the torch backend; ``'host'`` requires the
+    Numba path. ``'torch'`` and ``'numba'``, the earlier names, are aliases of ``'device'`` and
+    ``'host'``.
 
     Everything is checked before the model is touched: a bad option, a model without sparse
     parameters, an optimizer that does not hold them, or a model already attached raises
@@ -129,20 +121,20 @@ def attach(
     targets = select_targets(
         model, include=include, exclude=exclude, dense_first=dense_first, dense_last=dense_last
     )
-    _check_not_attached(model, targets)
+    attached.check_not_attached(model, targets)
     if optimizer is not None:
         _check_optimizer(optimizer, targets)
     if kernels not in KERNEL_CHOICES:
         raise SparseCoreError(f"kernels must be one of {list(KERNEL_CHOICES)}, got {kernels!r}")
     if not isinstance(fused_sgd, bool):
         raise SparseCoreError(f"fused_sgd must be True or False, got {fused_sgd!r}")
-    _check_update_backend(update_backend, targets)
+    check_placement(update_backend, targets)
     if fsdp.sharded_targets([t.name for t in targets], [t.param for t in targets]):
         fsdp.check_config(config)
-        if kernels is not None or update_backend == "numba":
+        if kernels is not None or placement_of(update_backend, "torch") == "host":
             raise SparseCoreError(
                 f"a model sharded with fully_shard runs its mask updates sharded (kernels=None, "
-                f"update_backend='auto' or 'torch'), got kernels={kernels!r}, "
+                f"update_backend='auto' or 'device'), got kernels={kernels!r}, "
                 f"update_backend={update_backend!r}"
             )
     return SparseTraining(
@@ -156,26 +148,6 @@ def attach(
     )
 
 
-def _check_update_backend(update_backend: Any, targets: list[Target]) -> None:
-    if update_backend not in hu.UPDATE_BACKENDS:
-        raise SparseCoreError(
-            f"update_backend must be one of {list(hu.UPDATE_BACKENDS)}, got {update_backend!r}"
-        )
-    if update_backend != "numba" or any(fsdp.is_dtensor(t.param) for t in targets):
-        return  # a sharded model refuses 'numba' in attach
-    problem = next(
-        (
-            f"layer {t.name!r}: weight {why}"
-            for t in targets
-            if (why := hu.why_not_viewable_tensor(t.param)) is not None
-        ),
-        None,
-    )
-    problem = problem or hu.numba_backend()[1]
-    if problem is not None:
-        raise SparseCoreError(f"update_backend='numba' cannot be used: {problem}")
-
-
 def _make_config(options: dict[str, Any]) -> SparseConfig:
     unknown = sorted(set(options) - set(option_names()))
     if unknown:
@@ -186,24 +158,6 @@ def _make_config(options: dict[str, Any]) -> SparseConfig:
     if options.get("growth") == "none":
         options = dict(options, growth="momentum", update_every=None, update_at_epoch_end=False)
     return SparseConfig.from_options(**options)
-
-
-def _check_not_attached(model: nn.Module, targets: list[Target]) -> None:
-    live = _ATTACHED_MODELS.get(model)
-    if live is not None and live() is not None:
-        raise SparseCoreError(
-            f"model {type(model).__name__} is already attached to sparsecore; call detach() on "
-            f"the existing handle before attaching again"
-        )
-    for t in targets:
-        ref = _ATTACHED_PARAMS.get(id(t.param))
-        owner = None if ref is None else ref()
-        held = [] if owner is None else [o.name for o in owner.targets if o.param is t.param]
-        if owner is not None and held:
-            raise SparseCoreError(
-                f"parameter {t.name!r} is already sparse (as {held[0]!r} of "
-                f"{type(owner.model).__name__}) under another attach(); detach that one first"
-            )
 
 
 def _check_optimizer(optimizer: Any, targets: list[Target]) -> None:
@@ -287,27 +241,19 @@ class SparseTraining:
         self._router: Any = None
         self._window = 0
         if kernels is not None:
-            self._router = _build_router(kernels, targets, self.masks)
-            beta = max(
-                mom.momentum_beta(g, k, config.momentum_beta)
-                for g, k in zip(self._groups, self._kinds)
-            )
-            self._window = max(1, round(1.0 / (1.0 - beta)))
+            self._router = routing.build_router(kernels, targets, self.masks)
+            self._window = routing.gradient_window(self._groups, self._kinds, config.momentum_beta)
+
+        self._placement = UpdatePlacement(update_backend)  # checks the value
 
         # --- from here on the model and optimizer change (nothing below can fail) ---
         self._apply_masks()
         self._sharded_backend: Any = fsdp.ShardedBackend() if self._sharded else None
-        handle_ref = weakref.ref(self)
-        _ATTACHED_MODELS[model] = handle_ref
-        for t in targets:
-            _ATTACHED_PARAMS[id(t.param)] = handle_ref
-        self._fused_sgd = fused_sgd and not self._sharded  # SGD steps DTensors itself
-        self._update_backend = update_backend
-        self._last_update_backend: str | None = None
-        # gradients held over an SGD step, with their group's options
-        self._taken: list[tuple[int, torch.Tensor, fs.GroupPlan]] = []
-        self._param_plans: list[fs.ParamPlan | None] = [None] * len(targets)
-        self._sgd_groups: list[dict[str, Any] | None] | None = None  # the driver's, per target
+        attached.register(self)
+        # SGD steps a sharded model's DTensors itself
+        self._sgd = FusedSGD(
+            targets, self.masks, self._own, enabled=fused_sgd and not self._sharded
+        )
         self._hooks: list[Any] = []
         if optimizer is not None:
             self._hooks.append(optimizer.register_step_pre_hook(self._before_optimizer_step))
@@ -343,65 +289,12 @@ class SparseTraining:
         return id(optimizer) == self._driver
 
     def _take_sgd_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
-        """Before an SGD step: hold back the gradients of the parameters the fused loop updates.
-
-        SGD skips a parameter whose ``grad`` is None; :meth:`_finish_sgd_step` then updates it
-        and puts its gradient back (:mod:`sparsecore.torch.fused_step`). Each group's options are
-        read once here and kept with the gradients, so the loop sees this step's learning rate.
-        """
-        self._give_back_grads()  # only if the previous step raised between the two hooks
-        if not self._fused_sgd or self._detached or not fs.optimizer_fusable(optimizer):
-            return
-        # The hooks see step's own arguments: (optimizer, closure=None).
-        if (len(args) > 1 and args[1] is not None) or kwargs.get("closure") is not None:
-            return  # a closure recomputes the gradients inside the step
-        if self._sgd_groups is None:
-            self._sgd_groups = [mom.group_of(optimizer, t.param) for t in self.targets]
-        plans: dict[int, fs.GroupPlan | None] = {}
-        state = optimizer.state
-        for i, (t, group) in enumerate(zip(self.targets, self._sgd_groups)):
-            if group is None:
-                continue
-            plan = plans.get(id(group), _UNSET)
-            if plan is _UNSET:
-                plan = plans[id(group)] = fs.plan_group(group) if fs.group_fusable(group) else None
-            if (
-                plan is not None
-                and fs.param_fusable(t.param)
-                and (
-                    not plan.momentum
-                    or fs.buffer_fusable(state.get(t.param, {}).get("momentum_buffer"), t.param)
-                )
-            ):
-                grad = t.param.grad
-                assert grad is not None
-                self._taken.append((i, grad, plan))
-                t.param.grad = None
+        """Before an SGD step: hold back the gradients the fused loop updates (:mod:`.fused_sgd`)."""
+        self._sgd.take(optimizer, args, kwargs)
 
     def _finish_sgd_step(self, optimizer: Any) -> set[int]:
-        """After the SGD step: the fused update of the held-back parameters, which also folds
-        their gradients into the own momentum where there is one; their indices."""
-        if not self._taken:
-            return set()
-        done = set()
-        state = optimizer.state
-        # The loop writes through data pointers: no autograd op runs, so no no_grad is needed.
-        for i, grad, group_plan in self._taken:
-            param = self.targets[i].param
-            plan = self._param_plans[i]
-            if plan is None or not plan.valid_for(param, self.masks[i], self._own[i]):
-                plan = self._param_plans[i] = fs.plan_param(
-                    param, self.masks[i], self._own[i], 1.0 - self.config.momentum_beta
-                )
-            fs.run_planned(plan, group_plan, grad, state[param] if group_plan.momentum else {})
-            done.add(i)
-        self._give_back_grads()
-        return done
-
-    def _give_back_grads(self) -> None:
-        for i, grad, _ in self._taken:
-            self.targets[i].param.grad = grad
-        self._taken.clear()
+        """After the SGD step: the fused loop over the held-back parameters; their indices."""
+        return self._sgd.finish(optimizer, self.config.momentum_beta)
 
     def step(self) -> None:
         """One training step done, for loops that update weights without ``torch.optim``.
@@ -527,11 +420,23 @@ class SparseTraining:
             rate = cfg.prune_rate
         self._apply_masks()
         if self._sharded:
-            result = self._sharded_update(step, rate)
+            self._placement.last = self._sharded_backend.name
+            result = du.sharded_update(
+                self.engine, self._shard_layers(), step, rate, self._sharded_backend
+            )
         elif agreement.world_size() > 1:
-            result = self._agreed_update(step, rate)
+            layers = self._layers()
+            result = du.agreed_update(
+                self.engine,
+                layers,
+                step,
+                propose=lambda: self._placement.propose(self.engine, layers, step, rate, _BACKEND),
+                masks=self.masks,
+                params=[t.param for t in self.targets],
+                backend=_BACKEND,
+            )
         else:
-            result = self._engine_update(step, rate)
+            result = self._placement.update(self.engine, self._layers(), step, rate, _BACKEND)
         report = result.report
         if report.skipped:
             self._warn_skip(report)
@@ -554,11 +459,8 @@ class SparseTraining:
             self._router.refresh()
         return report
 
-    def _sharded_update(self, step: int, rate: float | None) -> UpdateResult:
-        """A mask update of a ``fully_shard`` model: each rank passes its rows of every layer
-        (weights, mask, momentum) to the sharded update, which agrees with the other ranks
-        through per-layer sums and selection histograms only (:mod:`.sharded_update`); errors
-        and skips come out the same on every rank. The masks come back as this rank's rows."""
+    def _shard_layers(self) -> list[Layer]:
+        """This rank's rows of every layer (weights, mask, momentum), for the sharded update."""
         layers = []
         for t, mask, kind, own in zip(self.targets, self.masks, self._kinds, self._own):
             weight = fsdp.shard_of(t.param)
@@ -572,114 +474,11 @@ class SparseTraining:
                     axis=t.axis,
                 )
             )
-        self._last_update_backend = self._sharded_backend.name
-        result = self.engine.update(layers, step, backend=self._sharded_backend, prune_rate=rate)
-        masks = [m.local if isinstance(m, fsdp.Shard) else m for m in result.masks]
-        return replace(result, masks=masks, weights=None)
+        return layers
 
     def _local(self, x: torch.Tensor) -> torch.Tensor:
         """This rank's part of a parameter-shaped tensor (the tensor itself unless sharded)."""
         return fsdp.local(x) if self._sharded else x
-
-    def _numba_for(self, layers: list[Layer]) -> Any:
-        """The Numba backend when this update runs on NumPy views of the tensors, else None."""
-        if self._update_backend == "torch":
-            return None
-        problem = hu.why_not_viewable(layers)
-        if problem is None:
-            return hu.numba_backend()[0]
-        if self._update_backend == "numba":
-            raise SparseCoreError(f"update_backend='numba' cannot be used: {problem}")
-        return None
-
-    def _agreed_update(self, step: int, rate: float | None) -> UpdateResult:
-        """A mask update in a distributed job: every rank checks its inputs and proposes the
-        update, the ranks agree in one all-reduce (:mod:`sparsecore.torch.agreement`), then all
-        skip, all raise, or all record rank 0's masks and report."""
-        layers = self._layers()
-        cfg = self.config
-        codes = agreement.nonfinite_codes(
-            layers,
-            momentum=cfg.redistribution in NEEDS_MOMENTUM["importance"]
-            or cfg.growth in NEEDS_MOMENTUM["growth"],
-            grad=cfg.growth in NEEDS_GRAD["growth"],
-        )
-        proposal: UpdateResult | None = None
-        error: Exception | None = None
-        if not any(codes):
-            try:
-                proposal = self._propose(layers, step, rate)
-            except Exception as err:  # every rank must learn of it before anyone broadcasts
-                error = err
-        verdict = agreement.agree(
-            step, codes, failed=error is not None, device=self.masks[0].device
-        )
-        if verdict.nonfinite is not None:
-            rank, j, label = verdict.nonfinite
-            reason = (
-                f"rank {rank}: layer {self.names[j]!r}: {label} contains NaN or Inf; the mask "
-                f"update was not made on any of the {verdict.world} ranks"
-            )
-            if cfg.on_nonfinite == "raise":
-                raise NonFiniteError(reason + " (nothing changed)")
-            return UpdateResult(list(self.masks), self.engine.record_skip(step, reason))
-        if verdict.failed:
-            if error is not None:
-                raise error
-            raise SparseCoreError(
-                f"the mask update after step {step} failed on rank(s) {verdict.failed}; it was "
-                f"not made on any rank (nothing changed)"
-            )
-        assert proposal is not None
-        masks, report = agreement.broadcast_result(proposal.masks, proposal.report)
-        # rank 0's weights grown into dead units too: ranks whose momentum differs disagree
-        revived = _broadcast_revived(proposal.revived, [t.param for t in self.targets])
-        return self.engine.commit(
-            layers, UpdateResult(masks, report, revived=revived), backend=_BACKEND
-        )
-
-    def _propose(self, layers: list[Layer], step: int, rate: float | None) -> UpdateResult:
-        """The engine's proposal for this update (nothing recorded), masks as tensors."""
-        numba_backend = self._numba_for(layers)
-        if numba_backend is None:
-            self._last_update_backend = _BACKEND.name
-            return self.engine.propose(layers, step, backend=_BACKEND, prune_rate=rate)
-        self._last_update_backend = numba_backend.name
-        kernel_threads()
-        result = self.engine.propose(
-            hu.numpy_views(layers), step, backend=numba_backend, prune_rate=rate
-        )
-        revived = None if result.revived is None else hu.as_tensors(result.revived)
-        return replace(result, masks=hu.as_tensors(result.masks), weights=None, revived=revived)
-
-    def _engine_update(self, step: int, rate: float | None) -> UpdateResult:
-        """The engine's update of the current layers: through the Numba backend on NumPy views
-        where that applies (:mod:`sparsecore.torch.host_update`), else through the torch backend.
-        The masks come back as tensors either way."""
-        layers = self._layers()
-        numba_backend = self._numba_for(layers)
-        if numba_backend is None:
-            self._last_update_backend = _BACKEND.name
-            return self.engine.update(layers, step, backend=_BACKEND, prune_rate=rate)
-        self._last_update_backend = numba_backend.name
-        kernel_threads()  # Numba's pool as large as PyTorch's, PyTorch's count kept
-        engine = self.engine
-        # The engine keeps its ever-active masks in its backend's arrays; this handle keeps tensors.
-        engine.ever_active = hu.as_arrays(engine.ever_active)
-        try:
-            result = engine.update(
-                hu.numpy_views(layers), step, backend=numba_backend, prune_rate=rate
-            )
-        finally:
-            engine.ever_active = hu.as_tensors(engine.ever_active)
-        if result.revived is None:
-            return replace(result, masks=hu.as_tensors(result.masks), weights=None)
-        return replace(
-            result,
-            masks=hu.as_tensors(result.masks),
-            weights=hu.as_tensors(result.weights),
-            revived=hu.as_tensors(result.revived),
-        )
 
     def _reset_state(self, param: torch.Tensor, changed: torch.Tensor) -> None:
         i = next(i for i, t in enumerate(self.targets) if t.param is param)
@@ -717,15 +516,11 @@ class SparseTraining:
         """Sparse kernels: dense weight gradients only in the window before the next update."""
         if self._router is None:
             return
-        schedule = self._schedule
-        until = schedule.steps_until_next(self.steps)
-        if schedule.at_epoch_end and self.steps < schedule.stop_step():
-            if self._steps_per_epoch is None:
-                until = 0  # epoch length unknown until the first epoch ends: stay dense
-            else:
-                into = self.steps - self.epochs * self._steps_per_epoch
-                until = min(until, max(0, self._steps_per_epoch - into))
-        self._router.set_dense_weight_grad(until <= self._window)
+        self._router.set_dense_weight_grad(
+            routing.dense_gradients_due(
+                self._schedule, self.steps, self.epochs, self._steps_per_epoch, self._window
+            )
+        )
 
     # -- reading the state ----------------------------------------------------------------------
     @property
@@ -773,9 +568,9 @@ class SparseTraining:
         layer's share of its regrowth budget, the units and input channels that compaction
         leaves out (and, under ``kernels="compact..."``, the weight shape each layer computes
         with), and the total. The same renderer as the table of
-        ``sparsecore report`` (:mod:`sparsecore.layer_table`). ``print_fn`` gets each line
+        ``sparsecore report`` (:mod:`sparsecore.records.layer_table`). ``print_fn`` gets each line
         (default ``print``)."""
-        from sparsecore.layer_table import removed_channels, summary_text
+        from sparsecore.records.layer_table import removed_channels, summary_text
 
         shapes_run = None
         if self._router is not None and self._router.mode.startswith("compact"):
@@ -827,7 +622,7 @@ class SparseTraining:
     def last_update_backend(self) -> str | None:
         """The array backend that computed the last mask update: ``'numba'`` (CPU tensors read
         as NumPy views) or ``'torch'``; None before the first update."""
-        return self._last_update_backend
+        return self._placement.last
 
     @property
     def kernel_router(self) -> Any:
@@ -836,85 +631,9 @@ class SparseTraining:
 
     # -- persistence --------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        """Masks, engine state, step/epoch counts and own momentum: save it with model/optimizer."""
-        engine = self.engine.state_dict()
-        if self._sharded:
-            return self._sharded_state(engine)
-        if engine["ever_active"] is not None:
-            engine["ever_active"] = [e.cpu() for e in engine["ever_active"]]
-        return {
-            "format": STATE_FORMAT,
-            "names": list(self.names),
-            "masks": [m.cpu().clone() for m in self.masks],
-            "own_momentum": [None if o is None else o.cpu().clone() for o in self._own],
-            "steps": self.steps,
-            "epochs": self.epochs,
-            "steps_per_epoch": self._steps_per_epoch,
-            "engine": engine,
-        }
-
-    def _sharded_state(self, engine: dict[str, Any]) -> dict[str, Any]:
-        """:meth:`state_dict` of a ``fully_shard`` model, for ``torch.distributed.checkpoint``:
-        masks, ever-active masks and own momentum as DTensors placed like their parameters
-        (copies of this rank's rows), and the engine's history as one JSON string."""
-        params = [t.param for t in self.targets]
-
-        def spread(parts: list[Any]) -> list[Any]:
-            return [
-                None if x is None else fsdp.as_dtensor(fsdp.local(x).clone(), p)
-                for x, p in zip(parts, params)
-            ]
-
-        # before the first update the engine has no ever-active masks (None): the masks are
-        # saved in their place, which restores to the same, so that the state's keys are the
-        # same at every step (DCP loads into a fresh handle's state_dict as a template)
-        ever = engine["ever_active"]
-        engine["ever_active"] = spread(
-            list(self.masks) if ever is None else [e.local for e in ever]
-        )
-        engine["history"] = fsdp.history_to_text(engine["history"])
-        return {
-            "format": STATE_FORMAT,
-            "names": list(self.names),
-            "masks": spread(list(self.masks)),
-            "own_momentum": spread(list(self._own)),
-            "steps": self.steps,
-            "epochs": self.epochs,
-            "steps_per_epoch": self._steps_per_epoch,
-            "engine": engine,
-        }
-
-    def _localise(self, state: Any) -> Any:
-        """A sharded model: the state with this rank's rows of its DTensors or whole tensors
-        (masks and own momentum as local tensors, ever-active masks as shards) and the
-        history read from JSON; the whole-layer checks then run on the ranks together."""
-        if not (
-            self._sharded and isinstance(state, dict) and isinstance(state.get("engine"), dict)
-        ):
-            return state
-        params = [t.param for t in self.targets]
-
-        def parts(values: Any) -> Any:
-            if not isinstance(values, list) or len(values) != len(params):
-                return values
-            return [fsdp.to_local_part(v, p) for v, p in zip(values, params)]
-
-        engine = dict(
-            state["engine"], history=fsdp.history_from_text(state["engine"].get("history"))
-        )
-        ever = parts(engine.get("ever_active"))
-        if isinstance(ever, list):
-            ever = [
-                fsdp.as_shard(e, p) if isinstance(e, torch.Tensor) and not fsdp.is_dtensor(e) else e
-                for e, p in zip(ever, params)
-            ]
-        engine["ever_active"] = ever
-        return dict(
-            state,
-            masks=parts(state.get("masks")),
-            own_momentum=parts(state.get("own_momentum")),
-            engine=engine,
-        )
+        """Masks, engine state, step/epoch counts and own momentum: save it with model/optimizer
+        (:mod:`.persistence`)."""
+        return persistence.state_of(self)
 
     @torch.no_grad()
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -928,8 +647,8 @@ class SparseTraining:
         stay exactly as they were. The saved sparse options replace those given to ``attach``.
         """
         self._check_live()
-        state = self._localise(state)
-        checked = self._read_state(state)
+        state = persistence.localise(self, state)
+        checked = persistence.read_state(self, state)
         masks, own = state["masks"], state["own_momentum"]
         self.engine.restore(checked)
         if self.engine.ever_active is not None and not self._sharded:
@@ -954,106 +673,6 @@ class SparseTraining:
             self._router.refresh()
         self._set_gradient_window()
 
-    def _read_state(self, state: Any) -> EngineState:
-        """Check a saved state against this handle (changes nothing); its engine part, parsed."""
-        if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
-            found = state.get("format") if isinstance(state, dict) else type(state).__name__
-            raise SparseCoreError(
-                f"not a sparsecore.torch state (field 'format' is {found!r}, expected "
-                f"{STATE_FORMAT!r})"
-            )
-        f = StateFields("sparsecore.torch state", "")
-        f.keys(state, "", STATE_FIELDS)
-        names = f.sequence(state["names"], "names")
-        if names != self.names:
-            raise f.error("names", f"is {names!r}, this model's sparse parameters are {self.names}")
-        n = len(self.names)
-        masks = f.sequence(state["masks"], "masks", n)
-        own = f.sequence(state["own_momentum"], "own_momentum", n)
-        for i, (t, m, o, cur_own) in enumerate(zip(self.targets, masks, own, self._own)):
-            shape = tuple(t.param.shape)
-            # a sharded model's state holds this rank's rows here (_localise)
-            held = tuple(self._local(t.param).shape)
-            if (
-                not isinstance(m, torch.Tensor)
-                or fsdp.is_dtensor(m)
-                or m.dtype != torch.bool
-                or m.shape != held
-            ):
-                raise f.error(f"masks[{i}]", f"must be a torch.bool tensor of shape {shape} "
-                              f"(layer {t.name!r}), got {_describe(m)}")  # fmt: skip
-            if cur_own is None and o is not None:
-                raise f.error(
-                    f"own_momentum[{i}]",
-                    f"is a tensor, but layer {t.name!r} takes its momentum from the optimizer "
-                    f"here (was the optimizer changed?)",
-                )
-            if cur_own is not None and (
-                not isinstance(o, torch.Tensor)
-                or fsdp.is_dtensor(o)
-                or not o.is_floating_point()
-                or o.shape != held
-            ):
-                raise f.error(
-                    f"own_momentum[{i}]",
-                    f"must be a floating-point tensor of shape {shape} (layer {t.name!r} keeps "
-                    f"its own momentum here), got {_describe(o)}",
-                )
-        steps = f.integer(state["steps"], "steps")
-        epochs = f.integer(state["epochs"], "epochs")
-        per_epoch = f.integer(state["steps_per_epoch"], "steps_per_epoch", 1, nullable=True)
-        if per_epoch is not None and (epochs == 0 or per_epoch > steps):
-            raise f.error(
-                "steps_per_epoch",
-                f"is {per_epoch}, but the state has taken {steps} steps in {epochs} epochs",
-            )
-        engine = self.engine
-        checked = read_engine_state(
-            state["engine"],
-            names=engine.names,
-            shapes=engine.shapes,
-            axes=engine.axes,
-            config=engine.config,
-            target=engine.target,
-            owner="sparsecore.torch state",
-            prefix="engine.",
-        )
-        last_step = max((r.step for r in checked.history if r.step is not None), default=0)
-        if last_step > steps:
-            raise f.error("steps", f"is {steps}, before the last update's step {last_step}")
-        cfg = checked.config
-        initial = layer_counts(
-            engine.shapes,
-            cfg.density,
-            cfg.init,
-            axes=engine.axes,
-            max_density=cfg.max_density,
-            min_density=cfg.min_density,
-        )
-        want, source = expected_counts(checked.history, initial)
-        counts = [int(m.sum()) for m in masks]
-        outside = [
-            int(
-                bool(
-                    (
-                        m & ~self._local(e if isinstance(e, torch.Tensor) else e.local).to(m.device)
-                    ).any()
-                )
-            )
-            for m, e in zip(masks, checked.ever_active or [])
-        ]
-        if self._sharded:  # whole layers: every rank checks the same sums
-            both = fsdp.global_sums(counts + outside, self.masks[0].device)
-            counts, outside = both[: len(counts)], both[len(counts) :]
-        if counts != want:
-            raise f.error("masks", f"hold {counts} active weights, {source} gives {want}")
-        for i, bad in enumerate(outside):
-            if bad:
-                raise f.error(
-                    f"engine.ever_active[{i}]", f"leaves out active positions of masks[{i}]"
-                )
-        return checked
-
     def export(self) -> dict[str, Any]:
         """The model's weights with every sparse weight as a ``torch.sparse_csr`` tensor.
 
@@ -1077,13 +696,12 @@ class SparseTraining:
         for h in self._hooks:
             h.remove()
         self._hooks.clear()
-        self._give_back_grads()
+        self._sgd.give_back()
+        self._sgd.enabled = False
         if self._router is not None:
             self._router.remove()
             self._router = None
-        _ATTACHED_MODELS.pop(self.model, None)
-        for t in self.targets:
-            _ATTACHED_PARAMS.pop(id(t.param), None)
+        attached.unregister(self)
         self._detached = True
         return self.model
 
@@ -1098,12 +716,6 @@ class SparseTraining:
         )
 
 
-def _describe(x: Any) -> str:
-    if isinstance(x, torch.Tensor):
-        return f"a {x.dtype} tensor of shape {tuple(x.shape)}"
-    return repr(x) if x is None or isinstance(x, (str, int, float)) else type(x).__name__
-
-
 _BITS = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
@@ -1116,61 +728,3 @@ def _copy_mask_into(keep: torch.Tensor, mask: torch.Tensor) -> None:
     """``keep[:] = mask`` as 0/1 values: converting the mask's bytes is several times faster on
     CPU than converting from bool."""
     keep.copy_(mask.view(torch.uint8) if mask.is_contiguous() else mask)
-
-
-def _broadcast_revived(revived: list[Any] | None, params: list[torch.Tensor]) -> list[Any] | None:
-    """In a distributed job, rank 0's positions grown into dead units (None where it has none).
-
-    Ranks whose momentum differs may disagree on them; the weights must follow rank 0's masks.
-    """
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return revived
-    device = params[0].device
-    has = [0 if revived is None or r is None else 1 for r in (revived or [None] * len(params))]
-    flags = torch.tensor(has, dtype=torch.uint8, device=device)
-    dist.broadcast(flags, src=0)
-    out: list[Any] = []
-    for i, param in enumerate(params):
-        if not int(flags[i]):  # rank 0 revived nothing in this layer
-            out.append(None)
-            continue
-        local = None if revived is None else revived[i]
-        buf = (
-            torch.zeros(param.shape, dtype=torch.uint8, device=param.device)
-            if local is None
-            else local.to(torch.uint8)
-        )
-        dist.broadcast(buf, src=0)
-        out.append(buf.to(torch.bool))
-    return out
-
-
-def _build_router(kernels: str, targets: list[Target], masks: list[torch.Tensor]) -> Any:
-    """The sparse-kernel router over the sparse ``nn.Linear``/``nn.Conv2d`` weights.
-
-    Other sparse parameters (Conv1d/3d, included embeddings, ...) keep the dense computation on
-    masked weights.
-    """
-    try:
-        from .kernel_router import KernelRouter
-    except ImportError as err:  # pragma: no cover - the module ships with the package
-        raise SparseCoreError(
-            f"kernels={kernels!r} needs sparsecore.torch.kernel_router, which could not be "
-            f"imported ({err}); use kernels=None"
-        ) from err
-    routed: list[tuple[str, nn.Module, torch.Tensor]] = [
-        (t.name, t.module, m)
-        for t, m in zip(targets, masks)
-        if isinstance(t.module, (nn.Linear, nn.Conv2d)) and t.module.weight is t.param
-    ]
-    if not routed:
-        raise SparseCoreError(
-            f"kernels={kernels!r}: none of the sparse parameters {[t.name for t in targets]} "
-            f"belongs to an nn.Linear or nn.Conv2d, the layers the sparse kernels handle"
-        )
-    try:
-        return KernelRouter(routed, kernels)
-    except (TypeError, ValueError, RuntimeError) as err:
-        raise SparseCoreError(f"kernels={kernels!r}: {err}") from err

@@ -23,7 +23,7 @@ import torch
 
 from sparsecore.errors import SparseCoreError
 from sparsecore.layers import Layer
-from sparsecore.report import UpdateReport
+from sparsecore.records.updates import UpdateReport
 
 __all__ = ["Verdict", "agree", "broadcast_result", "nonfinite_codes", "world_size"]
 

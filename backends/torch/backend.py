@@ -23,29 +23,22 @@ from typing import Any
 import numpy as np
 import torch
 
-from sparsecore.backend import ArrayBackend, FusedLayer, LayerScan, Sign
-from sparsecore.hashing import MASK32, MUL1, MUL2, HashKey
+from sparsecore.backend import (
+    ArrayBackend,
+    FusedLayer,
+    LayerScan,
+    Sign,
+    register_backend_factory,
+)
+from sparsecore.hashing import MASK32, HashKey, mix
 from sparsecore.layers import Layer
 
 _HALF = (torch.float16, torch.bfloat16)
 
 
-def _mix32(x: torch.Tensor) -> torch.Tensor:
-    """The 32-bit mixing function on an int64 tensor holding values in [0, 2**32).
-
-    Each product is masked back to 32 bits; int64 multiplication wraps, which keeps the low
-    32 bits right even when the product exceeds 2**63.
-    """
-    x = x ^ (x >> 16)
-    x = (x * MUL1) & MASK32
-    x = x ^ (x >> 15)
-    x = (x * MUL2) & MASK32
-    return x ^ (x >> 16)
-
-
 def torch_position_hash(key: HashKey, ids: torch.Tensor) -> torch.Tensor:
     """Hash (int64 in [0, 2**32)) of the flat positions ``ids`` of one layer."""
-    return _mix32((ids.to(torch.int64) & MASK32) ^ key.prefix())
+    return mix((ids.to(torch.int64) & MASK32) ^ key.prefix())  # a new tensor: mixed in place
 
 
 _LANES_PER_CHUNK = 255  # int64 words summed per chunk: a byte lane reaches at most 255, no carry
@@ -329,6 +322,49 @@ class TorchBackend(ArrayBackend):
             return True
         return bool(torch.isfinite(x).all())
 
+    # -- the required primitives (the rest is overridden below, for speed) ----------------
+    def from_numpy(self, a: np.ndarray, like: Any) -> Any:
+        if a.dtype == np.uint32:  # hashes: torch sorts and compares int64, not uint32
+            a = a.astype(np.int64)
+        return torch.as_tensor(a, device=like.device)
+
+    def reshape(self, x: Any, shape: tuple[int, ...]) -> Any:
+        return x.reshape(shape)
+
+    def moveaxis(self, x: Any, source: int, destination: int) -> Any:
+        return torch.movedim(x, source, destination)
+
+    def abs(self, x: Any) -> Any:
+        return x.abs()
+
+    def positive(self, x: Any) -> Any:
+        return x > 0
+
+    def isfinite(self, x: Any) -> Any:
+        return torch.isfinite(x)
+
+    def where(self, cond: Any, a: Any, b: Any) -> Any:
+        return torch.where(cond, a, b)
+
+    def nonzero(self, flat: Any) -> Any:
+        return torch.nonzero(flat).reshape(-1)
+
+    def take(self, flat: Any, index: Any) -> Any:
+        return flat[index]
+
+    def mark(self, positions: Any, size: int, like: Any) -> Any:
+        out = torch.zeros(size, dtype=torch.bool, device=like.device)
+        out[positions] = True
+        return out
+
+    def argsort(self, flat: Any, *, descending: bool) -> Any:
+        return torch.argsort(flat, descending=descending, stable=True)
+
+    def sum(self, x: Any, axis: int | None = None) -> np.ndarray:
+        dtype = torch.float64 if x.dtype.is_floating_point else torch.int64
+        total = x.sum(dtype=dtype) if axis is None else x.sum(dim=axis, dtype=dtype)
+        return total.cpu().numpy()
+
     def count(self, mask: Any) -> int:
         return _count_true(mask)
 
@@ -532,3 +568,8 @@ class TorchBackend(ArrayBackend):
         odd = (self.position_hash(key, x) & 1).to(torch.bool)
         magnitude = torch.tensor(value, dtype=x.dtype, device=x.device)
         return torch.where(where, torch.where(odd, magnitude, -magnitude), x)
+
+
+# Also announced as the "torch" entry point (pyproject.toml); registered here too, so that
+# importing sparsecore.torch is enough even where the package metadata lacks it.
+register_backend_factory("torch", TorchBackend, framework="torch")

@@ -12,7 +12,6 @@ included), and :func:`compact` checks that on the example input before returning
 from __future__ import annotations
 
 import math
-import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from typing import Any
@@ -33,11 +32,9 @@ __all__ = ["compact", "compaction_plan"]
 
 def _handle_of(model: nn.Module) -> Any:
     """The live ``SparseTraining`` attached to ``model``, if any (read, never changed)."""
-    from . import adapter
+    from . import attached
 
-    ref = adapter._ATTACHED_MODELS.get(model)
-    handle = ref() if isinstance(ref, weakref.ref) else None
-    return handle
+    return attached.handle_of(model)
 
 
 def _source(model: Any) -> tuple[nn.Module, dict[str, torch.Tensor], str]:

@@ -45,7 +45,7 @@ from sparsecore.kernels.layout import (
     linear_layout,
     place_output_grad,
 )
-from sparsecore.structures import ConvCSR, LinearCSR
+from sparsecore.kernels.structures import ConvCSR, LinearCSR
 
 from .sparse_functions import ConvLayerState, LinearLayerState
 

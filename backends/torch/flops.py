@@ -28,7 +28,9 @@ def count_flops(
 
     ``masks`` maps a module name (``"fc1"``) or its weight's name (``"fc1.weight"``) to a bool
     mask; layers without one use ``weight != 0``. A layer that reads ``example_input`` itself
-    needs no input gradient. The model runs once under ``torch.no_grad()``.
+    needs no input gradient. The model runs once under ``torch.no_grad()``, in evaluation mode,
+    and is left in the modes it had: counting changes nothing (batch norm's running statistics
+    included).
 
     The compact counts are those of the compaction plan across layers (units nothing reads and
     constant inputs removed, see :mod:`sparsecore.compaction`); for a model that ``torch.fx``
@@ -49,12 +51,19 @@ def count_flops(
     for name, module in model.named_modules():
         if isinstance(module, (nn.Linear, nn.Conv2d)):
             hooks.append(module.register_forward_hook(hook(name)))
+    # Evaluation mode for the one forward pass, each module's own mode restored after: in
+    # training mode it would move batch norm's running statistics (a training run writing its
+    # telemetry would then not equal the same run resumed from its checkpoint).
+    modes = [(module, module.training) for module in model.modules()]
+    model.eval()
     try:
         with torch.no_grad():
             model(example_input)
     finally:
         for h in hooks:
             h.remove()
+        for module, training in modes:
+            module.training = training
 
     layers: list[LayerFlops] = []
     for name, module, in_shape, out_shape, is_input in seen:

@@ -2,7 +2,7 @@
 
 The job's loop, checkpoints, outputs and resume are those of the image job
 (:mod:`sparsecore.torch.train`); what differs is here: the data (a plain-text file, the
-Debian package's Jargon File, or the embedded excerpt: :mod:`sparsecore.text`), the examples
+Debian package's Jargon File, or the embedded excerpt: :mod:`sparsecore.job.text`), the examples
 (windows of :data:`CONTEXT` characters, each position predicting the next), the loss (mean
 cross-entropy per character) and the extra metric, bits per character (the loss / ln 2).
 Accuracy is the share of next characters predicted right (top 1). The optimizer is the job's
@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from sparsecore.text import TextDataset, find_text
+from sparsecore.job.text import TextDataset, find_text
 
 from .lm_models import JOB_INCLUDE, LM_MODELS
 

@@ -5,8 +5,10 @@ dozen small operations per layer. On a GPU that is host-bound: a ResNet-50 updat
 for 22.7 ms of GPU work, in about 7,300 launches and 1,371 host synchronisations
 (docs/kernels-gpu.md). Here every stage handles all layers with one set of tensor operations.
 
-How (the engine's fused capability, :meth:`sparsecore.backend.ArrayBackend.fused_scan` and
-:meth:`~sparsecore.backend.ArrayBackend.fused_prune_regrow`):
+How (the engine's fused update, :class:`sparsecore.fusion.FusedUpdate`: :func:`scan` and
+:func:`prune_regrow`, which :class:`~sparsecore.torch.backend.TorchBackend` offers per group as
+``fused_scan``/``fused_prune_regrow`` and :class:`~sparsecore.torch.sharded_update.ShardedUpdate`
+over row shards):
 
 - **Packing.** Each layer's flat (C-order) values are copied into one buffer, starting on a
   multiple of the chunk size ``C`` and padded with zeros (mask False) to a whole number of
@@ -59,7 +61,7 @@ import numpy as np
 import torch
 
 from sparsecore.backend import FusedLayer, LayerScan
-from sparsecore.hashing import MASK32, MUL1, MUL2, HashKey
+from sparsecore.hashing import MASK32, HashKey, mix
 from sparsecore.layers import Layer
 
 from . import exact_sum
@@ -229,12 +231,7 @@ def inverted_hash(layout: Layout, prefixes: torch.Tensor) -> torch.Tensor:
     """``2**32 - 1 - hash`` of every packed position (its bits in an int32): smaller first."""
     x = layout.row_first + layout.columns  # position in its layer
     x ^= prefixes[layout.row_layer].reshape(-1, 1)
-    # hashing.mix32 in place (one int64 temporary at a time, not one per step)
-    x ^= x >> 16
-    x.mul_(MUL1).bitwise_and_(MASK32)
-    x ^= x >> 15
-    x.mul_(MUL2).bitwise_and_(MASK32)
-    x ^= x >> 16
+    x = mix(x)  # in place: one int64 temporary at a time, not one per step
     return x.neg_().add_(MASK32).to(torch.int32)
 
 
@@ -376,7 +373,7 @@ def prune_regrow(
     reduce: Reduce | None = None,
     digit_bits: int = DIGIT_BITS,
 ) -> list[FusedLayer] | None:
-    """The fused prune and regrow of all layers (contract: ``ArrayBackend.fused_prune_regrow``).
+    """The fused prune and regrow of all layers (contract: ``FusedUpdate.prune_regrow``).
 
     None if a weight is NaN or Inf.
 

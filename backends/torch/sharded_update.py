@@ -14,7 +14,8 @@ for bit, and so are the masks of the NumPy reference given the same budgets.
 
 How: :class:`ShardedBackend` is an :class:`~sparsecore.backend.ArrayBackend` whose arrays are
 :class:`Shard` objects (a local tensor, the whole layer's shape, the local part's offset in it),
-offering the engine's fused capability; ``sparsecore.update`` and ``SparseEngine.update`` run
+offering the engine's fused update (:class:`ShardedUpdate`, a
+:class:`sparsecore.fusion.FusedUpdate`); ``sparsecore.update`` and ``SparseEngine.update`` run
 unchanged over it, so the checks, the budgets (the shared host routine) and the report are the
 engine's own. Per update, with ``L`` layers and float32 values:
 
@@ -69,6 +70,7 @@ import torch.distributed as dist
 
 from sparsecore.backend import ArrayBackend, FusedLayer, LayerScan, Sign
 from sparsecore.errors import SparseCoreError
+from sparsecore.fusion import MAGNITUDE_MOMENTUM_RULES
 from sparsecore.hashing import HashKey
 from sparsecore.layers import Layer
 
@@ -377,49 +379,9 @@ class ShardedBackend(ArrayBackend):
         raise self._unsupported("the position hash of a layer (random growth)")
 
     # -- the fused update, sharded ------------------------------------------------------------
-    def fused_scan(self, layers: Sequence[Layer], *, source: str | None) -> list[LayerScan]:
-        plan = self._plan(layers)
-        local = _local_layers(layers)
-        out: list[LayerScan] = []
-        for group in plan.groups:
-            out += pu.scan(local[group], source, self.max_chunk, reduce=self._reduce())
-        return out
-
-    def fused_prune_regrow(
-        self,
-        layers: Sequence[Layer],
-        nnz: Sequence[int],
-        prune_counts: Sequence[int],
-        grow_counts: Sequence[int],
-        keys: Sequence[HashKey],
-    ) -> list[FusedLayer] | None:
-        plan = self._plan(layers)
-        local = _local_layers(layers)
-        out: list[FusedLayer] = []
-        for group in plan.groups:
-            part = pu.prune_regrow(
-                local[group],
-                prune_counts[group],
-                grow_counts[group],
-                keys[group],
-                self.max_chunk,
-                offsets=[layer.weight.offset for layer in layers[group]],
-                reduce=self._reduce(),
-                digit_bits=self.digit_bits,
-            )
-            if part is None:  # a NaN/Inf weight on some process: every process stops here
-                return None
-            for layer, result in zip(layers[group], part):
-                out.append(
-                    FusedLayer(
-                        mask=layer.weight.like(result.mask),
-                        weight=layer.weight.like(result.weight),
-                        net_pruned=result.net_pruned,
-                        net_grown=result.net_grown,
-                    )
-                )
-        self.packed_updates += 1
-        return out
+    def fused_update(self) -> ShardedUpdate:
+        """The engine's fused update over these shards (:class:`ShardedUpdate`)."""
+        return ShardedUpdate(self)
 
     def _plan(self, layers: Sequence[Layer]) -> _Plan:
         """Agree with the other processes on the layers (two all-gathers), check that their
@@ -446,6 +408,65 @@ class ShardedBackend(ArrayBackend):
                 groups.append(slice(start, i))
                 start = i
         return _Plan(groups)
+
+
+class ShardedUpdate:
+    """:class:`sparsecore.fusion.FusedUpdate` over row shards: the packed update
+    (:mod:`sparsecore.torch.packed_update`) of each group of layers on this process's rows, its
+    per-layer integers summed over the processes (module doc). It serves the paper's rules."""
+
+    prune = MAGNITUDE_MOMENTUM_RULES["prune"]
+    growth = MAGNITUDE_MOMENTUM_RULES["growth"]
+    importance = MAGNITUDE_MOMENTUM_RULES["importance"]
+
+    def __init__(self, backend: ShardedBackend) -> None:
+        self.backend = backend
+
+    def scan(self, layers: Sequence[Layer], *, source: str | None) -> list[LayerScan]:
+        be = self.backend
+        plan = be._plan(layers)
+        local = _local_layers(layers)
+        out: list[LayerScan] = []
+        for group in plan.groups:
+            out += pu.scan(local[group], source, be.max_chunk, reduce=be._reduce())
+        return out
+
+    def prune_regrow(
+        self,
+        layers: Sequence[Layer],
+        nnz: Sequence[int],
+        prune_counts: Sequence[int],
+        grow_counts: Sequence[int],
+        keys: Sequence[HashKey],
+    ) -> list[FusedLayer] | None:
+        be = self.backend
+        plan = be._plan(layers)
+        local = _local_layers(layers)
+        out: list[FusedLayer] = []
+        for group in plan.groups:
+            part = pu.prune_regrow(
+                local[group],
+                prune_counts[group],
+                grow_counts[group],
+                keys[group],
+                be.max_chunk,
+                offsets=[layer.weight.offset for layer in layers[group]],
+                reduce=be._reduce(),
+                digit_bits=be.digit_bits,
+            )
+            if part is None:  # a NaN/Inf weight on some process: every process stops here
+                return None
+            for layer, result in zip(layers[group], part):
+                out.append(
+                    FusedLayer(
+                        mask=layer.weight.like(result.mask),
+                        weight=layer.weight.like(result.weight),
+                        net_pruned=result.net_pruned,
+                        net_grown=result.net_grown,
+                    )
+                )
+        be.packed_updates += 1
+        return out
 
 
 def _momentum(layer: Layer) -> Shard:

@@ -28,8 +28,8 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from sparsecore import cpu_kernels as K
-from sparsecore.structures import ConvCSR, LinearCSR, build_conv_csr, build_linear_csr
+from sparsecore.kernels import cpu as K
+from sparsecore.kernels.structures import ConvCSR, LinearCSR, build_conv_csr, build_linear_csr
 
 from .threads import kernel_threads
 

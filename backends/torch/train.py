@@ -14,10 +14,14 @@ The language models (``--model lstm-lm | gpt-mini``) run the same loop on window
 (:mod:`sparsecore.torch.lm_job`): the loss is per character, the held-out split is the last 10%
 of the text (reported as validation, with bits per character), and the run record has no FLOP
 section (FLOPs are counted for the image models' linear and convolution layers only).
+
+Under ``torchrun`` the same loop runs data-parallel (DDP over gloo, :mod:`sparsecore.torch.ddp_job`):
+each rank trains on its share of every global batch, and rank 0 prints and writes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import math
@@ -30,18 +34,18 @@ import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, TextIO, cast
 
 import numpy as np
 import torch
 from torch import nn
 
-from sparsecore.datasets import (
+from sparsecore.job.datasets import (
     ImageDataset,
     load_embedded_fashion_mnist,
     load_fashion_mnist,
 )
-from sparsecore.recipe import (
+from sparsecore.job.recipe import (
     DEFAULT_LR,
     FMNIST_MEAN,
     FMNIST_STD,
@@ -50,10 +54,10 @@ from sparsecore.recipe import (
     Recipe,
     TrainingInterrupted,
 )
-from sparsecore.rundir import RunFolder
-from sparsecore.text import TextDataset
+from sparsecore.job.rundir import RunFolder
+from sparsecore.job.text import TextDataset
 
-from . import lm_job
+from . import ddp_job, lm_job
 from .checkpoint import (
     CHECKPOINT_FORMAT,
     CheckpointError,
@@ -80,7 +84,9 @@ __all__ = [
 CHECKPOINT_NAME = "checkpoint.pt"
 SUMMARY_NAME = "summary.json"
 MASK_UPDATES_NAME = "mask_updates.json"
-TELEMETRY_NAME = "telemetry.json"  # sparsecore.telemetry's name for it (checked by the tests)
+TELEMETRY_NAME = (
+    "telemetry.json"  # sparsecore.records.run_record's name for it (checked by the tests)
+)
 
 
 class ResumeError(ValueError):
@@ -177,6 +183,16 @@ def evaluate(
 ) -> tuple[float, float]:
     """(mean cross-entropy loss, accuracy in %) of ``model`` on (x, y); for sequences (logits
     ``(n, t, classes)``), per position."""
+    loss_sum, correct = _evaluation_sums(model, x, y, batch_size)
+    n = x.shape[0]
+    return loss_sum / n, 100.0 * correct / n
+
+
+@torch.no_grad()
+def _evaluation_sums(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
+) -> tuple[float, float]:
+    """(summed loss, summed correct predictions) of ``model`` on (x, y), in eval mode."""
     was_training = model.training
     model.eval()
     loss_sum = 0.0
@@ -186,6 +202,16 @@ def evaluate(
         loss_sum += lm_job.loss_sum(logits, y[idx]).item()
         correct += lm_job.correct_sum(logits, y[idx])
     model.train(was_training)
+    return loss_sum, correct
+
+
+def _evaluate_ranked(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int, ranks: ddp_job.Ranks
+) -> tuple[float, float]:
+    """:func:`evaluate` over the ranks: each its share, the sums all-reduced (same on all)."""
+    ranks.sync_buffers(model)
+    part = ranks.held_out_share(x.shape[0])
+    loss_sum, correct = ranks.sum(list(_evaluation_sums(model, x[part], y[part], batch_size)))
     n = x.shape[0]
     return loss_sum / n, 100.0 * correct / n
 
@@ -461,7 +487,7 @@ def run_training(
     ``data``: a folder of Fashion-MNIST IDX files, ``"embedded"`` for the shipped subset, or None
     (the default search; on a resume, the data the checkpoint records); ``dataset`` an
     :class:`ImageDataset` instead. ``out_dir`` is written as a run folder that always holds one
-    epoch's files (:mod:`sparsecore.rundir`).
+    epoch's files (:mod:`sparsecore.job.rundir`).
     ``resume`` continues a run from its checkpoint: ``cfg`` must equal the checkpoint's config
     except for a larger ``epochs``, which extends the run, and the data must be the checkpoint's
     (same fingerprint); otherwise :class:`ResumeError` lists each difference. Ctrl-C raises
@@ -473,9 +499,72 @@ def run_training(
     ``announce=False`` leaves out the first line (model, method, ...) and the warnings about the
     options, for a caller that printed them already (``sparsecore train`` does, before it loads
     PyTorch).
+
+    Under ``torchrun`` (``WORLD_SIZE`` > 1), or in a process group of several ranks that the
+    caller initialised (gloo), the run is data-parallel (:mod:`sparsecore.torch.ddp_job`): every
+    rank calls this with the same arguments, each trains on its share of every global batch of
+    ``cfg.batch_size``, and only rank 0 prints and writes ``out_dir`` and ``tensorboard``.
     """
     cfg.validate()
+    ranks = ddp_job.join()  # None on one process
+    with contextlib.ExitStack() as quiet:
+        if ranks is not None and not ranks.main:  # rank 0 shows the warnings for all
+            quiet.enter_context(warnings.catch_warnings())
+            warnings.simplefilter("ignore")
+        result = _run_training(
+            cfg,
+            ranks,
+            data=data,
+            dataset=dataset,
+            out_dir=out_dir,
+            resume=resume,
+            threads=threads,
+            stream=stream,
+            progress=progress,
+            stop_after=stop_after,
+            on_epoch_end=on_epoch_end,
+            tensorboard=tensorboard,
+            announce=announce,
+        )
+    if ranks is not None:
+        ranks.barrier()  # no rank returns before rank 0 has written the run folder
+    return result
+
+
+class _Discard:
+    """The stream of the ranks other than 0: what they would print is rank 0's."""
+
+    def write(self, text: str) -> int:
+        return len(text)
+
+    def flush(self) -> None:
+        pass
+
+    def isatty(self) -> bool:
+        return False
+
+
+def _run_training(
+    cfg: TrainConfig,
+    ranks: ddp_job.Ranks | None,
+    *,
+    data: str | None,
+    dataset: ImageDataset | TextDataset | None,
+    out_dir: str | os.PathLike[str] | None,
+    resume: str | os.PathLike[str] | None,
+    threads: int | None,
+    stream: TextIO | None,
+    progress: bool | None,
+    stop_after: int | None,
+    on_epoch_end: Callable[[dict[str, Any]], None] | None,
+    tensorboard: str | os.PathLike[str] | None,
+    announce: bool,
+) -> TrainResult:
+    """:func:`run_training` on one process (``ranks`` None) or on this rank of several."""
     stream = stream if stream is not None else sys.stdout
+    if ranks is not None and not ranks.main:
+        stream = cast(TextIO, _Discard())
+        announce = progress = False
     if announce:
         if resume is None:
             for caveat in cfg.caveats():
@@ -491,7 +580,7 @@ def run_training(
             raise ValueError(f"invalid threads: {threads!r}")
         torch.set_num_threads(threads)
     if tensorboard is not None:
-        from sparsecore.telemetry import require_tensorboard
+        from sparsecore.records.tensorboard import require_tensorboard
 
         require_tensorboard()
 
@@ -506,7 +595,9 @@ def run_training(
         schedule_epochs = int(ckpt.get("schedule_epochs", saved.epochs))
         if out_dir is None:
             out_dir = run_folder_of(ckpt_path)
-    folder = RunFolder(out_dir) if out_dir is not None else None  # checks it before any work
+    writes = ranks is None or ranks.main  # only rank 0 writes the run folder
+    # checks it before any work
+    folder = RunFolder(out_dir) if out_dir is not None and writes else None
 
     language_model = lm_job.is_language_model(cfg.model)
     if dataset is None:
@@ -533,6 +624,8 @@ def run_training(
         x_test, y_test = _to_tensors(dataset.test_images, dataset.test_labels)
 
     out = folder.path if folder is not None else None
+    if ranks is not None:
+        ranks.barrier()  # every rank has read the checkpoint before rank 0 tidies the folder
     if folder is not None:
         folder.tidy()  # what an interrupted commit left
 
@@ -585,6 +678,8 @@ def run_training(
                 {"epoch": start_epoch - 1, **_report_dict(r)} for r in sparse.history[seen:]
             )
     history_seen = len(sparse.history) if sparse is not None else 0
+    # Several ranks: DDP trains the model; attach, evaluation and checkpoints use it unwrapped.
+    net = ranks.wrap(model) if ranks is not None else model
 
     data_info = {**dataset.describe(), "fingerprint": fingerprint}
     held_out, unit = ("validation", "characters") if language_model else ("test", "images")
@@ -592,6 +687,8 @@ def run_training(
         f"dataset: {data_info['name']} from {data_info['source']} "
         f"({data_info['train_size']} train / {data_info['test_size']} {held_out} {unit})\n"
     )
+    if ranks is not None:
+        stream.write(ranks.describe(cfg.batch_size, torch.get_num_threads()) + "\n")
     if start_epoch > 1:
         stream.write(f"resumed after epoch {start_epoch - 1}\n")
     if schedule_epochs != cfg.epochs:
@@ -616,6 +713,23 @@ def run_training(
             correct = 0.0
             seen = 0
             for step, idx in enumerate(_batches(x_train.shape[0], cfg.batch_size, gen), start=1):
+                if ranks is not None:  # this rank's share; the sums are the global batch's
+                    optimizer.zero_grad(set_to_none=True)
+                    loss, batch_loss, batch_correct = ranks.train_batch(net, x_train, y_train, idx)
+                    if not math.isfinite(batch_loss):  # the same decision on every rank
+                        raise FloatingPointError(
+                            f"training loss became {batch_loss / idx.numel()} at epoch {epoch}, "
+                            f"batch {step} (lr {lr:g}); lower --lr"
+                        )
+                    loss.backward()  # DDP averages the gradients over the ranks
+                    if language_model:
+                        nn.utils.clip_grad_norm_(model.parameters(), lm_job.CLIP_NORM)
+                    optimizer.step()
+                    loss_sum += batch_loss
+                    correct += batch_correct
+                    seen += idx.numel()
+                    bar.update(epoch, cfg.epochs, step, steps_per_epoch, loss_sum / seen)
+                    continue
                 xb, yb = x_train[idx], y_train[idx]
                 optimizer.zero_grad(set_to_none=True)
                 logits = model(xb)
@@ -636,7 +750,12 @@ def run_training(
             bar.clear()
             scheduler.step()
 
-            test_loss, test_acc = evaluate(model, x_test, y_test, cfg.eval_batch_size)
+            if ranks is None:
+                test_loss, test_acc = evaluate(model, x_test, y_test, cfg.eval_batch_size)
+            else:
+                test_loss, test_acc = _evaluate_ranked(
+                    model, x_test, y_test, cfg.eval_batch_size, ranks
+                )
             if not math.isfinite(test_loss):  # the weights diverged though the batches did not
                 raise FloatingPointError(
                     f"test loss became {test_loss} after epoch {epoch} (lr {lr:g}); lower --lr"
@@ -697,6 +816,7 @@ def run_training(
                 wall,
                 done=epoch == cfg.epochs,
                 schedule_epochs=schedule_epochs,
+                ranks=ranks,
             )
             if folder is not None:
                 checkpoint = {
@@ -742,8 +862,9 @@ def run_training(
             saved_epoch = epoch  # stopped after the commit point of this epoch's state
         raise TrainingInterrupted(epoch, saved_epoch, out) from None
 
-    if tensorboard is not None and epochs_done:
-        from sparsecore.telemetry import record_from_run, write_tensorboard
+    if tensorboard is not None and epochs_done and writes:
+        from sparsecore.records.run_record import record_from_run
+        from sparsecore.records.tensorboard import write_tensorboard
 
         write_tensorboard(record_from_run(_json_ready(summary), mask_updates), tensorboard)
     if start_epoch > cfg.epochs:
@@ -758,6 +879,7 @@ def run_training(
         final.get("wall_time_s", 0.0),
         done=True,
         schedule_epochs=schedule_epochs,
+        ranks=ranks,
     )
     if final:
         label = "final" if summary["completed"] else f"after epoch {final['epoch']}:"
@@ -787,8 +909,15 @@ def _summary(
     *,
     done: bool,
     schedule_epochs: int,
+    ranks: ddp_job.Ranks | None = None,
 ) -> dict[str, Any]:
     final = epochs[-1] if epochs else {}
+    # a data-parallel run says so; a single-process summary has no such key
+    distributed = (
+        {"distributed": {"ranks": ranks.world, "backend": "gloo", "wrapper": "ddp"}}
+        if ranks is not None
+        else {}
+    )
     params = dict(model.named_parameters())
     sparse_names = list(final.get("layer_densities", {}))
     return _json_ready(
@@ -812,13 +941,14 @@ def _summary(
             "num_mask_updates": n_updates,
             "wall_time_s": wall,
             "machine": _machine(),
+            **distributed,
             "sparsecore_version": _version(),
             "epochs": epochs,
         }
     )
 
 
-# -- run record for `sparsecore report` (sparsecore.telemetry) --------------------------------------
+# -- run record for `sparsecore report` (sparsecore.records) -----------------------------------
 def _write_telemetry(
     path: Path,
     summary: dict[str, Any],
@@ -829,7 +959,7 @@ def _write_telemetry(
 ) -> None:
     """Write telemetry.json at ``path``: mask updates, epochs and, for sparse runs, per-layer
     FLOPs."""
-    from sparsecore.telemetry import flops_section, record_from_run
+    from sparsecore.records.run_record import flops_section, record_from_run
 
     from .flops import count_flops
 

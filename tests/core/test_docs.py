@@ -1,4 +1,5 @@
-"""The Python examples in the framework-free docs run as written (in order, one namespace per page)."""
+"""The Python examples in the framework-free docs run as written (in order, one namespace per page):
+the core engine (core.md) and the worked examples of the map of the package (design.md)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from pathlib import Path
 import pytest
 
 DOCS = Path(__file__).resolve().parents[2] / "docs"
-PAGES = ["core.md"]
+PAGES = ["core.md", "design.md"]
 
 
 def python_blocks(page: Path) -> list[str]:

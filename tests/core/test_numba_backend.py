@@ -18,10 +18,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import sparsecore as sc
-from sparsecore import backend_numba as bn
-from sparsecore.backend_numba import NumbaBackend, select_flat
 from sparsecore.backend_numpy import NumpyBackend
 from sparsecore.hashing import HashKey, position_hash
+from sparsecore.numba_backend import NumbaBackend, select_flat
+from sparsecore.numba_backend.bits import _jit
 
 REFERENCE = NumpyBackend()
 # Each variant forces one selection path on arrays of a few hundred elements.
@@ -400,7 +400,7 @@ def test_chosen_by_name_not_by_array_type():
 def test_jit_falls_back_quietly_without_a_cache_location():
     namespace: dict = {}
     exec("def plus_one(x):\n    return x + 1\n", namespace)  # no source file: nowhere to cache
-    compiled = bn._jit()(namespace["plus_one"])
+    compiled = _jit()(namespace["plus_one"])
     assert compiled(41) == 42
 
 

@@ -21,10 +21,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import sparsecore as sc
-from sparsecore import backend_numba as bn
-from sparsecore.backend_numba import BufferPool, NumbaBackend
 from sparsecore.backend_numpy import NumpyBackend
 from sparsecore.errors import SparseCoreError
+from sparsecore.numba_backend import BufferPool, NumbaBackend, fused, warm_up
+from sparsecore.numba_backend import backend as numba_class
 
 REFERENCE = NumpyBackend()
 VARIANTS = {
@@ -179,7 +179,7 @@ def test_any_interval_gives_the_exact_result(data, choice, rate):
 
     backend = NumbaBackend(min_chunk=64, parallel_min=0)
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(bn, "_fused_bounds", guess)
+        patch.setattr(numba_class, "_fused_bounds", guess)
         assert_same_as_reference(layers, backend, exact, prune_rate=rate, seed=3)
 
 
@@ -208,7 +208,7 @@ def test_every_path_is_taken():
     for path, bounds in misses.items():
         backend = NumbaBackend(min_chunk=64, parallel_min=0)
         with pytest.MonkeyPatch.context() as patch:
-            patch.setattr(bn, "_fused_bounds", lambda *args, b=bounds: b)
+            patch.setattr(numba_class, "_fused_bounds", lambda *args, b=bounds: b)
             assert_same_as_reference(layers, backend, False, prune_rate=0.5)
         assert backend.fused_paths[path] > 0, backend.fused_paths
 
@@ -394,6 +394,7 @@ def test_buffer_pool_hands_out_only_unreferenced_arrays():
 
 
 def test_warm_up_compiles_the_fused_kernels():
-    bn.warm_up()
-    for kernel in (bn._chunk_scan, bn._fused_bounds, bn._chunk_decide, bn._fused_resolve):
+    warm_up()
+    kernels = (fused._chunk_scan, fused._fused_bounds, fused._chunk_decide, fused._fused_resolve)
+    for kernel in kernels:
         assert kernel.signatures, kernel

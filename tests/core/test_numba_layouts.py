@@ -17,9 +17,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import sparsecore as sc
-from sparsecore.backend_numba import NumbaBackend
 from sparsecore.backend_numpy import NumpyBackend
 from sparsecore.hashing import HashKey
+from sparsecore.numba_backend import NumbaBackend
 
 REFERENCE = NumpyBackend()
 VARIANTS = {

@@ -384,4 +384,7 @@ def test_dead_units_reach_the_record_and_survive_json(tmp_path):
             for key in ("units", "dead_units", "revived"):
                 del layer[key]
     legacy = RunRecord.from_reports(old)
-    assert all(x.units is None and x.dead_fraction is None for x in legacy.updates[0].layers)
+    # not recorded: 0 units (no layer has none), and null in the file as before
+    assert all(x.units == 0 and x.dead_fraction is None for x in legacy.updates[0].layers)
+    saved = legacy.to_dict()["updates"][0]["layers"]
+    assert all(x["units"] is None and x["dead_units"] is None for x in saved)

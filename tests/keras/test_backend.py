@@ -10,6 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from keras import ops
+from minimal_backend import defaults_only
 
 import sparsecore
 from sparsecore import HashKey, Layer
@@ -234,3 +235,68 @@ def test_engine_picks_a_backend_for_keras_tensors_by_itself():
     ref = sparsecore.update(layers_np, prune_rate=0.5)
     out = sparsecore.update(layers_k, prune_rate=0.5)  # no backend given
     assert np.array_equal(ref.masks[0], _host(out.masks[0]))
+
+
+# KerasBackend's primitives under the interface's defaults: its own operations set aside. Those
+# defaults do not run under KerasBackend's wide_scope (JAX's 64-bit mode), so the tests open it.
+KerasDefaults = defaults_only(KerasBackend)
+
+
+@settings(max_examples=_examples(15))
+@given(
+    shape=st.sampled_from(SHAPES),
+    seed=st.integers(0, 2**32 - 1),
+    largest=st.booleans(),
+    magnitude=st.booleans(),
+    sign=st.sampled_from(["any", "positive", "nonpositive"]),
+)
+def test_the_defaults_on_keras_primitives_equal_numpy(shape, seed, largest, magnitude, sign):
+    """The selection written once, on keras.ops primitives: ties (few distinct values) and the
+    per-unit selection included."""
+    rng = np.random.default_rng(seed)
+    x = (rng.integers(-2, 3, size=shape) * 0.5).astype(np.float32)
+    mask = rng.random(shape) < 0.5
+    candidates = (
+        mask & (x > 0) if sign == "positive" else mask & ~(x > 0) if sign != "any" else mask
+    )
+    k = int(rng.integers(0, int(candidates.sum()) + 1))
+    key = HashKey(seed, 2, 1)
+    kw = dict(among_active=True, largest=largest, magnitude=magnitude, key=key)
+    with wide_scope():
+        _check_defaults(KerasDefaults(), x, mask, k, sign, kw, rng, shape)
+
+
+def _check_defaults(defaults, x, mask, k, sign, kw, rng, shape):
+    a = NB.select(x, mask, k, sign=sign, **kw)
+    b = defaults.select(_tensor(x), _tensor(mask), k, sign=sign, **kw)
+    assert np.array_equal(a, _host(b))
+    axis = int(rng.integers(len(shape)))
+    ks = np.array([rng.integers(0, c + 1) for c in NB.unit_count(mask, axis, True)])
+    a = NB.select_per_unit(x, mask, ks, axis=axis, **kw)
+    b = defaults.select_per_unit(_tensor(x), _tensor(mask), ks, axis=axis, **kw)
+    assert np.array_equal(a, _host(b))
+    assert defaults.count_positive(_tensor(x), _tensor(mask)) == NB.count_positive(x, mask)
+    assert np.array_equal(
+        _host(defaults.apply(_tensor(x), _tensor(mask), _tensor(~mask | (x > 0)))),
+        NB.apply(x, mask, ~mask | (x > 0)),
+    )
+
+
+def test_an_update_on_keras_primitives_alone_equals_numpy():
+    rng = np.random.default_rng(4)
+    layers = []
+    for i, shape in enumerate([(9, 4), (3, 3, 2, 4)]):
+        mask = rng.random(shape) < 0.4
+        weight = (rng.standard_normal(shape) * mask).astype(np.float32)
+        momentum = rng.integers(-2, 3, size=shape).astype(np.float32)  # ties
+        layers.append(Layer(f"l{i}", weight, mask, momentum, axis=len(shape) - 1))
+    tensors = [
+        Layer(x.name, _tensor(x.weight), _tensor(x.mask), _tensor(x.momentum), axis=x.axis)
+        for x in layers
+    ]
+    for options in (dict(), dict(prune="SET", growth="random"), dict(growth="momentum_neuron")):
+        ref = sparsecore.update(layers, prune_rate=0.5, **options)
+        with wide_scope():
+            out = sparsecore.update(tensors, prune_rate=0.5, backend=KerasDefaults(), **options)
+        for a, b in zip(ref.masks, out.masks):
+            assert np.array_equal(a, _host(b))

@@ -1,7 +1,7 @@
 """Mask updates on the host (NumPy) and on the device (keras.ops) give the same run.
 
 On a CPU, ``SparseCallback`` runs its updates on NumPy by default (much less dispatch overhead);
-``update_backend='keras'`` keeps them on ``keras.ops``. Both must pick the same masks after every
+``update_backend='device'`` keeps them on ``keras.ops``. Both must pick the same masks after every
 update, leave the same kernels, and reset the same optimizer slots.
 """
 
@@ -14,7 +14,7 @@ from helpers_keras import BatchChecker, data, host, mlp
 
 import sparsecore
 from sparsecore.keras import SparseCallback
-from sparsecore.keras.placement import on_host
+from sparsecore.keras.placement import UPDATE_BACKENDS, on_host, resolve_update_backend
 
 
 class MaskRecorder(keras.callbacks.Callback):
@@ -55,9 +55,9 @@ def _run(update_backend: str, options: dict, optimizer=None):
     ],
     ids=["default-modes", "adam-reset-erk", "neuron-growth"],
 )
-def test_numpy_and_keras_updates_give_the_same_run(options, optimizer):
-    _, cb_np, rec_np, check_np = _run("numpy", options, optimizer)
-    _, cb_k, rec_k, check_k = _run("keras", options, optimizer)
+def test_host_and_device_updates_give_the_same_run(options, optimizer):
+    _, cb_np, rec_np, check_np = _run("host", options, optimizer)
+    _, cb_k, rec_k, check_k = _run("device", options, optimizer)
     assert cb_np._backend is not None and cb_np._backend.name == "numpy"
     assert cb_k._backend is not None and cb_k._backend.name == "keras"
     assert len(cb_np.history) == len(cb_k.history) >= 4
@@ -87,6 +87,20 @@ def test_auto_runs_updates_on_numpy_for_cpu_tensors():
     assert cb.engine is not None and all(isinstance(e, np.ndarray) for e in cb.engine.ever_active)
     ever = cb.constraints[0].snapshot()[1]
     assert ever is not None and ever.dtype == bool and ever.shape == cb.weights[0].shape
+
+
+def test_the_earlier_names_are_aliases_of_the_placements():
+    """One vocabulary with the PyTorch adapter (sparsecore.placement); 'numpy' and 'keras' keep
+    working as the host and the device."""
+    variables = mlp().trainable_variables
+    assert UPDATE_BACKENDS == ("auto", "host", "device", "numpy", "keras")
+    for word, backend in [("host", "numpy"), ("numpy", "numpy"), ("auto", "numpy")]:
+        assert resolve_update_backend(word, variables).name == backend
+    for word in ("device", "keras"):
+        assert resolve_update_backend(word, variables).name == "keras"
+    # the torch adapter's words are not Keras' (the error lists what is accepted)
+    with pytest.raises(sparsecore.SparseCoreError, match=r"'numpy' for 'host'.*got 'numba'"):
+        SparseCallback(update_backend="numba")
 
 
 def test_update_backend_is_checked_and_kept():

@@ -1,4 +1,5 @@
-"""The built wheel carries the CUDA sources (an editable install would hide a missing glob)."""
+"""The built wheel carries the CUDA sources and every module of the source tree (an editable
+install would hide a missing glob or a subpackage missing from pyproject's package list)."""
 
 from __future__ import annotations
 
@@ -34,7 +35,22 @@ def test_wheel_contains_the_kernel_sources(tmp_path: Path) -> None:
     names = set(zipfile.ZipFile(wheel).namelist())
     for source in (*K.KERNEL_SOURCES, *K.HEADERS):
         assert f"sparsecore/kernels/{source}" in names, f"{source} missing from {wheel.name}"
-    for module in ("__init__.py", "layout.py", "launch.py", "emulate.py"):
+    for module in (
+        "__init__.py",
+        "layout.py",
+        "launch.py",
+        "emulate.py",
+        "cpu.py",
+        "structures.py",
+    ):
         assert f"sparsecore/kernels/{module}" in names
+    # every module of every folder pyproject maps, under its package's name in the wheel
+    folders = {"sparsecore": "sparsecore", "backends/torch": "sparsecore/torch"}
+    folders.update({"backends/keras": "sparsecore/keras", "backends/cupy": "sparsecore/cupy"})
+    folders["kernels"] = "sparsecore/kernels"
+    for folder, package in folders.items():
+        for path in (ROOT / folder).rglob("*.py"):
+            inside = path.relative_to(ROOT / folder).as_posix()
+            assert f"{package}/{inside}" in names, f"{folder}/{inside} missing from the wheel"
     assert "sparsecore/cupy/__init__.py" in names
     assert "sparsecore/torch/cuda_kernels.py" in names

@@ -136,6 +136,24 @@ def test_resume_after_epoch_one_matches_uninterrupted_run(tmp_path, method, caps
         )
 
 
+
+def test_resume_of_a_batch_norm_model_matches_uninterrupted_run(tmp_path, capsys):
+    """vgg has batch norm: the job's telemetry, written at every epoch end after the checkpoint,
+    must not move its running statistics, or the resumed run would differ."""
+    common = ["--model", "vgg", "--epochs", "2", "--seed", "1", "--batch-size", "50"]
+    common += ["--limit-train", "200", "--limit-test", "100"]
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    assert _train(straight, *common) == 0
+    assert _train(split, *common, "--stop-after", "1") == 0
+    assert main(["train", "--resume", str(split), "--data", "embedded", "--no-progress"]) == 0
+    capsys.readouterr()
+    final_straight, final_split = _load_weights(straight), _load_weights(split)
+    assert any("running_mean" in key for key in final_straight)
+    for key in final_straight:
+        assert torch.equal(final_straight[key], final_split[key]), key
+    for e1, e2 in zip(_summary(straight)["epochs"], _summary(split)["epochs"], strict=True):
+        assert e1["test_acc"] == e2["test_acc"] and e1["train_loss"] == e2["train_loss"]
+
 def _initial_masks(method: str, seed: int, density: float) -> dict[str, torch.Tensor]:
     """The masks attach() draws for LeNet-300-100 before any training, under the job's recipe
     (the paper's)."""

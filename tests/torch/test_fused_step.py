@@ -169,7 +169,7 @@ def test_half_precision_weights_take_the_plain_path():
     x = torch.randn(8, 12, dtype=torch.bfloat16)
     F.cross_entropy(model(x), torch.zeros(8, dtype=torch.long)).backward()
     opt.step()
-    assert sparse._sgd_groups is not None and not sparse._taken
+    assert sparse._sgd.groups is not None and not sparse._sgd.taken
     assert all("momentum_buffer" in opt.state[t.param] for t in sparse.targets)
     for t, m in zip(sparse.targets, sparse.masks):
         assert not t.param.detach()[~m].any()

@@ -29,7 +29,7 @@ from sample_layers import spread_layers
 import sparsecore as sc
 from sparsecore.errors import SparseCoreError
 from sparsecore.torch import TorchBackend
-from sparsecore.torch.sharded_update import Shard, ShardedBackend, shard_of
+from sparsecore.torch.sharded_update import Shard, ShardedBackend, ShardedUpdate, shard_of
 
 WORKER = Path(__file__).with_name("sharded_worker.py")
 
@@ -174,6 +174,18 @@ def test_modes_a_shard_cannot_run_are_refused(options):
         sc.update(layers, prune_rate=0.5, backend=ShardedBackend(), **options)
     after = [a.local for x in layers for a in (x.weight, x.mask, x.momentum)]
     assert all(torch.equal(a, b) for a, b in zip(before, after))
+
+
+def test_the_sharded_update_is_offered_as_a_fused_update():
+    from sparsecore.fusion import FusedUpdate, fused_update_of
+
+    backend = ShardedBackend()
+    offered = fused_update_of(backend)
+    assert isinstance(offered, ShardedUpdate) and isinstance(offered, FusedUpdate)
+    assert offered.backend is backend
+    assert (offered.prune, offered.growth) == ({"magnitude"}, {"momentum"})
+    assert dict(offered.importance) == {"momentum": "momentum", "magnitude": "weight",
+                                        "nonzero": None}  # fmt: skip
 
 
 def test_options_are_checked():

@@ -15,10 +15,15 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from minimal_backend import defaults_only
+from subprocesses import run_python
 
 from sparsecore import HashKey, Layer, get_backend, new_weights, update
 from sparsecore.modes import IMPORTANCE
 from sparsecore.torch.backend import TorchBackend
+
+# TorchBackend's primitives under the interface's defaults: its own operations set aside
+TorchDefaults = defaults_only(TorchBackend)
 
 PRUNES = ["magnitude", "SET"]
 GROWTHS = ["momentum", "random", "gradient", "momentum_neuron"]
@@ -126,6 +131,34 @@ def test_update_equals_numpy_reference(
         assert math.isclose(ra.importance, rb.importance, rel_tol=1e-12, abs_tol=0.0)
 
 
+@settings(max_examples=20, deadline=None)
+@given(
+    layers=layer_sets(),
+    prune=st.sampled_from(PRUNES),
+    growth=st.sampled_from(GROWTHS),
+    redistribution=st.sampled_from(REDISTRIBUTIONS),
+    rate=st.sampled_from([0.2, 0.5, 1.0]),
+    revive=st.booleans(),
+)
+def test_the_defaults_on_torch_primitives_equal_the_reference(
+    layers, prune, growth, redistribution, rate, revive
+):
+    """The update written once on the required primitives, run on torch's: the masks and
+    weights of the NumPy reference, bit for bit."""
+    kwargs = dict(
+        prune_rate=rate, seed=5, prune=prune, growth=growth, redistribution=redistribution,
+        revive_dead_units=revive,
+    )  # fmt: skip
+    ref = update(layers, backend="numpy", **kwargs)
+    torch_layers = _to_torch(layers)
+    backend = TorchDefaults()
+    out = update(torch_layers, backend=backend, **kwargs)
+    for a, b in zip(ref.masks, out.masks):
+        np.testing.assert_array_equal(a, b.numpy())
+    for a, b in zip(new_weights(layers, ref), new_weights(torch_layers, out, backend)):
+        np.testing.assert_array_equal(a.view(np.uint8), b.numpy().view(np.uint8))
+
+
 @settings(max_examples=30, deadline=None)
 @given(layers=layer_sets(), mode=st.sampled_from(["momentum", "magnitude", "nonzero"]))
 def test_importance_to_1e12(layers, mode):
@@ -146,8 +179,9 @@ def test_importance_to_1e12(layers, mode):
     magnitude=st.booleans(),
     sign=st.sampled_from(["any", "positive", "nonpositive"]),
 )
-def test_select_equals_reference(layers, k_frac, among_active, largest, magnitude, sign):
-    np_be, t_be = get_backend("numpy"), TorchBackend()
+@pytest.mark.parametrize("backend", [TorchBackend, TorchDefaults], ids=["own", "defaults"])
+def test_select_equals_reference(backend, layers, k_frac, among_active, largest, magnitude, sign):
+    np_be, t_be = get_backend("numpy"), backend()
     layer = layers[0]
     flat = layer.weight.reshape(-1)
     cand = layer.mask.reshape(-1) if among_active else ~layer.mask.reshape(-1)
@@ -166,8 +200,9 @@ def test_select_equals_reference(layers, k_frac, among_active, largest, magnitud
 
 @settings(max_examples=30, deadline=None)
 @given(layers=layer_sets(), largest=st.booleans(), axis=st.sampled_from([0, -1]))
-def test_select_per_unit_equals_reference(layers, largest, axis):
-    np_be, t_be = get_backend("numpy"), TorchBackend()
+@pytest.mark.parametrize("backend", [TorchBackend, TorchDefaults], ids=["own", "defaults"])
+def test_select_per_unit_equals_reference(backend, layers, largest, axis):
+    np_be, t_be = get_backend("numpy"), backend()
     layer = layers[0]
     free = np_be.unit_count(layer.mask, axis, active=False)
     rng = np.random.default_rng(int(free.sum()))
@@ -216,6 +251,19 @@ def test_backend_is_found_for_tensors():
     from sparsecore import backend_for
 
     assert backend_for(torch.zeros(2)).name == "torch"
+
+
+def test_the_core_finds_the_torch_backend_without_naming_it(tmp_path):
+    """``import sparsecore`` alone: the torch backend comes from the package's entry point, by
+    name and by tensor, and only then is sparsecore.torch imported."""
+    code = (
+        "import json, sys, torch, sparsecore\n"
+        "before = 'sparsecore.torch' in sys.modules\n"
+        "found = sparsecore.backend_for(torch.zeros(2)).name\n"
+        "print(json.dumps([before, found, sparsecore.get_backend('torch').name,\n"
+        "                  'sparsecore.torch' in sys.modules]))\n"
+    )
+    assert run_python(code, tmp_path) == [False, "torch", "torch", True]
 
 
 def test_apply_keeps_weights_bit_for_bit_and_zeroes_the_rest():
