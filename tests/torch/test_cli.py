@@ -136,7 +136,6 @@ def test_resume_after_epoch_one_matches_uninterrupted_run(tmp_path, method, caps
         )
 
 
-
 def test_resume_of_a_batch_norm_model_matches_uninterrupted_run(tmp_path, capsys):
     """vgg has batch norm: the job's telemetry, written at every epoch end after the checkpoint,
     must not move its running statistics, or the resumed run would differ."""
@@ -153,6 +152,7 @@ def test_resume_of_a_batch_norm_model_matches_uninterrupted_run(tmp_path, capsys
         assert torch.equal(final_straight[key], final_split[key]), key
     for e1, e2 in zip(_summary(straight)["epochs"], _summary(split)["epochs"], strict=True):
         assert e1["test_acc"] == e2["test_acc"] and e1["train_loss"] == e2["train_loss"]
+
 
 def _initial_masks(method: str, seed: int, density: float) -> dict[str, torch.Tensor]:
     """The masks attach() draws for LeNet-300-100 before any training, under the job's recipe
