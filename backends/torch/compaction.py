@@ -26,6 +26,7 @@ from sparsecore.errors import SparseCoreError
 
 from .compaction_build import build_compact
 from .compaction_graph import TracedModel, masks_by_module, trace_model
+from .eval_mode import evaluation_mode
 
 __all__ = ["compact", "compaction_plan"]
 
@@ -160,14 +161,8 @@ def _check(
 ) -> CompactionReport:
     """Run the compact model on the example input (evaluation mode) against the original's
     outputs; record the largest difference, raise if it is beyond rounding."""
-    modes = {m: m.training for m in compact_model.modules()}
-    try:
-        compact_model.eval()
-        with torch.no_grad():
-            got = compact_model(*inputs)
-    finally:
-        for m, mode in modes.items():
-            m.training = mode
+    with evaluation_mode(compact_model), torch.no_grad():
+        got = compact_model(*inputs)
     want_leaves = [t for t in tree_leaves(traced.output) if isinstance(t, torch.Tensor)]
     got_leaves = [t for t in tree_leaves(got) if isinstance(t, torch.Tensor)]
     if len(want_leaves) != len(got_leaves):

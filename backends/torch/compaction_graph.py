@@ -34,6 +34,8 @@ from torch.nn import functional as F
 from sparsecore.compaction import Op
 from sparsecore.errors import SparseCoreError
 
+from .eval_mode import evaluation_mode
+
 __all__ = ["NodeRole", "TracedModel", "trace_model"]
 
 _ELEMENTWISE_MODULES: tuple[type[nn.Module], ...] = (
@@ -239,10 +241,8 @@ def trace_model(
             f"on tensor values cannot be traced; move such code out of forward or compact the "
             f"traceable part"
         ) from err
-    modes = {m: m.training for m in model.modules()}
     try:
-        model.eval()
-        with torch.no_grad():
+        with evaluation_mode(model), torch.no_grad():
             # the reference is the model's own forward: the trace froze what the forward
             # decided in the mode it was traced in (functional dropout's training argument)
             output = model(*example_inputs)
@@ -252,9 +252,6 @@ def trace_model(
             f"{type(model).__name__} failed on the example input of shape(s) "
             f"{[tuple(x.shape) for x in example_inputs]}: {type(err).__name__}: {err}"
         ) from err
-    finally:
-        for m, mode in modes.items():
-            m.training = mode
 
     modules = dict(gm.named_modules())
     calls: dict[str, int] = {}

@@ -15,6 +15,8 @@ from torch import nn
 from sparsecore.errors import SparseCoreError
 from sparsecore.flops import LayerFlops, ModelFlops, layer_flops, model_flops
 
+from .eval_mode import evaluation_mode
+
 __all__ = ["count_flops"]
 
 
@@ -51,19 +53,14 @@ def count_flops(
     for name, module in model.named_modules():
         if isinstance(module, (nn.Linear, nn.Conv2d)):
             hooks.append(module.register_forward_hook(hook(name)))
-    # Evaluation mode for the one forward pass, each module's own mode restored after: in
-    # training mode it would move batch norm's running statistics (a training run writing its
-    # telemetry would then not equal the same run resumed from its checkpoint).
-    modes = [(module, module.training) for module in model.modules()]
-    model.eval()
+    # Evaluation mode: in training mode the pass would move batch norm's running statistics
+    # (a training run writing its telemetry would then not equal the same run resumed).
     try:
-        with torch.no_grad():
+        with evaluation_mode(model), torch.no_grad():
             model(example_input)
     finally:
         for h in hooks:
             h.remove()
-        for module, training in modes:
-            module.training = training
 
     layers: list[LayerFlops] = []
     for name, module, in_shape, out_shape, is_input in seen:
