@@ -79,7 +79,7 @@ def run_one(cmd: list[str], out: Path) -> None:
         return
     out.parent.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    with out.with_suffix(".log").open("w") as f:
+    with (out.parent / f"{out.name}.log").open("w") as f:  # not with_suffix: "d0.1"
         proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT)
     status = "ok" if proc.returncode == 0 else f"FAILED ({proc.returncode})"
     print(f"{status} {time.perf_counter() - started:6.0f}s  {out}", flush=True)

@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import gc
 import json
 import math
 import os
@@ -239,6 +240,7 @@ def rank_main(rank: int, world: int, init: str, args: argparse.Namespace) -> Non
         with open(args.result, "w") as f:
             json.dump(rows, f)
     dist.barrier()
+    gc.collect()  # free cyclic models while the process group lives (gloo exit aborts)
     dist.destroy_process_group()
 
 

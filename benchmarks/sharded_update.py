@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import gc
 import os
 import statistics
 import subprocess
@@ -158,6 +159,7 @@ def rank_main(rank: int, world: int, init: str, args: argparse.Namespace) -> Non
               f"all-gathers, {seen['bytes']} bytes sent by each rank before the ring "
               f"({seen['bytes'] / len(layers):.0f} per layer)")  # fmt: skip
     dist.barrier()
+    gc.collect()  # free cyclic models while the process group lives (gloo exit aborts)
     dist.destroy_process_group()
 
 

@@ -35,6 +35,7 @@ the single-process run's, without DDP's ``module.`` prefix.
 from __future__ import annotations
 
 import atexit
+import gc
 import os
 from dataclasses import dataclass
 
@@ -118,6 +119,9 @@ class Ranks:
 
 def _destroy() -> None:
     if dist.is_initialized():
+        # The model and its attached optimizer sit in reference cycles: free them while the
+        # process group lives, since gloo objects freed at interpreter exit can abort the process.
+        gc.collect()
         dist.destroy_process_group()
 
 

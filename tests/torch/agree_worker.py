@@ -17,6 +17,7 @@ a rank left waiting in a collective fails the test instead of hanging it. Scenar
 from __future__ import annotations
 
 import datetime
+import gc
 import json
 import os
 import sys
@@ -175,6 +176,7 @@ def main() -> None:
     with open(out_file, "w") as f:
         json.dump(results, f)
     dist.barrier()
+    gc.collect()  # free cyclic models while the process group lives (gloo exit aborts)
     dist.destroy_process_group()
 
 

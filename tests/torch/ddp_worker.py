@@ -7,6 +7,7 @@ rank's momentum differs, and only the adapter's broadcast keeps the masks identi
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import sys
@@ -58,6 +59,7 @@ def main() -> None:
             f,
         )
     dist.barrier()
+    gc.collect()  # free cyclic models while the process group lives (gloo exit aborts)
     dist.destroy_process_group()
 
 

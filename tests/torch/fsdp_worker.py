@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import copy
 import datetime
+import gc
 import json
 import os
 import re
@@ -389,6 +390,7 @@ def main() -> None:
         traceback.print_exc()
         sys.stdout.flush()
         os._exit(1)
+    gc.collect()  # free cyclic models while the process group lives (gloo exit aborts)
     dist.destroy_process_group()
 
 

@@ -13,6 +13,7 @@ on the broken connection instead of waiting for the process group's timeout.
 from __future__ import annotations
 
 import datetime
+import gc
 import json
 import math
 import os
@@ -497,6 +498,7 @@ def main() -> None:
     with open(out_file, "w") as f:
         json.dump(result, f)
     dist.barrier()
+    gc.collect()  # free cyclic models while the process group lives (gloo exit aborts)
     dist.destroy_process_group()
 
 
