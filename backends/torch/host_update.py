@@ -15,8 +15,9 @@ and starting them leaves PyTorch's thread count as it was.
 
 When: ``attach(..., update_backend="auto")`` (the default) takes this path when every array of
 the update is a CPU tensor in float16, float32 or float64 and Numba imports; otherwise (CUDA,
-bfloat16, no Numba) the torch backend runs the update. ``update_backend="torch"`` always uses the
-torch backend; ``"numba"`` requires this path and says why when it cannot be taken.
+bfloat16, no Numba) the torch backend runs the update. ``update_backend="device"`` (earlier
+``"torch"``) always uses the torch backend; ``"host"`` (earlier ``"numba"``) requires this path
+and says why when it cannot be taken.
 """
 
 from __future__ import annotations
@@ -29,9 +30,10 @@ import torch
 
 from sparsecore.backend import ArrayBackend, get_backend
 from sparsecore.layers import Layer
+from sparsecore.placement import ALIASES, PLACEMENTS
 
-#: ``attach(update_backend=...)`` choices.
-UPDATE_BACKENDS = ("auto", "torch", "numba")
+#: Values of ``attach(update_backend=...)``: the placements, then PyTorch's earlier names.
+UPDATE_BACKENDS = (*PLACEMENTS, *ALIASES["torch"])
 
 #: Float dtypes NumPy can view.
 VIEWABLE_DTYPES = (torch.float16, torch.float32, torch.float64)

@@ -12,6 +12,7 @@ from torch import nn
 
 import sparsecore.torch as st
 from sparsecore import SparseCoreError
+from sparsecore.torch.host_update import UPDATE_BACKENDS
 
 
 def _run(word: str):
@@ -26,6 +27,10 @@ def _run(word: str):
         F.cross_entropy(model(x), y).backward()
         opt.step()
     return sparse
+
+
+def test_the_accepted_values_are_the_shared_placements_then_the_earlier_names():
+    assert UPDATE_BACKENDS == ("auto", "host", "device", "numba", "torch")
 
 
 def test_host_and_device_and_their_earlier_names():
