@@ -10,7 +10,14 @@ from .config import SparseConfig, option_names
 from .engine import SparseEngine, UpdateResult, apply_masks, check_layers, new_weights, update
 from .errors import DeadUnitsWarning, NonFiniteError, SparseCoreError
 from .hashing import HashKey, layer_hash, mix32, position_hash
-from .init import initial_mask, initial_masks, layer_counts, layer_densities, target_count
+from .init import (
+    init_scales,
+    initial_mask,
+    initial_masks,
+    layer_counts,
+    layer_densities,
+    target_count,
+)
 from .layers import Layer
 from .modes import register_growth, register_importance, register_prune
 from .records.updates import LayerReport, UpdateReport
@@ -40,6 +47,7 @@ __all__ = [
     "check_layers",
     "get_backend",
     "importance_shares",
+    "init_scales",
     "initial_mask",
     "initial_masks",
     "layer_counts",

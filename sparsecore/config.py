@@ -34,6 +34,7 @@ RECIPES: dict[str, dict[str, Any]] = {
         "redistribution": "momentum",
         "cover_units": False,
         "revive_dead_units": False,
+        "scale_init": False,
     },
 }
 
@@ -56,7 +57,10 @@ class SparseConfig:
     read NaN/Inf. ``seed`` fixes initial masks, random growth and tie-breaking. Dead units
     (:mod:`sparsecore.units`): ``cover_units`` gives every output unit an initial weight where
     the budget allows; ``revive_dead_units`` regrows units without weights or gradient with
-    non-zero weights. Structure (:mod:`sparsecore.structured`): ``ablate_below`` (0, off, by
+    non-zero weights. ``scale_init`` multiplies each output unit's initial weights by
+    ``sqrt(fan_in / active fan_in)`` when the masks are first applied, so that a sparse layer
+    starts with its initialiser's dense output scale (:func:`sparsecore.init.init_scales`; set it
+    False when attaching to trained weights). Structure (:mod:`sparsecore.structured`): ``ablate_below`` (0, off, by
     default; at most 1) empties, at every update, the output units whose active fan-in pruning
     left below that fraction of the layer's mean, and gives their weights to the rest, so that
     channel compaction removes them; every sparse layer but the last (the outputs). :meth:`from_options` also takes ``recipe`` (:data:`RECIPES`).
@@ -83,6 +87,7 @@ class SparseConfig:
     seed: int = 0
     cover_units: bool = True
     revive_dead_units: bool = True
+    scale_init: bool = True
     ablate_below: float = 0.0
 
     def __post_init__(self) -> None:
@@ -108,6 +113,7 @@ class SparseConfig:
             ),
             "cover_units": check_flag("cover_units", self.cover_units),
             "revive_dead_units": check_flag("revive_dead_units", self.revive_dead_units),
+            "scale_init": check_flag("scale_init", self.scale_init),
             "ablate_below": check_real("ablate_below", self.ablate_below, low=0.0, high=1.0),
             "update_every": None
             if self.update_every is None
@@ -202,6 +208,7 @@ ADDED_OPTIONS: dict[str, Any] = {
     "cover_units": False,
     "revive_dead_units": False,
     "ablate_below": 0.0,
+    "scale_init": False,
 }
 
 

@@ -322,6 +322,15 @@ class SparseEngine:
             self._warn_dead(name, empty, units, "start with no weight")
         return masks
 
+    def initial_scales(self, masks: Sequence[np.ndarray]) -> list[np.ndarray] | None:
+        """Factors for the freshly initialised weights under ``masks`` (``scale_init``; see
+        :func:`sparsecore.init.init_scales`), or None when the option is off."""
+        from .init import init_scales
+
+        if not self.config.scale_init:
+            return None
+        return [init_scales(m, a) for m, a in zip(masks, self.axes)]
+
     def _warn_dead(self, name: str, dead: int, units: int, what: str) -> None:
         """Warn, once per layer, when most of its output units are dead."""
         if 2 * dead <= units or name in self._warned_dead:

@@ -10,6 +10,11 @@ With ``cover_units`` no output unit starts without a weight where the budget all
 gets at least one weight per output unit (when the total N holds that many), and inside a layer
 each unit first takes its position of largest hash, the rest of the count going to the largest
 hashes left. A unit with no weight is born dead (:mod:`sparsecore.units`).
+
+With ``scale_init`` (:func:`init_scales`) each output unit's initial weights are multiplied by
+``sqrt(fan_in / active fan_in)``: an initialiser chooses its scale for the dense fan-in, so a unit
+keeping k of its fan_in inputs would start with about k/fan_in of the dense output variance; the
+factor restores it per unit (the sparsity-aware initialisation of Evci et al., AAAI 2022).
 """
 
 from __future__ import annotations
@@ -246,6 +251,26 @@ def initial_masks(
         initial_mask(tuple(s), c, seed=seed, layer=i, cover_axis=a if cover_units else None)
         for i, (s, c, a) in enumerate(zip(shapes, counts, axes))
     ]
+
+
+def init_scales(mask: np.ndarray, axis: int = 0) -> np.ndarray:
+    """Per-position factors for a layer's initial weights: ``sqrt(fan_in / k)`` at the active
+    positions of an output unit with ``k`` active weights (``fan_in`` = positions per unit), 0
+    elsewhere.
+
+    ``weights * init_scales(mask, axis)`` is the masked layer with each unit's output variance at
+    initialisation restored to the dense layer's, whatever fraction of its inputs the unit kept.
+    Meant for freshly initialised weights only: on trained weights it changes the function.
+    """
+    mask = np.asarray(mask, dtype=bool)
+    if mask.ndim == 0 or not -mask.ndim <= axis < mask.ndim:
+        raise SparseCoreError(f"output axis {axis} is out of range for a mask of {mask.shape}")
+    rows = np.moveaxis(mask, axis, 0).reshape(mask.shape[axis], -1)
+    active = rows.sum(axis=1)
+    per_unit = np.sqrt(rows.shape[1] / np.maximum(active, 1))
+    factors = np.where(rows, per_unit[:, None], 0.0)
+    moved = np.moveaxis(mask, axis, 0).shape
+    return np.moveaxis(factors.reshape(moved), 0, axis)
 
 
 def _check_density(density: float) -> float:

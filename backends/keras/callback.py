@@ -388,8 +388,12 @@ class SparseCallback(keras.callbacks.Callback):
                     )
                     for i, (w, n, m) in enumerate(zip(weights, names, masks))
                 ]
-            for w, c in zip(weights, constraints):
-                w.variable.assign(c(ops.copy(w.variable)))
+            scales = engine.initial_scales(masks)
+            for i, (w, c) in enumerate(zip(weights, constraints)):
+                start = c(ops.copy(w.variable))
+                if scales is not None:  # scale_init: each unit at its dense output scale
+                    start = start * ops.convert_to_tensor(scales[i], dtype=w.variable.dtype)
+                w.variable.assign(start)
                 w.variable.constraint = c
                 setattr(w.layer, w.constraint_attr, c)  # so that get_config() saves it
         if reads_momentum and momentum_kind(optimizer) == OWN:

@@ -37,9 +37,10 @@ from __future__ import annotations
 
 import logging
 import warnings
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 from torch.optim.optimizer import (
@@ -223,6 +224,7 @@ class SparseTraining:
                 stacklevel=3,
             )
         masks_np = self.engine.initial_masks()
+        scales_np = self.engine.initial_scales(masks_np)
         self.masks = [
             fsdp.to_local_part(torch.as_tensor(m), t.param).to(device=self._local(t.param).device)
             if self._sharded
@@ -247,6 +249,8 @@ class SparseTraining:
         self._placement = UpdatePlacement(update_backend)  # checks the value
 
         # --- from here on the model and optimizer change (nothing below can fail) ---
+        if scales_np is not None:
+            self._scale_initial_weights(scales_np)
         self._apply_masks()
         self._sharded_backend: Any = fsdp.ShardedBackend() if self._sharded else None
         attached.register(self)
@@ -498,6 +502,16 @@ class SparseTraining:
         )
 
     @torch.no_grad()
+    def _scale_initial_weights(self, scales: Sequence[np.ndarray]) -> None:
+        """``scale_init``: multiply each weight by its unit's factor (0 outside the mask)."""
+        with torch.no_grad():
+            for factor_np, t in zip(scales, self.targets):
+                local = self._local(t.param.detach())
+                factor = torch.as_tensor(factor_np, dtype=local.dtype)
+                if self._sharded:
+                    factor = fsdp.to_local_part(factor, t.param)
+                local.mul_(factor.to(local.device))
+
     def _apply_masks(self, skip: Collection[int] = ()) -> None:
         """Make every weight outside the masks exactly +0 (whatever it held, NaN and Inf
         included), active weights bit for bit unchanged, except in the targets ``skip`` (by

@@ -95,9 +95,7 @@ class ResumeError(ValueError):
 
 @dataclass
 class TrainConfig(Recipe):
-    """The PyTorch job's options: the shared recipe (mask options included) plus ``scale_init``."""
-
-    scale_init: bool = False
+    """The PyTorch job's options: the shared recipe (mask options included)."""
 
     def validate(self) -> None:
         """Raise ValueError naming the option and value for anything out of range."""
@@ -261,21 +259,6 @@ def _attach(
 
 
 @torch.no_grad()
-def _scale_sparse_init(model: nn.Module, densities: dict[str, float]) -> None:
-    """Multiply each sparse layer's initial weights by 1/sqrt(its density).
-
-    A default-initialised layer keeping a fraction d of its weights passes on about sqrt(d) of
-    the dense layer's output scale, so a 5% net starts with tiny activations and gradients. This
-    restores the dense initialisation's output variance per layer, a coarse form of the
-    sparsity-aware initialisation of Evci et al. (arXiv 2010.03533), which scales per unit by
-    its fan-in. Not part of the sparse momentum recipe: off by default.
-    """
-    params = dict(model.named_parameters())
-    for name, density in densities.items():
-        if density > 0:
-            params[name].mul_(1.0 / math.sqrt(density))
-
-
 def _machine() -> dict[str, Any]:
     return {
         "platform": platform.platform(),
@@ -651,8 +634,6 @@ def _run_training(
         if cfg.method == "dense"
         else _attach(model, optimizer, cfg, steps_per_epoch * schedule_epochs, total_steps)
     )
-    if sparse is not None and cfg.scale_init:
-        _scale_sparse_init(model, sparse.layer_densities())
 
     epochs_done: list[dict[str, Any]] = []
     mask_updates: list[dict[str, Any]] = []

@@ -136,7 +136,8 @@ _CONFIG_FLAGS: list[tuple[str, str, str]] = [
     (
         "--scale-init",
         "scale_init",
-        "scale each sparse layer's initial weights by 1/sqrt(its density) (not in the paper)",
+        "scale each output unit's initial weights by sqrt(fan-in / active fan-in), the dense "
+        "output scale (not in the paper)",
     ),
     (
         "--cover-units",

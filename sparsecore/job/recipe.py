@@ -147,6 +147,9 @@ class Recipe:
     # job runs the paper's recipe whatever the library's defaults are (options given win).
     cover_units: bool = False
     revive_dead_units: bool = False
+    # SparseConfig's scale_init (each unit's initial weights at the dense output scale): off, as
+    # in the paper.
+    scale_init: bool = False
     # Structure (SparseConfig's ablate_below): 0 is off, as in the paper.
     ablate_below: float = 0.0
 
@@ -287,6 +290,7 @@ class Recipe:
             "min_density": self.min_density,
             "cover_units": self.cover_units,
             "revive_dead_units": self.revive_dead_units,
+            "scale_init": self.scale_init,
             "ablate_below": self.ablate_below,
         }
         if self.redistribution is not None:

@@ -7,7 +7,9 @@ import pytest
 
 from sparsecore import (
     HashKey,
+    SparseConfig,
     SparseCoreError,
+    init_scales,
     initial_mask,
     initial_masks,
     layer_counts,
@@ -121,3 +123,38 @@ def test_er_reads_the_input_channels_of_every_layout() -> None:
     torch_like = layer_counts([(16, 8, 3, 3), (10, 100)], 0.2, "ER", axes=[1, 0])
     keras_like = layer_counts([(3, 3, 16, 8), (100, 10)], 0.2, "ER", axes=[-2, -1])
     assert torch_like == keras_like
+
+
+@pytest.mark.parametrize("axis", [0, 1, -1])
+def test_init_scales_restore_each_units_dense_scale(axis: int) -> None:
+    """Ones times the factors: every unit with k of its n positions active has squared norm n
+    (k weights of sqrt(n/k)), whatever k is; inactive positions are 0."""
+    rng = np.random.default_rng(3)
+    mask = rng.random((6, 5, 4)) < 0.3
+    mask[(slice(None),) * (axis % 3) + (0,)] = False  # one unit without weights
+    factors = init_scales(mask, axis)
+    assert factors.shape == mask.shape and np.all(factors[~mask] == 0)
+    units = np.moveaxis(mask, axis, 0).reshape(mask.shape[axis], -1)
+    rows = np.moveaxis(factors, axis, 0).reshape(units.shape)
+    fan_in = units.shape[1]
+    for unit, row in zip(units, rows):
+        k = int(unit.sum())
+        expected = fan_in if k else 0
+        assert np.sum(row**2) == pytest.approx(expected)
+        assert np.allclose(row[unit], np.sqrt(fan_in / max(k, 1)))
+
+
+def test_init_scales_of_a_dense_layer_are_one_and_bad_axes_are_refused() -> None:
+    assert np.array_equal(init_scales(np.ones((3, 4), bool), 1), np.ones((3, 4)))
+    with pytest.raises(SparseCoreError, match="output axis 2 is out of range"):
+        init_scales(np.ones((3, 4), bool), 2)
+
+
+def test_scale_init_is_a_default_the_paper_recipe_and_old_configs_leave_out() -> None:
+    assert SparseConfig().scale_init is True
+    assert SparseConfig.from_options(recipe="paper").scale_init is False
+    old = SparseConfig().to_dict()
+    del old["scale_init"]
+    assert SparseConfig.from_dict(old).scale_init is False
+    with pytest.raises(SparseCoreError, match="scale_init"):
+        SparseConfig(scale_init="yes")  # type: ignore[arg-type]

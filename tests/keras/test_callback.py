@@ -512,3 +512,19 @@ def test_dead_units_are_readable_on_the_callback():
     model.fit(x, y, batch_size=16, epochs=1, callbacks=[cb], verbose=0)
     last = cb.history[-1]
     assert cb.dead_units() == {r.name: (r.dead_units, r.units) for r in last.layers}
+
+
+@pytest.mark.parametrize("scale_init", [True, False])
+def test_scale_init_puts_each_unit_at_its_dense_output_scale(scale_init):
+    """With a zero learning rate and static masks the kernels after fit are the attached ones:
+    each unit's initial weights times sqrt(fan_in / active fan_in) (the default), or masked."""
+    x, y = data()
+    model = mlp(optimizer=keras.optimizers.SGD(0.0))
+    before = [host(layer.kernel).copy() for layer in model.layers]
+    cb = SparseCallback(update_every=None, density=0.1, scale_init=scale_init)
+    model.fit(x, y, batch_size=16, epochs=1, callbacks=[cb], verbose=0)
+    assert cb.engine.config.scale_init is scale_init
+    for kernel, w, c in zip(before, cb.weights, cb.constraints):
+        mask = c.mask_numpy()
+        factor = sparsecore.init_scales(mask, w.axis) if scale_init else mask
+        np.testing.assert_allclose(host(w.variable), kernel * factor, rtol=1e-6, atol=0)

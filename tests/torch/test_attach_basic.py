@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import sparsecore
 import sparsecore.torch as st
 from sparsecore import SparseConfig, SparseCoreError
 
@@ -115,3 +116,23 @@ def test_summary_is_a_per_layer_table_and_repr_one_line():
         str(sparse.engine.target),
     ]
     assert "\n" not in repr(sparse) and repr(sparse).startswith("SparseTraining(3 sparse layers")
+
+
+@pytest.mark.parametrize("scale_init", [True, False])
+def test_scale_init_puts_each_unit_at_its_dense_output_scale(scale_init):
+    """Attaching multiplies the freshly initialised weights by sqrt(fan_in / active fan_in) per
+    output unit (the default) or only masks them; biases are left as they are."""
+    model = _mlp()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    sparse = st.attach(model, density=0.1, total_steps=10, scale_init=scale_init)
+    assert sparse.config.scale_init is scale_init
+    params = dict(model.named_parameters())
+    for t, mask in zip(sparse.targets, sparse.masks):
+        factor = sparsecore.init_scales(mask.numpy(), 0) if scale_init else mask.numpy()
+        expected = before[t.name] * torch.as_tensor(factor, dtype=torch.float32)
+        torch.testing.assert_close(params[t.name].detach(), expected, rtol=1e-6, atol=0)
+        units_norm = (params[t.name].detach() ** 2).sum(1)
+        dense_norm = (before[t.name] ** 2).sum(1)
+        if scale_init:  # the same order of output scale per unit as the dense layer
+            assert 0.1 < float((units_norm / dense_norm).median()) < 10
+    assert torch.equal(params["0.bias"], before["0.bias"])
