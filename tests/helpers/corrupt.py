@@ -48,6 +48,7 @@ ADDED_LATER = frozenset(
         "revived",
         "ablate_below",
         "ablated",
+        "scale_init",
     }
 )
 

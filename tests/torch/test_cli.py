@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import sparsecore
 from sparsecore.cli import main
 from sparsecore.datasets import FASHION_MNIST_FILES, load_embedded_fashion_mnist, write_idx
 from sparsecore.torch.lm_models import LM_MODELS
@@ -329,7 +330,8 @@ def test_help_lists_subcommands(capsys):
 
 def test_scale_init_multiplies_initial_sparse_weights(tmp_path):
     """With a vanishing learning rate the trained weights are the initial ones: the scaled run's
-    active weights are 1/sqrt(density) times the plain run's, the masks identical."""
+    active weights are sqrt(fan_in / active fan_in) times the plain run's, unit by unit (the
+    library's scale_init), the masks identical."""
     args = ["--epochs", "1", "--limit-train", "100", "--lr", "1e-20", "--weight-decay", "0"]
     args += ["--density", "0.1", "--momentum", "0"]
     assert _train(tmp_path / "plain", *args) == 0
@@ -339,7 +341,8 @@ def test_scale_init_multiplies_initial_sparse_weights(tmp_path):
     assert masks.keys() == {"fc1.weight", "fc2.weight", "fc3.weight"}
     for name, mask in masks.items():
         assert torch.equal(mask, _saved_masks(tmp_path / "plain")[name])
-        torch.testing.assert_close(scaled[name], plain[name] / 0.1**0.5)
+        factor = torch.as_tensor(sparsecore.init_scales(mask.numpy(), 0), dtype=torch.float32)
+        torch.testing.assert_close(scaled[name], plain[name] * factor)
     torch.testing.assert_close(scaled["fc1.bias"], plain["fc1.bias"])
     assert _summary(tmp_path / "scaled")["config"]["scale_init"] is True
 
@@ -395,6 +398,7 @@ def spy(name, *args, **kwargs):
         print("<torch import>", flush=True)
     return real(name, *args, **kwargs)
 builtins.__import__ = spy
+import sparsecore
 from sparsecore.cli import main
 code = main(sys.argv[1:])
 sys.stdout.flush()
