@@ -35,6 +35,7 @@ RECIPES: dict[str, dict[str, Any]] = {
         "cover_units": False,
         "revive_dead_units": False,
         "scale_init": False,
+        "adam_momentum": "exp_avg",
     },
 }
 
@@ -50,8 +51,10 @@ class SparseConfig:
     ``none``), prune rate ``prune_rate`` decayed to ``prune_rate_min`` by ``prune_schedule``
     (``cosine``/``linear``/``constant``). When: every ``update_every`` optimizer steps and/or at
     epoch ends, until ``stop_at`` (a step, or a fraction of ``total_steps``); with neither, masks
-    are static. Momentum: ``adam_momentum`` (``exp_avg`` or the reference's ``normalized``
-    exp_avg / (sqrt(exp_avg_sq) + eps)), ``momentum_beta`` for the library's own gradient EMA when
+    are static. Momentum: ``adam_momentum``, how an Adam-family optimizer's momentum is
+    read: ``normalized`` (default; the reference implementation's exp_avg / (sqrt(exp_avg_sq) +
+    eps), Adam's own step direction) or ``exp_avg``; other optimizers' momentum is read as it
+    is. ``momentum_beta`` for the library's own gradient EMA when
     the optimizer keeps no momentum; ``reset_optimizer_state`` zeroes optimizer state at positions
     whose mask changed. ``on_nonfinite``: ``raise`` (default) or ``skip`` an update that would
     read NaN/Inf. ``seed`` fixes initial masks, random growth and tie-breaking. Dead units
@@ -80,7 +83,7 @@ class SparseConfig:
     total_steps: int | None = None
     max_density: float = 1.0
     min_density: float = 0.0
-    adam_momentum: str = "exp_avg"
+    adam_momentum: str = "normalized"
     momentum_beta: float = 0.9
     reset_optimizer_state: bool = False
     on_nonfinite: str = "raise"
@@ -210,6 +213,8 @@ ADDED_OPTIONS: dict[str, Any] = {
     "ablate_below": 0.0,
     "scale_init": False,
 }
+#: Options whose default changed since configs were first saved: a saved config always holds
+#: them, so they need no entry above (``adam_momentum``: ``exp_avg`` before, ``normalized`` now).
 
 
 def option_names() -> list[str]:

@@ -195,7 +195,7 @@ def describe(optimizer: Any, adam_momentum: str, beta: float) -> str:
     if kind == "momentum":
         return f"{name}'s momentum slot (momentums)"
     if kind == "first_moment":
-        if adam_momentum == "normalized":
+        if adam_momentum == "normalized" and name in _ADAM_LIKE:
             return f"{name}'s m / (sqrt(v) + epsilon)"
         return f"{name}'s first moment (m)"
     return f"the library's own gradient average (beta {beta:g}): {name} keeps no momentum"
@@ -221,12 +221,12 @@ class MomentumReader:
                 "the model has no optimizer: compile it (e.g. optimizer=keras.optimizers.SGD("
                 "learning_rate=0.1, momentum=0.9)) before fitting with SparseCallback"
             )
-        kind = type(opt).__name__
-        if self.adam_momentum == "normalized" and kind not in _ADAM_LIKE:
-            raise SparseCoreError(
-                f"adam_momentum='normalized' needs an Adam-family optimizer (second moment); "
-                f"{kind} has none. Use adam_momentum='exp_avg'"
-            )
+
+    def normalizes(self, opt: Any) -> bool:
+        """Is the momentum read as m / (sqrt(v) + epsilon)? Only for Adam-family optimizers
+        (a second moment meaning E[g^2]); any other optimizer's momentum is read as it is, as in
+        the PyTorch adapter."""
+        return self.adam_momentum == "normalized" and type(opt).__name__ in _ADAM_LIKE
 
     def read(self, variable: Any, name: str) -> Any:
         """The momentum tensor for ``variable`` (named ``name`` in errors)."""
@@ -251,13 +251,13 @@ class MomentumReader:
                 f"layer {name!r}: optimizer {_describe(self.optimizer)} holds no momentum slot"
             )
         m = ops.copy(first[index])
-        if self.adam_momentum != "normalized":
+        if not self.normalizes(opt):
             return m
         second = _slot_list(opt, _SECOND_MOMENT)
         if second is None or index >= len(second):
             raise SparseCoreError(
                 f"layer {name!r}: adam_momentum='normalized' needs a second moment, optimizer "
-                f"{_describe(self.optimizer)} has none"
+                f"{_describe(self.optimizer)} has none for this weight"
             )
         v = ops.copy(second[index])
         eps = float(getattr(opt, "epsilon", 1e-7) or 1e-7)

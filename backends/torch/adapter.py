@@ -208,7 +208,7 @@ class SparseTraining:
         self._groups = [
             None if optimizer is None else mom.group_of(optimizer, t.param) for t in targets
         ]
-        self._kinds = [mom.momentum_kind(g, config.adam_momentum) for g in self._groups]
+        self._kinds = [mom.momentum_kind(g, config.adam_momentum, optimizer) for g in self._groups]
         self._own: list[torch.Tensor | None] = [
             mom.own_buffer(self._local(t.param)) if k == mom.OWN else None
             for t, k in zip(targets, self._kinds)

@@ -33,12 +33,16 @@ def group_of(optimizer: torch.optim.Optimizer, param: torch.Tensor) -> dict[str,
     return None
 
 
-def momentum_kind(group: dict[str, Any] | None, adam_momentum: str) -> str:
-    """How the momentum of a parameter in optimizer ``group`` (None: no optimizer) is read."""
+def momentum_kind(group: dict[str, Any] | None, adam_momentum: str, optimizer: Any = None) -> str:
+    """How the momentum of a parameter in optimizer ``group`` (None: no optimizer) is read.
+
+    ``normalized`` applies to the Adam family that keeps a second moment (``exp_avg_sq``);
+    Adamax keeps an infinity norm instead, so its first moment is read as it is."""
     if group is None:
         return OWN
     if "betas" in group:
-        return ADAM_NORMALIZED if adam_momentum == "normalized" else ADAM
+        normalizes = adam_momentum == "normalized" and not isinstance(optimizer, torch.optim.Adamax)
+        return ADAM_NORMALIZED if normalizes else ADAM
     if float(group.get("momentum", 0.0) or 0.0) > 0.0:
         return SGD
     return OWN

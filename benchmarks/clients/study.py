@@ -11,13 +11,13 @@ Each client (``torch_mnist``, ``keras_tf``, ``keras_torch``, ``gpt2``) runs in f
 - ``narrow``: the dense script with every hidden width scaled down so that its weights number
   about the sparse runs' active weights (:func:`narrow_width`).
 
-The protocol (epochs, steps, seeds, density) is fixed in :data:`PROTOCOLS` before any run of a
-comparison (``--protocol``). Runs go one per process, ``--parallel`` at a time (default 2), each with one thread and
+The protocol (epochs, steps, seeds, density) is fixed in :data:`PROTOCOL` before any run of the
+study. Runs go one per process, ``--parallel`` at a time (default 2), each with one thread and
 ``nice``; a finished run's JSON is reused, so an interrupted study resumes. Then the script
 prints, per client, each arm's mean and the paired differences (same seed: same initial weights
 and data order) with 95% t-intervals, writes them to ``results.json`` and draws ``clients.png``.
 
-    nice python benchmarks/clients/study.py --out docs/results/clients_second     # the study
+    nice python benchmarks/clients/study.py --out docs/results/clients            # the study
     python benchmarks/clients/study.py --out /tmp/smoke --smoke                     # a quick check
     python benchmarks/clients/study.py --out docs/results/clients --report-only     # tables only
 """
@@ -40,34 +40,24 @@ sys.path.insert(0, str(HERE.parent))
 
 from accuracy_fmnist import describe  # noqa: E402
 
-#: Fixed before each comparison's runs (docs/results.md gives the reasons): seeds, density,
-#: length. ``first``: the Keras example for 6 epochs (the defaults of its day, before
-#: ``scale_init``); ``second`` (the default): the Keras example's own 15 epochs.
-PROTOCOLS: dict[str, dict[str, Any]] = {
-    name: {
-        "seeds": [0, 1, 2],
-        "clients": {
-            "torch_mnist": {
-                "script": "torch_mnist.py",
-                "density": 0.1,
-                "length": ["--epochs", "1"],
-            },
-            "keras_tf": {
-                "script": "keras_mnist_convnet.py",
-                "density": 0.1,
-                "length": ["--epochs", str(keras_epochs), "--backend", "tensorflow"],
-            },
-            "keras_torch": {
-                "script": "keras_mnist_convnet.py",
-                "density": 0.1,
-                "length": ["--epochs", str(keras_epochs), "--backend", "torch"],
-            },
-            "gpt2": {"script": "gpt2_tiny.py", "density": 0.2, "length": ["--steps", "400"]},
+#: Fixed before the study's runs (docs/results.md gives the reasons): seeds, density, length.
+PROTOCOL: dict[str, Any] = {
+    "seeds": [0, 1, 2],
+    "clients": {
+        "torch_mnist": {"script": "torch_mnist.py", "density": 0.1, "length": ["--epochs", "1"]},
+        "keras_tf": {
+            "script": "keras_mnist_convnet.py",
+            "density": 0.1,
+            "length": ["--epochs", "6", "--backend", "tensorflow"],
         },
-    }
-    for name, keras_epochs in (("first", 6), ("second", 15))
+        "keras_torch": {
+            "script": "keras_mnist_convnet.py",
+            "density": 0.1,
+            "length": ["--epochs", "6", "--backend", "torch"],
+        },
+        "gpt2": {"script": "gpt2_tiny.py", "density": 0.2, "length": ["--steps", "400"]},
+    },
 }
-PROTOCOL = PROTOCOLS["second"]
 SMOKE: dict[str, list[str]] = {
     "torch_mnist": ["--epochs", "1", "--limit-train", "640"],
     "keras_tf": ["--epochs", "1", "--limit-train", "640", "--backend", "tensorflow"],
@@ -135,7 +125,6 @@ def run_one(cmd: list[str], out: Path, log: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, help="folder for the runs' JSON and the tables")
-    parser.add_argument("--protocol", choices=sorted(PROTOCOLS), default="second")
     parser.add_argument("--clients", nargs="+", default=list(PROTOCOL["clients"]))
     parser.add_argument("--arms", nargs="+", default=list(ARMS))
     parser.add_argument("--seeds", nargs="+", type=int, default=PROTOCOL["seeds"])
@@ -143,13 +132,12 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true", help="tiny runs, to check the pipeline")
     parser.add_argument("--report-only", action="store_true")
     args = parser.parse_args()
-    protocol = PROTOCOLS[args.protocol]
     root = Path(args.out)
     root.mkdir(parents=True, exist_ok=True)
     jobs = []
     for seed in args.seeds:  # seeds outer: an interrupted study keeps complete pairs
         for client in args.clients:
-            spec = protocol["clients"][client]
+            spec = PROTOCOL["clients"][client]
             length = SMOKE[client] if args.smoke else spec["length"]
             for arm in args.arms:
                 out = root / client / f"{arm}-seed{seed}.json"
@@ -172,13 +160,7 @@ def main() -> None:
 
 def tabulate(root: Path, args: argparse.Namespace) -> dict[str, Any]:
     """Per client: each arm's figures and the paired differences between arms."""
-    protocol = PROTOCOLS[args.protocol]
-    out: dict[str, Any] = {
-        "protocol_name": args.protocol,
-        "protocol": protocol,
-        "best": BEST,
-        "clients": {},
-    }
+    out: dict[str, Any] = {"protocol": PROTOCOL, "best": BEST, "clients": {}}
     for client in args.clients:
         key, higher = METRIC.get(client, DEFAULT_METRIC)
         runs: dict[str, dict[int, dict[str, Any]]] = {}
@@ -189,7 +171,7 @@ def tabulate(root: Path, args: argparse.Namespace) -> dict[str, Any]:
                     runs.setdefault(arm, {})[seed] = json.loads(path.read_text())
         if not runs:
             continue
-        density = protocol["clients"][client]["density"]
+        density = PROTOCOL["clients"][client]["density"]
         arms = {}
         print(f"\n{client}: {key} ({'higher' if higher else 'lower'} is better)")
         for arm, by_seed in runs.items():

@@ -84,11 +84,13 @@ def _snapshot(cb, model, reader_kind: str):
     "optimizer,adam_momentum",
     [
         (lambda: keras.optimizers.SGD(0.05, momentum=0.9, nesterov=True), "exp_avg"),
+        # "normalized" (the default) applies to the Adam family only: SGD's slot as it is
+        (lambda: keras.optimizers.SGD(0.05, momentum=0.9), "normalized"),
         (lambda: keras.optimizers.Adam(1e-2), "exp_avg"),
         (lambda: keras.optimizers.AdamW(1e-2, weight_decay=1e-3), "normalized"),
         (lambda: keras.optimizers.Nadam(1e-2), "exp_avg"),
     ],
-    ids=["sgd", "adam", "adamw-normalized", "nadam"],
+    ids=["sgd", "sgd-normalized", "adam", "adamw-normalized", "nadam"],
 )
 def test_update_reads_optimizer_momentum_and_equals_numpy_reference(optimizer, adam_momentum):
     x, y = data()

@@ -23,7 +23,7 @@ def test_keras_client_runs_with_the_defaults(tmp_path):
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     result = json.loads(out.read_text())
     assert result["config"]["init"] == "ER" and result["config"]["cover_units"] is True
-    assert result["momentum_source"] == "Adam's first moment (m)"
+    assert result["momentum_source"] == "Adam's m / (sqrt(v) + epsilon)"
     assert abs(result["density"] - 0.1) < 1e-3
     assert set(result["dead_units"]) == {"conv1", "conv2"}
     assert 0 <= result["final"]["test_acc"] <= 100

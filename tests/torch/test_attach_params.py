@@ -115,8 +115,9 @@ def _data(n=32, dtype=torch.float32):
     [
         (lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9), "momentum_buffer"),
         (lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, nesterov=True), "momentum_buffer"),
-        (lambda p: torch.optim.Adam(p, lr=0.01), "exp_avg"),
-        (lambda p: torch.optim.AdamW(p, lr=0.01), "exp_avg"),
+        (lambda p: torch.optim.Adam(p, lr=0.01), "normalized"),  # the default for Adam
+        (lambda p: torch.optim.AdamW(p, lr=0.01), "normalized"),
+        (lambda p: torch.optim.Adamax(p, lr=0.01), "exp_avg"),  # no second moment to divide by
         (lambda p: torch.optim.SGD(p, lr=0.1), "own"),
         (lambda p: torch.optim.Adagrad(p, lr=0.1), "own"),
     ],
@@ -132,7 +133,11 @@ def test_importance_reads_the_right_momentum(make_opt, kind):
     _steps(model, opt, 1, x, y)  # step 3: the update reads the momentum of this step
     report = sparse.history[-1]
     for layer, t, mask, own in zip(report.layers, sparse.targets, masks_before, sparse._own):
-        p = own if kind == "own" else opt.state[t.param][kind]
+        if kind == "normalized":
+            state = opt.state[t.param]
+            p = state["exp_avg"] / (state["exp_avg_sq"].sqrt() + 1e-8)
+        else:
+            p = own if kind == "own" else opt.state[t.param][kind]
         expected = float(p[mask].abs().double().sum()) / int(mask.sum())
         assert expected > 0
         assert layer.importance == pytest.approx(expected, rel=1e-12)
@@ -142,7 +147,7 @@ def test_importance_reads_the_right_momentum(make_opt, kind):
     ("make_opt", "source"),
     [
         (lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9), "SGD's momentum buffer"),
-        (lambda p: torch.optim.Adam(p, lr=0.01), "Adam's first moment (exp_avg)"),
+        (lambda p: torch.optim.Adam(p, lr=0.01), "Adam's exp_avg / (sqrt(exp_avg_sq) + eps)"),
         (
             lambda p: torch.optim.Adadelta(p, lr=1.0),
             "the library's own gradient average (beta 0.9): Adadelta keeps no momentum",

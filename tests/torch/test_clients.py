@@ -54,6 +54,6 @@ def test_gpt2_client_makes_the_blocks_sparse(tmp_path):
         for name in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
     ]
     assert result["density"] == pytest.approx(0.2, abs=1e-4)
-    assert result["momentum_source"] == "AdamW's first moment (exp_avg)"
+    assert result["momentum_source"] == "AdamW's exp_avg / (sqrt(exp_avg_sq) + eps)"
     assert result["text"].startswith("pydoc_data.topics") and result["vocab"] > 50
     assert 0 < result["final"]["val_loss"] < 10
