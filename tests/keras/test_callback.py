@@ -282,6 +282,27 @@ class _KernelRecorder(keras.callbacks.Callback):
 
 
 @pytest.mark.parametrize(
+    "optimizer,source",
+    [
+        (lambda: keras.optimizers.Adam(1e-2), "Adam's m / (sqrt(v) + epsilon)"),
+        (lambda: keras.optimizers.SGD(0.05, momentum=0.9), "SGD's momentum slot (momentums)"),
+        (lambda: keras.optimizers.Lion(1e-3), "Lion's first moment (m)"),
+        (lambda: keras.optimizers.Adamax(1e-2), "Adamax's first moment (m)"),
+    ],
+)
+def test_default_momentum_is_adams_step_direction_and_others_as_they_are(optimizer, source):
+    """adam_momentum="normalized" (the default) divides by sqrt(v) where the optimizer keeps a
+    second moment, and reads every other optimizer's momentum as it is (nothing refused)."""
+    x, y = data()
+    model = mlp(optimizer=optimizer())
+    cb = SparseCallback(density=0.3, update_every=4)
+    model.fit(x, y, batch_size=16, epochs=2, callbacks=[cb], verbose=0)
+    assert cb.engine.config.adam_momentum == "normalized"
+    assert cb.momentum_source == source
+    assert len(cb.history) >= 1 and all(layer.importance > 0 for layer in cb.history[0].layers)
+
+
+@pytest.mark.parametrize(
     "optimizer,name",
     [
         (lambda: keras.optimizers.SGD(0.1), "SGD"),
