@@ -265,12 +265,11 @@ def init_scales(mask: np.ndarray, axis: int = 0) -> np.ndarray:
     mask = np.asarray(mask, dtype=bool)
     if mask.ndim == 0 or not -mask.ndim <= axis < mask.ndim:
         raise SparseCoreError(f"output axis {axis} is out of range for a mask of {mask.shape}")
-    rows = np.moveaxis(mask, axis, 0).reshape(mask.shape[axis], -1)
-    active = rows.sum(axis=1)
-    per_unit = np.sqrt(rows.shape[1] / np.maximum(active, 1))
+    moved = np.moveaxis(mask, axis, 0)
+    rows = moved.reshape(moved.shape[0], -1)
+    per_unit = np.sqrt(rows.shape[1] / np.maximum(rows.sum(axis=1), 1))
     factors = np.where(rows, per_unit[:, None], 0.0)
-    moved = np.moveaxis(mask, axis, 0).shape
-    return np.moveaxis(factors.reshape(moved), 0, axis)
+    return np.moveaxis(factors.reshape(moved.shape), 0, axis)
 
 
 def _check_density(density: float) -> float:

@@ -187,6 +187,13 @@ class OwnMomentum:
         return self.buffers[self._index[id(variable)]]
 
 
+def normalizes(optimizer: Any, adam_momentum: str) -> bool:
+    """Is the momentum read as m / (sqrt(v) + epsilon)? Only for Adam-family optimizers (a
+    second moment meaning E[g^2]); any other optimizer's momentum is read as it is, as in the
+    PyTorch adapter."""
+    return adam_momentum == "normalized" and _describe(optimizer) in _ADAM_LIKE
+
+
 def describe(optimizer: Any, adam_momentum: str, beta: float) -> str:
     """The momentum source in words (the callback's ``momentum_source``)."""
     opt = _inner(optimizer)
@@ -195,7 +202,7 @@ def describe(optimizer: Any, adam_momentum: str, beta: float) -> str:
     if kind == "momentum":
         return f"{name}'s momentum slot (momentums)"
     if kind == "first_moment":
-        if adam_momentum == "normalized" and name in _ADAM_LIKE:
+        if normalizes(optimizer, adam_momentum):
             return f"{name}'s m / (sqrt(v) + epsilon)"
         return f"{name}'s first moment (m)"
     return f"the library's own gradient average (beta {beta:g}): {name} keeps no momentum"
@@ -222,12 +229,6 @@ class MomentumReader:
                 "learning_rate=0.1, momentum=0.9)) before fitting with SparseCallback"
             )
 
-    def normalizes(self, opt: Any) -> bool:
-        """Is the momentum read as m / (sqrt(v) + epsilon)? Only for Adam-family optimizers
-        (a second moment meaning E[g^2]); any other optimizer's momentum is read as it is, as in
-        the PyTorch adapter."""
-        return self.adam_momentum == "normalized" and type(opt).__name__ in _ADAM_LIKE
-
     def read(self, variable: Any, name: str) -> Any:
         """The momentum tensor for ``variable`` (named ``name`` in errors)."""
         if self.own is not None:
@@ -251,7 +252,7 @@ class MomentumReader:
                 f"layer {name!r}: optimizer {_describe(self.optimizer)} holds no momentum slot"
             )
         m = ops.copy(first[index])
-        if not self.normalizes(opt):
+        if not normalizes(opt, self.adam_momentum):
             return m
         second = _slot_list(opt, _SECOND_MOMENT)
         if second is None or index >= len(second):

@@ -504,14 +504,14 @@ class SparseTraining:
     @torch.no_grad()
     def _scale_initial_weights(self, scales: Sequence[np.ndarray]) -> None:
         """``scale_init``: multiply each weight by its unit's factor (0 outside the mask)."""
-        with torch.no_grad():
-            for factor_np, t in zip(scales, self.targets):
-                local = self._local(t.param.detach())
-                factor = torch.as_tensor(factor_np, dtype=local.dtype)
-                if self._sharded:
-                    factor = fsdp.to_local_part(factor, t.param)
-                local.mul_(factor.to(local.device))
+        for factor_np, t in zip(scales, self.targets):
+            local = self._local(t.param.detach())
+            factor = torch.as_tensor(factor_np, dtype=local.dtype)
+            if self._sharded:
+                factor = fsdp.to_local_part(factor, t.param)
+            local.mul_(factor.to(local.device))
 
+    @torch.no_grad()
     def _apply_masks(self, skip: Collection[int] = ()) -> None:
         """Make every weight outside the masks exactly +0 (whatever it held, NaN and Inf
         included), active weights bit for bit unchanged, except in the targets ``skip`` (by

@@ -258,7 +258,6 @@ def _attach(
     return attach(model, optimizer, **options)
 
 
-@torch.no_grad()
 def _machine() -> dict[str, Any]:
     return {
         "platform": platform.platform(),
